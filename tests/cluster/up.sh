@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Starts (or reuses) a local Kubernetes control plane for the end-to-end tests:
+#   etcd + kube-apiserver + kube-controller-manager + kube-scheduler (real, built from Go modules by build.sh)
+#   + kwok-controller, which fakes 3 nodes and makes scheduled pods Running/Ready within a second or so.
+# No containers, no Docker, nothing downloaded at run time (every binary comes from the build.sh cache).
+#
+# Usage: tests/cluster/up.sh [NAME]        (default NAME: rcanary)
+# Then:  export KUBECONFIG=$RC_CACHE_DIR/clusters/NAME/kubeconfig   (printed at the end)
+#
+# Idempotent: a healthy cluster of that name is reused; a stale one (e.g. after a reboot) is deleted and recreated.
+# After start: Istio CRDs (istio.io/api) and this repo's crds/*.yaml are applied server-side and waited for.
+# Env: RC_SMOKE=0 skips the Deployment smoke check done on a freshly created cluster.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+# shellcheck disable=SC2034 # RC_TAG is used by rc_say (lib.sh)
+RC_TAG=up
+# shellcheck source=lib.sh
+source "$here/lib.sh"
+
+name=${1:-$RC_CLUSTER_NAME}
+kubeconfig=$(rc_kubeconfig "$name")
+kwok_dir=$(rc_kwok_dir "$name")
+nodes=${RC_NODES:-3}
+
+rc_say "building/checking binaries (cached after the first run)"
+bash "$here/build.sh"
+
+k() { "$RC_KUBECTL" --kubeconfig "$kubeconfig" "$@"; }
+kwokctl() { "$RC_KWOKCTL" --name "$name" "$@"; }
+
+healthy() {
+  [ -d "$kwok_dir" ] && [ -s "$kubeconfig" ] || return 1
+  k --request-timeout=5s get --raw /readyz >/dev/null 2>&1 || return 1
+  # All 5 component processes of this cluster must still be alive (pid files are kept by kwokctl).
+  [ "$(rc_prune_pidfiles "$name")" -ge 5 ]
+}
+
+fresh=0
+if healthy; then
+  rc_say "cluster '$name' is already running and healthy; reusing it"
+else
+  if [ -e "$kwok_dir" ]; then
+    rc_say "cluster '$name' exists but is not healthy; deleting it"
+    rc_prune_pidfiles "$name" >/dev/null
+    kwokctl delete cluster --kubeconfig "$kubeconfig" >&2 || true
+    rm -rf "$kwok_dir"
+  fi
+  mkdir -p "$(dirname "$kubeconfig")"
+  rm -f "$kubeconfig"
+  rc_say "creating cluster '$name' (kube $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
+  if ! kwokctl create cluster \
+      --runtime binary \
+      --kubeconfig "$kubeconfig" \
+      --wait 120s \
+      --etcd-binary "$ETCD_BIN/etcd" \
+      --kube-apiserver-binary "$K8S_BIN/kube-apiserver" \
+      --kube-controller-manager-binary "$K8S_BIN/kube-controller-manager" \
+      --kube-scheduler-binary "$K8S_BIN/kube-scheduler" \
+      --kwok-controller-binary "$KWOK_BIN/kwok" >&2; then
+    rc_say "kwokctl create cluster failed; component logs:"
+    for f in "$kwok_dir"/logs/*.log; do
+      [ -f "$f" ] && { echo "--- $f (last 20 lines)" >&2; tail -20 "$f" >&2; }
+    done
+    kwokctl delete cluster --kubeconfig "$kubeconfig" >&2 || true
+    exit 1
+  fi
+  fresh=1
+fi
+
+rc_say "scaling fake nodes to $nodes"
+kwokctl scale node --replicas "$nodes" >&2
+k wait --for=condition=Ready node --all --timeout=60s >/dev/null
+
+server_version=$(k version -o json | sed -n 's/^ *"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1)
+[ "$server_version" = "$K8S_VERSION" ] || rc_die "apiserver reports '$server_version', expected $K8S_VERSION"
+
+rc_say "applying Istio CRDs (istio.io/api $ISTIO_API_VERSION)"
+k apply --server-side --force-conflicts -f "$ISTIO_DIR/crds.yaml" >/dev/null
+if compgen -G "$repo/crds/*.yaml" >/dev/null || compgen -G "$repo/crds/*.yml" >/dev/null; then
+  rc_say "applying this repo's CRDs from crds/"
+  k apply --server-side --force-conflicts -f "$repo/crds/" >&2
+fi
+k wait --for condition=established crd --all --timeout=60s >/dev/null
+rc_say "all CRDs established ($(k get crd --no-headers | wc -l) CRDs)"
+
+if [ "$fresh" = 1 ] && [ "${RC_SMOKE:-1}" = 1 ]; then
+  rc_say "smoke check: a Deployment gets Ready pods on the fake nodes"
+  ns=rc-smoke
+  k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+  k -n "$ns" create deployment smoke --image=registry.invalid/smoke:1 --replicas=2 >/dev/null
+  k -n "$ns" rollout status deployment/smoke --timeout=60s >/dev/null ||
+    rc_die "smoke Deployment did not become available: $(k -n "$ns" get pods -o wide 2>&1)"
+  k delete namespace "$ns" --wait=false >/dev/null
+  rc_say "smoke check passed"
+fi
+
+rc_say "cluster '$name' is up: $(k get --raw /version | sed -n 's/.*"gitVersion": *"\([^"]*\)".*/\1/p' | head -1), $(k get nodes --no-headers | wc -l) nodes"
+echo "export KUBECONFIG=$kubeconfig"
+echo "export RC_KUBECTL=$RC_KUBECTL"
+echo "export RC_HELM=$RC_HELM"
+echo "export PATH=$(rc_path):\$PATH"
