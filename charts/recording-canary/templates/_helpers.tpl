@@ -1,0 +1,87 @@
+{{/* Chart name. */}}
+{{- define "recording-canary.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release name, plus the chart name unless the release name already contains it. */}}
+{{- define "recording-canary.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "recording-canary.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "recording-canary.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "recording-canary.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "recording-canary.labels" -}}
+helm.sh/chart: {{ include "recording-canary.chart" . }}
+{{ include "recording-canary.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: controller
+app.kubernetes.io/part-of: recording-canary
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "recording-canary.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "recording-canary.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "recording-canary.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Sorted, de-duplicated watched namespaces. */}}
+{{- define "recording-canary.watchNamespaces" -}}
+{{- .Values.watchNamespaces | uniq | sortAlpha | join "," }}
+{{- end }}
+
+{{/*
+The controller's rules. Keep this list exactly as narrow as the controller needs:
+no secrets, no configmaps, no wildcards.
+*/}}
+{{- define "recording-canary.rules" -}}
+- apiGroups: ["recordingcanary.dev"]
+  resources: ["recordingcanaries"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["recordingcanary.dev"]
+  resources: ["recordingcanaries/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["recordingcanary.dev"]
+  resources: ["recordingcanaries/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["networking.istio.io"]
+  resources: ["virtualservices", "destinationrules"]
+  verbs: ["get", "list", "watch", "create", "update", "patch", "delete"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

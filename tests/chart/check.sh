@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Checks the Helm chart against a running cluster:
+#   helm lint; helm install (cluster-wide mode) into recording-canary-system; `kubectl auth can-i`
+#   as the controller's ServiceAccount for what it must and must not be allowed; helm uninstall;
+#   then the same for namespaced mode (watchNamespaces), where the rights hold only in the
+#   watched namespace.
+# Env:
+#   KUBECONFIG   kubeconfig of the cluster (its user must be allowed to impersonate)
+#   RC_KUBECTL   kubectl binary (default: kubectl)
+#   RC_HELM      helm binary (default: helm)
+#   RC_CHART_NAMESPACE  release namespace (default: recording-canary-system)
+# The image need not be pullable: the install does not wait for pods (--wait=false).
+# Prints one line per check and exits non-zero if any check failed.
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+chart="$root/charts/recording-canary"
+kubectl=${RC_KUBECTL:-kubectl}
+helm=${RC_HELM:-helm}
+ns=${RC_CHART_NAMESPACE:-recording-canary-system}
+release=recording-canary
+sa=recording-canary   # the chart's fullname for this release name
+watched=rc-chart-check-watched
+other=rc-chart-check-other
+
+: "${KUBECONFIG:?KUBECONFIG must point at the cluster}"
+export KUBECONFIG
+
+passed=0 failed=0
+ok()   { passed=$((passed + 1)); printf 'PASS  %s\n' "$*"; }
+bad()  { failed=$((failed + 1)); printf 'FAIL  %s\n' "$*"; }
+step() { printf '\n== %s\n' "$*"; }
+
+created_ns=()
+cleanup() {
+  "$helm" uninstall "$release" -n "$ns" >/dev/null 2>&1 || true
+  local n
+  for n in "${created_ns[@]}"; do "$kubectl" delete namespace "$n" --wait=false >/dev/null 2>&1 || true; done
+}
+trap cleanup EXIT
+
+ensure_ns() {
+  if ! "$kubectl" get namespace "$1" >/dev/null 2>&1; then
+    "$kubectl" create namespace "$1" >/dev/null && created_ns+=("$1")
+  fi
+}
+
+# can <yes|no> <verb> <resource>[/<name>] <namespace> [--subresource=S]:
+# the ServiceAccount's answer must be <yes|no>.
+can() {
+  local want=$1 verb=$2 res=$3 where=$4 got
+  shift 4
+  got=$("$kubectl" auth can-i "$verb" "$res" "$@" -n "$where" --as="system:serviceaccount:$ns:$sa" 2>/dev/null)
+  got=${got:-error}
+  if [ "$got" = "$want" ]; then ok "can-i $verb $res $* -n $where: $got"
+  else bad "can-i $verb $res $* -n $where: got '$got', want '$want'"; fi
+}
+
+install() { # extra helm args
+  local out
+  if out=$("$helm" install "$release" "$chart" -n "$ns" --create-namespace \
+      --set replicaCount=1 --wait=false "$@" 2>&1); then
+    ok "helm install $*"
+    return 0
+  fi
+  bad "helm install $*: $out"
+  return 1
+}
+
+uninstall() {
+  local out
+  if out=$("$helm" uninstall "$release" -n "$ns" --wait 2>&1); then ok "helm uninstall"
+  else bad "helm uninstall: $out"; fi
+}
+
+# What the controller must be able to do in <namespace>, and what it must never do.
+controller_rights() {
+  local where=$1
+  can yes patch  virtualservices.networking.istio.io "$where"
+  can yes create virtualservices.networking.istio.io "$where"
+  can yes patch  destinationrules.networking.istio.io "$where"
+  can yes create deployments.apps "$where"
+  can yes delete deployments.apps "$where"
+  can yes patch  pods "$where"
+  can yes watch  services "$where"
+  can yes patch  recordingcanaries.recordingcanary.dev "$where"
+  can yes patch  recordingcanaries.recordingcanary.dev "$where" --subresource=status
+  can yes update recordingcanaries.recordingcanary.dev "$where" --subresource=finalizers
+  can yes create events.events.k8s.io "$where"
+  can no  get    secrets "$where"
+  can no  list   configmaps "$where"
+  can no  delete pods "$where"
+  can no  update services "$where"
+  can no  create recordingcanaries.recordingcanary.dev "$where"
+}
+
+no_rights() {
+  local where=$1
+  can no patch  virtualservices.networking.istio.io "$where"
+  can no create deployments.apps "$where"
+  can no patch  pods "$where"
+  can no list   recordingcanaries.recordingcanary.dev "$where"
+}
+
+lease_rights() {
+  can yes create leases.coordination.k8s.io "$ns"
+  can yes update leases.coordination.k8s.io/recording-canary "$ns"
+  can no  update leases.coordination.k8s.io/some-other-lease "$ns"
+  can no  create leases.coordination.k8s.io default
+}
+
+step "helm lint"
+if out=$("$helm" lint "$chart" 2>&1); then ok "helm lint"; else bad "helm lint"; printf '%s\n' "$out"; fi
+if out=$("$helm" lint "$chart" --set "watchNamespaces={a,b}" 2>&1); then ok "helm lint (namespaced)"
+else bad "helm lint (namespaced)"; printf '%s\n' "$out"; fi
+
+step "cluster-wide mode"
+"$kubectl" get namespace "$ns" >/dev/null 2>&1 || created_ns+=("$ns")
+"$helm" uninstall "$release" -n "$ns" >/dev/null 2>&1 || true   # leftovers of an earlier run
+ensure_ns "$watched"
+if install; then
+  if "$kubectl" get crd recordingcanaries.recordingcanary.dev >/dev/null 2>&1; then ok "CRD recordingcanaries.recordingcanary.dev installed"
+  else bad "CRD recordingcanaries.recordingcanary.dev not installed"; fi
+  if "$kubectl" -n "$ns" get deployment "$release" >/dev/null 2>&1; then ok "Deployment $ns/$release exists"
+  else bad "Deployment $ns/$release missing"; fi
+  controller_rights default
+  controller_rights "$watched"
+  lease_rights
+  uninstall
+fi
+
+step "namespaced mode (watchNamespaces={$watched})"
+ensure_ns "$other"
+if install --set "watchNamespaces={$watched}"; then
+  args=$("$kubectl" -n "$ns" get deployment "$release" -o jsonpath='{.spec.template.spec.containers[0].args}' 2>/dev/null)
+  case $args in
+    *"--namespace=$watched"*) ok "controller args carry --namespace=$watched" ;;
+    *) bad "controller args lack --namespace=$watched: $args" ;;
+  esac
+  controller_rights "$watched"
+  no_rights "$other"
+  no_rights default
+  lease_rights
+  uninstall
+fi
+
+printf '\n%d passed, %d failed\n' "$passed" "$failed"
+[ "$failed" -eq 0 ]
