@@ -1,0 +1,52 @@
+//! recording-canary: sends a chosen share of a Service's live requests, through Istio, to a clone
+//! of its Deployment that carries a traffic-recording sidecar.
+//!
+//! The crate is a library with a thin binary. One module per concern:
+//! - [`api`]: the `RecordingCanary` custom resource and its CRD;
+//! - [`istio`]: VirtualService and DestinationRule handling on plain JSON;
+//! - [`planner`]: the pure function from observed objects to ordered actions;
+//! - [`writers`]: the thin layer that carries the actions out;
+//! - [`controller`]: watches, observation and the reconcile loop;
+//! - [`metrics`], [`admin`], [`lease`]: Prometheus metrics, the admin server, leader election.
+
+pub mod admin;
+pub mod api;
+pub mod controller;
+pub mod istio;
+pub mod lease;
+pub mod metrics;
+pub mod planner;
+pub mod writers;
+
+/// Errors of a reconcile. Each is retried with backoff; none stops the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("JSON: {0}")]
+    Serialization(#[from] serde_json::Error),
+    #[error("RecordingCanary has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    /// A write lost a race (resourceVersion conflict, failed JSON-patch test, already exists):
+    /// plan again right away from fresh state.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.code == 409 || (s.code == 422 && s.message.contains("test")),
+            _ => false,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Serialization(_) => "serialization",
+            Error::MissingNamespace => "invalid",
+        }
+    }
+}

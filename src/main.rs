@@ -1,0 +1,215 @@
+//! The `recording-canary` binary: `run` (the controller) and `crd` (prints the CRD YAML).
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kube::Client;
+use recording_canary::admin::{self, Health};
+use recording_canary::controller::{self, Context};
+use recording_canary::lease::{Elector, LeaseConfig};
+use recording_canary::metrics::Metrics;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(name = "recording-canary", version, about = "Record production traffic from an Istio-routed canary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the RecordingCanary CRD as YAML.
+    Crd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespace to watch (repeatable). Default: all namespaces.
+    #[arg(long = "namespace", env = "RC_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Take part in leader election; only the leader reconciles.
+    #[arg(long, env = "RC_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease used for leader election.
+    #[arg(long, env = "RC_LEASE_NAME", default_value = "recording-canary")]
+    lease_name: String,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "RC_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
+    admin_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "RC_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The cluster's DNS domain, for Service host names.
+    #[arg(long, env = "RC_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => match recording_canary::api::crd_yaml() {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("recording-canary: cannot render the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            init_tracing(args.log_format);
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("recording-canary: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let listener = admin::bind(args.admin_addr)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.admin_addr))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
+    let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), health.clone(), stopped()));
+
+    // SIGTERM or Ctrl-C: stop gracefully.
+    let signal_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        let _ = signal_tx.send(true);
+    });
+
+    let identity = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "recording-canary".into());
+    let identity = format!("{identity}-{}", std::process::id());
+    health.ready.store(true, Ordering::Relaxed);
+
+    let mut elector = args.leader_elect.then(|| {
+        Elector::new(
+            client.clone(),
+            LeaseConfig::new(&args.lease_name, &args.lease_namespace, &identity),
+        )
+    });
+    if let Some(e) = elector.as_mut() {
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to lead");
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = stopped() => { let _ = admin_task.await; return Ok(()); }
+        }
+        metrics.is_leader.set(1);
+        info!("leading");
+    }
+
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), &args.cluster_domain, Some(identity)));
+    let scopes: Vec<Option<String>> = if args.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.namespaces.iter().map(|n| Some(n.clone())).collect()
+    };
+    let controllers = futures::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| controller::run(ctx.clone(), ns, stopped())),
+    );
+
+    let mut lost = false;
+    match elector.as_mut() {
+        Some(e) => {
+            tokio::select! {
+                _ = controllers => {}
+                _ = e.hold() => { lost = true; }
+            }
+            if lost {
+                let _ = stop_tx.send(true);
+            } else {
+                e.release().await;
+            }
+        }
+        None => {
+            controllers.await;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    if lost {
+        return Err("lost the lease; exiting so that only one controller acts".into());
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

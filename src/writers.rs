@@ -1,0 +1,167 @@
+//! The writers: carry out a [`Plan`]'s actions, in order, against the API server.
+//!
+//! Every write touches only fields the controller owns. Writes to objects others also write
+//! (user VirtualServices and DestinationRules, the clone that webhooks mutate) are guarded by the
+//! resourceVersion they were planned from, so a concurrent change makes the write fail with a
+//! conflict and the canary is planned again from fresh state. Deletes carry a UID precondition.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use tracing::debug;
+
+use crate::Error;
+use crate::api::{FIELD_MANAGER, FINALIZER, RecordingCanary, RecordingCanaryStatus, ROLE_LABEL, ROLE_STABLE};
+use crate::istio;
+use crate::planner::{Action, MeshKind};
+
+/// Result of one API call where "already gone" counts as done.
+fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn json_patch(ops: Vec<Value>) -> Result<Patch<Value>, Error> {
+    let p: json_patch::Patch = serde_json::from_value(Value::Array(ops)).map_err(Error::Serialization)?;
+    Ok(Patch::Json(p))
+}
+
+fn mesh_api(client: &Client, ns: &str, kind: MeshKind) -> Api<DynamicObject> {
+    let ar = match kind {
+        MeshKind::VirtualService => istio::virtual_service_resource(),
+        MeshKind::DestinationRule => istio::destination_rule_resource(),
+    };
+    Api::namespaced_with(client.clone(), ns, &ar)
+}
+
+fn delete_with_uid(uid: &str) -> DeleteParams {
+    DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    }
+}
+
+/// Carries out `actions` in order; stops at the first failure.
+pub async fn apply(client: &Client, canary: &RecordingCanary, actions: &[Action]) -> Result<(), Error> {
+    let ns = canary.namespace().unwrap_or_default();
+    let name = canary.name_any();
+    let canaries: Api<RecordingCanary> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let post = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    for action in actions {
+        debug!(?action, "applying");
+        match action {
+            Action::AddFinalizer => {
+                let mut ops = istio::rv_test(&serde_json::to_value(&canary.metadata).map(|m| json!({"metadata": m}))?);
+                if canary.metadata.finalizers.is_some() {
+                    ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}));
+                } else {
+                    ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
+                }
+                canaries.patch(&name, &pp, &json_patch(ops)?).await?;
+            }
+            Action::RemoveFinalizer => {
+                let Some(i) = canary.finalizers().iter().position(|f| f == FINALIZER) else {
+                    continue;
+                };
+                let ops = vec![
+                    json!({"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER}),
+                    json!({"op": "remove", "path": format!("/metadata/finalizers/{i}")}),
+                ];
+                gone_is_ok(canaries.patch(&name, &pp, &json_patch(ops)?).await)?;
+            }
+            Action::RecordTimes {
+                subsets_added,
+                routes_removed,
+            } => {
+                let mut st = serde_json::Map::new();
+                if let Some(t) = subsets_added {
+                    st.insert("subsetsAddedTime".into(), json!(t));
+                }
+                if let Some(t) = routes_removed {
+                    st.insert("routesRemovedTime".into(), json!(t));
+                }
+                gone_is_ok(
+                    canaries
+                        .patch_status(&name, &pp, &Patch::Merge(json!({"status": st})))
+                        .await,
+                )?;
+            }
+            Action::LabelPod { name } => {
+                let patch = json!({"metadata": {"labels": {ROLE_LABEL: ROLE_STABLE}}});
+                gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+            }
+            Action::UnlabelPod { name } => {
+                let patch = json!({"metadata": {"labels": {ROLE_LABEL: null}}});
+                gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+            }
+            Action::CreateClone(d) => {
+                deployments.create(&post, d).await?;
+            }
+            Action::ReplaceClone(d) => {
+                deployments.replace(&d.name_any(), &post, d).await?;
+            }
+            Action::ScaleClone {
+                replicas,
+                resource_version,
+            } => {
+                let ops = vec![
+                    json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
+                    json!({"op": "replace", "path": "/spec/replicas", "value": replicas}),
+                ];
+                deployments.patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?).await?;
+            }
+            Action::DeleteClone { uid } => {
+                gone_is_ok(deployments.delete(&canary.spec.clone_name(), &delete_with_uid(uid)).await)?;
+            }
+            Action::CreateMesh { kind, object } => {
+                let obj: DynamicObject = serde_json::from_value(object.clone())?;
+                mesh_api(client, &ns, *kind).create(&post, &obj).await?;
+            }
+            Action::PatchMesh { kind, name, ops } => {
+                mesh_api(client, &ns, *kind).patch(name, &pp, &json_patch(ops.clone())?).await?;
+            }
+            Action::DeleteMesh { kind, name, uid } => {
+                gone_is_ok(mesh_api(client, &ns, *kind).delete(name, &delete_with_uid(uid)).await)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the status when it changed. A canary already gone is fine.
+pub async fn write_status(
+    client: &Client,
+    canary: &RecordingCanary,
+    status: &RecordingCanaryStatus,
+) -> Result<(), Error> {
+    if canary.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let api: Api<RecordingCanary> = Api::namespaced(client.clone(), &canary.namespace().unwrap_or_default());
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    gone_is_ok(
+        api.patch_status(&canary.name_any(), &pp, &Patch::Merge(json!({"status": status})))
+            .await,
+    )?;
+    Ok(())
+}
