@@ -9,13 +9,14 @@
 #   RC_KUBECTL   kubectl binary (default: kubectl)
 #   RC_HELM      helm binary (default: helm)
 #   RC_CHART_NAMESPACE  release namespace (default: recording-canary-system)
+#   RC_CHART     chart directory (default: charts/recording-canary of this repo)
 # The image need not be pullable: the install does not wait for pods (--wait=false).
 # Prints one line per check and exits non-zero if any check failed.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
-chart="$root/charts/recording-canary"
+chart=${RC_CHART:-$root/charts/recording-canary}
 kubectl=${RC_KUBECTL:-kubectl}
 helm=${RC_HELM:-helm}
 ns=${RC_CHART_NAMESPACE:-recording-canary-system}
