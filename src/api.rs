@@ -112,6 +112,8 @@ pub struct Ramp {
 #[serde(rename_all = "camelCase")]
 pub struct Sidecar {
     /// Annotations on the clone Deployment's metadata, where the Speedscale operator reads them.
+    /// `sidecar.speedscale.com/inject: "true"` is added unless set here (to `"false"`, say), so
+    /// adding another Speedscale annotation keeps the sidecar injected.
     #[serde(default = "default_sidecar_annotations")]
     pub annotations: BTreeMap<String, String>,
     /// Extra labels for the clone's pod template.
@@ -133,7 +135,10 @@ impl Default for Sidecar {
 }
 
 fn default_sidecar_annotations() -> BTreeMap<String, String> {
-    BTreeMap::from([("sidecar.speedscale.com/inject".to_string(), "true".to_string())])
+    BTreeMap::from([(
+        "sidecar.speedscale.com/inject".to_string(),
+        "true".to_string(),
+    )])
 }
 
 fn default_propagation_delay() -> String {
@@ -193,6 +198,13 @@ impl RecordingCanarySpec {
         self.service.as_deref().unwrap_or(&self.target_ref.name)
     }
 
+    /// Annotations for the clone Deployment: the default inject annotation plus `sidecar.annotations`.
+    pub fn clone_annotations(&self) -> BTreeMap<String, String> {
+        let mut a = default_sidecar_annotations();
+        a.extend(self.sidecar.annotations.clone());
+        a
+    }
+
     /// Name of the clone Deployment.
     pub fn clone_name(&self) -> String {
         format!("{}-recording", self.target_ref.name)
@@ -240,7 +252,9 @@ impl RecordingCanarySpec {
                 }
                 let interval = parse_duration("spec.ramp.interval", &r.interval)?;
                 if interval.is_zero() {
-                    return Err(InvalidSpec("spec.ramp.interval must be longer than 0s".into()));
+                    return Err(InvalidSpec(
+                        "spec.ramp.interval must be longer than 0s".into(),
+                    ));
                 }
                 Some((r.step_percent, interval))
             }
@@ -262,14 +276,16 @@ impl RecordingCanarySpec {
 }
 
 fn parse_duration(field: &str, s: &str) -> Result<Duration, InvalidSpec> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| InvalidSpec(format!("{field}: {s:?} is not a duration such as 30s or 2m: {e}")))
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        InvalidSpec(format!(
+            "{field}: {s:?} is not a duration such as 30s or 2m: {e}"
+        ))
+    })
 }
 
 /// A CEL expression that accepts the durations `humantime` parses in practice: one or more
 /// `<number><unit>` groups, e.g. `30s`, `1m30s`, `500ms`.
-const DURATION_PATTERN: &str =
-    r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
+const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
 
 /// The CRD, with the admission rules the derive cannot express.
 pub fn crd() -> CustomResourceDefinition {
@@ -304,13 +320,21 @@ fn harden_schema(root: &mut Value) {
     let Some(spec) = root.pointer_mut("/properties/spec") else {
         return;
     };
-    set(spec, "/properties/percent", json!({"minimum": 0, "maximum": 100}));
+    set(
+        spec,
+        "/properties/percent",
+        json!({"minimum": 0, "maximum": 100}),
+    );
     set(
         spec,
         "/properties/targetRef/properties/name",
         json!({"minLength": 1, "maxLength": 253}),
     );
-    set(spec, "/properties/service", json!({"minLength": 1, "maxLength": 63}));
+    set(
+        spec,
+        "/properties/service",
+        json!({"minLength": 1, "maxLength": 63}),
+    );
     set(spec, "/properties/maxReplicas", json!({"minimum": 1}));
     set(
         spec,

@@ -16,11 +16,11 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, ListParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::core::PartialObjectMeta;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 use tracing::{Instrument, info, info_span, warn};
@@ -46,7 +46,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, cluster_domain: &str, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        cluster_domain: &str,
+        instance: Option<String>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "recording-canary".into(),
             instance,
@@ -73,7 +78,11 @@ impl Context {
 }
 
 /// Canaries (from the store) in `ns` for which `pick` holds.
-fn canaries_in(store: &Store<RecordingCanary>, ns: &str, pick: impl Fn(&RecordingCanary) -> bool) -> Vec<ObjectRef<RecordingCanary>> {
+fn canaries_in(
+    store: &Store<RecordingCanary>,
+    ns: &str,
+    pick: impl Fn(&RecordingCanary) -> bool,
+) -> Vec<ObjectRef<RecordingCanary>> {
     store
         .state()
         .iter()
@@ -89,13 +98,19 @@ fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
         o.iter().any(|r| {
             r.controller == Some(true)
                 && r.kind == "ReplicaSet"
-                && r.name.strip_prefix(&prefix).is_some_and(|h| !h.contains('-'))
+                && r.name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|h| !h.contains('-'))
         })
     })
 }
 
 /// Runs the controller for one scope (a namespace, or all) until `shutdown` resolves.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let api = |_: ()| -> Api<RecordingCanary> {
         match &namespace {
@@ -106,26 +121,35 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
     let canaries = api(());
     let deployments: Api<PartialObjectMeta<Deployment>> = scoped_meta(&client, &namespace);
     let pods: Api<PartialObjectMeta<Pod>> = scoped_meta(&client, &namespace);
-    let vs_api: Api<DynamicObject> = scoped_dyn(&client, &namespace, &istio::virtual_service_resource());
-    let dr_api: Api<DynamicObject> = scoped_dyn(&client, &namespace, &istio::destination_rule_resource());
+    let vs_api: Api<DynamicObject> =
+        scoped_dyn(&client, &namespace, &istio::virtual_service_resource());
+    let dr_api: Api<DynamicObject> =
+        scoped_dyn(&client, &namespace, &istio::destination_rule_resource());
 
     let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
     let store = controller.store();
     if let Ok(mut g) = ctx.canaries.lock() {
         *g = Some(store.clone());
     }
-    let dr_writer = reflector::store::Writer::<DynamicObject>::new(istio::destination_rule_resource());
+    let dr_writer =
+        reflector::store::Writer::<DynamicObject>::new(istio::destination_rule_resource());
     let dr_reader = dr_writer.as_reader();
     if let Ok(mut g) = ctx.destination_rules.lock() {
         *g = Some(dr_reader);
     }
 
     let s1 = store.clone();
-    let deploy_stream = watcher(deployments, watcher::Config::default().any_semantic()).default_backoff().touched_objects();
+    let deploy_stream = watcher(deployments, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
     let s2 = store.clone();
-    let pod_stream = watcher(pods, watcher::Config::default().any_semantic()).default_backoff().touched_objects();
+    let pod_stream = watcher(pods, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
     let s3 = store.clone();
-    let vs_stream = watcher(vs_api, watcher::Config::default().any_semantic()).default_backoff().touched_objects();
+    let vs_stream = watcher(vs_api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
     let s4 = store.clone();
     let dr_stream = watcher(dr_api, watcher::Config::default().any_semantic())
         .modify(|o| {
@@ -159,26 +183,33 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Fu
             },
             istio::virtual_service_resource(),
         )
-        .watches_stream_with(dr_stream, move |d| {
-            let ns = d.namespace().unwrap_or_default();
-            let host = d
-                .data
-                .pointer("/spec/host")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .split('.')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let mut refs = canaries_in(&s4, &ns, |_| true);
-            refs.extend(
-                s4.state()
-                    .iter()
-                    .filter(|c| c.spec.service_name() == host && c.namespace().as_deref() != Some(ns.as_str()))
-                    .map(|c| ObjectRef::from_obj(c.as_ref())),
-            );
-            refs
-        }, istio::destination_rule_resource())
+        .watches_stream_with(
+            dr_stream,
+            move |d| {
+                let ns = d.namespace().unwrap_or_default();
+                let host = d
+                    .data
+                    .pointer("/spec/host")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .split('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let mut refs = canaries_in(&s4, &ns, |_| true);
+                refs.extend(
+                    s4.state()
+                        .iter()
+                        .filter(|c| {
+                            c.spec.service_name() == host
+                                && c.namespace().as_deref() != Some(ns.as_str())
+                        })
+                        .map(|c| ObjectRef::from_obj(c.as_ref())),
+                );
+                refs
+            },
+            istio::destination_rule_resource(),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -199,7 +230,11 @@ where
     }
 }
 
-fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &kube::api::ApiResource) -> Api<DynamicObject> {
+fn scoped_dyn(
+    client: &Client,
+    ns: &Option<String>,
+    ar: &kube::api::ApiResource,
+) -> Api<DynamicObject> {
     match ns {
         Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
         None => Api::all_with(client.clone(), ar),
@@ -207,7 +242,9 @@ fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &kube::api::ApiResource)
 }
 
 fn to_values(objs: Vec<DynamicObject>) -> Vec<Value> {
-    objs.into_iter().filter_map(|o| serde_json::to_value(o).ok()).collect()
+    objs.into_iter()
+        .filter_map(|o| serde_json::to_value(o).ok())
+        .collect()
 }
 
 /// Observe, plan, apply, report.
@@ -217,8 +254,10 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     let span = info_span!("reconcile", namespace = %ns, name = %name);
     let started = Instant::now();
     let result = reconcile_inner(&ns, &name, &ctx).instrument(span).await;
-    ctx.metrics
-        .observe(started.elapsed(), result.as_ref().err().map(Error::metric_label));
+    ctx.metrics.observe(
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
     if result.is_ok()
         && let Ok(mut b) = ctx.backoff.lock()
     {
@@ -238,8 +277,10 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let vs_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &istio::virtual_service_resource());
-    let dr_api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &istio::destination_rule_resource());
+    let vs_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &istio::virtual_service_resource());
+    let dr_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), ns, &istio::destination_rule_resource());
 
     let target_name = canary.spec.target_ref.name.clone();
     let clone_name = canary.spec.clone_name();
@@ -254,9 +295,17 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         .as_ref()
         .and_then(|t| t.spec.as_ref())
         .and_then(|s| s.selector.match_labels.as_ref())
-        .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
-    let pods = pods_api.list(&ListParams::default().labels(&selector)).await?.items;
+    let pods = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items;
 
     let mut destination_rules = to_values(drs);
     if let Some(store) = ctx.dr_store() {
@@ -307,7 +356,11 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let reference = canary.object_ref(&());
     for e in &plan.events {
         let ev = Event {
-            type_: if e.warning { EventType::Warning } else { EventType::Normal },
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: e.reason.clone(),
             note: Some(e.note.clone()),
             action: "Reconcile".into(),
@@ -317,7 +370,10 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             warn!(error = %err, "could not publish an event");
         }
     }
-    let finished = plan.actions.iter().any(|a| matches!(a, Action::RemoveFinalizer));
+    let finished = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::RemoveFinalizer));
     if finished {
         ctx.metrics.forget_canary(ns, name);
     } else {

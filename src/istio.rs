@@ -6,7 +6,9 @@
 use kube::api::ApiResource;
 use serde_json::{Map, Value, json};
 
-use crate::api::{RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET};
+use crate::api::{
+    RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET,
+};
 
 /// Istio's networking API version used for reads and writes (served since Istio 1.22).
 pub const ISTIO_VERSION: &str = "v1";
@@ -80,7 +82,12 @@ pub fn is_mesh_bound(spec: &Value) -> bool {
 
 /// Whether a VirtualService in `obj_ns` is bound to one of `gateways` (`name` or `ns/name`,
 /// the short form resolved against the canary's namespace `canary_ns`).
-pub fn is_bound_to_gateways(spec: &Value, obj_ns: &str, gateways: &[String], canary_ns: &str) -> bool {
+pub fn is_bound_to_gateways(
+    spec: &Value,
+    obj_ns: &str,
+    gateways: &[String],
+    canary_ns: &str,
+) -> bool {
     let norm = |g: &str, ns: &str| {
         if g.contains('/') {
             g.to_string()
@@ -104,7 +111,11 @@ pub fn is_bound_to_gateways(spec: &Value, obj_ns: &str, gateways: &[String], can
 pub fn vs_has_host(spec: &Value, host: &ServiceHost, obj_ns: &str) -> bool {
     spec.get("hosts")
         .and_then(Value::as_array)
-        .map(|hs| hs.iter().filter_map(Value::as_str).any(|h| host.matches(h, obj_ns)))
+        .map(|hs| {
+            hs.iter()
+                .filter_map(Value::as_str)
+                .any(|h| host.matches(h, obj_ns))
+        })
         .unwrap_or(false)
 }
 
@@ -178,13 +189,19 @@ pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState 
             }
             if ours
                 && dest_subset(d) == Some(STABLE_SUBSET)
-                && ds.get(i + 1).is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET))
+                && ds
+                    .get(i + 1)
+                    .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET))
             {
                 let s = dest_weight(d).unwrap_or(0).max(0);
                 let rec = dest_weight(ds[i + 1]).unwrap_or(0).max(0);
                 if st.percent.is_none() {
                     let w = s + rec;
-                    st.percent = Some(if w == 0 { 0 } else { ((rec * 100 + w / 2) / w) as i32 });
+                    st.percent = Some(if w == 0 {
+                        0
+                    } else {
+                        ((rec * 100 + w / 2) / w) as i32
+                    });
                 }
                 st.pairs += 1;
                 i += 2;
@@ -238,7 +255,14 @@ pub struct Split {
 /// Splits every route destination to the host (without a subset) into the stable/recording pair
 /// at `percent`, and re-weights pairs already there. Everything else is left as it is.
 /// `previous_note` carries the original weights of pairs split earlier.
-pub fn split_http(spec: &Value, host: &ServiceHost, obj_ns: &str, percent: i32, previous_note: Option<&str>, canary: &str) -> Split {
+pub fn split_http(
+    spec: &Value,
+    host: &ServiceHost,
+    obj_ns: &str,
+    percent: i32,
+    previous_note: Option<&str>,
+    canary: &str,
+) -> Split {
     let (_, mut originals) = parse_restore_note(previous_note);
     let mut pair_index = 0usize;
     let mut http = spec.get("http").cloned().unwrap_or_else(|| json!([]));
@@ -255,9 +279,12 @@ pub fn split_http(spec: &Value, host: &ServiceHost, obj_ns: &str, percent: i32, 
                 let ours = dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
                 let is_pair = ours
                     && dest_subset(d) == Some(STABLE_SUBSET)
-                    && ds.get(i + 1).is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
+                    && ds
+                        .get(i + 1)
+                        .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
                 if is_pair {
-                    let w = dest_weight(d).unwrap_or(0).max(0) + dest_weight(&ds[i + 1]).unwrap_or(0).max(0);
+                    let w = dest_weight(d).unwrap_or(0).max(0)
+                        + dest_weight(&ds[i + 1]).unwrap_or(0).max(0);
                     out.extend(pair(d, w, percent));
                     if originals.len() <= pair_index {
                         originals.push(Some(w));
@@ -332,11 +359,20 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
                 let d = &ds[i];
                 let ours = dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
                 if ours && dest_subset(d) == Some(STABLE_SUBSET) {
-                    let next_is_rec = ds.get(i + 1).is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
+                    let next_is_rec = ds
+                        .get(i + 1)
+                        .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
                     let w = dest_weight(d).unwrap_or(0).max(0)
-                        + if next_is_rec { dest_weight(&ds[i + 1]).unwrap_or(0).max(0) } else { 0 };
+                        + if next_is_rec {
+                            dest_weight(&ds[i + 1]).unwrap_or(0).max(0)
+                        } else {
+                            0
+                        };
                     let mut restored = d.clone();
-                    if let Some(dest) = restored.get_mut("destination").and_then(Value::as_object_mut) {
+                    if let Some(dest) = restored
+                        .get_mut("destination")
+                        .and_then(Value::as_object_mut)
+                    {
                         dest.remove("subset");
                     }
                     let original = originals.get(pair_index).copied().unwrap_or(Some(w));
@@ -358,7 +394,10 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
                 if ours && dest_subset(d) == Some(RECORDING_SUBSET) {
                     // A lone recording destination: its weight goes back to the host.
                     let mut restored = d.clone();
-                    if let Some(dest) = restored.get_mut("destination").and_then(Value::as_object_mut) {
+                    if let Some(dest) = restored
+                        .get_mut("destination")
+                        .and_then(Value::as_object_mut)
+                    {
                         dest.remove("subset");
                     }
                     out.push(restored);
@@ -387,9 +426,8 @@ pub fn has_our_subsets(spec: &Value) -> bool {
     let subsets = spec.get("subsets").and_then(Value::as_array);
     our_subsets().iter().all(|want| {
         subsets.is_some_and(|ss| {
-            ss.iter().any(|s| {
-                s.get("name") == want.get("name") && s.get("labels") == want.get("labels")
-            })
+            ss.iter()
+                .any(|s| s.get("name") == want.get("name") && s.get("labels") == want.get("labels"))
         })
     })
 }
@@ -398,23 +436,29 @@ pub fn has_our_subsets(spec: &Value) -> bool {
 pub fn has_any_of_our_subsets(spec: &Value) -> bool {
     spec.get("subsets")
         .and_then(Value::as_array)
-        .is_some_and(|ss| ss.iter().any(|s| is_our_subset(s)))
+        .is_some_and(|ss| ss.iter().any(is_our_subset))
 }
 
 fn is_our_subset(s: &Value) -> bool {
-    matches!(s.get("name").and_then(Value::as_str), Some(STABLE_SUBSET) | Some(RECORDING_SUBSET))
+    matches!(
+        s.get("name").and_then(Value::as_str),
+        Some(STABLE_SUBSET) | Some(RECORDING_SUBSET)
+    )
 }
 
 /// Subset names in a DestinationRule that collide with ours but select other labels.
 pub fn foreign_subset_with_our_name(spec: &Value) -> Option<String> {
     let wanted = our_subsets();
-    spec.get("subsets").and_then(Value::as_array).and_then(|ss| {
-        ss.iter().find_map(|s| {
-            let name = s.get("name")?;
-            let w = wanted.iter().find(|w| w.get("name") == Some(name))?;
-            (s.get("labels") != w.get("labels")).then(|| name.as_str().unwrap_or_default().to_string())
+    spec.get("subsets")
+        .and_then(Value::as_array)
+        .and_then(|ss| {
+            ss.iter().find_map(|s| {
+                let name = s.get("name")?;
+                let w = wanted.iter().find(|w| w.get("name") == Some(name))?;
+                (s.get("labels") != w.get("labels"))
+                    .then(|| name.as_str().unwrap_or_default().to_string())
+            })
         })
-    })
 }
 
 /// `spec.subsets` with ours added at the end (replacing any of ours that were there).
@@ -455,7 +499,9 @@ pub fn parse_dr_restore_note(note: Option<&str>) -> (Option<String>, bool) {
     };
     (
         v.get("canary").and_then(Value::as_str).map(String::from),
-        v.get("subsetsAbsent").and_then(Value::as_bool).unwrap_or(false),
+        v.get("subsetsAbsent")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     )
 }
 
@@ -467,8 +513,13 @@ pub fn pointer_escape(key: &str) -> String {
 /// JSON-patch operations that set (or, with `None`, remove) our restore annotation,
 /// given the object's current metadata.
 pub fn annotation_ops(obj: &Value, value: Option<&str>) -> Vec<Value> {
-    let annotations = obj.pointer("/metadata/annotations").and_then(Value::as_object);
-    let path = format!("/metadata/annotations/{}", pointer_escape(RESTORE_ANNOTATION));
+    let annotations = obj
+        .pointer("/metadata/annotations")
+        .and_then(Value::as_object);
+    let path = format!(
+        "/metadata/annotations/{}",
+        pointer_escape(RESTORE_ANNOTATION)
+    );
     match (annotations, value) {
         (None, Some(v)) => {
             let mut m = Map::new();
@@ -489,7 +540,10 @@ pub fn annotation_ops(obj: &Value, value: Option<&str>) -> Vec<Value> {
 
 /// A test of `metadata.resourceVersion`, the guard every patch of a user object starts with.
 pub fn rv_test(obj: &Value) -> Vec<Value> {
-    match obj.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+    match obj
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
         Some(rv) => vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})],
         None => vec![],
     }
@@ -583,7 +637,8 @@ mod tests {
 
     #[test]
     fn destinations_with_a_user_subset_are_left_alone() {
-        let spec = json!({"http": [{"route": [{"destination": {"host": "frontend", "subset": "v1"}}]}]});
+        let spec =
+            json!({"http": [{"route": [{"destination": {"host": "frontend", "subset": "v1"}}]}]});
         let s = split_http(&spec, &host(), "shop", 10, None, "c");
         assert_eq!(s.http, spec["http"]);
         assert_eq!(read_split(&spec, &host(), "shop").unsplit, 0);
@@ -598,7 +653,10 @@ mod tests {
         let mut s2 = spec.clone();
         s2["subsets"] = added;
         assert!(has_our_subsets(&s2));
-        assert_eq!(without_our_subsets(&s2, false), Some(spec["subsets"].clone()));
+        assert_eq!(
+            without_our_subsets(&s2, false),
+            Some(spec["subsets"].clone())
+        );
 
         let bare = json!({"host": "frontend"});
         let mut b2 = bare.clone();
@@ -612,14 +670,27 @@ mod tests {
         assert!(is_mesh_bound(&json!({"gateways": ["mesh", "gw"]})));
         assert!(!is_mesh_bound(&json!({"gateways": ["gw"]})));
         let spec = json!({"gateways": ["istio-system/public"]});
-        assert!(is_bound_to_gateways(&spec, "shop", &["istio-system/public".into()], "shop"));
-        assert!(!is_bound_to_gateways(&spec, "shop", &["public".into()], "shop"));
+        assert!(is_bound_to_gateways(
+            &spec,
+            "shop",
+            &["istio-system/public".into()],
+            "shop"
+        ));
+        assert!(!is_bound_to_gateways(
+            &spec,
+            "shop",
+            &["public".into()],
+            "shop"
+        ));
     }
 
     #[test]
     fn annotation_ops_remove_the_map_we_created() {
         let obj = json!({"metadata": {"annotations": {RESTORE_ANNOTATION: "{}"}}});
-        assert_eq!(annotation_ops(&obj, None), vec![json!({"op": "remove", "path": "/metadata/annotations"})]);
+        assert_eq!(
+            annotation_ops(&obj, None),
+            vec![json!({"op": "remove", "path": "/metadata/annotations"})]
+        );
         let obj = json!({"metadata": {}});
         let ops = annotation_ops(&obj, Some("x"));
         assert_eq!(ops[0]["path"], "/metadata/annotations");

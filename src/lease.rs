@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
@@ -114,7 +114,11 @@ impl Elector {
             return Ok(false);
         }
         let transitions = spec.lease_transitions.unwrap_or(0) + if mine { 0 } else { 1 };
-        let acquired = if mine { spec.acquire_time.clone() } else { None };
+        let acquired = if mine {
+            spec.acquire_time.clone()
+        } else {
+            None
+        };
         lease.spec = Some(self.spec(transitions, acquired));
         match self.api.replace(&self.cfg.name, &pp, &lease).await {
             Ok(_) => {
@@ -167,13 +171,19 @@ impl Elector {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
             return;
         };
-        let Some(spec) = lease.spec.as_mut() else { return };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
         if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
-        if let Err(e) = self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
+        if let Err(e) = self
+            .api
+            .replace(&self.cfg.name, &PostParams::default(), &lease)
+            .await
+        {
             warn!(error = %e, "lease: could not release");
         }
     }

@@ -34,7 +34,9 @@ impl Error {
     /// plan again right away from fresh state.
     pub fn is_conflict(&self) -> bool {
         match self {
-            Error::Kube(kube::Error::Api(s)) => s.code == 409 || (s.code == 422 && s.message.contains("test")),
+            Error::Kube(kube::Error::Api(s)) => {
+                s.code == 409 || (s.code == 422 && s.message.contains("test"))
+            }
             _ => false,
         }
     }

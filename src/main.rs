@@ -15,7 +15,11 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(name = "recording-canary", version, about = "Record production traffic from an Istio-routed canary")]
+#[command(
+    name = "recording-canary",
+    version,
+    about = "Record production traffic from an Istio-routed canary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -75,7 +79,10 @@ fn main() -> ExitCode {
         },
         Command::Run(args) => {
             init_tracing(args.log_format);
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("recording-canary: cannot start the runtime: {e}");
@@ -96,7 +103,9 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => b.init(),
@@ -122,7 +131,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.admin_addr))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
-    let admin_task = tokio::spawn(admin::serve(listener, metrics.clone(), health.clone(), stopped()));
+    let admin_task = tokio::spawn(admin::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        stopped(),
+    ));
 
     // SIGTERM or Ctrl-C: stop gracefully.
     let signal_tx = stop_tx.clone();
@@ -154,7 +168,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         info!("leading");
     }
 
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), &args.cluster_domain, Some(identity)));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        &args.cluster_domain,
+        Some(identity),
+    ));
     let scopes: Vec<Option<String>> = if args.namespaces.is_empty() {
         vec![None]
     } else {

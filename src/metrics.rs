@@ -38,22 +38,48 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("recording_canary");
         let reconciles = Counter::default();
         let errors = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        let duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
         let target_percent = Family::<CanaryLabels, Gauge>::default();
         let current_percent = Family::<CanaryLabels, Gauge>::default();
         let clone_replicas = Family::<CanaryLabels, Gauge>::default();
         let is_leader = Gauge::default();
-        registry.register("reconciles", "Reconciles of RecordingCanaries", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed, by kind of error", errors.clone());
-        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", duration.clone());
-        registry.register("target_percent", "spec.percent of each RecordingCanary", target_percent.clone());
+        registry.register(
+            "reconciles",
+            "Reconciles of RecordingCanaries",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed, by kind of error",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            duration.clone(),
+        );
+        registry.register(
+            "target_percent",
+            "spec.percent of each RecordingCanary",
+            target_percent.clone(),
+        );
         registry.register(
             "current_percent",
             "Share of requests the VirtualService routes to the clone",
             current_percent.clone(),
         );
-        registry.register("clone_replicas", "Replicas asked of each clone", clone_replicas.clone());
-        registry.register("leader", "1 while this process holds the lease", is_leader.clone());
+        registry.register(
+            "clone_replicas",
+            "Replicas asked of each clone",
+            clone_replicas.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the lease",
+            is_leader.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -72,11 +98,20 @@ impl Metrics {
         self.reconciles.inc();
         self.duration.observe(took.as_secs_f64());
         if let Some(kind) = error {
-            self.errors.get_or_create(&ErrorLabels { kind: kind.into() }).inc();
+            self.errors
+                .get_or_create(&ErrorLabels { kind: kind.into() })
+                .inc();
         }
     }
 
-    pub fn set_canary(&self, namespace: &str, name: &str, target: i32, current: i32, replicas: i32) {
+    pub fn set_canary(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: i32,
+        current: i32,
+        replicas: i32,
+    ) {
         let l = CanaryLabels {
             namespace: namespace.into(),
             name: name.into(),

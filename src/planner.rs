@@ -10,15 +10,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta, OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    Condition, LabelSelector, ObjectMeta, OwnerReference, Time,
+};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    CANARY_LABEL, FINALIZER, RecordingCanary, RecordingCanaryStatus, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
-    SOURCE_HASH_ANNOTATION, ValidSpec,
+    CANARY_LABEL, FINALIZER, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
+    RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
 };
 use crate::istio::{self, ServiceHost};
 
@@ -73,17 +75,37 @@ pub enum Action {
         subsets_added: Option<String>,
         routes_removed: Option<String>,
     },
-    LabelPod { name: String },
-    UnlabelPod { name: String },
+    LabelPod {
+        name: String,
+    },
+    UnlabelPod {
+        name: String,
+    },
     CreateClone(Box<Deployment>),
     /// Replace the clone (carries the resourceVersion it was built from).
     ReplaceClone(Box<Deployment>),
-    ScaleClone { replicas: i32, resource_version: String },
-    DeleteClone { uid: String },
-    CreateMesh { kind: MeshKind, object: Value },
+    ScaleClone {
+        replicas: i32,
+        resource_version: String,
+    },
+    DeleteClone {
+        uid: String,
+    },
+    CreateMesh {
+        kind: MeshKind,
+        object: Value,
+    },
     /// A JSON patch whose first operation tests the resourceVersion.
-    PatchMesh { kind: MeshKind, name: String, ops: Vec<Value> },
-    DeleteMesh { kind: MeshKind, name: String, uid: String },
+    PatchMesh {
+        kind: MeshKind,
+        name: String,
+        ops: Vec<Value>,
+    },
+    DeleteMesh {
+        kind: MeshKind,
+        name: String,
+        uid: String,
+    },
 }
 
 /// An Event to publish on the RecordingCanary.
@@ -234,15 +256,21 @@ fn remaining(now: Timestamp, t: Timestamp) -> Option<Duration> {
 }
 
 fn meta_name(v: &Value) -> &str {
-    v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn meta_ns(v: &Value) -> &str {
-    v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn meta_uid(v: &Value) -> &str {
-    v.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default()
+    v.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
 }
 
 fn empty() -> Value {
@@ -257,7 +285,10 @@ fn spec_of(v: &Value) -> &Value {
 fn owned_by(v: &Value, uid: &str) -> bool {
     v.pointer("/metadata/ownerReferences")
         .and_then(Value::as_array)
-        .is_some_and(|refs| refs.iter().any(|r| r.get("uid").and_then(Value::as_str) == Some(uid)))
+        .is_some_and(|refs| {
+            refs.iter()
+                .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid))
+        })
 }
 
 /// The canary's owner reference for objects it creates.
@@ -309,10 +340,10 @@ pub fn pod_of_deployment(p: &Pod, deploy: &str) -> bool {
         return false;
     };
     let rs = format!("{deploy}-{hash}");
-    p.metadata
-        .owner_references
-        .as_ref()
-        .is_some_and(|o| o.iter().any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs))
+    p.metadata.owner_references.as_ref().is_some_and(|o| {
+        o.iter()
+            .any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs)
+    })
 }
 
 /// Hash of what the clone is built from: the target's pod template and the extra pod metadata.
@@ -345,7 +376,7 @@ pub fn build_clone(c: &RecordingCanary, target: &Deployment, replicas: i32) -> D
         .match_labels
         .get_or_insert_with(BTreeMap::new)
         .insert(ROLE_LABEL.into(), ROLE_RECORDING.into());
-    let mut annotations = c.spec.sidecar.annotations.clone();
+    let mut annotations = c.spec.clone_annotations();
     annotations.insert(SOURCE_HASH_ANNOTATION.into(), hash);
     Deployment {
         metadata: ObjectMeta {
@@ -372,7 +403,12 @@ pub fn build_clone(c: &RecordingCanary, target: &Deployment, replicas: i32) -> D
 
 /// Replicas for the clone: `ceil(target × percent / 100)`, at least 1 while `spec_percent > 0`,
 /// at most `max`.
-pub fn clone_replicas(target_replicas: i32, sizing_percent: i32, spec_percent: i32, max: Option<i32>) -> i32 {
+pub fn clone_replicas(
+    target_replicas: i32,
+    sizing_percent: i32,
+    spec_percent: i32,
+    max: Option<i32>,
+) -> i32 {
     if spec_percent <= 0 {
         return 0;
     }
@@ -388,9 +424,14 @@ pub fn clone_replicas(target_replicas: i32, sizing_percent: i32, spec_percent: i
 /// The first older RecordingCanary that claims the same target or Service, if any.
 fn first_rival<'r>(o: &'r Observed<'r>) -> Option<&'r Rival> {
     let c = o.canary;
-    let me = (c.metadata.creation_timestamp.as_ref().map(|t| t.0), c.name_any());
+    let me = (
+        c.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        c.name_any(),
+    );
     // Holding the clone settles it.
-    if o.clone.is_some_and(|cl| cl.labels().get(CANARY_LABEL) == Some(&c.name_any())) {
+    if o.clone
+        .is_some_and(|cl| cl.labels().get(CANARY_LABEL) == Some(&c.name_any()))
+    {
         return None;
     }
     o.rivals
@@ -407,11 +448,19 @@ enum Choice<'v> {
     Own(Option<&'v Value>),
 }
 
-fn choose_vs<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, (String, String)> {
+fn choose_vs<'v>(
+    o: &'v Observed<'v>,
+    host: &ServiceHost,
+    uid: &str,
+) -> Result<Choice<'v>, (String, String)> {
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
     if let Some(name) = &c.spec.virtual_service {
-        return match o.virtual_services.iter().find(|v| meta_name(v) == name && meta_ns(v) == ns) {
+        return match o
+            .virtual_services
+            .iter()
+            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
+        {
             Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
             Some(v) => Ok(Choice::Adopt(v)),
             None => Err((
@@ -423,9 +472,12 @@ fn choose_vs<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<C
     let mesh: Vec<&Value> = o
         .virtual_services
         .iter()
-        .filter(|v| istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v)))
+        .filter(|v| {
+            istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v))
+        })
         .collect();
-    let (owned, foreign): (Vec<&Value>, Vec<&Value>) = mesh.into_iter().partition(|v| owned_by(v, uid));
+    let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
+        mesh.into_iter().partition(|v| owned_by(v, uid));
     match (foreign.as_slice(), owned.first()) {
         ([], o) => Ok(Choice::Own(o.copied())),
         ([one], None) => Ok(Choice::Adopt(one)),
@@ -436,20 +488,36 @@ fn choose_vs<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<C
                 "{} mesh VirtualServices route host {} ({}); Istio applies only one of them. Merge them, or name one in spec.virtualService",
                 many.len(),
                 host.fqdn(),
-                many.iter().map(|v| meta_name(v)).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|v| meta_name(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
 }
 
-fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, (String, String)> {
+fn choose_dr<'v>(
+    o: &'v Observed<'v>,
+    host: &ServiceHost,
+    uid: &str,
+) -> Result<Choice<'v>, (String, String)> {
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
-    let dr_host = |v: &Value| v.pointer("/spec/host").and_then(Value::as_str).unwrap_or_default().to_string();
+    let dr_host = |v: &Value| {
+        v.pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let elsewhere: Vec<&Value> = o
         .destination_rules
         .iter()
-        .filter(|v| meta_ns(v) != ns && host.matches(&dr_host(v), meta_ns(v)) && !is_root_namespace(meta_ns(v)))
+        .filter(|v| {
+            meta_ns(v) != ns
+                && host.matches(&dr_host(v), meta_ns(v))
+                && !is_root_namespace(meta_ns(v))
+        })
         .collect();
     if let Some(other) = elsewhere.first() {
         return Err((
@@ -463,7 +531,11 @@ fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<C
         ));
     }
     if let Some(name) = &c.spec.destination_rule {
-        return match o.destination_rules.iter().find(|v| meta_name(v) == name && meta_ns(v) == ns) {
+        return match o
+            .destination_rules
+            .iter()
+            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
+        {
             Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
             Some(v) => Ok(Choice::Adopt(v)),
             None => Err((
@@ -475,9 +547,14 @@ fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<C
     let local: Vec<&Value> = o
         .destination_rules
         .iter()
-        .filter(|v| meta_ns(v) == ns && host.matches(&dr_host(v), &ns) && v.pointer("/spec/workloadSelector").is_none())
+        .filter(|v| {
+            meta_ns(v) == ns
+                && host.matches(&dr_host(v), &ns)
+                && v.pointer("/spec/workloadSelector").is_none()
+        })
         .collect();
-    let (owned, foreign): (Vec<&Value>, Vec<&Value>) = local.into_iter().partition(|v| owned_by(v, uid));
+    let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
+        local.into_iter().partition(|v| owned_by(v, uid));
     match (foreign.as_slice(), owned.first()) {
         ([], o) => Ok(Choice::Own(o.copied())),
         ([one], _) => Ok(Choice::Adopt(one)),
@@ -487,7 +564,10 @@ fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<C
                 "{} DestinationRules configure host {} ({}); name one in spec.destinationRule",
                 many.len(),
                 host.fqdn(),
-                many.iter().map(|v| meta_name(v)).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|v| meta_name(v))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -528,13 +608,21 @@ pub fn plan(o: &Observed) -> Plan {
     let Some(target) = o.target else {
         return b.blocked(
             "TargetNotFound",
-            format!("Deployment {} not found in namespace {}", c.spec.target_ref.name, c.namespace().unwrap_or_default()),
+            format!(
+                "Deployment {} not found in namespace {}",
+                c.spec.target_ref.name,
+                c.namespace().unwrap_or_default()
+            ),
         );
     };
     if !o.service_exists {
         return b.blocked(
             "ServiceNotFound",
-            format!("Service {} not found in namespace {}", c.spec.service_name(), c.namespace().unwrap_or_default()),
+            format!(
+                "Service {} not found in namespace {}",
+                c.spec.service_name(),
+                c.namespace().unwrap_or_default()
+            ),
         );
     }
     if let Some(cl) = o.clone
@@ -542,7 +630,10 @@ pub fn plan(o: &Observed) -> Plan {
     {
         return b.blocked(
             "CloneNameTaken",
-            format!("Deployment {} exists and was not created by this RecordingCanary", c.spec.clone_name()),
+            format!(
+                "Deployment {} exists and was not created by this RecordingCanary",
+                c.spec.clone_name()
+            ),
         );
     }
     plan_active(b, &spec, target)
@@ -566,14 +657,21 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         if !istio::vs_routes_to_host(spec_of(vs), &host, meta_ns(vs)) {
             return b.blocked(
                 "NoRouteToService",
-                format!("VirtualService {} has no HTTP route to host {}", meta_name(vs), host.fqdn()),
+                format!(
+                    "VirtualService {} has no HTTP route to host {}",
+                    meta_name(vs),
+                    host.fqdn()
+                ),
             );
         }
         let (owner, _) = istio::parse_restore_note(istio::restore_note_of(vs));
         if let Some(owner) = owner.filter(|n| *n != c.name_any()) {
             return b.blocked(
                 "Conflict",
-                format!("VirtualService {} is already split by RecordingCanary {owner}", meta_name(vs)),
+                format!(
+                    "VirtualService {} is already split by RecordingCanary {owner}",
+                    meta_name(vs)
+                ),
             );
         }
     }
@@ -582,7 +680,10 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     {
         return b.blocked(
             "SubsetNameTaken",
-            format!("DestinationRule {} already has a subset {name} with other labels", meta_name(dr)),
+            format!(
+                "DestinationRule {} already has a subset {name} with other labels",
+                meta_name(dr)
+            ),
         );
     }
     let gateway_vss: Vec<&Value> = if c.spec.gateways.is_empty() {
@@ -604,18 +705,29 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     let target_pods: Vec<&Pod> = o
         .pods
         .iter()
-        .filter(|p| pod_of_deployment(p, target_name) && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING))
+        .filter(|p| {
+            pod_of_deployment(p, target_name)
+                && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
+        })
         .collect();
-    let clone_pods: Vec<&Pod> = o.pods.iter().filter(|p| pod_of_deployment(p, &clone_name)).collect();
+    let clone_pods: Vec<&Pod> = o
+        .pods
+        .iter()
+        .filter(|p| pod_of_deployment(p, &clone_name))
+        .collect();
     for p in &target_pods {
-        if p.metadata.deletion_timestamp.is_none() && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_STABLE) {
+        if p.metadata.deletion_timestamp.is_none()
+            && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_STABLE)
+        {
             b.actions.push(Action::LabelPod { name: p.name_any() });
         }
     }
     let ready_target = target_pods.iter().filter(|p| pod_ready(p)).count();
     let ready_labeled = target_pods
         .iter()
-        .filter(|p| pod_ready(p) && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE))
+        .filter(|p| {
+            pod_ready(p) && p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE)
+        })
         .count();
     let stable_ready = ready_target > 0 && ready_labeled == ready_target;
 
@@ -638,10 +750,17 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         match dr_choice {
             Choice::Adopt(d) | Choice::Own(Some(d)) => {
                 let mut ops = istio::rv_test(d);
-                let path = if spec_of(d).get("subsets").is_some() { "replace" } else { "add" };
+                let path = if spec_of(d).get("subsets").is_some() {
+                    "replace"
+                } else {
+                    "add"
+                };
                 ops.push(json!({"op": path, "path": "/spec/subsets", "value": istio::with_our_subsets(spec_of(d))}));
                 if matches!(dr_choice, Choice::Adopt(_)) && istio::restore_note_of(d).is_none() {
-                    ops.extend(istio::annotation_ops(d, Some(&istio::dr_restore_note(spec_of(d), &c.name_any()))));
+                    ops.extend(istio::annotation_ops(
+                        d,
+                        Some(&istio::dr_restore_note(spec_of(d), &c.name_any())),
+                    ));
                 }
                 b.actions.push(Action::PatchMesh {
                     kind: MeshKind::DestinationRule,
@@ -654,9 +773,18 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 object: owned_dr(c, &host),
             }),
         }
-        b.event(false, "SubsetsAdded", format!("Subsets added to DestinationRule {}", b.status.destination_rule.clone().unwrap_or_default()));
+        b.event(
+            false,
+            "SubsetsAdded",
+            format!(
+                "Subsets added to DestinationRule {}",
+                b.status.destination_rule.clone().unwrap_or_default()
+            ),
+        );
     }
-    let subsets_since = parse_time(b.status.subsets_added_time.as_deref()).unwrap_or(o.started).max(o.started);
+    let subsets_since = parse_time(b.status.subsets_added_time.as_deref())
+        .unwrap_or(o.started)
+        .max(o.started);
     let subsets_propagated_at = after(subsets_since, spec.propagation_delay);
 
     // 2. The VirtualService split.
@@ -664,27 +792,45 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         Choice::Adopt(v) | Choice::Own(Some(v)) => Some(v),
         Choice::Own(None) => None,
     };
-    let split = vs_obj.map(|v| istio::read_split(spec_of(v), &host, meta_ns(v))).unwrap_or_default();
+    let split = vs_obj
+        .map(|v| istio::read_split(spec_of(v), &host, meta_ns(v)))
+        .unwrap_or_default();
     let is_split = split.pairs > 0;
-    let current = if is_split { split.percent.unwrap_or(0) } else { 0 };
+    let current = if is_split {
+        split.percent.unwrap_or(0)
+    } else {
+        0
+    };
     b.status.virtual_services = std::iter::once(match vs_obj {
         Some(v) => format!("{}/{}", meta_ns(v), meta_name(v)),
         None => format!("{ns}/{}", c.name_any()),
     })
-    .chain(gateway_vss.iter().map(|v| format!("{}/{}", meta_ns(v), meta_name(v))))
+    .chain(
+        gateway_vss
+            .iter()
+            .map(|v| format!("{}/{}", meta_ns(v), meta_name(v))),
+    )
     .collect();
 
     if !is_split {
         if !dr_ok {
             b.status.current_percent = 0;
             b.requeue(spec.propagation_delay);
-            b.report(phase::PROGRESSING, "AddingSubsets", "Waiting for the DestinationRule subsets to reach the sidecars");
+            b.report(
+                phase::PROGRESSING,
+                "AddingSubsets",
+                "Waiting for the DestinationRule subsets to reach the sidecars",
+            );
             return b.finish();
         }
         if let Some(wait) = remaining(now, subsets_propagated_at) {
             b.status.current_percent = 0;
             b.requeue(wait);
-            b.report(phase::PROGRESSING, "AddingSubsets", "Waiting for the DestinationRule subsets to reach the sidecars");
+            b.report(
+                phase::PROGRESSING,
+                "AddingSubsets",
+                "Waiting for the DestinationRule subsets to reach the sidecars",
+            );
             return b.finish();
         }
         if !stable_ready {
@@ -701,7 +847,11 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     // 3. The clone, and the weight it may take.
     let target_replicas = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     b.status.target_replicas = target_replicas;
-    let clone_ready = o.clone.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+    let clone_ready = o
+        .clone
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
     b.status.clone_ready_replicas = clone_ready;
     let crash = clone_pods.iter().any(|p| pod_crash_looping(p));
     let healthy = o.clone.is_some() && clone_ready >= 1 && !crash;
@@ -737,7 +887,8 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     };
 
     // The VS write: split it, or move its weights.
-    let mut vs_targets: Vec<(Option<&Value>, bool)> = vec![(vs_obj, matches!(vs_choice, Choice::Own(_)))];
+    let mut vs_targets: Vec<(Option<&Value>, bool)> =
+        vec![(vs_obj, matches!(vs_choice, Choice::Own(_)))];
     vs_targets.extend(gateway_vss.iter().map(|v| (Some(*v), false)));
     let mut wrote_weight = false;
     for (v, own) in vs_targets {
@@ -759,9 +910,14 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                     continue;
                 }
                 let note = istio::restore_note_of(v);
-                let s = istio::split_http(spec_of(v), &host, meta_ns(v), desired, note, &c.name_any());
+                let s =
+                    istio::split_http(spec_of(v), &host, meta_ns(v), desired, note, &c.name_any());
                 let mut ops = istio::rv_test(v);
-                let op = if spec_of(v).get("http").is_some() { "replace" } else { "add" };
+                let op = if spec_of(v).get("http").is_some() {
+                    "replace"
+                } else {
+                    "add"
+                };
                 ops.push(json!({"op": op, "path": "/spec/http", "value": s.http}));
                 if !own {
                     ops.extend(istio::annotation_ops(v, Some(&s.note)));
@@ -779,22 +935,45 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         b.event(
             false,
             "WeightChanged",
-            format!("{}% of requests to {} now go to the recording clone (was {current}%)", desired, host.fqdn()),
+            format!(
+                "{}% of requests to {} now go to the recording clone (was {current}%)",
+                desired,
+                host.fqdn()
+            ),
         );
     }
     b.status.current_percent = desired;
 
     // The clone follows the target's template and replicas.
-    let replicas = clone_replicas(target_replicas, sizing.max(desired), spec.percent, spec.max_replicas);
+    let replicas = clone_replicas(
+        target_replicas,
+        sizing.max(desired),
+        spec.percent,
+        spec.max_replicas,
+    );
     b.status.clone_replicas = replicas;
     match o.clone {
         None => {
-            b.actions.push(Action::CreateClone(Box::new(build_clone(c, target, replicas))));
-            b.event(false, "CloneCreated", format!("Created Deployment {clone_name} with {replicas} replicas"));
+            b.actions.push(Action::CreateClone(Box::new(build_clone(
+                c, target, replicas,
+            ))));
+            b.event(
+                false,
+                "CloneCreated",
+                format!("Created Deployment {clone_name} with {replicas} replicas"),
+            );
         }
         Some(cl) => {
-            let want_hash = target.spec.as_ref().map(|s| source_hash(&s.template, c)).unwrap_or_default();
-            let have_hash = cl.annotations().get(SOURCE_HASH_ANNOTATION).cloned().unwrap_or_default();
+            let want_hash = target
+                .spec
+                .as_ref()
+                .map(|s| source_hash(&s.template, c))
+                .unwrap_or_default();
+            let have_hash = cl
+                .annotations()
+                .get(SOURCE_HASH_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
             let have_replicas = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
             let rv = cl.resource_version().unwrap_or_default();
             if want_hash != have_hash || sidecar_annotations_differ(c, cl) {
@@ -802,7 +981,13 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 desired_clone.metadata.resource_version = Some(rv);
                 // Keep what others (e.g. an injecting webhook) put on the clone's metadata.
                 let mut ann = cl.annotations().clone();
-                ann.extend(desired_clone.metadata.annotations.take().unwrap_or_default());
+                ann.extend(
+                    desired_clone
+                        .metadata
+                        .annotations
+                        .take()
+                        .unwrap_or_default(),
+                );
                 desired_clone.metadata.annotations = Some(ann);
                 let mut labels = cl.labels().clone();
                 labels.extend(desired_clone.metadata.labels.take().unwrap_or_default());
@@ -811,8 +996,15 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 if let (Some(ds), Some(ls)) = (desired_clone.spec.as_mut(), cl.spec.as_ref()) {
                     ds.selector = ls.selector.clone();
                 }
-                b.actions.push(Action::ReplaceClone(Box::new(desired_clone)));
-                b.event(false, "CloneSynced", format!("Deployment {clone_name} follows the new pod template of {target_name}"));
+                b.actions
+                    .push(Action::ReplaceClone(Box::new(desired_clone)));
+                b.event(
+                    false,
+                    "CloneSynced",
+                    format!(
+                        "Deployment {clone_name} follows the new pod template of {target_name}"
+                    ),
+                );
             } else if have_replicas != replicas {
                 b.actions.push(Action::ScaleClone {
                     replicas,
@@ -824,15 +1016,32 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     }
 
     // 4. What to report.
-    let msg_target = format!("{desired}% of requests go to the recording clone (target {}%)", spec.percent);
+    let msg_target = format!(
+        "{desired}% of requests go to the recording clone (target {}%)",
+        spec.percent
+    );
     if spec.percent > 0 && !healthy {
         let was_serving = current > 0 || b.prev.phase.as_deref() == Some(phase::DEGRADED);
         if crash {
-            b.report(phase::DEGRADED, "CloneCrashLooping", &format!("A pod of {clone_name} is in CrashLoopBackOff; no traffic goes to the clone"));
+            b.report(
+                phase::DEGRADED,
+                "CloneCrashLooping",
+                &format!(
+                    "A pod of {clone_name} is in CrashLoopBackOff; no traffic goes to the clone"
+                ),
+            );
         } else if o.clone.is_some() && was_serving {
-            b.report(phase::DEGRADED, "CloneNotReady", &format!("{clone_name} has no ready replica; no traffic goes to the clone"));
+            b.report(
+                phase::DEGRADED,
+                "CloneNotReady",
+                &format!("{clone_name} has no ready replica; no traffic goes to the clone"),
+            );
         } else {
-            b.report(phase::PROGRESSING, "WaitingForClone", &format!("Waiting for a ready replica of {clone_name}"));
+            b.report(
+                phase::PROGRESSING,
+                "WaitingForClone",
+                &format!("Waiting for a ready replica of {clone_name}"),
+            );
         }
     } else if desired == spec.percent {
         b.report(phase::READY, "TargetReached", &msg_target);
@@ -844,7 +1053,10 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
 
 fn sidecar_annotations_differ(c: &RecordingCanary, clone: &Deployment) -> bool {
     let have = clone.annotations();
-    c.spec.sidecar.annotations.iter().any(|(k, v)| have.get(k) != Some(v))
+    c.spec
+        .clone_annotations()
+        .iter()
+        .any(|(k, v)| have.get(k) != Some(v))
 }
 
 fn owned_meta(c: &RecordingCanary) -> Value {
@@ -890,7 +1102,11 @@ fn plan_rollback(mut b: Builder) -> Plan {
         b.actions.push(Action::RemoveFinalizer);
         return b.finish();
     }
-    let delay = c.spec.validate().map(|s| s.propagation_delay).unwrap_or(Duration::from_secs(3));
+    let delay = c
+        .spec
+        .validate()
+        .map(|s| s.propagation_delay)
+        .unwrap_or(Duration::from_secs(3));
     let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
     let now = o.now;
 
@@ -908,7 +1124,9 @@ fn plan_rollback(mut b: Builder) -> Plan {
             });
             continue;
         }
-        if !(st.references_subsets && (ours || note_owner.is_none())) && !(ours && istio::restore_note_of(v).is_some()) {
+        if !(st.references_subsets && (ours || note_owner.is_none()))
+            && !(ours && istio::restore_note_of(v).is_some())
+        {
             continue;
         }
         let http = istio::unsplit_http(spec_of(v), &host, meta_ns(v), istio::restore_note_of(v));
@@ -931,14 +1149,23 @@ fn plan_rollback(mut b: Builder) -> Plan {
         b.status.routes_removed_time = Some(fmt_time(now));
         b.status.current_percent = 0;
         b.actions.extend(vs_writes);
-        b.event(false, "TrafficRestored", format!("Routes to {} restored; the recording clone gets no traffic", host.fqdn()));
+        b.event(
+            false,
+            "TrafficRestored",
+            format!(
+                "Routes to {} restored; the recording clone gets no traffic",
+                host.fqdn()
+            ),
+        );
         b.requeue(delay);
         return b.finish();
     }
     b.status.current_percent = 0;
 
     // 2. Wait for the routes to reach the sidecars.
-    let since = parse_time(b.prev.routes_removed_time.as_deref()).unwrap_or(o.started).max(o.started);
+    let since = parse_time(b.prev.routes_removed_time.as_deref())
+        .unwrap_or(o.started)
+        .max(o.started);
     if let Some(wait) = remaining(now, after(since, delay)) {
         b.requeue(wait);
         return b.finish();
@@ -956,9 +1183,14 @@ fn plan_rollback(mut b: Builder) -> Plan {
         }
         let (note_owner, absent) = istio::parse_dr_restore_note(istio::restore_note_of(d));
         let ours = note_owner.as_deref() == Some(me.as_str());
-        let dr_host = d.pointer("/spec/host").and_then(Value::as_str).unwrap_or_default();
+        let dr_host = d
+            .pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let for_host = host.matches(dr_host, &ns);
-        if !(ours || (note_owner.is_none() && for_host && istio::has_any_of_our_subsets(spec_of(d)))) {
+        if !(ours
+            || (note_owner.is_none() && for_host && istio::has_any_of_our_subsets(spec_of(d))))
+        {
             continue;
         }
         let mut ops = istio::rv_test(d);
@@ -992,7 +1224,11 @@ fn plan_rollback(mut b: Builder) -> Plan {
     }
 
     // 5. Labels on the target's pods.
-    for p in o.pods.iter().filter(|p| pod_of_deployment(p, &c.spec.target_ref.name)) {
+    for p in o
+        .pods
+        .iter()
+        .filter(|p| pod_of_deployment(p, &c.spec.target_ref.name))
+    {
         if p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE) {
             b.actions.push(Action::UnlabelPod { name: p.name_any() });
         }
@@ -1000,7 +1236,14 @@ fn plan_rollback(mut b: Builder) -> Plan {
 
     // 6. Done.
     b.actions.push(Action::RemoveFinalizer);
-    b.event(false, "RolledBack", format!("Traffic, subsets, clone and labels of {} removed", c.spec.target_ref.name));
+    b.event(
+        false,
+        "RolledBack",
+        format!(
+            "Traffic, subsets, clone and labels of {} removed",
+            c.spec.target_ref.name
+        ),
+    );
     b.finish()
 }
 

@@ -13,7 +13,9 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use crate::Error;
-use crate::api::{FIELD_MANAGER, FINALIZER, RecordingCanary, RecordingCanaryStatus, ROLE_LABEL, ROLE_STABLE};
+use crate::api::{
+    FIELD_MANAGER, FINALIZER, ROLE_LABEL, ROLE_STABLE, RecordingCanary, RecordingCanaryStatus,
+};
 use crate::istio;
 use crate::planner::{Action, MeshKind};
 
@@ -27,7 +29,8 @@ fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
 }
 
 fn json_patch(ops: Vec<Value>) -> Result<Patch<Value>, Error> {
-    let p: json_patch::Patch = serde_json::from_value(Value::Array(ops)).map_err(Error::Serialization)?;
+    let p: json_patch::Patch =
+        serde_json::from_value(Value::Array(ops)).map_err(Error::Serialization)?;
     Ok(Patch::Json(p))
 }
 
@@ -50,7 +53,11 @@ fn delete_with_uid(uid: &str) -> DeleteParams {
 }
 
 /// Carries out `actions` in order; stops at the first failure.
-pub async fn apply(client: &Client, canary: &RecordingCanary, actions: &[Action]) -> Result<(), Error> {
+pub async fn apply(
+    client: &Client,
+    canary: &RecordingCanary,
+    actions: &[Action],
+) -> Result<(), Error> {
     let ns = canary.namespace().unwrap_or_default();
     let name = canary.name_any();
     let canaries: Api<RecordingCanary> = Api::namespaced(client.clone(), &ns);
@@ -68,11 +75,17 @@ pub async fn apply(client: &Client, canary: &RecordingCanary, actions: &[Action]
         debug!(?action, "applying");
         match action {
             Action::AddFinalizer => {
-                let mut ops = istio::rv_test(&serde_json::to_value(&canary.metadata).map(|m| json!({"metadata": m}))?);
+                let mut ops = istio::rv_test(
+                    &serde_json::to_value(&canary.metadata).map(|m| json!({"metadata": m}))?,
+                );
                 if canary.metadata.finalizers.is_some() {
-                    ops.push(json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}));
+                    ops.push(
+                        json!({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER}),
+                    );
                 } else {
-                    ops.push(json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
+                    ops.push(
+                        json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
+                    );
                 }
                 canaries.patch(&name, &pp, &json_patch(ops)?).await?;
             }
@@ -125,20 +138,32 @@ pub async fn apply(client: &Client, canary: &RecordingCanary, actions: &[Action]
                     json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
                     json!({"op": "replace", "path": "/spec/replicas", "value": replicas}),
                 ];
-                deployments.patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?).await?;
+                deployments
+                    .patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?)
+                    .await?;
             }
             Action::DeleteClone { uid } => {
-                gone_is_ok(deployments.delete(&canary.spec.clone_name(), &delete_with_uid(uid)).await)?;
+                gone_is_ok(
+                    deployments
+                        .delete(&canary.spec.clone_name(), &delete_with_uid(uid))
+                        .await,
+                )?;
             }
             Action::CreateMesh { kind, object } => {
                 let obj: DynamicObject = serde_json::from_value(object.clone())?;
                 mesh_api(client, &ns, *kind).create(&post, &obj).await?;
             }
             Action::PatchMesh { kind, name, ops } => {
-                mesh_api(client, &ns, *kind).patch(name, &pp, &json_patch(ops.clone())?).await?;
+                mesh_api(client, &ns, *kind)
+                    .patch(name, &pp, &json_patch(ops.clone())?)
+                    .await?;
             }
             Action::DeleteMesh { kind, name, uid } => {
-                gone_is_ok(mesh_api(client, &ns, *kind).delete(name, &delete_with_uid(uid)).await)?;
+                gone_is_ok(
+                    mesh_api(client, &ns, *kind)
+                        .delete(name, &delete_with_uid(uid))
+                        .await,
+                )?;
             }
         }
     }
@@ -154,14 +179,19 @@ pub async fn write_status(
     if canary.status.as_ref() == Some(status) {
         return Ok(());
     }
-    let api: Api<RecordingCanary> = Api::namespaced(client.clone(), &canary.namespace().unwrap_or_default());
+    let api: Api<RecordingCanary> =
+        Api::namespaced(client.clone(), &canary.namespace().unwrap_or_default());
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
     gone_is_ok(
-        api.patch_status(&canary.name_any(), &pp, &Patch::Merge(json!({"status": status})))
-            .await,
+        api.patch_status(
+            &canary.name_any(),
+            &pp,
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await,
     )?;
     Ok(())
 }

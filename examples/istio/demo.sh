@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The demo, in one command on a fresh machine:
+#   bash examples/istio/demo.sh          # set up and run
+#   bash examples/istio/demo.sh --down   # stop the controller and the local cluster
+#
+# It builds (once, cached) and starts the local control plane (tests/cluster/up.sh), builds the
+# controller, installs the example app (examples/istio/app.yaml) in namespace `demo`, runs the
+# controller in the background, applies the RecordingCanary at 10% and shows `kubectl get rcanary`
+# and the VirtualService weights. The cluster and the controller keep running so that you can go on
+# (`kubectl patch`, `kubectl delete`); the script prints the commands.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$repo"
+export RC_CLUSTER_NAME=${RC_CLUSTER_NAME:-rcanary-demo}
+RC_TAG=demo
+# shellcheck source=../../tests/cluster/lib.sh
+source "$repo/tests/cluster/lib.sh"
+ns=${RC_DEMO_NAMESPACE:-demo}
+state_dir="$RC_CACHE_DIR/demo"
+pidfile="$state_dir/controller.pid"
+log="$state_dir/controller.log"
+mkdir -p "$state_dir"
+
+stop_controller() {
+  if [ -f "$pidfile" ]; then
+    local pid; pid=$(cat "$pidfile")
+    if rc_pid_alive "$pid" && grep -q recording-canary "/proc/$pid/cmdline" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do rc_pid_alive "$pid" || break; sleep 0.1; done
+    fi
+    rm -f "$pidfile"
+  fi
+}
+
+if [ "${1:-}" = "--down" ]; then
+  stop_controller
+  bash "$repo/tests/cluster/down.sh" "$RC_CLUSTER_NAME"
+  exit 0
+fi
+
+rc_say "1/6 local control plane (first run builds it from Go modules: ~10-20 min; then ~10 s)"
+bash "$repo/tests/cluster/up.sh" "$RC_CLUSTER_NAME"
+KUBECONFIG=$(rc_kubeconfig "$RC_CLUSTER_NAME"); export KUBECONFIG
+k() { "$RC_KUBECTL" "$@"; }
+
+rc_say "2/6 building the controller (cargo build; a few minutes the first time)"
+cargo build --quiet --bin recording-canary
+
+rc_say "3/6 example app in namespace $ns"
+k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+k apply -n "$ns" -f examples/istio/app.yaml
+k rollout status -n "$ns" deployment/frontend --timeout=120s
+
+rc_say "4/6 controller (log: $log)"
+stop_controller
+RUST_LOG=${RUST_LOG:-info} nohup "$repo/target/debug/recording-canary" run --leader-elect=false \
+  --admin-addr 127.0.0.1:9090 >"$log" 2>&1 &
+echo $! >"$pidfile"
+
+rc_say "5/6 RecordingCanary at 10%"
+k apply -n "$ns" -f examples/istio/canary.yaml
+if ! k wait -n "$ns" --for=condition=Ready rcanary/frontend --timeout=120s; then
+  rc_say "the canary did not become Ready; its status and the controller log follow"
+  k get rcanary -n "$ns" frontend -o yaml || true
+  tail -n 40 "$log" || true
+  exit 1
+fi
+
+rc_say "6/6 result"
+k get rcanary -n "$ns"
+echo
+k get deployments -n "$ns"
+echo
+echo "VirtualService weights:"
+k get virtualservices -n "$ns" -o go-template='{{range .items}}{{$vs := .metadata.name}}{{range .spec.http}}{{range .route}}  {{$vs}}: {{.destination.host}} subset={{.destination.subset}} weight={{.weight}}{{"\n"}}{{end}}{{end}}{{end}}'
+echo
+cat <<TXT
+Go on:
+  export KUBECONFIG=$KUBECONFIG
+  alias kubectl=$RC_KUBECTL
+  kubectl patch rcanary frontend -n $ns --type merge -p '{"spec":{"percent":25}}'
+  kubectl scale deployment/frontend -n $ns --replicas=9
+  kubectl describe rcanary frontend -n $ns          # conditions and events
+  curl -s localhost:9090/metrics | grep recording_canary_
+  kubectl delete rcanary frontend -n $ns            # rolls everything back
+Stop everything:
+  bash examples/istio/demo.sh --down
+TXT
