@@ -75,14 +75,46 @@ k wait --for=condition=Ready node --all --timeout=60s >/dev/null
 server_version=$(k version -o json | sed -n 's/^ *"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1)
 [ "$server_version" = "$K8S_VERSION" ] || rc_die "apiserver reports '$server_version', expected $K8S_VERSION"
 
-rc_say "applying Istio CRDs (istio.io/api $ISTIO_API_VERSION)"
-k apply --server-side --force-conflicts -f "$ISTIO_DIR/crds.yaml" >/dev/null
+# Our CRDs first, Istio's second: the GC probe below uses an Istio kind, so once the garbage collector
+# watches that kind it also watches every CRD created before it.
 if compgen -G "$repo/crds/*.yaml" >/dev/null || compgen -G "$repo/crds/*.yml" >/dev/null; then
   rc_say "applying this repo's CRDs from crds/"
   k apply --server-side --force-conflicts -f "$repo/crds/" >&2
 fi
+rc_say "applying Istio CRDs (istio.io/api $ISTIO_API_VERSION)"
+k apply --server-side --force-conflicts -f "$ISTIO_DIR/crds.yaml" >/dev/null
 k wait --for condition=established crd --all --timeout=60s >/dev/null
 rc_say "all CRDs established ($(k get crd --no-headers | wc -l) CRDs)"
+
+# kube-controller-manager's garbage collector picks up new resource types only on its discovery
+# resync, every 30 s (hard-coded). Until then, objects owned by a custom resource (e.g. the clone
+# Deployment owned by a RecordingCanary) are NOT deleted with their owner. Wait until it watches them:
+# owner = an Istio Telemetry, dependent = a ConfigMap; retry until deleting the owner removes the dependent.
+gc_probe() {
+  local ns=rc-gc-probe i uid deadline=$(( $(date +%s) + 90 ))
+  k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+  for ((i = 0; ; i++)); do
+    printf 'apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: owner-%s}\nspec: {}\n' "$i" |
+      k -n "$ns" apply -f - >/dev/null
+    uid=$(k -n "$ns" get telemetry "owner-$i" -o jsonpath='{.metadata.uid}')
+    printf '%s\n' "apiVersion: v1" "kind: ConfigMap" "metadata:" "  name: dependent-$i" \
+      "  ownerReferences: [{apiVersion: telemetry.istio.io/v1, kind: Telemetry, name: owner-$i, uid: \"$uid\"}]" |
+      k -n "$ns" apply -f - >/dev/null
+    sleep 1 # let the GC see the dependent before its owner goes
+    k -n "$ns" delete telemetry "owner-$i" >/dev/null
+    for _ in 1 2 3 4 5 6; do
+      if ! k -n "$ns" get configmap "dependent-$i" >/dev/null 2>&1; then
+        k delete namespace "$ns" --wait=false >/dev/null
+        return 0
+      fi
+      sleep 0.5
+    done
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+  done
+}
+rc_say "waiting until the garbage collector watches the CRDs (up to 30 s on a new cluster)"
+gc_probe || rc_die "the garbage collector did not start watching custom resources within 90 s"
+rc_say "garbage collection of custom-resource-owned objects works"
 
 if [ "$fresh" = 1 ] && [ "${RC_SMOKE:-1}" = 1 ]; then
   rc_say "smoke check: a Deployment gets Ready pods on the fake nodes"
