@@ -52,6 +52,29 @@ fn delete_with_uid(uid: &str) -> DeleteParams {
     }
 }
 
+/// A one-line description of an action, for logs.
+pub fn describe(action: &Action) -> String {
+    match action {
+        Action::AddFinalizer => "add finalizer".into(),
+        Action::RemoveFinalizer => "remove finalizer".into(),
+        Action::RecordTimes { subsets_added, routes_removed } => {
+            format!("record times (subsets added {subsets_added:?}, routes removed {routes_removed:?})")
+        }
+        Action::LabelPod { name } => format!("label pod {name} stable"),
+        Action::UnlabelPod { name } => format!("unlabel pod {name}"),
+        Action::CreateClone(d) => format!("create clone {}", d.name_any()),
+        Action::ReplaceClone(d) => format!("replace clone {}", d.name_any()),
+        Action::ScaleClone { replicas, .. } => format!("scale clone to {replicas}"),
+        Action::DeleteClone { .. } => "delete clone".into(),
+        Action::CreateMesh { kind, object } => format!(
+            "create {kind:?} {}",
+            object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+        ),
+        Action::PatchMesh { kind, name, ops } => format!("patch {kind:?} {name}: {}", Value::Array(ops.clone())),
+        Action::DeleteMesh { kind, name, .. } => format!("delete {kind:?} {name}"),
+    }
+}
+
 /// Carries out `actions` in order; stops at the first failure.
 pub async fn apply(
     client: &Client,
@@ -72,7 +95,7 @@ pub async fn apply(
         ..Default::default()
     };
     for action in actions {
-        debug!(?action, "applying");
+        debug!(action = %describe(action), "applying");
         match action {
             Action::AddFinalizer => {
                 let mut ops = istio::rv_test(

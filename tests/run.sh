@@ -139,6 +139,10 @@ for b in "$RC_HELM" "$RC_KUBECTL"; do
 done
 export PATH
 
+section "chart: helm lint, install, RBAC proven with kubectl auth can-i (tests/chart/check.sh)"
+bash "$repo/tests/chart/check.sh"
+done_section
+
 # Every integration test target (tests/*.rs, or [[test]] in Cargo.toml), by name.
 test_args=()
 if meta=$(cargo metadata --no-deps --format-version 1 2>/dev/null); then
