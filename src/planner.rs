@@ -796,10 +796,14 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         .map(|v| istio::read_split(spec_of(v), &host, meta_ns(v)))
         .unwrap_or_default();
     let is_split = split.pairs > 0;
-    let current = if is_split {
-        split.percent.unwrap_or(0)
-    } else {
-        0
+    // The percent read back from rounded weights is ambiguous on a shared route (80 at 7% and at
+    // 8% both give 74/6): when the VS is exactly the split at the last reported percent, that is it.
+    let current = match vs_obj {
+        Some(v) if is_split && splits_at(v, &host, b.prev.current_percent, &c.name_any()) => {
+            b.prev.current_percent
+        }
+        _ if is_split => split.percent.unwrap_or(0),
+        _ => 0,
     };
     b.status.virtual_services = std::iter::once(match vs_obj {
         Some(v) => format!("{}/{}", meta_ns(v), meta_name(v)),
@@ -906,7 +910,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             }
             Some(v) => {
                 let st = istio::read_split(spec_of(v), &host, meta_ns(v));
-                if st.pairs > 0 && st.unsplit == 0 && st.percent == Some(desired) {
+                if st.pairs > 0 && st.unsplit == 0 && splits_at(v, &host, desired, &c.name_any()) {
                     continue;
                 }
                 let note = istio::restore_note_of(v);
@@ -1049,6 +1053,13 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         b.report(phase::PROGRESSING, "Ramping", &msg_target);
     }
     b.finish()
+}
+
+/// Whether the VirtualService's routes are exactly its split at `percent`.
+fn splits_at(v: &Value, host: &ServiceHost, percent: i32, canary: &str) -> bool {
+    let note = istio::restore_note_of(v);
+    let s = istio::split_http(spec_of(v), host, meta_ns(v), percent, note, canary);
+    spec_of(v).get("http") == Some(&s.http)
 }
 
 fn sidecar_annotations_differ(c: &RecordingCanary, clone: &Deployment) -> bool {
