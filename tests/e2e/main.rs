@@ -1,0 +1,14 @@
+//! End-to-end tests of `recording-canary` against a real Kubernetes control plane.
+//!
+//! Each test gets its own namespace and starts its own controller process (the binary built by
+//! cargo) watching only that namespace, drives the user's flow with kubectl, and reads the
+//! resulting state with kube-rs. Beside every test, a watcher records every revision of the
+//! namespace's VirtualServices and DestinationRules and checks make-before-break at the end.
+//!
+//! Needs RC_E2E_KUBECONFIG (and optionally RC_KUBECTL); `bash tests/run.sh` sets both.
+
+mod adopt;
+mod flows;
+mod mbb;
+mod support;
+mod validation;

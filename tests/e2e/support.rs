@@ -1,0 +1,647 @@
+//! The harness every end-to-end test uses: a fresh namespace, its own controller process, the
+//! make-before-break watcher, kubectl and kube-rs helpers, and deadline-bound waits.
+
+use std::collections::hash_map::RandomState;
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as StdCommand, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use serde_json::Value;
+
+use crate::mbb::MakeBeforeBreak;
+
+/// Default deadline of a wait.
+pub const WAIT: Duration = Duration::from_secs(60);
+/// Interval between two polls of a wait.
+const POLL: Duration = Duration::from_millis(250);
+
+pub const ROLE_LABEL: &str = "recordingcanary.dev/role";
+pub const STABLE_SUBSET: &str = "rcanary-stable";
+pub const RECORDING_SUBSET: &str = "rcanary-recording";
+pub const RESTORE_ANNOTATION: &str = "recordingcanary.dev/restore";
+pub const SIDECAR_ANNOTATION: &str = "sidecar.speedscale.com/inject";
+pub const CLONE: &str = "frontend-recording";
+
+/// The cluster the tests run against, from the environment.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub kubeconfig: PathBuf,
+    pub kubectl: String,
+}
+
+impl Env {
+    /// Reads RC_E2E_KUBECONFIG and RC_KUBECTL. Fails the test (never skips) when no cluster is given.
+    pub fn from_env() -> Self {
+        let kubeconfig = match std::env::var_os("RC_E2E_KUBECONFIG") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => panic!(
+                "RC_E2E_KUBECONFIG is not set: these end-to-end tests need a Kubernetes cluster with the \
+                 Istio and RecordingCanary CRDs. Run `bash tests/run.sh`, or start a cluster with \
+                 `bash tests/cluster/up.sh` and export RC_E2E_KUBECONFIG=<its kubeconfig> \
+                 (and RC_KUBECTL=<kubectl>, default `kubectl`)"
+            ),
+        };
+        assert!(
+            kubeconfig.is_file(),
+            "RC_E2E_KUBECONFIG={} is not a readable file: run `bash tests/run.sh`, or start a cluster with \
+             `bash tests/cluster/up.sh` and export RC_E2E_KUBECONFIG=<its kubeconfig>",
+            kubeconfig.display()
+        );
+        let kubectl = std::env::var("RC_KUBECTL")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "kubectl".to_string());
+        Self {
+            kubeconfig,
+            kubectl,
+        }
+    }
+}
+
+/// Output of one kubectl call.
+#[derive(Debug)]
+pub struct KubectlOutput {
+    pub ok: bool,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/` (derived from the controller binary's path, so that CARGO_TARGET_DIR is honoured).
+fn target_dir() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_recording-canary"));
+    bin.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_dir().join("target"))
+}
+
+pub fn example(rel: &str) -> PathBuf {
+    repo_dir().join("examples/istio").join(rel)
+}
+
+fn random_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.write_u32(std::process::id());
+    let mut n = h.finish();
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..5)
+        .map(|_| {
+            let c = alphabet[(n % 36) as usize] as char;
+            n /= 36;
+            c
+        })
+        .collect()
+}
+
+pub fn vs_resource() -> ApiResource {
+    istio_resource("VirtualService", "virtualservices")
+}
+
+pub fn dr_resource() -> ApiResource {
+    istio_resource("DestinationRule", "destinationrules")
+}
+
+fn istio_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+pub fn canary_resource() -> ApiResource {
+    ApiResource {
+        group: "recordingcanary.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "recordingcanary.dev/v1alpha1".into(),
+        kind: "RecordingCanary".into(),
+        plural: "recordingcanaries".into(),
+    }
+}
+
+/// A kube client for the test cluster.
+pub async fn client(env: &Env) -> Client {
+    let kc = Kubeconfig::read_from(&env.kubeconfig)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", env.kubeconfig.display()));
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("bad kubeconfig {}: {e}", env.kubeconfig.display()));
+    Client::try_from(cfg).expect("kube client")
+}
+
+/// The controller process; killed when dropped.
+struct ControllerProcess {
+    child: Child,
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: a namespace, a controller watching it, and the make-before-break watcher.
+pub struct Harness {
+    pub env: Env,
+    pub ns: String,
+    pub client: Client,
+    pub log: PathBuf,
+    pub mbb: MakeBeforeBreak,
+    controller: Option<ControllerProcess>,
+    delete_namespace: bool,
+}
+
+impl Harness {
+    /// Creates namespace `rc-<short>-<random>`, starts the watcher and then the controller.
+    pub async fn start(short: &str) -> Self {
+        let env = Env::from_env();
+        let ns = format!("rc-{short}-{}", random_suffix());
+        assert!(ns.len() <= 63, "namespace name {ns} is too long");
+        let client = client(&env).await;
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let nsobj: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "recording-canary-e2e"}},
+        }))
+        .expect("namespace object");
+        namespaces
+            .create(&Default::default(), &nsobj)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create namespace {ns}: {e}"));
+
+        let mbb = MakeBeforeBreak::start(client.clone(), &ns).await;
+
+        let logs = target_dir().join("e2e-logs");
+        std::fs::create_dir_all(&logs).expect("create target/e2e-logs");
+        let log = logs.join(format!("{ns}.log"));
+        let log_file = File::create(&log).expect("create controller log");
+        let out_file = log_file.try_clone().expect("clone log handle");
+        let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
+            .args([
+                "run",
+                "--namespace",
+                &ns,
+                "--leader-elect=false",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", &env.kubeconfig)
+            .env("RUST_LOG", "info,recording_canary=debug")
+            .env("NO_COLOR", "1")
+            .env_remove("RC_NAMESPACES")
+            .env_remove("RC_LEADER_ELECT")
+            .env_remove("RC_ADMIN_ADDR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out_file))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("start the controller binary");
+        eprintln!(
+            "[e2e] namespace {ns}; controller pid {}; log {}",
+            child.id(),
+            log.display()
+        );
+        Self {
+            env,
+            ns,
+            client,
+            log,
+            mbb,
+            controller: Some(ControllerProcess { child }),
+            delete_namespace: true,
+        }
+    }
+
+    /// The namespace is deleted by the test itself.
+    pub fn namespace_deleted_by_test(&mut self) {
+        self.delete_namespace = false;
+    }
+
+    /// Runs kubectl in the test namespace.
+    pub async fn kubectl(&self, args: &[&str]) -> KubectlOutput {
+        let out = tokio::process::Command::new(&self.env.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.env.kubeconfig)
+            .args(["-n", &self.ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {} (RC_KUBECTL): {e}", self.env.kubectl));
+        KubectlOutput {
+            ok: out.status.success(),
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs kubectl and fails the test unless it succeeds; returns stdout.
+    pub async fn k(&self, args: &[&str]) -> String {
+        let o = self.kubectl(args).await;
+        assert!(
+            o.ok,
+            "`kubectl -n {} {}` failed (exit {:?}):\n{}{}",
+            self.ns,
+            args.join(" "),
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+        o.stdout
+    }
+
+    /// `kubectl apply -f examples/istio/<rel>`.
+    pub async fn apply_example(&self, rel: &str) {
+        let path = example(rel);
+        self.k(&["apply", "-f", path.to_str().expect("utf-8 path")])
+            .await;
+    }
+
+    /// Writes `yaml` to a file next to the controller log and returns its path.
+    pub fn manifest(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.log.with_file_name(format!("{}-{name}.yaml", self.ns));
+        std::fs::write(&p, yaml).expect("write manifest");
+        p
+    }
+
+    /// `kubectl patch rcanary <name> --type merge -p <patch>`.
+    pub async fn patch_canary(&self, name: &str, patch: &Value) {
+        self.k(&[
+            "patch",
+            "rcanary",
+            name,
+            "--type",
+            "merge",
+            "-p",
+            &patch.to_string(),
+        ])
+        .await;
+    }
+
+    /// app.yaml, then `canary_example`, then propagationDelay patched to 1s.
+    pub async fn app_and_canary(&self, canary_example: &str) {
+        self.apply_example("app.yaml").await;
+        self.apply_example(canary_example).await;
+        self.patch_canary(
+            "frontend",
+            &serde_json::json!({"spec": {"propagationDelay": "1s"}}),
+        )
+        .await;
+    }
+
+    /// `kubectl wait --for=condition=Ready rcanary/<name> --timeout=60s`, which must succeed.
+    pub async fn wait_ready(&self, name: &str) {
+        let target = format!("rcanary/{name}");
+        let o = self
+            .kubectl(&["wait", "--for=condition=Ready", &target, "--timeout=60s"])
+            .await;
+        assert!(
+            o.ok,
+            "`kubectl wait --for=condition=Ready {target}` exited with {:?}: {}{}\nstatus: {}",
+            o.code,
+            o.stdout,
+            o.stderr,
+            self.canary(name)
+                .await
+                .map(|c| c["status"].to_string())
+                .unwrap_or_else(|| "(gone)".into())
+        );
+    }
+
+    pub fn vs_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, &vs_resource())
+    }
+
+    pub fn dr_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, &dr_resource())
+    }
+
+    pub fn canary_api(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.ns, &canary_resource())
+    }
+
+    pub fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn pods_api(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub async fn vs(&self, name: &str) -> Option<Value> {
+        get_json(&self.vs_api(), name).await
+    }
+
+    pub async fn dr(&self, name: &str) -> Option<Value> {
+        get_json(&self.dr_api(), name).await
+    }
+
+    pub async fn canary(&self, name: &str) -> Option<Value> {
+        get_json(&self.canary_api(), name).await
+    }
+
+    pub async fn deployment(&self, name: &str) -> Option<Deployment> {
+        self.deployments()
+            .get_opt(name)
+            .await
+            .unwrap_or_else(|e| panic!("get deployment {name}: {e}"))
+    }
+
+    pub async fn pods(&self, selector: Option<&str>) -> Vec<Pod> {
+        let lp = match selector {
+            Some(s) => ListParams::default().labels(s),
+            None => ListParams::default(),
+        };
+        self.pods_api()
+            .list(&lp)
+            .await
+            .unwrap_or_else(|e| panic!("list pods: {e}"))
+            .items
+    }
+
+    /// Polls `probe` until it returns `Some`, at most `timeout`; fails the test with `what` and
+    /// the last value `describe` produced otherwise.
+    pub async fn until<T, F, Fut>(&self, what: &str, timeout: Duration, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match probe().await {
+                Ok(v) => return v,
+                Err(last) => last,
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}\nlast observed: {last}\n{}",
+                    self.describe().await
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until the canary's status is for its current generation and has `phase` and `current`.
+    pub async fn wait_status(&self, name: &str, phase: &str, current: i64) -> Value {
+        self.until(
+            &format!(
+                "rcanary/{name} phase {phase}, currentPercent {current}, observedGeneration current"
+            ),
+            WAIT,
+            || async {
+                let c = self.canary(name).await.ok_or("rcanary is gone")?;
+                let st = &c["status"];
+                let ok = st["phase"] == phase
+                    && st["currentPercent"].as_i64() == Some(current)
+                    && st["observedGeneration"] == c["metadata"]["generation"];
+                if ok { Ok(c) } else { Err(st.to_string()) }
+            },
+        )
+        .await
+    }
+
+    /// Waits until `name` of the given API is gone.
+    pub async fn wait_gone(
+        &self,
+        api: &Api<DynamicObject>,
+        what: &str,
+        name: &str,
+        timeout: Duration,
+    ) {
+        self.until(&format!("{what} {name} to be gone"), timeout, || async {
+            match get_json(api, name).await {
+                None => Ok(()),
+                Some(v) => Err(format!(
+                    "still there: deletionTimestamp={} finalizers={}",
+                    v["metadata"]["deletionTimestamp"], v["metadata"]["finalizers"]
+                )),
+            }
+        })
+        .await
+    }
+
+    /// What the namespace looks like, for failure messages.
+    pub async fn describe(&self) -> String {
+        let mut s = String::new();
+        for args in [
+            &[
+                "get",
+                "rcanary,deployment,virtualservice,destinationrule",
+                "-o",
+                "wide",
+            ][..],
+            &["get", "pods", "-L", ROLE_LABEL][..],
+            &["get", "rcanary", "-o", "yaml"][..],
+        ] {
+            let o = self.kubectl(args).await;
+            s.push_str(&format!(
+                "--- kubectl -n {} {}\n{}{}",
+                self.ns,
+                args.join(" "),
+                o.stdout,
+                o.stderr
+            ));
+        }
+        s
+    }
+
+    /// Ends the test: checks make-before-break over every revision seen, prints the count,
+    /// and (when `split_expected`) requires that VirtualService revisions were seen at all.
+    pub async fn finish(&mut self, split_expected: bool) {
+        let report = self.mbb.check(&self.vs_api(), &self.dr_api()).await;
+        println!(
+            "make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions",
+            report.vs_revisions, report.dr_revisions
+        );
+        eprintln!(
+            "[e2e] {}: make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions",
+            self.ns, report.vs_revisions, report.dr_revisions
+        );
+        assert!(
+            report.violations.is_empty(),
+            "make-before-break violated ({} times):\n{}\nrevisions:\n{}",
+            report.violations.len(),
+            report.violations.join("\n"),
+            report.timeline
+        );
+        if split_expected {
+            assert!(
+                report.vs_revisions > 0,
+                "the watcher saw no VirtualService revision although the test split traffic"
+            );
+        }
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(f) = File::open(&self.log) else {
+            return format!("(no log at {})", self.log.display());
+        };
+        let all: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
+        let start = all.len().saturating_sub(lines);
+        all[start..].join("\n")
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.mbb.stop();
+        // Stop the controller first, so that the log is complete when printed.
+        drop(self.controller.take());
+        if std::thread::panicking() {
+            eprintln!(
+                "\n===== [e2e] test in namespace {} failed; last 150 lines of the controller log ({}):\n{}\n===== end of controller log\n",
+                self.ns,
+                self.log.display(),
+                self.log_tail(150)
+            );
+        }
+        if self.delete_namespace {
+            let kubectl = |args: &[&str]| {
+                StdCommand::new(&self.env.kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&self.env.kubeconfig)
+                    .args(["-n", &self.ns])
+                    .args(args)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            // No controller runs any more to remove the finalizer of a canary left over; without
+            // this the namespace would stay Terminating forever.
+            let left = kubectl(&["get", "rcanary", "-o", "name"]);
+            for c in left.lines().filter(|l| !l.trim().is_empty()) {
+                kubectl(&[
+                    "patch",
+                    c.trim(),
+                    "--type",
+                    "merge",
+                    "-p",
+                    r#"{"metadata":{"finalizers":null}}"#,
+                ]);
+            }
+            kubectl(&[
+                "delete",
+                "namespace",
+                &self.ns,
+                "--wait=false",
+                "--ignore-not-found",
+            ]);
+        }
+    }
+}
+
+/// An object as JSON, or `None` when it does not exist.
+pub async fn get_json(api: &Api<DynamicObject>, name: &str) -> Option<Value> {
+    let obj = api
+        .get_opt(name)
+        .await
+        .unwrap_or_else(|e| panic!("get {name}: {e}"))?;
+    Some(serde_json::to_value(obj).expect("object as JSON"))
+}
+
+/// One `route` item: (destination host, subset, weight).
+pub type Dest = (String, Option<String>, Option<i64>);
+
+/// Every `route` destination of every HTTP route, per route.
+pub fn http_destinations(vs: &Value) -> Vec<Vec<Dest>> {
+    vs.pointer("/spec/http")
+        .and_then(Value::as_array)
+        .map(|routes| {
+            routes
+                .iter()
+                .map(|r| {
+                    r.get("route")
+                        .and_then(Value::as_array)
+                        .map(|ds| {
+                            ds.iter()
+                                .map(|d| {
+                                    (
+                                        d.pointer("/destination/host")
+                                            .and_then(Value::as_str)
+                                            .unwrap_or_default()
+                                            .to_string(),
+                                        d.pointer("/destination/subset")
+                                            .and_then(Value::as_str)
+                                            .map(String::from),
+                                        d.get("weight").and_then(Value::as_i64),
+                                    )
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The weights of the stable and recording subsets in the first route that has both.
+pub fn split_weights(vs: &Value) -> Option<(i64, i64)> {
+    http_destinations(vs).into_iter().find_map(|ds| {
+        let w = |s: &str| {
+            ds.iter()
+                .find(|d| d.1.as_deref() == Some(s))
+                .map(|d| d.2.unwrap_or(0))
+        };
+        Some((w(STABLE_SUBSET)?, w(RECORDING_SUBSET)?))
+    })
+}
+
+/// The pod's labels (empty when none).
+pub fn labels(p: &Pod) -> std::collections::BTreeMap<String, String> {
+    p.metadata.labels.clone().unwrap_or_default()
+}
+
+/// Whether the pod is controlled by a ReplicaSet `<deployment>-<its pod-template-hash>`.
+pub fn pod_of(p: &Pod, deployment: &str) -> bool {
+    let Some(hash) = labels(p).get("pod-template-hash").cloned() else {
+        return false;
+    };
+    let rs = format!("{deployment}-{hash}");
+    p.metadata.owner_references.as_ref().is_some_and(|o| {
+        o.iter()
+            .any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs)
+    })
+}
+
+pub fn pod_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn pod_name(p: &Pod) -> String {
+    p.metadata.name.clone().unwrap_or_default()
+}

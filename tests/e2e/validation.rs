@@ -1,0 +1,98 @@
+//! Admission: invalid specs are refused by `kubectl apply` with a message naming the field.
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+fn canary(spec: Value) -> Value {
+    json!({
+        "apiVersion": "recordingcanary.dev/v1alpha1",
+        "kind": "RecordingCanary",
+        "metadata": {"name": "frontend"},
+        "spec": spec,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_with_a_readable_message() {
+    let mut h = Harness::start("invalid").await;
+    h.apply_example("app.yaml").await;
+
+    // A valid spec is accepted, so that the refusals below are about the fields.
+    let valid = canary(json!({
+        "targetRef": {"name": "frontend"},
+        "percent": 10,
+        "ramp": {"stepPercent": 10, "interval": "10s"},
+        "propagationDelay": "3s",
+    }));
+    let path = h.manifest("valid", &valid.to_string());
+    h.k(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        path.to_str().expect("path"),
+    ])
+    .await;
+
+    let base = json!({"targetRef": {"name": "frontend"}, "percent": 10});
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("percent-150", json!({"percent": 150}), "spec.percent"),
+        ("percent-minus-1", json!({"percent": -1}), "spec.percent"),
+        (
+            "empty-target",
+            json!({"targetRef": {"name": ""}}),
+            "spec.targetRef.name",
+        ),
+        (
+            "step-0",
+            json!({"ramp": {"stepPercent": 0, "interval": "10s"}}),
+            "spec.ramp.stepPercent",
+        ),
+        (
+            "interval-soon",
+            json!({"ramp": {"stepPercent": 10, "interval": "soon"}}),
+            "spec.ramp.interval",
+        ),
+        (
+            "delay-x",
+            json!({"propagationDelay": "x"}),
+            "spec.propagationDelay",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, change, field) in cases {
+        let mut spec = base.clone();
+        for (k, v) in change.as_object().expect("object") {
+            spec[k] = v.clone();
+        }
+        let path = h.manifest(name, &canary(spec.clone()).to_string());
+        let o = h
+            .kubectl(&["apply", "-f", path.to_str().expect("path")])
+            .await;
+        eprintln!(
+            "[e2e] {}: {name}: exit {:?}: {}",
+            h.ns,
+            o.code,
+            o.stderr.trim()
+        );
+        if o.ok {
+            failures.push(format!(
+                "{name}: spec {spec} was accepted: {}",
+                o.stdout.trim()
+            ));
+            // Do not let an accepted one hide the next case.
+            h.kubectl(&["delete", "rcanary", "frontend", "--wait=false"])
+                .await;
+        } else if !o.stderr.contains(field) {
+            failures.push(format!(
+                "{name}: refused, but the message does not mention {field}: {}",
+                o.stderr.trim()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let left = h.k(&["get", "rcanary", "-o", "name"]).await;
+    assert_eq!(left.trim(), "", "no RecordingCanary may exist");
+
+    h.finish(false).await;
+}
