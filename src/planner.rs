@@ -1107,6 +1107,13 @@ fn plan_rollback(mut b: Builder) -> Plan {
     let ns = c.namespace().unwrap_or_default();
     let uid = c.metadata.uid.clone().unwrap_or_default();
     let me = c.name_any();
+    if b.prev.phase.as_deref() != Some(phase::TERMINATING) {
+        b.event(
+            false,
+            "RollbackStarted",
+            "Deleting: traffic goes back to stable, then subsets, clone and labels are removed".into(),
+        );
+    }
     b.status.phase = Some(phase::TERMINATING.into());
     if first_rival(o).is_some() {
         // This one never changed anything.

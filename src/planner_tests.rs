@@ -1824,6 +1824,7 @@ fn rollback_restores_the_vs_first_and_then_waits() {
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(p.status.routes_removed_time, Some(rfc(at(0))));
     assert!(event_reasons(&p).contains(&"TrafficRestored"));
+    assert!(event_reasons(&p).contains(&"RollbackStarted"));
 }
 
 #[test]
