@@ -436,7 +436,7 @@ fn first_rival<'r>(o: &'r Observed<'r>) -> Option<&'r Rival> {
     }
     o.rivals
         .iter()
-        .filter(|r| r.name != me.1 && !r.deleting)
+        .filter(|r| r.name != me.1)
         .filter(|r| r.target == c.spec.target_ref.name || r.service == c.spec.service_name())
         .filter(|r| (r.created, r.name.clone()) < me)
         .min_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)))

@@ -2130,19 +2130,26 @@ fn a_canary_for_the_same_service_conflicts_too() {
         ..rival("alpha", -7200)
     }];
     assert_blocked(&w.plan(), "Conflict");
-    // But not one for another target and Service, nor one that is being deleted.
-    w.rivals = vec![
-        Rival {
-            target: "backend".into(),
-            service: "backend".into(),
-            ..rival("beta", -7200)
-        },
-        Rival {
-            deleting: true,
-            ..rival("gamma", -7200)
-        },
-    ];
+    // But not one for another target and Service.
+    w.rivals = vec![Rival {
+        target: "backend".into(),
+        service: "backend".into(),
+        ..rival("beta", -7200)
+    }];
     assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+}
+
+#[test]
+fn an_older_canary_still_rolling_back_keeps_the_younger_one_blocked() {
+    // Acting while the older one removes its subsets could route to a subset about to go.
+    let mut w = fresh_world();
+    w.rivals = vec![Rival {
+        deleting: true,
+        ..rival("gamma", -7200)
+    }];
+    let p = w.plan();
+    assert_blocked(&p, "Conflict");
+    assert!(p.actions.is_empty(), "{:#?}", p.actions);
 }
 
 #[test]
