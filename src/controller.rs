@@ -23,7 +23,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
 use crate::api::{CANARY_LABEL, RecordingCanary};
@@ -213,8 +213,11 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+            match res {
+                // Already logged, at the right level, by error_policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => warn!(error = %e, "controller error"),
+                Ok(_) => {}
             }
         })
         .await;
@@ -408,13 +411,21 @@ async fn list_or_empty(api: &Api<DynamicObject>) -> Result<Vec<DynamicObject>, k
     }
 }
 
-/// Conflicts are retried at once from fresh state; other errors back off exponentially.
+/// Errors back off exponentially per canary: from 50 ms for a lost race (replanned from fresh
+/// state), from 500 ms for anything else; both up to a minute. A success resets the backoff.
 fn error_policy(canary: Arc<RecordingCanary>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    if error.is_conflict() {
-        return Requeue::requeue(Duration::from_millis(50));
+    let conflict = error.is_conflict();
+    if conflict {
+        debug!(namespace = ?canary.namespace(), name = %canary.name_any(), %error, "write lost a race; planning again");
+    } else {
+        warn!(namespace = ?canary.namespace(), name = %canary.name_any(), %error, "reconcile failed; will retry");
     }
-    warn!(namespace = ?canary.namespace(), name = %canary.name_any(), %error, "reconcile failed; will retry");
     let key = ObjectRef::from_obj(canary.as_ref());
+    let min = if conflict {
+        Duration::from_millis(50)
+    } else {
+        Duration::from_millis(500)
+    };
     let delay = ctx
         .backoff
         .lock()
@@ -423,7 +434,7 @@ fn error_policy(canary: Arc<RecordingCanary>, error: &Error, ctx: Arc<Context>) 
             b.entry(key)
                 .or_insert_with(|| {
                     ExponentialBuilder::default()
-                        .with_min_delay(Duration::from_millis(500))
+                        .with_min_delay(min)
                         .with_max_delay(Duration::from_secs(60))
                         .with_jitter()
                         .without_max_times()

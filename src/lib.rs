@@ -27,6 +27,9 @@ pub enum Error {
     Serialization(#[from] serde_json::Error),
     #[error("RecordingCanary has no namespace")]
     MissingNamespace,
+    /// A guarded write lost a race: the object changed since it was read.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -44,6 +47,7 @@ impl Error {
     /// A short label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
+            Error::Conflict(_) => "conflict",
             Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "transport",

@@ -1111,7 +1111,8 @@ fn plan_rollback(mut b: Builder) -> Plan {
         b.event(
             false,
             "RollbackStarted",
-            "Deleting: traffic goes back to stable, then subsets, clone and labels are removed".into(),
+            "Deleting: traffic goes back to stable, then subsets, clone and labels are removed"
+                .into(),
         );
     }
     b.status.phase = Some(phase::TERMINATING.into());

@@ -28,6 +28,18 @@ fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
     }
 }
 
+/// The API server answers a failed JSON-patch `test` (our resourceVersion guard) with 422,
+/// and a stale resourceVersion on an update with 409: both mean "planned from an old read".
+fn guarded(r: Result<impl Sized, kube::Error>) -> Result<(), Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+            Err(Error::Conflict(s.message))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn json_patch(ops: Vec<Value>) -> Result<Patch<Value>, Error> {
     let p: json_patch::Patch =
         serde_json::from_value(Value::Array(ops)).map_err(Error::Serialization)?;
@@ -57,8 +69,13 @@ pub fn describe(action: &Action) -> String {
     match action {
         Action::AddFinalizer => "add finalizer".into(),
         Action::RemoveFinalizer => "remove finalizer".into(),
-        Action::RecordTimes { subsets_added, routes_removed } => {
-            format!("record times (subsets added {subsets_added:?}, routes removed {routes_removed:?})")
+        Action::RecordTimes {
+            subsets_added,
+            routes_removed,
+        } => {
+            format!(
+                "record times (subsets added {subsets_added:?}, routes removed {routes_removed:?})"
+            )
         }
         Action::LabelPod { name } => format!("label pod {name} stable"),
         Action::UnlabelPod { name } => format!("unlabel pod {name}"),
@@ -68,9 +85,14 @@ pub fn describe(action: &Action) -> String {
         Action::DeleteClone { .. } => "delete clone".into(),
         Action::CreateMesh { kind, object } => format!(
             "create {kind:?} {}",
-            object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default()
+            object
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
         ),
-        Action::PatchMesh { kind, name, ops } => format!("patch {kind:?} {name}: {}", Value::Array(ops.clone())),
+        Action::PatchMesh { kind, name, ops } => {
+            format!("patch {kind:?} {name}: {}", Value::Array(ops.clone()))
+        }
         Action::DeleteMesh { kind, name, .. } => format!("delete {kind:?} {name}"),
     }
 }
@@ -110,7 +132,7 @@ pub async fn apply(
                         json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
                     );
                 }
-                canaries.patch(&name, &pp, &json_patch(ops)?).await?;
+                guarded(canaries.patch(&name, &pp, &json_patch(ops)?).await)?;
             }
             Action::RemoveFinalizer => {
                 let Some(i) = canary.finalizers().iter().position(|f| f == FINALIZER) else {
@@ -120,7 +142,10 @@ pub async fn apply(
                     json!({"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER}),
                     json!({"op": "remove", "path": format!("/metadata/finalizers/{i}")}),
                 ];
-                gone_is_ok(canaries.patch(&name, &pp, &json_patch(ops)?).await)?;
+                match canaries.patch(&name, &pp, &json_patch(ops)?).await {
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    r => guarded(r)?,
+                }
             }
             Action::RecordTimes {
                 subsets_added,
@@ -148,10 +173,10 @@ pub async fn apply(
                 gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
             }
             Action::CreateClone(d) => {
-                deployments.create(&post, d).await?;
+                guarded(deployments.create(&post, d).await)?;
             }
             Action::ReplaceClone(d) => {
-                deployments.replace(&d.name_any(), &post, d).await?;
+                guarded(deployments.replace(&d.name_any(), &post, d).await)?;
             }
             Action::ScaleClone {
                 replicas,
@@ -161,9 +186,11 @@ pub async fn apply(
                     json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
                     json!({"op": "replace", "path": "/spec/replicas", "value": replicas}),
                 ];
-                deployments
-                    .patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?)
-                    .await?;
+                guarded(
+                    deployments
+                        .patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?)
+                        .await,
+                )?;
             }
             Action::DeleteClone { uid } => {
                 gone_is_ok(
@@ -174,12 +201,14 @@ pub async fn apply(
             }
             Action::CreateMesh { kind, object } => {
                 let obj: DynamicObject = serde_json::from_value(object.clone())?;
-                mesh_api(client, &ns, *kind).create(&post, &obj).await?;
+                guarded(mesh_api(client, &ns, *kind).create(&post, &obj).await)?;
             }
             Action::PatchMesh { kind, name, ops } => {
-                mesh_api(client, &ns, *kind)
-                    .patch(name, &pp, &json_patch(ops.clone())?)
-                    .await?;
+                guarded(
+                    mesh_api(client, &ns, *kind)
+                        .patch(name, &pp, &json_patch(ops.clone())?)
+                        .await,
+                )?;
             }
             Action::DeleteMesh { kind, name, uid } => {
                 gone_is_ok(
