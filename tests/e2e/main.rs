@@ -8,7 +8,9 @@
 //! Needs RC_E2E_KUBECONFIG (and optionally RC_KUBECTL); `bash tests/run.sh` sets both.
 
 mod adopt;
+mod chart;
 mod flows;
+mod ha;
 mod mbb;
 mod support;
 mod validation;

@@ -153,9 +153,21 @@ pub async fn client(env: &Env) -> Client {
     Client::try_from(cfg).expect("kube client")
 }
 
-/// The controller process; killed when dropped.
-struct ControllerProcess {
+/// A controller process; killed (SIGKILL) when dropped.
+pub struct ControllerProcess {
     child: Child,
+}
+
+impl ControllerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crashed or evicted controller would go.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for ControllerProcess {
@@ -179,6 +191,24 @@ pub struct Harness {
 impl Harness {
     /// Creates namespace `rc-<short>-<random>`, starts the watcher and then the controller.
     pub async fn start(short: &str) -> Self {
+        let mut h = Self::start_without_controller(short).await;
+        let args = [
+            "run",
+            "--namespace",
+            &h.ns,
+            "--leader-elect=false",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ];
+        let kubeconfig = h.env.kubeconfig.clone();
+        let child = h.spawn_controller("", &args, &kubeconfig);
+        h.controller = Some(child);
+        h
+    }
+
+    /// Like [`Harness::start`], but the test starts its controllers itself
+    /// ([`Harness::spawn_controller`]).
+    pub async fn start_without_controller(short: &str) -> Self {
         let env = Env::from_env();
         let ns = format!("rc-{short}-{}", random_suffix());
         assert!(ns.len() <= 63, "namespace name {ns} is too long");
@@ -200,42 +230,59 @@ impl Harness {
         let logs = target_dir().join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("create target/e2e-logs");
         let log = logs.join(format!("{ns}.log"));
-        let log_file = File::create(&log).expect("create controller log");
-        let out_file = log_file.try_clone().expect("clone log handle");
-        let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
-            .args([
-                "run",
-                "--namespace",
-                &ns,
-                "--leader-elect=false",
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
-            .env("KUBECONFIG", &env.kubeconfig)
-            .env("RUST_LOG", "info,recording_canary=debug")
-            .env("NO_COLOR", "1")
-            .env_remove("RC_NAMESPACES")
-            .env_remove("RC_LEADER_ELECT")
-            .env_remove("RC_ADMIN_ADDR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out_file))
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .expect("start the controller binary");
-        eprintln!(
-            "[e2e] namespace {ns}; controller pid {}; log {}",
-            child.id(),
-            log.display()
-        );
         Self {
             env,
             ns,
             client,
             log,
             mbb,
-            controller: Some(ControllerProcess { child }),
+            controller: None,
             delete_namespace: true,
         }
+    }
+
+    /// Starts a controller process (the binary cargo built) with `args` and `kubeconfig`; its
+    /// log goes to `target/e2e-logs/<ns>[-<tag>].log`. It is killed when the handle is dropped.
+    pub fn spawn_controller(
+        &self,
+        tag: &str,
+        args: &[&str],
+        kubeconfig: &std::path::Path,
+    ) -> ControllerProcess {
+        let log = if tag.is_empty() {
+            self.log.clone()
+        } else {
+            self.log.with_file_name(format!("{}-{tag}.log", self.ns))
+        };
+        let log_file = File::create(&log).expect("create controller log");
+        let out_file = log_file.try_clone().expect("clone log handle");
+        let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,recording_canary=debug")
+            .env("NO_COLOR", "1")
+            .env_remove("RC_NAMESPACES")
+            .env_remove("RC_LEADER_ELECT")
+            .env_remove("RC_ADMIN_ADDR")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out_file))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("start the controller binary");
+        eprintln!(
+            "[e2e] namespace {}; controller{} pid {}; log {}",
+            self.ns,
+            if tag.is_empty() {
+                String::new()
+            } else {
+                format!(" {tag}")
+            },
+            child.id(),
+            log.display()
+        );
+        ControllerProcess { child }
     }
 
     /// The namespace is deleted by the test itself.

@@ -1,0 +1,153 @@
+//! The Helm chart's RBAC is enough, and no more: the user flow passes with the controller
+//! authenticated as the chart's ServiceAccount, which cannot read Secrets.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{CLONE, Harness, split_weights};
+
+/// Runs helm; fails the test unless it succeeds.
+async fn helm(h: &Harness, args: &[&str]) -> String {
+    let bin = std::env::var("RC_HELM")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "helm".into());
+    let out = tokio::process::Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(&h.env.kubeconfig)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot run {bin}: {e}; set RC_HELM to a helm binary (bash tests/cluster/build.sh builds one)")
+        });
+    assert!(
+        out.status.success(),
+        "`helm {}` failed:\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A kubeconfig for the same cluster that authenticates with `token` only.
+fn token_kubeconfig(h: &Harness, token: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&h.env.kubeconfig).expect("read the kubeconfig");
+    let admin: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&admin).expect("parse the kubeconfig");
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let cfg = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": serde_json::to_value(&cluster).expect("cluster")}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "c", "user": "sa"}}],
+        "current-context": "sa",
+    });
+    let path = h.log.with_file_name(format!("{}-sa.kubeconfig", h.ns));
+    std::fs::write(&path, serde_yaml_ng::to_string(&cfg).expect("yaml")).expect("write kubeconfig");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_flow_passes_with_only_the_charts_service_account_rights() {
+    let mut h = Harness::start_without_controller("rbac").await;
+    let ns = h.ns.clone();
+    let release = ns.clone(); // unique, so that cluster-scoped RBAC objects don't collide
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
+    helm(
+        &h,
+        &[
+            "install",
+            &release,
+            chart,
+            "-n",
+            &ns,
+            "--set",
+            "replicaCount=1",
+            "--wait=false",
+        ],
+    )
+    .await;
+    let installed = async {
+        let sa = h
+            .k(&[
+                "get",
+                "serviceaccount",
+                "-l",
+                &format!("app.kubernetes.io/instance={release}"),
+                "-o",
+                "name",
+            ])
+            .await;
+        let sa = sa.trim().trim_start_matches("serviceaccount/").to_string();
+        assert!(!sa.is_empty(), "the chart created no ServiceAccount");
+        let who = format!("system:serviceaccount:{ns}:{sa}");
+        let secrets = h
+            .kubectl(&["auth", "can-i", "get", "secrets", "--as", &who])
+            .await;
+        assert!(
+            !secrets.ok && secrets.stdout.trim() == "no",
+            "the ServiceAccount can read Secrets: {secrets:?}"
+        );
+
+        let token = h.k(&["create", "token", &sa, "--duration", "1h"]).await;
+        let kubeconfig = token_kubeconfig(&h, token.trim());
+        let args = [
+            "run",
+            "--namespace",
+            &ns,
+            "--leader-elect=true",
+            "--lease-namespace",
+            &ns,
+            "--lease-name",
+            "recording-canary",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ];
+        let controller = h.spawn_controller("sa", &args, &kubeconfig);
+
+        // The user flow, as the ServiceAccount.
+        h.app_and_canary("canary.yaml").await;
+        h.wait_ready("frontend").await;
+        let vs = h.vs("frontend").await.expect("the VirtualService");
+        assert_eq!(split_weights(&vs), Some((90, 10)));
+        h.patch_canary("frontend", &json!({"spec": {"percent": 25}}))
+            .await;
+        h.wait_status("frontend", "Ready", 25).await;
+        h.k(&["scale", "deployment/frontend", "--replicas=9"]).await;
+        h.until(
+            "the clone to follow the target's replicas",
+            Duration::from_secs(60),
+            || async {
+                let d = h.deployment(CLONE).await.ok_or("no clone")?;
+                let r = d.spec.and_then(|s| s.replicas).unwrap_or(0);
+                if r == 3 {
+                    Ok(())
+                } else {
+                    Err(format!("clone replicas {r}"))
+                }
+            },
+        )
+        .await;
+        h.k(&["delete", "rcanary", "frontend", "--timeout=60s"])
+            .await;
+        assert!(
+            h.deployment(CLONE).await.is_none(),
+            "the clone is still there"
+        );
+        assert!(
+            h.vs("frontend").await.is_none(),
+            "the owned VirtualService is still there"
+        );
+        drop(controller);
+    };
+    installed.await;
+    helm(&h, &["uninstall", &release, "-n", &ns, "--wait"]).await;
+    h.finish(true).await;
+}

@@ -1,0 +1,114 @@
+//! Leader election: two controllers, one Lease; the standby takes over when the leader dies.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use serde_json::json;
+
+use crate::support::{Harness, split_weights};
+
+const LEASE: &str = "rc-e2e-ha";
+
+async fn holder(h: &Harness) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
+    leases
+        .get_opt(LEASE)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|s| !s.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
+    let mut h = Harness::start_without_controller("ha").await;
+    let ns = h.ns.clone();
+    let args = [
+        "run",
+        "--namespace",
+        &ns,
+        "--leader-elect=true",
+        "--lease-namespace",
+        &ns,
+        "--lease-name",
+        LEASE,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let kubeconfig = h.env.kubeconfig.clone();
+    let mut a = h.spawn_controller("a", &args, &kubeconfig);
+    let a_id = format!("-{}", a.pid());
+    h.until(
+        "controller a to hold the lease",
+        Duration::from_secs(30),
+        || async {
+            match holder(&h).await {
+                Some(id) if id.ends_with(&a_id) => Ok(()),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+    let b = h.spawn_controller("b", &args, &kubeconfig);
+    let b_id = format!("-{}", b.pid());
+
+    // A ramp to 50% in steps of 10 every 3 s.
+    h.apply_example("app.yaml").await;
+    h.apply_example("canary-ramp.yaml").await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 10, "interval": "3s"}}}),
+    )
+    .await;
+    let at_kill = h
+        .until(
+            "the ramp to be under way (0 < currentPercent < 50)",
+            Duration::from_secs(60),
+            || async {
+                let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+                let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
+                if cur > 0 && cur < 50 {
+                    Ok(cur)
+                } else {
+                    Err(c["status"].to_string())
+                }
+            },
+        )
+        .await;
+    assert_eq!(
+        holder(&h).await.map(|id| id.ends_with(&a_id)),
+        Some(true),
+        "b must not lead while a lives"
+    );
+
+    // SIGKILL the leader mid-ramp: it cannot release the lease.
+    a.kill();
+    let killed = Instant::now();
+    h.until(
+        "controller b to take the lease",
+        Duration::from_secs(45),
+        || async {
+            match holder(&h).await {
+                Some(id) if id.ends_with(&b_id) => Ok(()),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    println!("leader killed at {at_kill}%; standby took the lease after {takeover:?}");
+    assert!(
+        takeover <= Duration::from_secs(30),
+        "takeover took {takeover:?}, the lease lasts 15 s"
+    );
+
+    // The standby finishes the ramp.
+    h.wait_status("frontend", "Ready", 50).await;
+    let vs = h.vs("frontend").await.expect("the VirtualService");
+    assert_eq!(split_weights(&vs), Some((50, 50)), "{vs:#}");
+    drop(b);
+    h.finish(true).await;
+}
