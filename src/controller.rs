@@ -366,7 +366,9 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             },
             reason: e.reason.clone(),
             note: Some(e.note.clone()),
-            action: "Reconcile".into(),
+            // Events are aggregated by (reason, action): an action naming what was done keeps
+            // "weight 10 -> 25" and "weight 25 -> 50" apart.
+            action: e.note.chars().take(128).collect(),
             secondary: None,
         };
         if let Err(err) = ctx.recorder.publish(&ev, &reference).await {

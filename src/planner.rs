@@ -935,7 +935,18 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             }
         }
     }
-    if wrote_weight && (desired != current || !is_split) {
+    if wrote_weight && !is_split {
+        b.event(
+            false,
+            "RoutesSplit",
+            format!(
+                "Routes to {} now split between subsets {} and {}; {desired}% go to the recording clone",
+                host.fqdn(),
+                crate::api::STABLE_SUBSET,
+                crate::api::RECORDING_SUBSET
+            ),
+        );
+    } else if wrote_weight && desired != current {
         b.event(
             false,
             "WeightChanged",

@@ -1430,7 +1430,7 @@ fn the_first_split_sends_nothing_to_the_clone_and_creates_it_after_the_vs_patch(
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(ready_reason(&p), "WaitingForClone");
     assert!(event_reasons(&p).contains(&"CloneCreated"));
-    assert!(event_reasons(&p).contains(&"WeightChanged"));
+    assert!(event_reasons(&p).contains(&"RoutesSplit"));
     assert_eq!(
         created_clone(&p).unwrap().spec.as_ref().unwrap().replicas,
         Some(1),
