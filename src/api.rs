@@ -357,7 +357,11 @@ fn harden_schema(root: &mut Value) {
         spec,
         "",
         json!({"x-kubernetes-validations": [
-            {"rule": "self.targetRef.name.trim() != ''", "message": "spec.targetRef.name must not be empty"}
+            {"rule": "self.targetRef.name.trim() != ''", "message": "spec.targetRef.name must not be empty"},
+            {"rule": "self.targetRef.name == oldSelf.targetRef.name", "message": "spec.targetRef is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
+            {"rule": "has(self.service) == has(oldSelf.service) && (!has(self.service) || self.service == oldSelf.service)", "message": "spec.service is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
+            {"rule": "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)", "message": "spec.virtualService is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
+            {"rule": "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)", "message": "spec.destinationRule is immutable: delete this RecordingCanary (it rolls back) and create a new one"}
         ]}),
     );
 }

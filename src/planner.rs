@@ -615,6 +615,10 @@ pub fn plan(o: &Observed) -> Plan {
             ),
         );
     };
+    // The target's pods join the stable subset as soon as they exist, whatever else blocks this
+    // canary: a VirtualService already split must never see its stable subset shrink (for
+    // instance while the target rolls out a new version and this canary reports a problem).
+    label_target_pods(&mut b, &c.spec.target_ref.name);
     if !o.service_exists {
         return b.blocked(
             "ServiceNotFound",
@@ -637,6 +641,21 @@ pub fn plan(o: &Observed) -> Plan {
         );
     }
     plan_active(b, &spec, target)
+}
+
+/// Labels the target's pods that lack the stable role (never the clone's, never terminating ones).
+fn label_target_pods(b: &mut Builder, target_name: &str) {
+    for p in b.o.pods.iter() {
+        if pod_of_deployment(p, target_name)
+            && p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.labels().get(ROLE_LABEL).map(String::as_str),
+                Some(ROLE_STABLE) | Some(ROLE_RECORDING)
+            )
+        {
+            b.actions.push(Action::LabelPod { name: p.name_any() });
+        }
+    }
 }
 
 fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
@@ -699,7 +718,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             .collect()
     };
 
-    // Pods: label the target's, watch the clone's.
+    // Pods: the target's (labelled above) and the clone's.
     let target_name = &c.spec.target_ref.name;
     let clone_name = c.spec.clone_name();
     let target_pods: Vec<&Pod> = o
@@ -715,13 +734,6 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         .iter()
         .filter(|p| pod_of_deployment(p, &clone_name))
         .collect();
-    for p in &target_pods {
-        if p.metadata.deletion_timestamp.is_none()
-            && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_STABLE)
-        {
-            b.actions.push(Action::LabelPod { name: p.name_any() });
-        }
-    }
     let ready_target = target_pods.iter().filter(|p| pod_ready(p)).count();
     let ready_labeled = target_pods
         .iter()

@@ -480,6 +480,17 @@ fn assert_blocked(p: &Plan, reason: &str) {
     );
 }
 
+/// A blocked canary changes nothing but keeps the target's pods in the stable subset.
+fn assert_only_pod_labels(p: &Plan) {
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| matches!(a, Action::LabelPod { .. })),
+        "{:#?}",
+        p.actions
+    );
+}
+
 /// Applies JSON-patch operations the way the API server would (the `test` op included).
 fn apply_ops(obj: &Value, ops: &[Value]) -> Value {
     let patch: json_patch::Patch =
@@ -1229,7 +1240,7 @@ fn two_mesh_virtual_services_for_the_host_block_without_mesh_actions() {
     w.vss.push(second);
     let p = w.plan();
     assert_blocked(&p, "AmbiguousVirtualService");
-    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -1284,7 +1295,7 @@ fn a_destination_rule_in_another_namespace_for_the_host_blocks() {
     ));
     let p = w.plan();
     assert_blocked(&p, "ShadowingDestinationRule");
-    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -1302,7 +1313,7 @@ fn a_virtual_service_named_in_the_spec_that_does_not_exist_blocks() {
     let w = fresh_world().with_canary(canary().spec("virtualService", json!("nope")));
     let p = w.plan();
     assert_blocked(&p, "VirtualServiceNotFound");
-    assert!(p.actions.is_empty());
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -1332,7 +1343,7 @@ fn a_virtual_service_without_a_route_to_the_service_blocks() {
     w.vss[0]["spec"]["http"] = json!([{"route": [{"destination": {"host": "backend"}}]}]);
     let p = w.plan();
     assert_blocked(&p, "NoRouteToService");
-    assert!(p.actions.is_empty());
+    assert_only_pod_labels(&p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2240,7 +2251,7 @@ fn a_missing_service_blocks() {
     w.service = false;
     let p = w.plan();
     assert_blocked(&p, "ServiceNotFound");
-    assert!(p.actions.is_empty());
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -2251,7 +2262,7 @@ fn a_clone_name_taken_by_a_deployment_that_is_not_ours_blocks() {
     w.clone = Some(foreign.clone());
     let p = w.plan();
     assert_blocked(&p, "CloneNameTaken");
-    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_only_pod_labels(&p);
     // One made by another canary is not ours either.
     foreign
         .metadata
@@ -2875,4 +2886,27 @@ fn simulated_loop_with_owned_objects_ramps_in_steps_and_rolls_back() {
     assert!(sim.gone);
     assert!(sim.w.vss.is_empty() && sim.w.drs.is_empty());
     assert!(sim.w.clone.is_none());
+}
+
+#[test]
+fn a_blocked_canary_keeps_new_target_pods_in_the_stable_subset() {
+    // Split and serving, then a second mesh VirtualService appears (Blocked), and the target
+    // rolls out: its new pods must still be labelled, or the stable subset would empty out.
+    let mut w = serving_world(10);
+    let mut second = user_vs();
+    second["metadata"]["name"] = json!("frontend-copy");
+    second["metadata"]["uid"] = json!("uid-vs-copy");
+    w.vss.push(second);
+    w.pods
+        .push(pod_of(TARGET, "8e0a", "frontend-8e0a-new").build());
+    let p = w.plan();
+    assert_blocked(&p, "AmbiguousVirtualService");
+    assert!(
+        p.actions.contains(&Action::LabelPod {
+            name: "frontend-8e0a-new".into()
+        }),
+        "{:#?}",
+        p.actions
+    );
+    assert_only_pod_labels(&p);
 }
