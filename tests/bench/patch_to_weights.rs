@@ -1,0 +1,238 @@
+//! Benchmark: how long from `kubectl patch rcanary … percent` to the VirtualService weights, and
+//! how the controller's memory responds to unrelated Deployments. Prints figures; asserts none.
+//!
+//!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench patch_to_weights
+//!
+//! Env: RC_BENCH_CANARIES (default 20), RC_BENCH_ROUNDS (default 10), RC_BENCH_UNRELATED (default 500).
+//! Uses a namespace of its own and deletes it at the end.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config};
+use recording_canary::api::{RECORDING_SUBSET, RecordingCanary};
+use recording_canary::istio;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Killer(Child);
+impl Drop for Killer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn recording_weight(vs: &Value) -> Option<i64> {
+    vs.pointer("/spec/http/0/route")?
+        .as_array()?
+        .iter()
+        .find_map(|d| {
+            (d.pointer("/destination/subset")?.as_str()? == RECORDING_SUBSET)
+                .then(|| d.get("weight")?.as_i64())?
+        })
+}
+
+fn deployment(name: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}}
+    }))
+    .expect("deployment")
+}
+
+#[tokio::main]
+async fn main() {
+    let Some(kc) = std::env::var_os("RC_E2E_KUBECONFIG") else {
+        eprintln!(
+            "RC_E2E_KUBECONFIG is not set: start a cluster with `bash tests/cluster/up.sh` and export it"
+        );
+        std::process::exit(2);
+    };
+    let canaries = env_usize("RC_BENCH_CANARIES", 20);
+    let rounds = env_usize("RC_BENCH_ROUNDS", 10);
+    let unrelated = env_usize("RC_BENCH_UNRELATED", 500);
+    let kubeconfig = Kubeconfig::read_from(&kc).expect("read kubeconfig");
+    let cfg = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    let client = Client::try_from(cfg).expect("client");
+    let ns = format!("rc-bench-{}", std::process::id());
+    let pp = PostParams::default();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+        )
+        .await
+        .expect("create namespace");
+    let controller = Command::new(env!("CARGO_BIN_EXE_recording-canary"))
+        .args([
+            "run",
+            "--namespace",
+            &ns,
+            "--leader-elect=false",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .env("KUBECONFIG", &kc)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the controller");
+    let controller = Killer(controller);
+    let pid = controller.0.id();
+
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let rcs: Api<RecordingCanary> = Api::namespaced(client.clone(), &ns);
+    let vss: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &ns, &istio::virtual_service_resource());
+
+    // Every VS revision, as (name, recording weight, when seen).
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, i64, Instant)>();
+    let watch_api = vss.clone();
+    tokio::spawn(async move {
+        let mut s = watcher(watch_api, watcher::Config::default())
+            .applied_objects()
+            .boxed();
+        while let Ok(Some(vs)) = s.try_next().await {
+            let v = serde_json::to_value(&vs).unwrap_or_default();
+            if let (Some(name), Some(w)) = (vs.metadata.name.clone(), recording_weight(&v)) {
+                let _ = tx.send((name, w, Instant::now()));
+            }
+        }
+    });
+
+    let setup = Instant::now();
+    for i in 0..canaries {
+        let name = format!("app-{i}");
+        deploys
+            .create(&pp, &deployment(&name, 2))
+            .await
+            .expect("deployment");
+        let svc: Service = serde_json::from_value(json!({"metadata": {"name": name},
+            "spec": {"selector": {"app": name}, "ports": [{"port": 80}]}}))
+        .expect("service");
+        services.create(&pp, &svc).await.expect("service");
+        let rc: RecordingCanary =
+            serde_json::from_value(json!({"apiVersion": "recordingcanary.dev/v1alpha1",
+            "kind": "RecordingCanary", "metadata": {"name": name},
+            "spec": {"targetRef": {"name": name}, "percent": 10, "propagationDelay": "1s"}}))
+            .expect("canary");
+        rcs.create(&pp, &rc).await.expect("canary");
+    }
+    let mut latest: HashMap<String, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while latest.values().filter(|w| **w == 10).count() < canaries {
+        let Ok(Some((name, w, _))) = tokio::time::timeout_at(deadline.into(), rx.recv()).await
+        else {
+            eprintln!("not all canaries reached 10% within 300 s");
+            std::process::exit(1);
+        };
+        latest.insert(name, w);
+    }
+    println!("setup: {canaries} canaries at 10% in {:?}", setup.elapsed());
+    let rss_before = rss_kib(pid);
+
+    // Patch → weights.
+    let mut lat = Vec::new();
+    let ppatch = PatchParams::default();
+    for round in 0..rounds {
+        for i in 0..canaries {
+            let name = format!("app-{i}");
+            let target = 11 + ((round * 7 + i) % 80) as i64;
+            let t0 = Instant::now();
+            rcs.patch(
+                &name,
+                &ppatch,
+                &Patch::Merge(json!({"spec": {"percent": target}})),
+            )
+            .await
+            .expect("patch");
+            loop {
+                let Ok(Some((n, w, at))) =
+                    tokio::time::timeout(Duration::from_secs(30), rx.recv()).await
+                else {
+                    eprintln!("{name} did not reach {target}% within 30 s");
+                    std::process::exit(1);
+                };
+                if n == name && w == target {
+                    lat.push(at.duration_since(t0));
+                    break;
+                }
+            }
+        }
+    }
+    lat.sort();
+    println!(
+        "patch-to-weights over {} patches: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        lat.len(),
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.90),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or_default()
+    );
+
+    // Memory among unrelated Deployments (no pods, to measure the controller, not the cluster).
+    let t = Instant::now();
+    for i in 0..unrelated {
+        deploys
+            .create(&pp, &deployment(&format!("unrelated-{i}"), 0))
+            .await
+            .expect("deployment");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rss_after = rss_kib(pid);
+    println!(
+        "controller RSS: {} KiB with {canaries} canaries; {} KiB after {unrelated} unrelated Deployments (created in {:?})",
+        rss_before,
+        rss_after,
+        t.elapsed()
+    );
+
+    // The controller rolls the canaries back while the namespace goes; stop it only after.
+    let namespaces = Api::<Namespace>::all(client);
+    let _ = namespaces.delete(&ns, &Default::default()).await;
+    let gone_by = Instant::now() + Duration::from_secs(180);
+    while Instant::now() < gone_by && matches!(namespaces.get_opt(&ns).await, Ok(Some(_))) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(controller);
+}
