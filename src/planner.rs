@@ -453,22 +453,7 @@ fn choose_vs<'v>(
     host: &ServiceHost,
     uid: &str,
 ) -> Result<Choice<'v>, (String, String)> {
-    let c = o.canary;
-    let ns = c.namespace().unwrap_or_default();
-    if let Some(name) = &c.spec.virtual_service {
-        return match o
-            .virtual_services
-            .iter()
-            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
-        {
-            Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
-            Some(v) => Ok(Choice::Adopt(v)),
-            None => Err((
-                "VirtualServiceNotFound".into(),
-                format!("VirtualService {ns}/{name} named in spec.virtualService does not exist"),
-            )),
-        };
-    }
+    let ns = o.canary.namespace().unwrap_or_default();
     let mesh: Vec<&Value> = o
         .virtual_services
         .iter()
@@ -476,25 +461,14 @@ fn choose_vs<'v>(
             istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v))
         })
         .collect();
-    let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
-        mesh.into_iter().partition(|v| owned_by(v, uid));
-    match (foreign.as_slice(), owned.first()) {
-        ([], o) => Ok(Choice::Own(o.copied())),
-        ([one], None) => Ok(Choice::Adopt(one)),
-        ([one], Some(_)) => Ok(Choice::Adopt(one)),
-        (many, _) => Err((
-            "AmbiguousVirtualService".into(),
-            format!(
-                "{} mesh VirtualServices route host {} ({}); Istio applies only one of them. Merge them, or name one in spec.virtualService",
-                many.len(),
-                host.fqdn(),
-                many.iter()
-                    .map(|v| meta_name(v))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
-    }
+    choose(
+        ("VirtualService", "virtualService"),
+        o.canary.spec.virtual_service.as_deref(),
+        o.virtual_services,
+        mesh,
+        (&ns, uid),
+        host,
+    )
 }
 
 fn choose_dr<'v>(
@@ -502,24 +476,16 @@ fn choose_dr<'v>(
     host: &ServiceHost,
     uid: &str,
 ) -> Result<Choice<'v>, (String, String)> {
-    let c = o.canary;
-    let ns = c.namespace().unwrap_or_default();
+    let ns = o.canary.namespace().unwrap_or_default();
     let dr_host = |v: &Value| {
         v.pointer("/spec/host")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string()
     };
-    let elsewhere: Vec<&Value> = o
-        .destination_rules
-        .iter()
-        .filter(|v| {
-            meta_ns(v) != ns
-                && host.matches(&dr_host(v), meta_ns(v))
-                && !is_root_namespace(meta_ns(v))
-        })
-        .collect();
-    if let Some(other) = elsewhere.first() {
+    if let Some(other) = o.destination_rules.iter().find(|v| {
+        meta_ns(v) != ns && host.matches(&dr_host(v), meta_ns(v)) && !is_root_namespace(meta_ns(v))
+    }) {
         return Err((
             "ShadowingDestinationRule".into(),
             format!(
@@ -530,20 +496,6 @@ fn choose_dr<'v>(
             ),
         ));
     }
-    if let Some(name) = &c.spec.destination_rule {
-        return match o
-            .destination_rules
-            .iter()
-            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
-        {
-            Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
-            Some(v) => Ok(Choice::Adopt(v)),
-            None => Err((
-                "DestinationRuleNotFound".into(),
-                format!("DestinationRule {ns}/{name} named in spec.destinationRule does not exist"),
-            )),
-        };
-    }
     let local: Vec<&Value> = o
         .destination_rules
         .iter()
@@ -553,23 +505,61 @@ fn choose_dr<'v>(
                 && v.pointer("/spec/workloadSelector").is_none()
         })
         .collect();
+    choose(
+        ("DestinationRule", "destinationRule"),
+        o.canary.spec.destination_rule.as_deref(),
+        o.destination_rules,
+        local,
+        (&ns, uid),
+        host,
+    )
+}
+
+/// The object to work on: the one `named` in the spec, else the only candidate for the host
+/// (ours or the user's), else one to create. Never a guess between several.
+fn choose<'v>(
+    (kind, field): (&str, &str),
+    named: Option<&str>,
+    all: &'v [Value],
+    candidates: Vec<&'v Value>,
+    (ns, uid): (&str, &str),
+    host: &ServiceHost,
+) -> Result<Choice<'v>, (String, String)> {
+    if let Some(name) = named {
+        return match all
+            .iter()
+            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
+        {
+            Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
+            Some(v) => Ok(Choice::Adopt(v)),
+            None => Err((
+                format!("{kind}NotFound"),
+                format!("{kind} {ns}/{name} named in spec.{field} does not exist"),
+            )),
+        };
+    }
     let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
-        local.into_iter().partition(|v| owned_by(v, uid));
-    match (foreign.as_slice(), owned.first()) {
-        ([], o) => Ok(Choice::Own(o.copied())),
-        ([one], _) => Ok(Choice::Adopt(one)),
-        (many, _) => Err((
-            "AmbiguousDestinationRule".into(),
-            format!(
-                "{} DestinationRules configure host {} ({}); name one in spec.destinationRule",
-                many.len(),
-                host.fqdn(),
-                many.iter()
-                    .map(|v| meta_name(v))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        )),
+        candidates.into_iter().partition(|v| owned_by(v, uid));
+    match (foreign.as_slice(), owned.as_slice()) {
+        ([], []) => Ok(Choice::Own(None)),
+        ([], [mine]) => Ok(Choice::Own(Some(mine))),
+        ([one], []) => Ok(Choice::Adopt(one)),
+        _ => {
+            let names: Vec<&str> = foreign
+                .iter()
+                .chain(owned.iter())
+                .map(|v| meta_name(v))
+                .collect();
+            Err((
+                format!("Ambiguous{kind}"),
+                format!(
+                    "{} {kind}s configure host {} ({}); Istio would apply only one of them. Merge them, or name one in spec.{field}",
+                    names.len(),
+                    host.fqdn(),
+                    names.join(", ")
+                ),
+            ))
+        }
     }
 }
 

@@ -2910,3 +2910,16 @@ fn a_blocked_canary_keeps_new_target_pods_in_the_stable_subset() {
     );
     assert_only_pod_labels(&p);
 }
+
+#[test]
+fn a_user_virtual_service_next_to_ours_is_ambiguous_not_a_silent_switch() {
+    // Ours was created when none existed; then the user applied one for the same host.
+    let mut w = serving_world(10);
+    let mut ours = user_vs();
+    ours["metadata"]["name"] = json!(CANARY);
+    ours["metadata"]["uid"] = json!("uid-vs-ours");
+    w.vss = vec![owned(ours), user_vs()];
+    let p = w.plan();
+    assert_blocked(&p, "AmbiguousVirtualService");
+    assert_only_pod_labels(&p);
+}
