@@ -1047,6 +1047,14 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                     "A pod of {clone_name} is in CrashLoopBackOff; no traffic goes to the clone"
                 ),
             );
+        } else if o.clone.is_some_and(clone_stalled) {
+            b.report(
+                phase::DEGRADED,
+                "CloneStalled",
+                &format!(
+                    "{clone_name} has made no progress within its progressDeadlineSeconds (image pull, scheduling or readiness?); no traffic goes to the clone"
+                ),
+            );
         } else if o.clone.is_some() && was_serving {
             b.report(
                 phase::DEGRADED,
@@ -1066,6 +1074,20 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         b.report(phase::PROGRESSING, "Ramping", &msg_target);
     }
     b.finish()
+}
+
+/// The Deployment controller gave up waiting for the clone's rollout (ProgressDeadlineExceeded).
+fn clone_stalled(d: &Deployment) -> bool {
+    d.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.type_ == "Progressing"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+            })
+        })
 }
 
 /// Whether the VirtualService's routes are exactly its split at `percent`.

@@ -2923,3 +2923,34 @@ fn a_user_virtual_service_next_to_ours_is_ambiguous_not_a_silent_switch() {
     assert_blocked(&p, "AmbiguousVirtualService");
     assert_only_pod_labels(&p);
 }
+
+#[test]
+fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
+    let mut w = serving_world(10);
+    w.vss = vec![split_vs(0)];
+    w.canary = canary()
+        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
+        .build();
+    w = w.clone_ready(0);
+    w.pods.pop();
+    if let Some(cl) = w.clone.as_mut()
+        && let Some(st) = cl.status.as_mut()
+    {
+        st.conditions = Some(vec![
+            serde_json::from_value(json!({
+                "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet has timed out progressing."
+            }))
+            .expect("condition"),
+        ]);
+    }
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(ready_reason(&p), "CloneStalled");
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.warning && e.reason == "CloneStalled")
+    );
+}
