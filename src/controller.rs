@@ -216,6 +216,8 @@ pub async fn run(
             match res {
                 // Already logged, at the right level, by error_policy.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A canary deleted between its trigger and its turn: nothing to do.
+                Err(kube::runtime::controller::Error::ObjectNotFound(..)) => {}
                 Err(e) => warn!(error = %e, "controller error"),
                 Ok(_) => {}
             }
@@ -371,8 +373,13 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             action: e.note.chars().take(128).collect(),
             secondary: None,
         };
-        if let Err(err) = ctx.recorder.publish(&ev, &reference).await {
-            warn!(error = %err, "could not publish an event");
+        match ctx.recorder.publish(&ev, &reference).await {
+            Ok(()) => {}
+            // A namespace being deleted refuses new objects, Events included: expected then.
+            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
+                debug!(reason = %e.reason, "namespace is terminating; event not published");
+            }
+            Err(err) => warn!(error = %err, "could not publish an event"),
         }
     }
     let finished = plan
