@@ -33,6 +33,8 @@ fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
 fn guarded(r: Result<impl Sized, kube::Error>) -> Result<(), Error> {
     match r {
         Ok(_) => Ok(()),
+        // A namespace being deleted refuses new objects; its canaries are about to roll back.
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
             Err(Error::Conflict(s.message))
         }
