@@ -40,8 +40,9 @@ pub struct Context {
     pub cluster_domain: String,
     /// Start of this process: waits are measured from no earlier than this.
     pub started: Timestamp,
-    canaries: Mutex<Option<Store<RecordingCanary>>>,
-    destination_rules: Mutex<Option<Store<DynamicObject>>>,
+    /// One store per watched scope (`--namespace` may be given several times).
+    canaries: Mutex<Vec<Store<RecordingCanary>>>,
+    destination_rules: Mutex<Vec<Store<DynamicObject>>>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
 }
 
@@ -62,18 +63,26 @@ impl Context {
             metrics,
             cluster_domain: cluster_domain.into(),
             started: Timestamp::now(),
-            canaries: Mutex::new(None),
-            destination_rules: Mutex::new(None),
+            canaries: Mutex::new(Vec::new()),
+            destination_rules: Mutex::new(Vec::new()),
             backoff: Mutex::new(HashMap::new()),
         }
     }
 
-    fn canary_store(&self) -> Option<Store<RecordingCanary>> {
-        self.canaries.lock().ok().and_then(|g| g.clone())
+    /// Every cached RecordingCanary, across the watched scopes.
+    fn cached_canaries(&self) -> Vec<Arc<RecordingCanary>> {
+        self.canaries
+            .lock()
+            .map(|g| g.iter().flat_map(|s| s.state()).collect())
+            .unwrap_or_default()
     }
 
-    fn dr_store(&self) -> Option<Store<DynamicObject>> {
-        self.destination_rules.lock().ok().and_then(|g| g.clone())
+    /// Every cached DestinationRule, across the watched scopes.
+    fn cached_destination_rules(&self) -> Vec<Arc<DynamicObject>> {
+        self.destination_rules
+            .lock()
+            .map(|g| g.iter().flat_map(|s| s.state()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -112,13 +121,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let api = |_: ()| -> Api<RecordingCanary> {
-        match &namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        }
+    let canaries: Api<RecordingCanary> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
-    let canaries = api(());
     let deployments: Api<PartialObjectMeta<Deployment>> = scoped_meta(&client, &namespace);
     let pods: Api<PartialObjectMeta<Pod>> = scoped_meta(&client, &namespace);
     let vs_api: Api<DynamicObject> =
@@ -129,13 +135,13 @@ pub async fn run(
     let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
     let store = controller.store();
     if let Ok(mut g) = ctx.canaries.lock() {
-        *g = Some(store.clone());
+        g.push(store.clone());
     }
     let dr_writer =
         reflector::store::Writer::<DynamicObject>::new(istio::destination_rule_resource());
     let dr_reader = dr_writer.as_reader();
     if let Ok(mut g) = ctx.destination_rules.lock() {
-        *g = Some(dr_reader);
+        g.push(dr_reader);
     }
 
     let s1 = store.clone();
@@ -312,33 +318,35 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         .await?
         .items;
 
+    // DestinationRules elsewhere matter only when they name this Service's host.
+    let service_name = canary.spec.service_name();
     let mut destination_rules = to_values(drs);
-    if let Some(store) = ctx.dr_store() {
-        destination_rules.extend(
-            store
-                .state()
-                .iter()
-                .filter(|d| d.namespace().as_deref() != Some(ns))
-                .filter_map(|d| serde_json::to_value(d.as_ref()).ok()),
-        );
-    }
+    destination_rules.extend(
+        ctx.cached_destination_rules()
+            .iter()
+            .filter(|d| d.namespace().as_deref() != Some(ns))
+            .filter(|d| {
+                d.data
+                    .pointer("/spec/host")
+                    .and_then(Value::as_str)
+                    .and_then(|h| h.split('.').next())
+                    == Some(service_name)
+            })
+            .filter_map(|d| serde_json::to_value(d.as_ref()).ok()),
+    );
     let virtual_services = to_values(vss);
     let rivals: Vec<Rival> = ctx
-        .canary_store()
-        .map(|s| {
-            s.state()
-                .iter()
-                .filter(|c| c.namespace().as_deref() == Some(ns) && c.name_any() != name)
-                .map(|c| Rival {
-                    name: c.name_any(),
-                    created: c.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                    target: c.spec.target_ref.name.clone(),
-                    service: c.spec.service_name().to_string(),
-                    deleting: c.metadata.deletion_timestamp.is_some(),
-                })
-                .collect()
+        .cached_canaries()
+        .iter()
+        .filter(|c| c.namespace().as_deref() == Some(ns) && c.name_any() != name)
+        .map(|c| Rival {
+            name: c.name_any(),
+            created: c.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            target: c.spec.target_ref.name.clone(),
+            service: c.spec.service_name().to_string(),
+            deleting: c.metadata.deletion_timestamp.is_some(),
         })
-        .unwrap_or_default();
+        .collect();
 
     let observed = Observed {
         canary: &canary,
