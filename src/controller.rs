@@ -384,7 +384,9 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         match ctx.recorder.publish(&ev, &reference).await {
             Ok(()) => {}
             // A namespace being deleted refuses new objects, Events included: expected then.
-            Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
+            Err(kube::Error::Api(s))
+                if s.code == 404 || (s.code == 403 && s.message.contains("being terminated")) =>
+            {
                 debug!(reason = %e.reason, "namespace is terminating; event not published");
             }
             Err(err) => warn!(error = %err, "could not publish an event"),
