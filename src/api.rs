@@ -336,6 +336,33 @@ fn harden_schema(root: &mut Value) {
         json!({"minLength": 1, "maxLength": 63}),
     );
     set(spec, "/properties/maxReplicas", json!({"minimum": 1}));
+    // Bounds keep the CEL immutability rules within the apiserver's cost budget.
+    set(spec, "/properties/gateways", json!({"maxItems": 32}));
+    set(
+        spec,
+        "/properties/gateways/items",
+        json!({"maxLength": 253}),
+    );
+    set(
+        spec,
+        "/properties/virtualService",
+        json!({"maxLength": 253}),
+    );
+    set(
+        spec,
+        "/properties/destinationRule",
+        json!({"maxLength": 253}),
+    );
+    set(
+        spec,
+        "/properties/propagationDelay",
+        json!({"maxLength": 64}),
+    );
+    set(
+        spec,
+        "/properties/ramp/properties/interval",
+        json!({"maxLength": 64}),
+    );
     set(
         spec,
         "/properties/ramp/properties/stepPercent",
@@ -361,6 +388,7 @@ fn harden_schema(root: &mut Value) {
             {"rule": "self.targetRef.name == oldSelf.targetRef.name", "message": "spec.targetRef is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
             {"rule": "has(self.service) == has(oldSelf.service) && (!has(self.service) || self.service == oldSelf.service)", "message": "spec.service is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
             {"rule": "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)", "message": "spec.virtualService is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
+            {"rule": "has(self.gateways) == has(oldSelf.gateways) && (!has(self.gateways) || self.gateways == oldSelf.gateways)", "message": "spec.gateways is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
             {"rule": "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)", "message": "spec.destinationRule is immutable: delete this RecordingCanary (it rolls back) and create a new one"}
         ]}),
     );

@@ -43,6 +43,7 @@ pub struct Context {
     /// One store per watched scope (`--namespace` may be given several times).
     canaries: Mutex<Vec<Store<RecordingCanary>>>,
     destination_rules: Mutex<Vec<Store<DynamicObject>>>,
+    virtual_services: Mutex<Vec<Store<DynamicObject>>>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
 }
 
@@ -65,6 +66,7 @@ impl Context {
             started: Timestamp::now(),
             canaries: Mutex::new(Vec::new()),
             destination_rules: Mutex::new(Vec::new()),
+            virtual_services: Mutex::new(Vec::new()),
             backoff: Mutex::new(HashMap::new()),
         }
     }
@@ -72,6 +74,14 @@ impl Context {
     /// Every cached RecordingCanary, across the watched scopes.
     fn cached_canaries(&self) -> Vec<Arc<RecordingCanary>> {
         self.canaries
+            .lock()
+            .map(|g| g.iter().flat_map(|s| s.state()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every cached VirtualService, across the watched scopes.
+    fn cached_virtual_services(&self) -> Vec<Arc<DynamicObject>> {
+        self.virtual_services
             .lock()
             .map(|g| g.iter().flat_map(|s| s.state()).collect())
             .unwrap_or_default()
@@ -127,6 +137,7 @@ pub async fn run(
     };
     let deployments: Api<PartialObjectMeta<Deployment>> = scoped_meta(&client, &namespace);
     let pods: Api<PartialObjectMeta<Pod>> = scoped_meta(&client, &namespace);
+    let services: Api<PartialObjectMeta<Service>> = scoped_meta(&client, &namespace);
     let vs_api: Api<DynamicObject> =
         scoped_dyn(&client, &namespace, &istio::virtual_service_resource());
     let dr_api: Api<DynamicObject> =
@@ -153,7 +164,20 @@ pub async fn run(
         .default_backoff()
         .touched_objects();
     let s3 = store.clone();
+    let vs_writer =
+        reflector::store::Writer::<DynamicObject>::new(istio::virtual_service_resource());
+    if let Ok(mut g) = ctx.virtual_services.lock() {
+        g.push(vs_writer.as_reader());
+    }
     let vs_stream = watcher(vs_api, watcher::Config::default().any_semantic())
+        .modify(|o| {
+            o.metadata.managed_fields = None;
+        })
+        .default_backoff()
+        .reflect(vs_writer)
+        .touched_objects();
+    let s5 = store.clone();
+    let service_stream = watcher(services, watcher::Config::default().any_semantic())
         .default_backoff()
         .touched_objects();
     let s4 = store.clone();
@@ -185,7 +209,34 @@ pub async fn run(
             vs_stream,
             move |v| {
                 let ns = v.namespace().unwrap_or_default();
-                canaries_in(&s3, &ns, |_| true)
+                let mut refs = canaries_in(&s3, &ns, |_| true);
+                // A mesh VirtualService elsewhere may name a canary's host: `<service>.<ns>...`.
+                let hosts: Vec<String> = v
+                    .data
+                    .pointer("/spec/hosts")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                refs.extend(
+                    s3.state()
+                        .iter()
+                        .filter(|c| c.namespace().as_deref() != Some(ns.as_str()))
+                        .filter(|c| {
+                            let prefix = format!(
+                                "{}.{}",
+                                c.spec.service_name(),
+                                c.namespace().unwrap_or_default()
+                            );
+                            hosts.iter().any(|h| h.starts_with(&prefix))
+                        })
+                        .map(|c| ObjectRef::from_obj(c.as_ref())),
+                );
+                refs
             },
             istio::virtual_service_resource(),
         )
@@ -216,6 +267,10 @@ pub async fn run(
             },
             istio::destination_rule_resource(),
         )
+        .watches_stream(service_stream, move |svc| {
+            let ns = svc.namespace().unwrap_or_default();
+            canaries_in(&s5, &ns, |c| c.spec.service_name() == svc.name_any())
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -302,17 +357,28 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         list_or_empty(&vs_api),
         list_or_empty(&dr_api),
     )?;
-    let selector = target
+    // Pods by the Service's selector (which also shows other workloads behind the Service),
+    // else by the target's.
+    let service_selector = service
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
+    let target_selector = target
         .as_ref()
         .and_then(|t| t.spec.as_ref())
-        .and_then(|s| s.selector.match_labels.as_ref())
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
+        .and_then(|s| s.selector.match_labels.clone())
         .unwrap_or_default();
+    let selector = if service_selector.is_empty() {
+        &target_selector
+    } else {
+        &service_selector
+    };
+    let selector = selector
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
     let pods = pods_api
         .list(&ListParams::default().labels(&selector))
         .await?
@@ -334,7 +400,24 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             })
             .filter_map(|d| serde_json::to_value(d.as_ref()).ok()),
     );
-    let virtual_services = to_values(vss);
+    let mut virtual_services = to_values(vss);
+    let host_prefix = format!("{service_name}.{ns}");
+    virtual_services.extend(
+        ctx.cached_virtual_services()
+            .iter()
+            .filter(|v| v.namespace().as_deref() != Some(ns))
+            .filter(|v| {
+                v.data
+                    .pointer("/spec/hosts")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .any(|h| h.starts_with(&host_prefix))
+                    })
+            })
+            .filter_map(|v| serde_json::to_value(v.as_ref()).ok()),
+    );
     let rivals: Vec<Rival> = ctx
         .cached_canaries()
         .iter()
@@ -355,6 +438,7 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         cluster_domain: &ctx.cluster_domain,
         target: target.as_ref(),
         service_exists: service.is_some(),
+        service_selector,
         clone: clone.as_ref(),
         pods: &pods,
         virtual_services: &virtual_services,

@@ -354,6 +354,8 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
                 continue;
             };
             let mut out: Vec<Value> = Vec::with_capacity(ds.len());
+            // Destinations that had no `weight` before the split (by the note).
+            let mut weightless: Vec<usize> = Vec::new();
             let mut i = 0;
             while i < ds.len() {
                 let d = &ds[i];
@@ -375,16 +377,16 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
                     {
                         dest.remove("subset");
                     }
-                    let original = originals.get(pair_index).copied().unwrap_or(Some(w));
                     if let Some(o) = restored.as_object_mut() {
-                        match original {
-                            None => {
-                                o.remove("weight");
-                            }
-                            Some(_) => {
-                                o.insert("weight".into(), json!(w));
-                            }
-                        }
+                        o.insert("weight".into(), json!(w));
+                    }
+                    if originals
+                        .get(pair_index)
+                        .copied()
+                        .unwrap_or(Some(w))
+                        .is_none()
+                    {
+                        weightless.push(out.len());
                     }
                     out.push(restored);
                     pair_index += 1;
@@ -406,6 +408,16 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
                 }
                 out.push(d.clone());
                 i += 1;
+            }
+            // A weight is dropped only where it means nothing: a route's single destination.
+            // (The note is by position; if routes were removed meanwhile, a weight it calls
+            // absent may belong to a route that splits, and is then kept.)
+            if out.len() == 1 {
+                for k in weightless {
+                    if let Some(o) = out[k].as_object_mut() {
+                        o.remove("weight");
+                    }
+                }
             }
             *ds = out;
         }
@@ -633,6 +645,29 @@ mod tests {
         assert_eq!(v["http"][0]["route"][1]["weight"], 25);
         let back = unsplit_http(&v, &host(), "shop", Some(&s2.note));
         assert_eq!(back, spec["http"]);
+    }
+
+    #[test]
+    fn rollback_keeps_a_needed_weight_when_routes_were_removed_meanwhile() {
+        // Split with route 0 (single destination, no weight) and route 1 (80/20); then the user
+        // removes route 0: the note's first entry (no weight) now lines up with route 1.
+        let spec = json!({"http": [
+            {"route": [{"destination": {"host": "frontend"}}]},
+            {"route": [{"destination": {"host": "frontend"}, "weight": 80},
+                       {"destination": {"host": "legacy"}, "weight": 20}]}
+        ]});
+        let s = split_http(&spec, &host(), "shop", 10, None, "c");
+        let mut v = spec.clone();
+        v["http"] = s.http;
+        if let Some(a) = v["http"].as_array_mut() {
+            a.remove(0);
+        }
+        let back = unsplit_http(&v, &host(), "shop", Some(&s.note));
+        assert_eq!(
+            back,
+            json!([{"route": [{"destination": {"host": "frontend"}, "weight": 80},
+                              {"destination": {"host": "legacy"}, "weight": 20}]}])
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub enum Error {
     #[error("RecordingCanary has no namespace")]
     MissingNamespace,
     /// A guarded write lost a race: the object changed since it was read.
-    #[error("conflict: {0}")]
+    #[error("an object changed since it was read (resourceVersion guard); planning again: {0}")]
     Conflict(String),
 }
 

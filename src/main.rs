@@ -164,9 +164,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
             _ = e.acquire() => {}
             _ = stopped() => { let _ = admin_task.await; return Ok(()); }
         }
-        metrics.is_leader.set(1);
         info!("leading");
     }
+    // Without election this process acts alone: it leads.
+    metrics.is_leader.set(1);
 
     let ctx = Arc::new(Context::new(
         client.clone(),

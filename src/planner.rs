@@ -48,6 +48,8 @@ pub struct Observed<'a> {
     pub cluster_domain: &'a str,
     pub target: Option<&'a Deployment>,
     pub service_exists: bool,
+    /// The Service's pod selector (empty when it has none or is missing).
+    pub service_selector: BTreeMap<String, String>,
     pub clone: Option<&'a Deployment>,
     /// Pods that may belong to the target or the clone (the controller lists them by the target's selector).
     pub pods: &'a [Pod],
@@ -74,6 +76,7 @@ pub enum Action {
     RecordTimes {
         subsets_added: Option<String>,
         routes_removed: Option<String>,
+        last_step: Option<String>,
     },
     LabelPod {
         name: String,
@@ -200,9 +203,13 @@ impl<'a> Builder<'a> {
         let ready = phase == phase::READY;
         let degraded = phase == phase::DEGRADED;
         let progressing = phase == phase::PROGRESSING || phase == phase::PENDING;
-        self.condition("Ready", ready, reason, message);
-        self.condition("Progressing", progressing, reason, message);
-        self.condition("Degraded", degraded, reason, message);
+        // The reason belongs to the condition it explains; the others say where things stand.
+        let ready_reason = reason;
+        let progressing_reason = if progressing { reason } else { phase };
+        let degraded_reason = if degraded { reason } else { "NotDegraded" };
+        self.condition("Ready", ready, ready_reason, message);
+        self.condition("Progressing", progressing, progressing_reason, message);
+        self.condition("Degraded", degraded, degraded_reason, message);
         if self.prev.phase.as_deref() != Some(phase) || self.reason_changed(reason) {
             let warning = degraded || phase == phase::BLOCKED;
             self.event(warning, reason, message.to_string());
@@ -454,13 +461,24 @@ fn choose_vs<'v>(
     uid: &str,
 ) -> Result<Choice<'v>, (String, String)> {
     let ns = o.canary.namespace().unwrap_or_default();
-    let mesh: Vec<&Value> = o
+    let (mesh, elsewhere): (Vec<&Value>, Vec<&Value>) = o
         .virtual_services
         .iter()
         .filter(|v| {
             istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v))
         })
-        .collect();
+        .partition(|v| meta_ns(v) == ns);
+    if let Some(other) = elsewhere.first() {
+        return Err((
+            "AmbiguousVirtualService".into(),
+            format!(
+                "VirtualService {}/{} in another namespace routes host {} for the mesh; Istio applies only one VirtualService per host, so a split here might not take effect. Move the routing into namespace {ns}",
+                meta_ns(other),
+                meta_name(other),
+                host.fqdn()
+            ),
+        ));
+    }
     choose(
         ("VirtualService", "virtualService"),
         o.canary.spec.virtual_service.as_deref(),
@@ -673,6 +691,17 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 ),
             );
         }
+        let st = istio::read_split(spec_of(vs), &host, meta_ns(vs));
+        if st.pairs == 0 && st.unsplit == 0 {
+            return b.blocked(
+                "NoSplittableRoute",
+                format!(
+                    "every route of VirtualService {} to host {} names a subset of its own; only destinations without a subset can be split",
+                    meta_name(vs),
+                    host.fqdn()
+                ),
+            );
+        }
         let (owner, _) = istio::parse_restore_note(istio::restore_note_of(vs));
         if let Some(owner) = owner.filter(|n| *n != c.name_any()) {
             return b.blocked(
@@ -680,6 +709,22 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 format!(
                     "VirtualService {} is already split by RecordingCanary {owner}",
                     meta_name(vs)
+                ),
+            );
+        }
+    }
+    if let Choice::Adopt(dr) = dr_choice {
+        let dr_host = dr
+            .pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !host.matches(dr_host, meta_ns(dr)) {
+            return b.blocked(
+                "DestinationRuleHostMismatch",
+                format!(
+                    "DestinationRule {} is for host {dr_host:?}, not {}; subsets there would not apply to this Service",
+                    meta_name(dr),
+                    host.fqdn()
                 ),
             );
         }
@@ -701,16 +746,63 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         o.virtual_services
             .iter()
             .filter(|v| {
-                !matches!(vs_choice, Choice::Adopt(a) if meta_name(a) == meta_name(v))
+                meta_ns(v) == ns
+                    && !matches!(vs_choice, Choice::Adopt(a) if meta_name(a) == meta_name(v))
                     && istio::is_bound_to_gateways(spec_of(v), meta_ns(v), &c.spec.gateways, &ns)
                     && istio::vs_routes_to_host(spec_of(v), &host, meta_ns(v))
             })
             .collect()
     };
 
-    // Pods: the target's (labelled above) and the clone's.
+    // Every gateway listed must have a route to split: a typo would otherwise go unnoticed.
+    let gateway_routes = |g: &String| {
+        o.virtual_services.iter().any(|v| {
+            meta_ns(v) == ns
+                && istio::is_bound_to_gateways(spec_of(v), &ns, std::slice::from_ref(g), &ns)
+                && istio::vs_routes_to_host(spec_of(v), &host, &ns)
+        })
+    };
+    if let Some(g) = c.spec.gateways.iter().find(|g| !gateway_routes(g)) {
+        return b.blocked(
+            "GatewayRouteNotFound",
+            format!(
+                "no VirtualService in namespace {ns} bound to gateway {g} routes to host {}",
+                host.fqdn()
+            ),
+        );
+    }
+
+    // The Service must front only the target (and the clone): the stable subset holds the
+    // target's pods alone, so other workloads behind it would silently lose their mesh traffic.
     let target_name = &c.spec.target_ref.name;
     let clone_name = c.spec.clone_name();
+    if !o.service_selector.is_empty() {
+        let others: Vec<String> = o
+            .pods
+            .iter()
+            .filter(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && o.service_selector
+                        .iter()
+                        .all(|(k, v)| p.labels().get(k) == Some(v))
+                    && !pod_of_deployment(p, target_name)
+                    && !pod_of_deployment(p, &clone_name)
+            })
+            .map(|p| p.name_any())
+            .collect();
+        if !others.is_empty() {
+            return b.blocked(
+                "ServiceSelectsOtherPods",
+                format!(
+                    "Service {} also selects pods that are not Deployment {target_name}'s ({}); they would get no mesh traffic while split",
+                    c.spec.service_name(),
+                    others.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+    }
+
+    // Pods: the target's (labelled above) and the clone's.
     let target_pods: Vec<&Pod> = o
         .pods
         .iter()
@@ -736,7 +828,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     // 1. Subsets in the DestinationRule.
     b.status.destination_rule = Some(match dr_choice {
         Choice::Adopt(d) | Choice::Own(Some(d)) => format!("{}/{}", meta_ns(d), meta_name(d)),
-        Choice::Own(None) => format!("{ns}/{}", c.name_any()),
+        Choice::Own(None) => format!("{ns}/{}", owned_mesh_name(c)),
     });
     let dr_ok = match dr_choice {
         Choice::Adopt(d) | Choice::Own(Some(d)) => istio::has_our_subsets(spec_of(d)),
@@ -747,6 +839,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         b.actions.push(Action::RecordTimes {
             subsets_added: Some(fmt_time(now)),
             routes_removed: None,
+            last_step: None,
         });
         b.status.subsets_added_time = Some(fmt_time(now));
         match dr_choice {
@@ -809,7 +902,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     };
     b.status.virtual_services = std::iter::once(match vs_obj {
         Some(v) => format!("{}/{}", meta_ns(v), meta_name(v)),
-        None => format!("{ns}/{}", c.name_any()),
+        None => format!("{ns}/{}", owned_mesh_name(c)),
     })
     .chain(
         gateway_vss
@@ -891,6 +984,34 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             }
         }
     };
+
+    // The weight rises only as far as the clone's Ready replicas carry it: the replicas sized
+    // for a weight are Ready before it gets that weight. This never lowers a weight (an HPA
+    // scaling the target up must not move weights).
+    let capacity = (0..=100)
+        .rev()
+        .find(|w| {
+            clone_replicas(target_replicas, *w, spec.percent, spec.max_replicas) <= clone_ready
+        })
+        .unwrap_or(0);
+    let capped = desired > current && desired > capacity;
+    let desired = if capped {
+        current.max(capacity)
+    } else {
+        desired
+    };
+    if capped {
+        // The step is taken when the capacity is there, not an interval later.
+        b.status.last_step_time = b.prev.last_step_time.clone();
+    }
+    if b.status.last_step_time != b.prev.last_step_time {
+        // Before the weight moves: a write failing after it must not let the ramp step twice.
+        b.actions.push(Action::RecordTimes {
+            subsets_added: None,
+            routes_removed: None,
+            last_step: b.status.last_step_time.clone(),
+        });
+    }
 
     // The VS write: split it, or move its weights.
     let mut vs_targets: Vec<(Option<&Value>, bool)> =
@@ -1068,6 +1189,15 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 &format!("Waiting for a ready replica of {clone_name}"),
             );
         }
+    } else if capped {
+        b.report(
+            phase::PROGRESSING,
+            "WaitingForCloneCapacity",
+            &format!(
+                "{clone_ready} of {replicas} replicas of {clone_name} are Ready; the weight stays at {desired}% until the clone can carry more (target {}%)",
+                spec.percent
+            ),
+        );
     } else if desired == spec.percent {
         b.report(phase::READY, "TargetReached", &msg_target);
     } else {
@@ -1105,9 +1235,15 @@ fn sidecar_annotations_differ(c: &RecordingCanary, clone: &Deployment) -> bool {
         .any(|(k, v)| have.get(k) != Some(v))
 }
 
+/// Name of a VirtualService or DestinationRule the canary creates: never the name a user's
+/// object would have, so that re-applying a user's object can never update one of ours.
+pub fn owned_mesh_name(c: &RecordingCanary) -> String {
+    format!("{}-recording", c.name_any())
+}
+
 fn owned_meta(c: &RecordingCanary) -> Value {
     json!({
-        "name": c.name_any(),
+        "name": owned_mesh_name(c),
         "namespace": c.namespace(),
         "labels": our_labels(c),
         "ownerReferences": [owner_reference(c)],
@@ -1199,6 +1335,7 @@ fn plan_rollback(mut b: Builder) -> Plan {
         b.actions.push(Action::RecordTimes {
             subsets_added: None,
             routes_removed: Some(fmt_time(now)),
+            last_step: None,
         });
         b.status.routes_removed_time = Some(fmt_time(now));
         b.status.current_percent = 0;

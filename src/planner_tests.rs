@@ -291,6 +291,7 @@ struct World {
     vss: Vec<Value>,
     drs: Vec<Value>,
     rivals: Vec<Rival>,
+    service_selector: BTreeMap<String, String>,
 }
 
 impl World {
@@ -302,6 +303,7 @@ impl World {
             cluster_domain: "cluster.local",
             target: self.target.as_ref(),
             service_exists: self.service,
+            service_selector: self.service_selector.clone(),
             clone: self.clone.as_ref(),
             pods: &self.pods,
             virtual_services: &self.vss,
@@ -348,6 +350,7 @@ fn fresh_world() -> World {
         vss: vec![user_vs()],
         drs: vec![user_dr()],
         rivals: vec![],
+        service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     }
 }
 
@@ -372,7 +375,8 @@ fn serving_world(pct: i32) -> World {
         .status(status(phase::READY, "TargetReached", pct));
     let built = c.build();
     let t = target(4);
-    let clone = live_clone(&built, &t, clone_replicas(4, pct, pct, None), 1);
+    // Ready replicas enough for any weight of a 4-replica target.
+    let clone = live_clone(&built, &t, clone_replicas(4, pct, pct, None), 4);
     World {
         canary: built,
         now: at(0),
@@ -388,6 +392,7 @@ fn serving_world(pct: i32) -> World {
         vss: vec![split_vs(pct.into())],
         drs: vec![split_dr()],
         rivals: vec![],
+        service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     }
 }
 
@@ -1191,7 +1196,7 @@ fn owned_dr_and_vs_are_created_when_none_exist() {
             _ => None,
         })
         .expect("owned DR created");
-    assert_eq!(dr["metadata"]["name"], CANARY);
+    assert_eq!(dr["metadata"]["name"], format!("{CANARY}-recording"));
     assert_eq!(dr["metadata"]["namespace"], NS);
     assert_eq!(dr["metadata"]["ownerReferences"][0]["uid"], CANARY_UID);
     assert_eq!(dr["metadata"]["labels"][CANARY_LABEL], CANARY);
@@ -1227,8 +1232,14 @@ fn owned_dr_and_vs_are_created_when_none_exist() {
     assert_eq!(vs_obj["spec"]["hosts"], json!([FQDN]));
     assert_eq!(weights(&vs_obj, 0), vec![100, 0]);
     assert!(vs_obj["metadata"].get("annotations").is_none());
-    assert_eq!(p.status.virtual_services, vec![format!("{NS}/{CANARY}")]);
-    assert_eq!(p.status.destination_rule.as_deref(), Some("shop/rec"));
+    assert_eq!(
+        p.status.virtual_services,
+        vec![format!("{NS}/{CANARY}-recording")]
+    );
+    assert_eq!(
+        p.status.destination_rule.as_deref(),
+        Some("shop/rec-recording")
+    );
 }
 
 #[test]
@@ -1358,6 +1369,7 @@ fn subsets_reach_the_dr_before_any_route_uses_them() {
         *a == Action::RecordTimes {
             subsets_added: Some(rfc(at(0))),
             routes_removed: None,
+            last_step: None,
         }
     })
     .expect("RecordTimes(subsetsAdded)");
@@ -1824,7 +1836,8 @@ fn rollback_restores_the_vs_first_and_then_waits() {
         p.actions[0],
         Action::RecordTimes {
             subsets_added: None,
-            routes_removed: Some(rfc(at(0)))
+            routes_removed: Some(rfc(at(0))),
+            last_step: None,
         }
     );
     assert!(
@@ -2022,7 +2035,8 @@ fn rollback_deletes_owned_vs_and_dr_instead_of_patching_them() {
         vec![
             Action::RecordTimes {
                 subsets_added: None,
-                routes_removed: Some(rfc(at(0)))
+                routes_removed: Some(rfc(at(0))),
+                last_step: None,
             },
             Action::DeleteMesh {
                 kind: MeshKind::VirtualService,
@@ -2059,6 +2073,7 @@ fn rollback_completes_when_everything_is_already_gone() {
         vss: vec![],
         drs: vec![],
         rivals: vec![],
+        service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     };
     let p = w.plan();
     assert_eq!(p.actions, vec![Action::RemoveFinalizer]);
@@ -2308,7 +2323,7 @@ fn a_steady_state_plans_nothing_and_publishes_no_event() {
     assert_eq!(p.status.current_percent, 10);
     assert_eq!(p.status.target_replicas, 4);
     assert_eq!(p.status.clone_replicas, 1);
-    assert_eq!(p.status.clone_ready_replicas, 1);
+    assert_eq!(p.status.clone_ready_replicas, 4);
     assert_eq!(p.status.virtual_services, vec!["shop/frontend".to_string()]);
     assert_eq!(p.status.destination_rule.as_deref(), Some("shop/frontend"));
     assert_eq!(p.status.observed_generation, Some(3));
@@ -2517,8 +2532,12 @@ impl Sim {
             Action::RecordTimes {
                 subsets_added,
                 routes_removed,
+                last_step,
             } => {
                 let st = self.w.canary.status.get_or_insert_with(Default::default);
+                if last_step.is_some() {
+                    st.last_step_time = last_step.clone();
+                }
                 if subsets_added.is_some() {
                     st.subsets_added_time = subsets_added.clone();
                 }
@@ -2841,7 +2860,7 @@ fn simulated_loop_with_owned_objects_ramps_in_steps_and_rolls_back() {
     w.drs.clear();
     let mut sim = Sim::new(w);
     sim.run(40);
-    let v = sim.w.vs_named(CANARY).clone();
+    let v = sim.w.vs_named(&format!("{CANARY}-recording")).clone();
     assert_eq!(weights(&v, 0), vec![88, 12]);
     assert_eq!(
         sim.w.canary.status.as_ref().unwrap().phase.as_deref(),
@@ -2953,4 +2972,134 @@ fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
             .iter()
             .any(|e| e.warning && e.reason == "CloneStalled")
     );
+}
+
+#[test]
+fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
+    // 10% of a 4-replica target, one clone replica Ready; the user asks for 100%.
+    let mut w = serving_world(10).clone_ready(1);
+    w.canary = canary()
+        .percent(100)
+        .status(status(phase::READY, "TargetReached", 10))
+        .build();
+    let p = w.plan();
+    // One Ready replica carries ceil(4 × w / 100) <= 1, i.e. w <= 25.
+    let after = apply_ops(
+        &w.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").unwrap(),
+    );
+    assert_eq!(weights(&after, 0), vec![75, 25]);
+    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(ready_reason(&p), "WaitingForCloneCapacity");
+    // The clone is asked for what 100% needs.
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleClone { replicas: 4, .. })),
+        "{:#?}",
+        p.actions
+    );
+    // Once the replicas are Ready, the weight follows.
+    let w2 = serving_world(25).clone_ready(4);
+    let mut w2 = w2;
+    w2.canary = canary()
+        .percent(100)
+        .status(status(phase::PROGRESSING, "WaitingForCloneCapacity", 25))
+        .build();
+    let p2 = w2.plan();
+    let after2 = apply_ops(
+        &w2.vss[0],
+        patch_of(&p2, MeshKind::VirtualService, "frontend").unwrap(),
+    );
+    assert_eq!(weights(&after2, 0), vec![0, 100]);
+}
+
+#[test]
+fn capacity_never_lowers_a_weight_when_the_target_scales_up() {
+    // The HPA takes the target from 4 to 40 replicas: the clone (1 Ready) is now small for
+    // 10%, but the weight must not move; the clone grows instead.
+    let mut w = serving_world(10).clone_ready(1);
+    w.target = Some(target(40));
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleClone { replicas: 4, .. })),
+        "{:#?}",
+        p.actions
+    );
+    assert_eq!(p.status.current_percent, 10);
+}
+
+#[test]
+fn a_destination_rule_named_in_the_spec_for_another_host_blocks() {
+    let mut w = fresh_world().with_canary(canary().spec("destinationRule", json!("other")));
+    w.drs.push(dr_in(NS, "other", json!({"host": "other"})));
+    let p = w.plan();
+    assert_blocked(&p, "DestinationRuleHostMismatch");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_virtual_service_whose_routes_all_name_a_user_subset_blocks() {
+    let mut w = fresh_world();
+    w.vss = vec![vs(
+        "frontend",
+        json!({"hosts": ["frontend"], "http": [{"route": [{"destination": {"host": "frontend", "subset": "v1"}}]}]}),
+    )];
+    let p = w.plan();
+    assert_blocked(&p, "NoSplittableRoute");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_mesh_virtual_service_for_the_host_in_another_namespace_blocks() {
+    let mut w = fresh_world();
+    w.vss = vec![mesh_obj(
+        "VirtualService",
+        "elsewhere",
+        "frontend-routing",
+        json!({"hosts": [FQDN], "http": [{"route": [{"destination": {"host": FQDN}}]}]}),
+    )];
+    let p = w.plan();
+    assert_blocked(&p, "AmbiguousVirtualService");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_listed_gateway_without_a_route_to_the_service_blocks() {
+    let w = fresh_world().with_canary(canary().spec("gateways", json!(["istio-system/typo-gw"])));
+    let p = w.plan();
+    assert_blocked(&p, "GatewayRouteNotFound");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_service_that_also_selects_another_workload_blocks() {
+    let mut w = fresh_world();
+    w.pods
+        .push(pod_of("frontend-v2", "9a9a", "frontend-v2-9a9a-a").build());
+    let p = w.plan();
+    assert_blocked(&p, "ServiceSelectsOtherPods");
+    assert_only_pod_labels(&p);
+    // Pods the Service does not select do not matter.
+    w.service_selector = BTreeMap::from([
+        ("app".to_string(), "frontend".to_string()),
+        ("tier".to_string(), "web".to_string()),
+    ]);
+    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+}
+
+#[test]
+fn a_ramp_step_is_recorded_before_the_weight_moves() {
+    let w = ramp_world(10, Some(-30));
+    let p = w.plan();
+    let rec = pos(
+        &p,
+        |a| matches!(a, Action::RecordTimes { last_step: Some(t), .. } if *t == rfc(at(0))),
+    )
+    .expect("the step time is recorded");
+    let write = pos(&p, is_vs_write).expect("the weight moves");
+    assert!(rec < write, "{:#?}", p.actions);
 }

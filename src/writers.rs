@@ -34,7 +34,9 @@ fn guarded(r: Result<impl Sized, kube::Error>) -> Result<(), Error> {
     match r {
         Ok(_) => Ok(()),
         // A namespace being deleted refuses new objects; its canaries are about to roll back.
-        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
+            Ok(())
+        }
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
             Err(Error::Conflict(s.message))
         }
@@ -74,11 +76,10 @@ pub fn describe(action: &Action) -> String {
         Action::RecordTimes {
             subsets_added,
             routes_removed,
-        } => {
-            format!(
-                "record times (subsets added {subsets_added:?}, routes removed {routes_removed:?})"
-            )
-        }
+            last_step,
+        } => format!(
+            "record times (subsets added {subsets_added:?}, routes removed {routes_removed:?}, ramp step {last_step:?})"
+        ),
         Action::LabelPod { name } => format!("label pod {name} stable"),
         Action::UnlabelPod { name } => format!("unlabel pod {name}"),
         Action::CreateClone(d) => format!("create clone {}", d.name_any()),
@@ -152,6 +153,7 @@ pub async fn apply(
             Action::RecordTimes {
                 subsets_added,
                 routes_removed,
+                last_step,
             } => {
                 let mut st = serde_json::Map::new();
                 if let Some(t) = subsets_added {
@@ -159,6 +161,9 @@ pub async fn apply(
                 }
                 if let Some(t) = routes_removed {
                     st.insert("routesRemovedTime".into(), json!(t));
+                }
+                if let Some(t) = last_step {
+                    st.insert("lastStepTime".into(), json!(t));
                 }
                 gone_is_ok(
                     canaries

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{CLONE, Harness, split_weights};
+use crate::support::{CLONE, Harness, OWNED, split_weights};
 
 /// Runs helm; fails the test unless it succeeds.
 async fn helm(h: &Harness, args: &[&str]) -> String {
@@ -115,7 +115,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
         // The user flow, as the ServiceAccount.
         h.app_and_canary("canary.yaml").await;
         h.wait_ready("frontend").await;
-        let vs = h.vs("frontend").await.expect("the VirtualService");
+        let vs = h.vs(OWNED).await.expect("the VirtualService");
         assert_eq!(split_weights(&vs), Some((90, 10)));
         h.patch_canary("frontend", &json!({"spec": {"percent": 25}}))
             .await;
@@ -142,7 +142,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             "the clone is still there"
         );
         assert!(
-            h.vs("frontend").await.is_none(),
+            h.vs(OWNED).await.is_none(),
             "the owned VirtualService is still there"
         );
         drop(controller);

@@ -47,7 +47,10 @@ async fn wait_weights(h: &Harness, stable: i64, recording: i64) -> Value {
         &format!("VirtualService frontend to route {stable}/{recording}"),
         WAIT,
         || async {
-            let vs = h.vs("frontend").await.ok_or("no VirtualService frontend")?;
+            let vs = h
+                .vs(OWNED)
+                .await
+                .ok_or("no VirtualService frontend-recording")?;
             if split_weights(&vs) == Some((stable, recording)) {
                 Ok(vs)
             } else {
@@ -91,7 +94,7 @@ async fn canary_at_10_percent_clones_splits_90_10_and_is_ready() {
     );
 
     // The DestinationRule has both subsets, selecting by role.
-    let dr = h.dr("frontend").await.expect("DestinationRule frontend");
+    let dr = h.dr(OWNED).await.expect("DestinationRule frontend");
     let subsets = dr["spec"]["subsets"]
         .as_array()
         .cloned()
@@ -111,7 +114,7 @@ async fn canary_at_10_percent_clones_splits_90_10_and_is_ready() {
     assert_eq!(dr["spec"]["host"], fqdn.as_str(), "DestinationRule host");
 
     // The VirtualService routes 90/10 to the Service's host.
-    let vs = h.vs("frontend").await.expect("VirtualService frontend");
+    let vs = h.vs(OWNED).await.expect("VirtualService frontend");
     let routes = http_destinations(&vs);
     assert_eq!(
         routes,
@@ -207,7 +210,7 @@ async fn ramp_shows_intermediate_steps() {
     // Every weight the VirtualService ever had, in order.
     let mut steps: Vec<(i64, Instant)> = Vec::new();
     for r in h.mbb.revisions() {
-        if r.kind != Kind::VirtualService || r.deleted || r.name != "frontend" {
+        if r.kind != Kind::VirtualService || r.deleted || r.name != OWNED {
             continue;
         }
         let Some((s, rec)) = split_weights(&r.object) else {
@@ -277,7 +280,7 @@ async fn scaling_the_target_resizes_the_clone_without_rewriting_the_vs() {
         }
     })
     .await;
-    let vs_before = h.vs("frontend").await.expect("VirtualService");
+    let vs_before = h.vs(OWNED).await.expect("VirtualService");
     let rv_before = vs_before["metadata"]["resourceVersion"].clone();
 
     h.k(&["scale", "deployment/frontend", "--replicas=9"]).await;
@@ -333,7 +336,7 @@ async fn scaling_the_target_resizes_the_clone_without_rewriting_the_vs() {
     })
     .await;
 
-    let vs_after = h.vs("frontend").await.expect("VirtualService");
+    let vs_after = h.vs(OWNED).await.expect("VirtualService");
     assert_eq!(
         vs_after["metadata"]["resourceVersion"], rv_before,
         "scaling the target must not rewrite the VirtualService; before: {}\nafter: {}",
@@ -466,7 +469,7 @@ async fn new_image_on_target_is_followed_by_clone_and_subsets_stay_exact() {
 async fn delete_restores_stable_and_removes_everything() {
     let mut h = Harness::start("delete").await;
     canary_at_10(&h).await;
-    assert!(h.vs("frontend").await.is_some() && h.dr("frontend").await.is_some());
+    assert!(h.vs(OWNED).await.is_some() && h.dr(OWNED).await.is_some());
 
     let started = Instant::now();
     h.k(&["delete", "rcanary", "frontend", "--timeout=30s"])
@@ -484,10 +487,10 @@ async fn delete_restores_stable_and_removes_everything() {
             if h.deployment(CLONE).await.is_some() {
                 still.push("Deployment frontend-recording".into());
             }
-            if h.vs("frontend").await.is_some() {
+            if h.vs(OWNED).await.is_some() {
                 still.push("VirtualService frontend".into());
             }
-            if h.dr("frontend").await.is_some() {
+            if h.dr(OWNED).await.is_some() {
                 still.push("DestinationRule frontend".into());
             }
             let pods = h.pods(None).await;
@@ -611,8 +614,8 @@ fn clone_view(d: &Deployment) -> Value {
 
 impl Snapshot {
     async fn take(h: &Harness) -> Self {
-        let vs = h.vs("frontend").await.expect("VirtualService");
-        let dr = h.dr("frontend").await.expect("DestinationRule");
+        let vs = h.vs(OWNED).await.expect("VirtualService");
+        let dr = h.dr(OWNED).await.expect("DestinationRule");
         let clone = h.deployment(CLONE).await.expect("clone");
         Self {
             vs_rv: vs["metadata"]["resourceVersion"]
@@ -629,8 +632,8 @@ impl Snapshot {
     }
 
     async fn assert_unchanged(&self, h: &Harness, when: &str) {
-        let vs = h.vs("frontend").await.expect("VirtualService");
-        let dr = h.dr("frontend").await.expect("DestinationRule");
+        let vs = h.vs(OWNED).await.expect("VirtualService");
+        let dr = h.dr(OWNED).await.expect("DestinationRule");
         assert_eq!(
             vs["metadata"]["resourceVersion"].as_str(),
             Some(self.vs_rv.as_str()),
@@ -684,4 +687,41 @@ async fn deletion_completes_when_the_namespace_is_deleted() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_created_after_the_canary_is_picked_up() {
+    let mut h = Harness::start("latesvc").await;
+    h.apply_example("app.yaml").await;
+    let canary = h.manifest(
+        "canary-api",
+        r#"apiVersion: recordingcanary.dev/v1alpha1
+kind: RecordingCanary
+metadata: {name: frontend}
+spec: {targetRef: {name: frontend}, service: api, percent: 10, propagationDelay: 1s}
+"#,
+    );
+    h.k(&["apply", "-f", canary.to_str().expect("utf-8 path")])
+        .await;
+    h.until("Blocked with reason ServiceNotFound", WAIT, || async {
+        let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+        let reason = c["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["reason"].clone());
+        if c["status"]["phase"] == "Blocked" && reason == Some(json!("ServiceNotFound")) {
+            Ok(())
+        } else {
+            Err(c["status"].to_string())
+        }
+    })
+    .await;
+    // The Service appears: the canary goes on by itself (the Service is watched).
+    h.k(&["create", "service", "clusterip", "api", "--tcp=80:8080"])
+        .await;
+    h.k(&["set", "selector", "service", "api", "app=frontend"])
+        .await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    h.finish(true).await;
 }

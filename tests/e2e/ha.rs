@@ -6,7 +6,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::json;
 
-use crate::support::{Harness, split_weights};
+use crate::support::{Harness, OWNED, split_weights};
 
 const LEASE: &str = "rc-e2e-ha";
 
@@ -107,7 +107,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
 
     // The standby finishes the ramp.
     h.wait_status("frontend", "Ready", 50).await;
-    let vs = h.vs("frontend").await.expect("the VirtualService");
+    let vs = h.vs(OWNED).await.expect("the VirtualService");
     assert_eq!(split_weights(&vs), Some((50, 50)), "{vs:#}");
     drop(b);
     h.finish(true).await;

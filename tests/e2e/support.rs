@@ -30,6 +30,8 @@ pub const RECORDING_SUBSET: &str = "rcanary-recording";
 pub const RESTORE_ANNOTATION: &str = "recordingcanary.dev/restore";
 pub const SIDECAR_ANNOTATION: &str = "sidecar.speedscale.com/inject";
 pub const CLONE: &str = "frontend-recording";
+/// The VirtualService and DestinationRule the controller creates for canary `frontend`.
+pub const OWNED: &str = "frontend-recording";
 
 /// The cluster the tests run against, from the environment.
 #[derive(Clone, Debug)]
