@@ -9,6 +9,7 @@
 
 mod adopt;
 mod chart;
+mod faults;
 mod flows;
 mod ha;
 mod mbb;
