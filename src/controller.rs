@@ -319,7 +319,9 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     let name = trigger.name_any();
     let span = info_span!("reconcile", namespace = %ns, name = %name);
     let started = Instant::now();
-    let result = reconcile_inner(&ns, &name, &ctx).instrument(span).await;
+    let result = reconcile_inner(&trigger, &ns, &name, &ctx)
+        .instrument(span)
+        .await;
     ctx.metrics.observe(
         started.elapsed(),
         result.as_ref().err().map(Error::metric_label),
@@ -332,14 +334,14 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     result
 }
 
-async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+async fn reconcile_inner(
+    trigger: &RecordingCanary,
+    ns: &str,
+    name: &str,
+    ctx: &Context,
+) -> Result<Requeue, Error> {
     let client = &ctx.client;
-    // A fresh read: the cache may not yet hold the status this controller wrote a moment ago.
     let canaries: Api<RecordingCanary> = Api::namespaced(client.clone(), ns);
-    let Some(canary) = canaries.get_opt(name).await? else {
-        ctx.metrics.forget_canary(ns, name);
-        return Ok(Requeue::await_change());
-    };
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let services: Api<Service> = Api::namespaced(client.clone(), ns);
     let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -348,15 +350,29 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let dr_api: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), ns, &istio::destination_rule_resource());
 
-    let target_name = canary.spec.target_ref.name.clone();
-    let clone_name = canary.spec.clone_name();
-    let (target, service, clone, vss, drs) = futures::try_join!(
+    // The names to read come from the cached canary (they are immutable), so that every read
+    // goes out at once, the canary itself included: a fresh read of it, since the cache may not
+    // yet hold the status this controller wrote a moment ago.
+    let target_name = trigger.spec.target_ref.name.clone();
+    let clone_name = trigger.spec.clone_name();
+    let (canary, target, service, clone, vss, drs) = futures::try_join!(
+        canaries.get_opt(name),
         opt_if(!target_name.is_empty(), deployments.get_opt(&target_name)),
-        services.get_opt(canary.spec.service_name()),
+        services.get_opt(trigger.spec.service_name()),
         deployments.get_opt(&clone_name),
         list_or_empty(&vs_api),
         list_or_empty(&dr_api),
     )?;
+    let Some(canary) = canary else {
+        ctx.metrics.forget_canary(ns, name);
+        return Ok(Requeue::await_change());
+    };
+    if canary.spec.target_ref != trigger.spec.target_ref
+        || canary.spec.service_name() != trigger.spec.service_name()
+    {
+        // Changed under us (only possible without the CRD's immutability rules): read again.
+        return Ok(Requeue::requeue(Duration::from_millis(50)));
+    }
     // Pods by the Service's selector (which also shows other workloads behind the Service),
     // else by the target's.
     let service_selector = service
