@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
@@ -35,6 +35,13 @@ impl Drop for Killer {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Stops the controller (a plain exit would orphan it) and fails.
+fn bail(controller: Killer, msg: &str) -> ! {
+    drop(controller);
+    eprintln!("{msg}");
+    std::process::exit(1);
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -130,9 +137,12 @@ async fn main() {
     let watch_api = vss.clone();
     tokio::spawn(async move {
         let mut s = watcher(watch_api, watcher::Config::default())
+            .default_backoff()
             .applied_objects()
             .boxed();
-        while let Ok(Some(vs)) = s.try_next().await {
+        while let Some(ev) = s.next().await {
+            // A watch error is retried by the backoff; the stream goes on.
+            let Ok(vs) = ev else { continue };
             let v = serde_json::to_value(&vs).unwrap_or_default();
             if let (Some(name), Some(w)) = (vs.metadata.name.clone(), recording_weight(&v)) {
                 let _ = tx.send((name, w, Instant::now()));
@@ -154,7 +164,10 @@ async fn main() {
         let rc: RecordingCanary =
             serde_json::from_value(json!({"apiVersion": "recordingcanary.dev/v1alpha1",
             "kind": "RecordingCanary", "metadata": {"name": name},
-            "spec": {"targetRef": {"name": name}, "percent": 10, "propagationDelay": "1s"}}))
+            "spec": {"targetRef": {"name": name}, "percent": 10, "propagationDelay": "1s",
+                     // One clone replica whatever the weight: the figure is the controller's
+                     // latency, not the time a clone takes to scale up (the capacity gate).
+                     "maxReplicas": 1}}))
             .expect("canary");
         rcs.create(&pp, &rc).await.expect("canary");
     }
@@ -163,8 +176,7 @@ async fn main() {
     while latest.values().filter(|w| **w == 10).count() < canaries {
         let Ok(Some((name, w, _))) = tokio::time::timeout_at(deadline.into(), rx.recv()).await
         else {
-            eprintln!("not all canaries reached 10% within 300 s");
-            std::process::exit(1);
+            bail(controller, "not all canaries reached 10% within 300 s");
         };
         latest.insert(name, w);
     }
@@ -190,10 +202,15 @@ async fn main() {
                 let Ok(Some((n, w, at))) =
                     tokio::time::timeout(Duration::from_secs(30), rx.recv()).await
                 else {
-                    eprintln!("{name} did not reach {target}% within 30 s");
-                    std::process::exit(1);
+                    bail(
+                        controller,
+                        &format!(
+                            "{name} did not reach {target}% within 30 s (namespace {ns} is kept)"
+                        ),
+                    );
                 };
-                if n == name && w == target {
+                // The VirtualService the controller creates is `<canary>-recording`.
+                if n == format!("{name}-recording") && w == target {
                     lat.push(at.duration_since(t0));
                     break;
                 }
