@@ -152,7 +152,7 @@ pub struct RecordingCanaryStatus {
     /// The generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Pending, Progressing, Ready, Degraded, Blocked or Terminating.
+    /// Progressing, Ready, Degraded, Blocked or Terminating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// Share of requests that the VirtualService routes to the clone now, read back from it.

@@ -131,7 +131,6 @@ pub struct Plan {
 
 /// Phases shown in `kubectl get rcanary`.
 pub mod phase {
-    pub const PENDING: &str = "Pending";
     pub const PROGRESSING: &str = "Progressing";
     pub const READY: &str = "Ready";
     pub const DEGRADED: &str = "Degraded";
@@ -202,7 +201,7 @@ impl<'a> Builder<'a> {
     fn report(&mut self, phase: &str, reason: &str, message: &str) {
         let ready = phase == phase::READY;
         let degraded = phase == phase::DEGRADED;
-        let progressing = phase == phase::PROGRESSING || phase == phase::PENDING;
+        let progressing = phase == phase::PROGRESSING;
         // The reason belongs to the condition it explains; the others say where things stand.
         let ready_reason = reason;
         let progressing_reason = if progressing { reason } else { phase };
