@@ -499,7 +499,18 @@ async fn reconcile_inner(
     if finished {
         ctx.metrics.forget_canary(ns, name);
     } else {
-        writers::write_status(client, &canary, &plan.status).await?;
+        // The waits run from when the dependent write completed, not from when it was planned
+        // (the planned time, recorded before the write, only covers a crash in between).
+        let mut status = plan.status.clone();
+        let prev = canary.status.clone().unwrap_or_default();
+        let done = Some(Timestamp::now().to_string());
+        if status.subsets_added_time != prev.subsets_added_time {
+            status.subsets_added_time = done.clone();
+        }
+        if status.routes_removed_time != prev.routes_removed_time {
+            status.routes_removed_time = done;
+        }
+        writers::write_status(client, &canary, &status).await?;
         ctx.metrics.set_canary(
             ns,
             name,

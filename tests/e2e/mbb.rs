@@ -7,7 +7,17 @@
 //! * a VirtualService revision must not route to a subset that no DestinationRule for that host
 //!   defines at that moment (make before break on the way in);
 //! * a DestinationRule revision (or deletion) must not take away a subset that a live
-//!   VirtualService still routes to (make before break on the way out).
+//!   VirtualService still routes to (make before break on the way out);
+//! * and the waits between them: a subset is first routed to at least [`MIN_GAP`] after it
+//!   appeared in a DestinationRule, and leaves the DestinationRule at least [`MIN_GAP`] after the
+//!   last route to it went (the tests run with `propagationDelay` of 1 s or more; the margin
+//!   covers watch delivery).
+
+/// Live VirtualServices: name → (revision, (host, subset) routed to).
+type Routes = BTreeMap<String, (u64, BTreeSet<(String, String)>)>;
+
+/// The shortest wait accepted between dependent writes, as seen by the watches.
+pub const MIN_GAP: Duration = Duration::from_millis(900);
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -320,7 +330,7 @@ impl MakeBeforeBreak {
     fn replay(&self) -> Report {
         let ns = &self.ns;
         let revs = self.revisions();
-        let mut vss: BTreeMap<String, (u64, BTreeSet<(String, String)>)> = BTreeMap::new();
+        let mut vss: Routes = BTreeMap::new();
         let mut drs: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
         let defined =
             |drs: &BTreeMap<String, (String, BTreeSet<String>)>, host: &str, subset: &str| {
@@ -328,12 +338,44 @@ impl MakeBeforeBreak {
             };
         let mut violations = Vec::new();
         let (mut n_vs, mut n_dr) = (0, 0);
+        // When each (host, subset) last became defined, and last stopped being routed to.
+        let mut defined_at: BTreeMap<(String, String), Instant> = BTreeMap::new();
+        let mut unrouted_at: BTreeMap<(String, String), Instant> = BTreeMap::new();
+        let routed =
+            |vss: &Routes, key: &(String, String)| vss.values().any(|(_, refs)| refs.contains(key));
         for r in &revs {
             match r.kind {
                 Kind::VirtualService => {
                     n_vs += 1;
+                    let before = vss.clone();
                     if r.deleted {
                         vss.remove(&r.name);
+                    } else {
+                        vss.insert(r.name.clone(), (r.rv, r.vs_refs(ns)));
+                    }
+                    // Routes that went away, and routes that are new.
+                    let keys: BTreeSet<(String, String)> = before
+                        .values()
+                        .chain(vss.values())
+                        .flat_map(|(_, refs)| refs.iter().cloned())
+                        .collect();
+                    for key in keys {
+                        let (was, is) = (routed(&before, &key), routed(&vss, &key));
+                        if was && !is {
+                            unrouted_at.insert(key.clone(), r.seen);
+                        }
+                        if !was
+                            && is
+                            && let Some(at) = defined_at.get(&key)
+                            && r.seen.duration_since(*at) < MIN_GAP
+                        {
+                            violations.push(format!(
+                                "VirtualService {} revision {} routes to subset {} of {} only {:?} after it was defined (at least {MIN_GAP:?} expected)",
+                                r.name, r.rv, key.1, key.0, r.seen.duration_since(*at)
+                            ));
+                        }
+                    }
+                    if r.deleted {
                         continue;
                     }
                     let refs = r.vs_refs(ns);
@@ -346,7 +388,6 @@ impl MakeBeforeBreak {
                             ));
                         }
                     }
-                    vss.insert(r.name.clone(), (r.rv, refs));
                 }
                 Kind::DestinationRule => {
                     n_dr += 1;
@@ -355,6 +396,26 @@ impl MakeBeforeBreak {
                         drs.remove(&r.name);
                     } else {
                         drs.insert(r.name.clone(), r.dr_subsets(ns));
+                    }
+                    for (host, subsets) in before.values().chain(drs.values()) {
+                        for subset in subsets {
+                            let key = (host.clone(), subset.clone());
+                            let (was, is) =
+                                (defined(&before, host, subset), defined(&drs, host, subset));
+                            if !was && is {
+                                defined_at.insert(key.clone(), r.seen);
+                            }
+                            if was
+                                && !is
+                                && let Some(at) = unrouted_at.get(&key)
+                                && r.seen.duration_since(*at) < MIN_GAP
+                            {
+                                violations.push(format!(
+                                    "DestinationRule {} revision {} took away subset {subset} of {host} only {:?} after the last route to it went (at least {MIN_GAP:?} expected)",
+                                    r.name, r.rv, r.seen.duration_since(*at)
+                                ));
+                            }
+                        }
                     }
                     for (vs, (vs_rv, refs)) in &vss {
                         for (host, subset) in refs {
