@@ -13,7 +13,6 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::{Future, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DynamicObject, ListParams};
 use kube::core::PartialObjectMeta;
@@ -29,7 +28,7 @@ use crate::Error;
 use crate::api::{CANARY_LABEL, RecordingCanary};
 use crate::istio;
 use crate::metrics::Metrics;
-use crate::planner::{self, Action, Observed, Rival};
+use crate::planner::{self, Action, Observed, Rival, meta_of_deployment};
 use crate::writers;
 
 /// Shared state of all reconciles.
@@ -73,27 +72,30 @@ impl Context {
 
     /// Every cached RecordingCanary, across the watched scopes.
     fn cached_canaries(&self) -> Vec<Arc<RecordingCanary>> {
-        self.canaries
-            .lock()
-            .map(|g| g.iter().flat_map(|s| s.state()).collect())
-            .unwrap_or_default()
+        all_cached(&self.canaries)
     }
 
     /// Every cached VirtualService, across the watched scopes.
     fn cached_virtual_services(&self) -> Vec<Arc<DynamicObject>> {
-        self.virtual_services
-            .lock()
-            .map(|g| g.iter().flat_map(|s| s.state()).collect())
-            .unwrap_or_default()
+        all_cached(&self.virtual_services)
     }
 
     /// Every cached DestinationRule, across the watched scopes.
     fn cached_destination_rules(&self) -> Vec<Arc<DynamicObject>> {
-        self.destination_rules
-            .lock()
-            .map(|g| g.iter().flat_map(|s| s.state()).collect())
-            .unwrap_or_default()
+        all_cached(&self.destination_rules)
     }
+}
+
+/// The objects of every store in `stores` (one store per watched scope).
+fn all_cached<K>(stores: &Mutex<Vec<Store<K>>>) -> Vec<Arc<K>>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    stores
+        .lock()
+        .map(|g| g.iter().flat_map(|s| s.state()).collect())
+        .unwrap_or_default()
 }
 
 /// Canaries (from the store) in `ns` for which `pick` holds.
@@ -108,20 +110,6 @@ fn canaries_in(
         .filter(|c| c.namespace().as_deref() == Some(ns) && pick(c))
         .map(|c| ObjectRef::from_obj(c.as_ref()))
         .collect()
-}
-
-/// Whether the object's controlling ReplicaSet belongs to Deployment `deploy`.
-fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
-    let prefix = format!("{deploy}-");
-    meta.owner_references.as_ref().is_some_and(|o| {
-        o.iter().any(|r| {
-            r.controller == Some(true)
-                && r.kind == "ReplicaSet"
-                && r.name
-                    .strip_prefix(&prefix)
-                    .is_some_and(|h| !h.contains('-'))
-        })
-    })
 }
 
 /// Runs the controller for one scope (a namespace, or all) until `shutdown` resolves.

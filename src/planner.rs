@@ -342,11 +342,20 @@ fn pod_crash_looping(p: &Pod) -> bool {
 /// Whether the pod's controlling ReplicaSet belongs to Deployment `deploy`
 /// (a Deployment names its ReplicaSets `<deployment>-<pod-template-hash>`).
 pub fn pod_of_deployment(p: &Pod, deploy: &str) -> bool {
-    let Some(hash) = p.labels().get("pod-template-hash") else {
+    meta_of_deployment(&p.metadata, deploy)
+}
+
+/// [`pod_of_deployment`] on a pod's metadata alone (what a metadata-only watch delivers).
+pub fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
+    let Some(hash) = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"))
+    else {
         return false;
     };
     let rs = format!("{deploy}-{hash}");
-    p.metadata.owner_references.as_ref().is_some_and(|o| {
+    meta.owner_references.as_ref().is_some_and(|o| {
         o.iter()
             .any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs)
     })
