@@ -22,6 +22,21 @@ async fn holder(h: &Harness) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// Waits until the lease holder's identity ends with `id_suffix` (`-<pid>`).
+async fn wait_for_holder(h: &Harness, who: &str, id_suffix: &str, timeout: Duration) {
+    h.until(
+        &format!("controller {who} to hold the lease"),
+        timeout,
+        || async {
+            match holder(h).await {
+                Some(id) if id.ends_with(id_suffix) => Ok(()),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     let mut h = Harness::start_without_controller("ha").await;
@@ -41,17 +56,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     let kubeconfig = h.env.kubeconfig.clone();
     let mut a = h.spawn_controller("a", &args, &kubeconfig);
     let a_id = format!("-{}", a.pid());
-    h.until(
-        "controller a to hold the lease",
-        Duration::from_secs(30),
-        || async {
-            match holder(&h).await {
-                Some(id) if id.ends_with(&a_id) => Ok(()),
-                other => Err(format!("holder {other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_for_holder(&h, "a", &a_id, Duration::from_secs(30)).await;
     let b = h.spawn_controller("b", &args, &kubeconfig);
     let b_id = format!("-{}", b.pid());
 
@@ -87,17 +92,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     // SIGKILL the leader mid-ramp: it cannot release the lease.
     a.kill();
     let killed = Instant::now();
-    h.until(
-        "controller b to take the lease",
-        Duration::from_secs(45),
-        || async {
-            match holder(&h).await {
-                Some(id) if id.ends_with(&b_id) => Ok(()),
-                other => Err(format!("holder {other:?}")),
-            }
-        },
-    )
-    .await;
+    wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
     let takeover = killed.elapsed();
     println!("leader killed at {at_kill}%; standby took the lease after {takeover:?}");
     assert!(
