@@ -1,35 +1,106 @@
-//! Controller wiring: watches, observation, and the reconcile loop around the planner.
+//! Controller wiring: watch caches, the index, and the reconcile loop around the planner.
 //!
-//! Watches: RecordingCanaries; Deployments and Pods as metadata only, kept in no cache, each
-//! event mapped back to the canaries it concerns (so memory does not grow with unrelated
-//! workloads); VirtualServices; DestinationRules (a small cache, to spot shadowing rules in other
-//! namespaces). Nothing polls: a reconcile runs on a watch event, or when a wait it planned ends.
+//! Everything the planner needs is read from watch caches, never listed per reconcile:
+//! - RecordingCanaries, VirtualServices and DestinationRules: kube reflector stores;
+//! - Deployments, Services and Pods: [`Selective`] stores that keep only the objects some canary
+//!   is interested in (targets, clones, their pods, the canaries' Services), so that memory does
+//!   not grow with unrelated workloads.
+//!
+//! Each watch event is mapped through the [`Index`] to exactly the canaries it concerns. A canary
+//! that appears after the watches listed the cluster is read once (`prime`). The controller's
+//! own writes are tracked ([`freshness`]): a canary is planned again only once its caches show
+//! them, and their echoes wake nobody else.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures::{Future, StreamExt};
+use futures::stream::{self, BoxStream};
+use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DynamicObject, ListParams};
-use kube::core::PartialObjectMeta;
+use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
-use crate::api::{CANARY_LABEL, RecordingCanary};
+use crate::api::RecordingCanary;
+use crate::cache::Selective;
+use crate::freshness::{self, Kind, Writes, Written};
+use crate::index::{CanaryKey, Index, MeshKey, Prime, deployment_of_pod, selects};
 use crate::istio;
 use crate::metrics::Metrics;
-use crate::planner::{self, Action, Observed, Rival, meta_of_deployment};
+use crate::planner::{self, Action, Observed, Rival};
 use crate::writers;
+
+/// The caches and index of one watched scope (a namespace, or the whole cluster).
+pub struct Scope {
+    pub namespace: Option<String>,
+    canaries: Store<RecordingCanary>,
+    virtual_services: Store<DynamicObject>,
+    destination_rules: Store<DynamicObject>,
+    deployments: Selective<Deployment>,
+    services: Selective<Service>,
+    pods: Selective<Pod>,
+    index: RwLock<Index>,
+    /// Triggers from events seen in other scopes (a VirtualService elsewhere naming a host here).
+    triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
+}
+
+impl Scope {
+    fn covers(&self, ns: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == ns)
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn index_mut(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mesh_store(&self, vs: bool) -> &Store<DynamicObject> {
+        if vs {
+            &self.virtual_services
+        } else {
+            &self.destination_rules
+        }
+    }
+
+    /// Whether every cache has listed once.
+    fn ready(&self) -> bool {
+        self.deployments.is_ready() && self.services.is_ready() && self.pods.is_ready()
+    }
+
+    async fn wait_until_ready(&self) {
+        let _ = self.virtual_services.wait_until_ready().await;
+        let _ = self.destination_rules.wait_until_ready().await;
+        self.deployments.wait_until_ready().await;
+        self.services.wait_until_ready().await;
+        self.pods.wait_until_ready().await;
+    }
+
+    /// Drops cached objects no canary is interested in any more.
+    fn evict(&self) {
+        let idx = self.index();
+        self.deployments.retain(|d| idx.wants_deployment(&d.metadata));
+        self.services.retain(|s| {
+            !idx.for_service(&s.namespace().unwrap_or_default(), &s.name_any())
+                .is_empty()
+        });
+        self.pods.retain(|p| !idx.for_pod(&p.metadata).is_empty());
+    }
+}
 
 /// Shared state of all reconciles.
 pub struct Context {
@@ -39,10 +110,8 @@ pub struct Context {
     pub cluster_domain: String,
     /// Start of this process: waits are measured from no earlier than this.
     pub started: Timestamp,
-    /// One store per watched scope (`--namespace` may be given several times).
-    canaries: Mutex<Vec<Store<RecordingCanary>>>,
-    destination_rules: Mutex<Vec<Store<DynamicObject>>>,
-    virtual_services: Mutex<Vec<Store<DynamicObject>>>,
+    scopes: RwLock<Vec<Arc<Scope>>>,
+    writes: Mutex<Writes>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
 }
 
@@ -63,53 +132,179 @@ impl Context {
             metrics,
             cluster_domain: cluster_domain.into(),
             started: Timestamp::now(),
-            canaries: Mutex::new(Vec::new()),
-            destination_rules: Mutex::new(Vec::new()),
-            virtual_services: Mutex::new(Vec::new()),
+            scopes: RwLock::new(Vec::new()),
+            writes: Mutex::new(Writes::default()),
             backoff: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Every cached RecordingCanary, across the watched scopes.
-    fn cached_canaries(&self) -> Vec<Arc<RecordingCanary>> {
-        all_cached(&self.canaries)
+    fn scopes(&self) -> Vec<Arc<Scope>> {
+        self.scopes.read().map(|g| g.clone()).unwrap_or_default()
     }
 
-    /// Every cached VirtualService, across the watched scopes.
-    fn cached_virtual_services(&self) -> Vec<Arc<DynamicObject>> {
-        all_cached(&self.virtual_services)
+    fn scope_for(&self, ns: &str) -> Option<Arc<Scope>> {
+        self.scopes().into_iter().find(|s| s.covers(ns))
     }
 
-    /// Every cached DestinationRule, across the watched scopes.
-    fn cached_destination_rules(&self) -> Vec<Arc<DynamicObject>> {
-        all_cached(&self.destination_rules)
+    fn writes(&self) -> std::sync::MutexGuard<'_, Writes> {
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A cached VirtualService (`vs`) or DestinationRule, from whichever scope holds it.
+    fn mesh_object(&self, vs: bool, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
+        let ar = mesh_resource(vs);
+        self.scope_for(ns)?
+            .mesh_store(vs)
+            .get(&ObjectRef::new_with(name, ar).within(ns))
+    }
+
+    /// What the caches hold of an object the controller wrote: (resourceVersion, UID).
+    fn seen(&self, scope: &Scope, kind: Kind, ns: &str, name: &str) -> freshness::Seen {
+        fn rv_uid<K: Resource>(o: &K) -> (String, String) {
+            (
+                o.meta().resource_version.clone().unwrap_or_default(),
+                o.meta().uid.clone().unwrap_or_default(),
+            )
+        }
+        match kind {
+            Kind::Canary => scope
+                .canaries
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|o| rv_uid(o.as_ref())),
+            Kind::Deployment => scope.deployments.get(ns, name).map(|o| rv_uid(o.as_ref())),
+            Kind::Pod => scope.pods.get(ns, name).map(|o| rv_uid(o.as_ref())),
+            Kind::VirtualService => self.mesh_object(true, ns, name).map(|o| rv_uid(o.as_ref())),
+            Kind::DestinationRule => self
+                .mesh_object(false, ns, name)
+                .map(|o| rv_uid(o.as_ref())),
+        }
     }
 }
 
-/// The objects of every store in `stores` (one store per watched scope).
-fn all_cached<K>(stores: &Mutex<Vec<Store<K>>>) -> Vec<Arc<K>>
+fn mesh_resource(vs: bool) -> ApiResource {
+    if vs {
+        istio::virtual_service_resource()
+    } else {
+        istio::destination_rule_resource()
+    }
+}
+
+fn canary_ref(k: &CanaryKey) -> ObjectRef<RecordingCanary> {
+    ObjectRef::new(&k.1).within(&k.0)
+}
+
+fn key_of_canary(c: &RecordingCanary) -> CanaryKey {
+    (c.namespace().unwrap_or_default(), c.name_any())
+}
+
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
 where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
 {
-    stores
-        .lock()
-        .map(|g| g.iter().flat_map(|s| s.state()).collect())
-        .unwrap_or_default()
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
 }
 
-/// Canaries (from the store) in `ns` for which `pick` holds.
-fn canaries_in(
-    store: &Store<RecordingCanary>,
-    ns: &str,
-    pick: impl Fn(&RecordingCanary) -> bool,
+fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<DynamicObject> {
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
+        None => Api::all_with(client.clone(), ar),
+    }
+}
+
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What the caches keep of a Deployment: all but managedFields and kubectl's copy of the spec.
+pub fn strip_deployment(d: &mut Deployment) {
+    d.metadata.managed_fields = None;
+    if let Some(a) = d.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+/// What the caches keep of a Service: its metadata (less managedFields) and selector.
+pub fn strip_service(s: &mut Service) {
+    s.metadata.managed_fields = None;
+    s.metadata.annotations = None;
+    let selector = s.spec.as_ref().and_then(|sp| sp.selector.clone());
+    s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+        selector,
+        ..Default::default()
+    });
+    s.status = None;
+}
+
+/// What the caches keep of a pod: name, labels, owners, deletion, readiness and container
+/// states. The spec is dropped: a pod is the bulk of a cluster's objects.
+pub fn strip_pod(p: &mut Pod) {
+    p.metadata.managed_fields = None;
+    p.metadata.annotations = None;
+    p.spec = None;
+    p.status = p.status.take().map(|s| PodStatus {
+        conditions: s.conditions,
+        container_statuses: s.container_statuses,
+        phase: s.phase,
+        ..Default::default()
+    });
+}
+
+fn strip_mesh(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+}
+
+/// A watch that starts once `gate` resolves: the selective caches list only after the canaries
+/// are known, so that their first list already keeps what the canaries need.
+fn gated<K, G>(
+    gate: G,
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> BoxStream<'static, Result<Event<K>, watcher::Error>>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+    G: Future<Output = ()> + Send + 'static,
+{
+    stream::once(gate)
+        .flat_map(move |_| watcher(api.clone(), cfg.clone()).default_backoff())
+        .boxed()
+}
+
+/// Canaries to reconcile for a watch event on an object the controller may have written:
+/// the echo of its own write wakes only a canary waiting for it.
+fn with_echo(
+    ctx: &Context,
+    kind: Kind,
+    meta: &kube::api::ObjectMeta,
+    deleted: bool,
+    mapped: impl FnOnce() -> Vec<CanaryKey>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
-    store
-        .state()
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(ns) && pick(c))
-        .map(|c| ObjectRef::from_obj(c.as_ref()))
-        .collect()
+    let verdict = ctx.writes().on_event(
+        kind,
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+        meta.resource_version.as_deref().unwrap_or_default(),
+        meta.uid.as_deref().unwrap_or_default(),
+        deleted,
+    );
+    let mut out: Vec<CanaryKey> = if verdict.echo { Vec::new() } else { mapped() };
+    out.extend(verdict.wake);
+    out.sort();
+    out.dedup();
+    out.iter().map(canary_ref).collect()
+}
+
+fn event_object<K>(ev: &Event<K>) -> Option<(&K, bool)> {
+    match ev {
+        Event::Apply(o) | Event::InitApply(o) => Some((o, false)),
+        Event::Delete(o) => Some((o, true)),
+        Event::Init | Event::InitDone => None,
+    }
+}
+
+fn log_watch_error(kind: &str, e: &watcher::Error) {
+    warn!(kind, error = %e, "watch failed; retrying with backoff");
 }
 
 /// Runs the controller for one scope (a namespace, or all) until `shutdown` resolves.
@@ -119,146 +314,153 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let canaries: Api<RecordingCanary> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let deployments: Api<PartialObjectMeta<Deployment>> = scoped_meta(&client, &namespace);
-    let pods: Api<PartialObjectMeta<Pod>> = scoped_meta(&client, &namespace);
-    let services: Api<PartialObjectMeta<Service>> = scoped_meta(&client, &namespace);
-    let vs_api: Api<DynamicObject> =
-        scoped_dyn(&client, &namespace, &istio::virtual_service_resource());
-    let dr_api: Api<DynamicObject> =
-        scoped_dyn(&client, &namespace, &istio::destination_rule_resource());
-
-    let controller = Controller::new(canaries, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    if let Ok(mut g) = ctx.canaries.lock() {
-        g.push(store.clone());
-    }
-    let dr_writer =
-        reflector::store::Writer::<DynamicObject>::new(istio::destination_rule_resource());
-    let dr_reader = dr_writer.as_reader();
-    if let Ok(mut g) = ctx.destination_rules.lock() {
-        g.push(dr_reader);
+    let (canary_reader, mut canary_writer) = reflector::store::<RecordingCanary>();
+    let vs_writer = Writer::<DynamicObject>::new(istio::virtual_service_resource());
+    let dr_writer = Writer::<DynamicObject>::new(istio::destination_rule_resource());
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+    let scope = Arc::new(Scope {
+        namespace: namespace.clone(),
+        canaries: canary_reader.clone(),
+        virtual_services: vs_writer.as_reader(),
+        destination_rules: dr_writer.as_reader(),
+        deployments: Selective::default(),
+        services: Selective::default(),
+        pods: Selective::default(),
+        index: RwLock::new(Index::default()),
+        triggers: trigger_tx,
+    });
+    if let Ok(mut g) = ctx.scopes.write() {
+        g.push(scope.clone());
     }
 
-    let s1 = store.clone();
-    let deploy_stream = watcher(deployments, watcher::Config::default().any_semantic())
+    // Canaries: the index follows the store; the echo of our own status writes wakes nobody.
+    let canary_api: Api<RecordingCanary> = scoped(&client, &namespace);
+    let (c, s) = (ctx.clone(), scope.clone());
+    let canary_stream = watcher(canary_api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .touched_objects();
-    let s2 = store.clone();
-    let pod_stream = watcher(pods, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
-    let s3 = store.clone();
-    let vs_writer =
-        reflector::store::Writer::<DynamicObject>::new(istio::virtual_service_resource());
-    if let Ok(mut g) = ctx.virtual_services.lock() {
-        g.push(vs_writer.as_reader());
-    }
-    let vs_stream = watcher(vs_api, watcher::Config::default().any_semantic())
-        .modify(|o| {
-            o.metadata.managed_fields = None;
+        .map_ok(move |ev| {
+            canary_writer.apply_watcher_event(&ev);
+            let out = on_canary_event(&c, &s, &ev);
+            stream::iter(out.into_iter().map(Ok::<_, watcher::Error>))
         })
-        .default_backoff()
-        .reflect(vs_writer)
-        .touched_objects();
-    let s5 = store.clone();
-    let service_stream = watcher(services, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
-    let s4 = store.clone();
-    let dr_stream = watcher(dr_api, watcher::Config::default().any_semantic())
-        .modify(|o| {
-            o.metadata.managed_fields = None;
-        })
-        .default_backoff()
-        .reflect(dr_writer)
-        .touched_objects();
+        .try_flatten();
 
-    controller
-        .watches_stream(deploy_stream, move |d| {
-            let ns = d.namespace().unwrap_or_default();
-            let mut refs = canaries_in(&s1, &ns, |c| c.spec.target_ref.name == d.name_any());
-            if let Some(owner) = d.labels().get(CANARY_LABEL) {
-                refs.push(ObjectRef::new(owner).within(&ns));
+    // The other watches list once the canaries are known, so that their first list keeps what
+    // the canaries need; pods list once the Services' selectors are known too.
+    let canaries_known = {
+        let (reader, s) = (canary_reader.clone(), scope.clone());
+        move || {
+            let (reader, s) = (reader.clone(), s.clone());
+            async move {
+                let _ = reader.wait_until_ready().await;
+                s.index_mut().watches_started();
             }
-            refs
+        }
+    };
+    let selectors_known = {
+        let (known, s) = (canaries_known.clone(), scope.clone());
+        move || {
+            let (known, s) = (known.clone(), s.clone());
+            async move {
+                known().await;
+                s.services.wait_until_ready().await;
+            }
+        }
+    };
+    let (c, s) = (ctx.clone(), scope.clone());
+    let deployments = gated(
+        canaries_known(),
+        scoped::<Deployment>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .flat_map(move |r| {
+        stream::iter(match r {
+            Ok(mut ev) => {
+                modify(&mut ev, strip_deployment);
+                on_deployment_event(&c, &s, &ev)
+            }
+            Err(e) => {
+                log_watch_error("Deployment", &e);
+                Vec::new()
+            }
         })
-        .watches_stream(pod_stream, move |p| {
-            let ns = p.namespace().unwrap_or_default();
-            canaries_in(&s2, &ns, |c| {
-                meta_of_deployment(&p.metadata, &c.spec.target_ref.name)
-                    || meta_of_deployment(&p.metadata, &c.spec.clone_name())
+    });
+    let (c, s) = (ctx.clone(), scope.clone());
+    let services = gated(
+        canaries_known(),
+        scoped::<Service>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .flat_map(move |r| {
+        stream::iter(match r {
+            Ok(mut ev) => {
+                modify(&mut ev, strip_service);
+                on_service_event(&c, &s, &ev)
+            }
+            Err(e) => {
+                log_watch_error("Service", &e);
+                Vec::new()
+            }
+        })
+    });
+    let (c, s) = (ctx.clone(), scope.clone());
+    let pods = gated(
+        selectors_known(),
+        scoped::<Pod>(&client, &namespace),
+        watcher::Config::default(),
+    )
+    .flat_map(move |r| {
+        stream::iter(match r {
+            Ok(mut ev) => {
+                modify(&mut ev, strip_pod);
+                on_pod_event(&c, &s, &ev)
+            }
+            Err(e) => {
+                log_watch_error("Pod", &e);
+                Vec::new()
+            }
+        })
+    });
+    let mesh = |vs: bool, mut writer: Writer<DynamicObject>| {
+        let (c, s) = (ctx.clone(), scope.clone());
+        let ar = mesh_resource(vs);
+        let api = scoped_dyn(&client, &namespace, &ar);
+        let gate = canaries_known();
+        stream::once(gate)
+            .flat_map(move |_| {
+                watcher(api.clone(), watcher::Config::default().any_semantic()).default_backoff()
             })
-        })
-        .watches_stream_with(
-            vs_stream,
-            move |v| {
-                let ns = v.namespace().unwrap_or_default();
-                let mut refs = canaries_in(&s3, &ns, |_| true);
-                // A mesh VirtualService elsewhere may name a canary's host: `<service>.<ns>...`.
-                let hosts: Vec<String> = v
-                    .data
-                    .pointer("/spec/hosts")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(String::from)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                refs.extend(
-                    s3.state()
-                        .iter()
-                        .filter(|c| c.namespace().as_deref() != Some(ns.as_str()))
-                        .filter(|c| {
-                            let prefix = format!(
-                                "{}.{}",
-                                c.spec.service_name(),
-                                c.namespace().unwrap_or_default()
-                            );
-                            hosts.iter().any(|h| h.starts_with(&prefix))
-                        })
-                        .map(|c| ObjectRef::from_obj(c.as_ref())),
-                );
-                refs
-            },
-            istio::virtual_service_resource(),
-        )
-        .watches_stream_with(
-            dr_stream,
-            move |d| {
-                let ns = d.namespace().unwrap_or_default();
-                let host = d
-                    .data
-                    .pointer("/spec/host")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .split('.')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                let mut refs = canaries_in(&s4, &ns, |_| true);
-                refs.extend(
-                    s4.state()
-                        .iter()
-                        .filter(|c| {
-                            c.spec.service_name() == host
-                                && c.namespace().as_deref() != Some(ns.as_str())
-                        })
-                        .map(|c| ObjectRef::from_obj(c.as_ref())),
-                );
-                refs
-            },
-            istio::destination_rule_resource(),
-        )
-        .watches_stream(service_stream, move |svc| {
-            let ns = svc.namespace().unwrap_or_default();
-            canaries_in(&s5, &ns, |c| c.spec.service_name() == svc.name_any())
-        })
+            .flat_map(move |r| {
+                stream::iter(match r {
+                    Ok(mut ev) => {
+                        modify(&mut ev, strip_mesh);
+                        writer.apply_watcher_event(&ev);
+                        on_mesh_event(&c, &s, vs, &ev)
+                    }
+                    Err(e) => {
+                        log_watch_error(if vs { "VirtualService" } else { "DestinationRule" }, &e);
+                        Vec::new()
+                    }
+                })
+            })
+            .boxed()
+    };
+    let virtual_services = mesh(true, vs_writer);
+    let destination_rules = mesh(false, dr_writer);
+    let from_other_scopes = stream::unfold(trigger_rx, |mut rx| async move {
+        rx.recv().await.map(|t| (t, rx))
+    });
+    let triggers = stream::select_all([
+        deployments.boxed(),
+        services.boxed(),
+        pods.boxed(),
+        virtual_services,
+        destination_rules,
+        from_other_scopes.boxed(),
+    ]);
+
+    Controller::for_stream(canary_stream, canary_reader)
+        .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -274,31 +476,368 @@ pub async fn run(
         .await;
 }
 
-fn scoped_meta<K>(client: &Client, ns: &Option<String>) -> Api<PartialObjectMeta<K>>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
-{
-    match ns {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
+fn modify<K>(ev: &mut Event<K>, f: impl Fn(&mut K)) {
+    match ev {
+        Event::Apply(o) | Event::InitApply(o) | Event::Delete(o) => f(o),
+        Event::Init | Event::InitDone => {}
     }
 }
 
-fn scoped_dyn(
-    client: &Client,
-    ns: &Option<String>,
-    ar: &kube::api::ApiResource,
-) -> Api<DynamicObject> {
-    match ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
-        None => Api::all_with(client.clone(), ar),
+/// Every canary of a scope: after a re-list, objects may have gone unseen.
+fn all_canaries(scope: &Scope) -> Vec<ObjectRef<RecordingCanary>> {
+    scope.index().keys().map(canary_ref).collect()
+}
+
+fn on_canary_event(ctx: &Context, scope: &Scope, ev: &Event<RecordingCanary>) -> Vec<RecordingCanary> {
+    match ev {
+        Event::Apply(c) | Event::InitApply(c) => {
+            let new = scope.index_mut().upsert(c);
+            if new {
+                index_mesh_of_new_canary(ctx, scope, c);
+            }
+            let verdict = ctx.writes().on_event(
+                Kind::Canary,
+                &c.namespace().unwrap_or_default(),
+                &c.name_any(),
+                c.resource_version().as_deref().unwrap_or_default(),
+                c.uid().as_deref().unwrap_or_default(),
+                false,
+            );
+            if verdict.echo && verdict.wake.is_none() {
+                Vec::new()
+            } else {
+                vec![c.clone()]
+            }
+        }
+        Event::Delete(c) => {
+            forget_canary(ctx, scope, &key_of_canary(c));
+            Vec::new()
+        }
+        Event::InitDone => {
+            // Canaries deleted while the watch was down.
+            let gone: Vec<CanaryKey> = scope
+                .index()
+                .keys()
+                .filter(|k| scope.canaries.get(&canary_ref(k)).is_none())
+                .cloned()
+                .collect();
+            for k in gone {
+                forget_canary(ctx, scope, &k);
+            }
+            Vec::new()
+        }
+        Event::Init => Vec::new(),
     }
 }
 
-fn to_values(objs: Vec<DynamicObject>) -> Vec<Value> {
-    objs.into_iter()
-        .filter_map(|o| serde_json::to_value(o).ok())
-        .collect()
+fn forget_canary(ctx: &Context, scope: &Scope, k: &CanaryKey) {
+    scope.index_mut().remove(&k.0, &k.1);
+    ctx.writes().forget(k);
+    scope.evict();
+    ctx.metrics.forget_canary(&k.0, &k.1);
+    if let Ok(mut b) = ctx.backoff.lock() {
+        b.remove(&canary_ref(k));
+    }
+}
+
+/// A canary new to the index: the VirtualServices and DestinationRules it concerns, from the
+/// caches of every scope (they sent their events before it existed).
+fn index_mesh_of_new_canary(ctx: &Context, scope: &Scope, c: &RecordingCanary) {
+    let me = key_of_canary(c);
+    for other in ctx.scopes() {
+        for vs in [true, false] {
+            for obj in other.mesh_store(vs).state() {
+                let Ok(v) = serde_json::to_value(obj.as_ref()) else {
+                    continue;
+                };
+                let hits = scope.index().for_mesh(&v, vs, &ctx.cluster_domain);
+                if hits.contains(&me) {
+                    let m = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
+                    let mut idx = scope.index_mut();
+                    let mut now: Vec<CanaryKey> = idx
+                        .mesh_of_key(&m)
+                        .into_iter()
+                        .filter(|k| k != &me)
+                        .collect();
+                    now.push(me.clone());
+                    idx.mesh_seen(m, Some(now));
+                }
+            }
+        }
+    }
+}
+
+fn on_deployment_event(
+    ctx: &Context,
+    scope: &Scope,
+    ev: &Event<Deployment>,
+) -> Vec<ObjectRef<RecordingCanary>> {
+    {
+        let idx = scope.index();
+        scope
+            .deployments
+            .apply(ev, |d| idx.wants_deployment(&d.metadata));
+    }
+    ctx.metrics.cached("Deployment", scope.deployments.len());
+    match event_object(ev) {
+        Some((d, deleted)) => with_echo(ctx, Kind::Deployment, &d.metadata, deleted, || {
+            scope.index().for_deployment(&d.metadata)
+        }),
+        None if matches!(ev, Event::InitDone) => all_canaries(scope),
+        None => Vec::new(),
+    }
+}
+
+fn on_service_event(
+    ctx: &Context,
+    scope: &Scope,
+    ev: &Event<Service>,
+) -> Vec<ObjectRef<RecordingCanary>> {
+    {
+        let idx = scope.index();
+        scope.services.apply(ev, |s| {
+            !idx.for_service(&s.namespace().unwrap_or_default(), &s.name_any())
+                .is_empty()
+        });
+    }
+    ctx.metrics.cached("Service", scope.services.len());
+    match event_object(ev) {
+        Some((svc, deleted)) => {
+            let selector = (!deleted).then(|| selector_of(svc));
+            scope
+                .index_mut()
+                .service_seen(&svc.namespace().unwrap_or_default(), &svc.name_any(), selector)
+                .iter()
+                .map(canary_ref)
+                .collect()
+        }
+        None if matches!(ev, Event::InitDone) => all_canaries(scope),
+        None => Vec::new(),
+    }
+}
+
+fn selector_of(svc: &Service) -> BTreeMap<String, String> {
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default()
+}
+
+fn on_pod_event(ctx: &Context, scope: &Scope, ev: &Event<Pod>) -> Vec<ObjectRef<RecordingCanary>> {
+    {
+        let idx = scope.index();
+        scope
+            .pods
+            .apply(ev, |p| !idx.for_pod(&p.metadata).is_empty());
+    }
+    ctx.metrics.cached("Pod", scope.pods.len());
+    match event_object(ev) {
+        Some((p, deleted)) => with_echo(ctx, Kind::Pod, &p.metadata, deleted, || {
+            scope.index().for_pod(&p.metadata)
+        }),
+        None if matches!(ev, Event::InitDone) => all_canaries(scope),
+        None => Vec::new(),
+    }
+}
+
+/// A VirtualService or DestinationRule event: the index of every scope learns which canaries
+/// it concerns; this scope's are returned, other scopes' are sent to them.
+fn on_mesh_event(
+    ctx: &Context,
+    scope: &Scope,
+    vs: bool,
+    ev: &Event<DynamicObject>,
+) -> Vec<ObjectRef<RecordingCanary>> {
+    let Some((obj, deleted)) = event_object(ev) else {
+        return if matches!(ev, Event::InitDone) {
+            all_canaries(scope)
+        } else {
+            Vec::new()
+        };
+    };
+    let m: MeshKey = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
+    let value = serde_json::to_value(obj).unwrap_or_default();
+    let mut mine = Vec::new();
+    for other in ctx.scopes() {
+        let now = (!deleted).then(|| other.index().for_mesh(&value, vs, &ctx.cluster_domain));
+        let hits = other.index_mut().mesh_seen(m.clone(), now);
+        if std::ptr::eq(other.as_ref(), scope) {
+            mine = hits;
+        } else {
+            for k in hits {
+                let _ = other.triggers.send(canary_ref(&k));
+            }
+        }
+    }
+    ctx.metrics.cached(
+        if vs { "VirtualService" } else { "DestinationRule" },
+        scope.mesh_store(vs).state().len(),
+    );
+    let kind = if vs {
+        Kind::VirtualService
+    } else {
+        Kind::DestinationRule
+    };
+    with_echo(ctx, kind, &obj.metadata, deleted, || mine)
+}
+
+/// What the planner looks at, taken from the caches.
+struct Snapshot {
+    target: Option<Arc<Deployment>>,
+    clone: Option<Arc<Deployment>>,
+    service: Option<Arc<Service>>,
+    pods: Vec<Pod>,
+    virtual_services: Vec<Value>,
+    destination_rules: Vec<Value>,
+    rivals: Vec<Rival>,
+}
+
+impl Snapshot {
+    fn take(ctx: &Context, scope: &Scope, c: &RecordingCanary) -> Self {
+        let ns = c.namespace().unwrap_or_default();
+        let name = c.name_any();
+        let target_name = c.spec.target_ref.name.clone();
+        let clone_name = c.spec.clone_name();
+        let target = scope.deployments.get(&ns, &target_name);
+        let clone = scope.deployments.get(&ns, &clone_name);
+        let service = scope.services.get(&ns, c.spec.service_name());
+        let selector = service.as_deref().map(selector_of).unwrap_or_default();
+        let pods = scope
+            .pods
+            .in_namespace(&ns, |p| {
+                deployment_of_pod(&p.metadata)
+                    .is_some_and(|d| d == target_name || d == clone_name)
+                    || p.metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| selects(&selector, l))
+            })
+            .iter()
+            .map(|p| p.as_ref().clone())
+            .collect();
+        let (mesh, sharing) = {
+            let idx = scope.index();
+            (idx.mesh_of(&ns, &name), idx.sharing(&ns, &name))
+        };
+        let mut virtual_services = Vec::new();
+        let mut destination_rules = Vec::new();
+        for (vs, mns, mname) in mesh {
+            let Some(obj) = ctx.mesh_object(vs, &mns, &mname) else {
+                continue;
+            };
+            let Ok(v) = serde_json::to_value(obj.as_ref()) else {
+                continue;
+            };
+            if vs {
+                virtual_services.push(v);
+            } else {
+                destination_rules.push(v);
+            }
+        }
+        let rivals = sharing
+            .iter()
+            .filter_map(|n| scope.canaries.get(&ObjectRef::new(n).within(&ns)))
+            .map(|r| Rival {
+                name: r.name_any(),
+                created: r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                target: r.spec.target_ref.name.clone(),
+                service: r.spec.service_name().to_string(),
+                deleting: r.metadata.deletion_timestamp.is_some(),
+            })
+            .collect();
+        Self {
+            target,
+            clone,
+            service,
+            pods,
+            virtual_services,
+            destination_rules,
+            rivals,
+        }
+    }
+}
+
+/// Reads what the caches may lack for a canary (it appeared after the watches listed, or a
+/// write found the cache wrong): its target, Service and clone, and the pods they select.
+async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> Result<(), Error> {
+    let ns = c.namespace().unwrap_or_default();
+    let name = c.name_any();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let target_name = c.spec.target_ref.name.clone();
+    let service_name = c.spec.service_name().to_string();
+    if p.objects || p.clone {
+        let clone_name = c.spec.clone_name();
+        let (target, service, clone) = futures::try_join!(
+            opt_if(p.objects && !target_name.is_empty(), deployments.get_opt(&target_name)),
+            opt_if(p.objects, services.get_opt(&service_name)),
+            opt_if(p.clone, deployments.get_opt(&clone_name)),
+        )?;
+        for mut d in target.into_iter().chain(clone) {
+            strip_deployment(&mut d);
+            scope.deployments.insert_newer(d);
+        }
+        if p.objects {
+            let selector = service.as_ref().map(selector_of);
+            if let Some(mut svc) = service {
+                strip_service(&mut svc);
+                scope.services.insert_newer(svc);
+            }
+            scope.index_mut().service_seen(&ns, &service_name, selector);
+        }
+        scope.index_mut().primed(
+            &ns,
+            &name,
+            Prime {
+                objects: p.objects,
+                clone: p.clone,
+                pods: false,
+            },
+        );
+    }
+    let needs_pods = scope
+        .index()
+        .get(&ns, &name)
+        .is_some_and(|e| e.prime.pods);
+    if needs_pods {
+        let mut selector = scope
+            .services
+            .get(&ns, &service_name)
+            .map(|s| selector_of(&s))
+            .unwrap_or_default();
+        if selector.is_empty() {
+            selector = scope
+                .deployments
+                .get(&ns, &target_name)
+                .and_then(|t| t.spec.as_ref().and_then(|s| s.selector.match_labels.clone()))
+                .unwrap_or_default();
+        }
+        if !selector.is_empty() {
+            let labels = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let listed = pods.list(&ListParams::default().labels(&labels)).await?;
+            let idx = scope.index();
+            for mut p in listed.items {
+                if !idx.for_pod(&p.metadata).is_empty() {
+                    strip_pod(&mut p);
+                    scope.pods.insert_newer(p);
+                }
+            }
+        }
+        scope.index_mut().primed(
+            &ns,
+            &name,
+            Prime {
+                pods: true,
+                ..Prime::default()
+            },
+        );
+    }
+    Ok(())
 }
 
 /// Observe, plan, apply, report.
@@ -307,9 +846,7 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     let name = trigger.name_any();
     let span = info_span!("reconcile", namespace = %ns, name = %name);
     let started = Instant::now();
-    let result = reconcile_inner(&trigger, &ns, &name, &ctx)
-        .instrument(span)
-        .await;
+    let result = reconcile_inner(&ns, &name, &ctx).instrument(span).await;
     ctx.metrics.observe(
         started.elapsed(),
         result.as_ref().err().map(Error::metric_label),
@@ -322,141 +859,113 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     result
 }
 
-async fn reconcile_inner(
-    trigger: &RecordingCanary,
-    ns: &str,
-    name: &str,
-    ctx: &Context,
-) -> Result<Requeue, Error> {
-    let client = &ctx.client;
-    let canaries: Api<RecordingCanary> = Api::namespaced(client.clone(), ns);
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), ns);
-    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let vs_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), ns, &istio::virtual_service_resource());
-    let dr_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), ns, &istio::destination_rule_resource());
-
-    // The names to read come from the cached canary (they are immutable), so that every read
-    // goes out at once, the canary itself included: a fresh read of it, since the cache may not
-    // yet hold the status this controller wrote a moment ago.
-    let target_name = trigger.spec.target_ref.name.clone();
-    let clone_name = trigger.spec.clone_name();
-    let (canary, target, service, clone, vss, drs) = futures::try_join!(
-        canaries.get_opt(name),
-        opt_if(!target_name.is_empty(), deployments.get_opt(&target_name)),
-        services.get_opt(trigger.spec.service_name()),
-        deployments.get_opt(&clone_name),
-        list_or_empty(&vs_api),
-        list_or_empty(&dr_api),
-    )?;
-    let Some(canary) = canary else {
-        ctx.metrics.forget_canary(ns, name);
+async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+    let Some(scope) = ctx.scope_for(ns) else {
         return Ok(Requeue::await_change());
     };
-    if canary.spec.target_ref != trigger.spec.target_ref
-        || canary.spec.service_name() != trigger.spec.service_name()
-    {
-        // Changed under us (only possible without the CRD's immutability rules): read again.
-        return Ok(Requeue::requeue(Duration::from_millis(50)));
+    if !scope.ready() {
+        scope.wait_until_ready().await;
     }
-    // Pods by the Service's selector (which also shows other workloads behind the Service),
-    // else by the target's.
-    let service_selector = service
-        .as_ref()
-        .and_then(|s| s.spec.as_ref())
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default();
-    let target_selector = target
-        .as_ref()
-        .and_then(|t| t.spec.as_ref())
-        .and_then(|s| s.selector.match_labels.clone())
-        .unwrap_or_default();
-    let selector = if service_selector.is_empty() {
-        &target_selector
-    } else {
-        &service_selector
+    let key: CanaryKey = (ns.to_string(), name.to_string());
+    // Plan only from caches that show this controller's own last writes.
+    let stale = ctx
+        .writes()
+        .stale(&key, Instant::now(), |k, n, o| ctx.seen(&scope, k, n, o));
+    if stale {
+        debug!("waiting for the watches to show this controller's last writes");
+        return Ok(Requeue::requeue(freshness::EXPIRY + Duration::from_secs(1)));
+    }
+    let Some(canary) = scope.canaries.get(&ObjectRef::new(name).within(ns)) else {
+        return Ok(Requeue::await_change());
     };
-    let selector = selector
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let pods = pods_api
-        .list(&ListParams::default().labels(&selector))
-        .await?
-        .items;
+    let prime_needed = scope
+        .index()
+        .get(ns, name)
+        .map(|e| e.prime)
+        .unwrap_or_default();
+    if prime_needed.any() {
+        prime(ctx, &scope, &canary, prime_needed).await?;
+    }
 
-    // DestinationRules elsewhere matter only when they name this Service's host.
-    let service_name = canary.spec.service_name();
-    let mut destination_rules = to_values(drs);
-    destination_rules.extend(
-        ctx.cached_destination_rules()
-            .iter()
-            .filter(|d| d.namespace().as_deref() != Some(ns))
-            .filter(|d| {
-                d.data
-                    .pointer("/spec/host")
-                    .and_then(Value::as_str)
-                    .and_then(|h| h.split('.').next())
-                    == Some(service_name)
-            })
-            .filter_map(|d| serde_json::to_value(d.as_ref()).ok()),
-    );
-    let mut virtual_services = to_values(vss);
-    let host_prefix = format!("{service_name}.{ns}");
-    virtual_services.extend(
-        ctx.cached_virtual_services()
-            .iter()
-            .filter(|v| v.namespace().as_deref() != Some(ns))
-            .filter(|v| {
-                v.data
-                    .pointer("/spec/hosts")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .any(|h| h.starts_with(&host_prefix))
-                    })
-            })
-            .filter_map(|v| serde_json::to_value(v.as_ref()).ok()),
-    );
-    let rivals: Vec<Rival> = ctx
-        .cached_canaries()
-        .iter()
-        .filter(|c| c.namespace().as_deref() == Some(ns) && c.name_any() != name)
-        .map(|c| Rival {
-            name: c.name_any(),
-            created: c.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            target: c.spec.target_ref.name.clone(),
-            service: c.spec.service_name().to_string(),
-            deleting: c.metadata.deletion_timestamp.is_some(),
-        })
-        .collect();
-
+    let snap = Snapshot::take(ctx, &scope, &canary);
+    let started = ctx
+        .writes()
+        .mesh_written(&key)
+        .map_or(ctx.started, |t| t.max(ctx.started));
     let observed = Observed {
         canary: &canary,
         now: Timestamp::now(),
-        started: ctx.started,
+        started,
         cluster_domain: &ctx.cluster_domain,
-        target: target.as_ref(),
-        service_exists: service.is_some(),
-        service_selector,
-        clone: clone.as_ref(),
-        pods: &pods,
-        virtual_services: &virtual_services,
-        destination_rules: &destination_rules,
-        rivals: &rivals,
+        target: snap.target.as_deref(),
+        service_exists: snap.service.is_some(),
+        service_selector: snap.service.as_deref().map(selector_of).unwrap_or_default(),
+        clone: snap.clone.as_deref(),
+        pods: &snap.pods,
+        virtual_services: &snap.virtual_services,
+        destination_rules: &snap.destination_rules,
+        rivals: &snap.rivals,
     };
     let plan = planner::plan(&observed);
     if !plan.actions.is_empty() {
         info!(actions = plan.actions.len(), phase = ?plan.status.phase, percent = plan.status.current_percent, "applying plan");
     }
-    writers::apply(client, &canary, &plan.actions).await?;
+    let mut written: Vec<Written> = Vec::new();
+    let applied = writers::apply(&ctx.client, &canary, &plan.actions, &mut written).await;
+    let wrote = !written.is_empty();
+    ctx.writes().record(&key, ns, written, Instant::now());
+    if let Err(e) = applied {
+        if e.is_conflict() {
+            // Something differs from what the caches showed: read the canary's objects again.
+            scope.index_mut().reprime(ns, name);
+        }
+        return Err(e);
+    }
+    publish_events(ctx, &canary, &plan.events).await;
+    let finished = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::RemoveFinalizer));
+    let mut status_written = None;
+    if !finished {
+        // The waits run from when the dependent write completed, not from when it was planned.
+        let mut status = plan.status.clone();
+        let prev = canary.status.clone().unwrap_or_default();
+        let done = Some(Timestamp::now().to_string());
+        if status.subsets_added_time != prev.subsets_added_time {
+            status.subsets_added_time = done.clone();
+        }
+        if status.routes_removed_time != prev.routes_removed_time {
+            status.routes_removed_time = done;
+        }
+        status_written = writers::write_status(&ctx.client, &canary, &status).await?;
+        ctx.metrics.set_canary(
+            ns,
+            name,
+            canary.spec.percent,
+            plan.status.current_percent,
+            plan.status.clone_replicas,
+        );
+    }
+    let wrote = wrote || status_written.is_some();
+    ctx.writes()
+        .record(&key, ns, status_written.into_iter().collect(), Instant::now());
+    if wrote {
+        // Plan again once the watches show these writes: their echo wakes this canary.
+        ctx.writes()
+            .stale(&key, Instant::now(), |k, n, o| ctx.seen(&scope, k, n, o));
+    }
+    let fallback = wrote.then_some(freshness::EXPIRY + Duration::from_secs(1));
+    Ok(match plan.requeue_after.into_iter().chain(fallback).min() {
+        Some(d) => Requeue::requeue(d),
+        None => Requeue::await_change(),
+    })
+}
+
+async fn publish_events(ctx: &Context, canary: &RecordingCanary, events: &[planner::EventNote]) {
     let reference = canary.object_ref(&());
-    for e in &plan.events {
-        let ev = Event {
+    for e in events {
+        let ev = KubeEvent {
             type_: if e.warning {
                 EventType::Warning
             } else {
@@ -480,37 +989,6 @@ async fn reconcile_inner(
             Err(err) => warn!(error = %err, "could not publish an event"),
         }
     }
-    let finished = plan
-        .actions
-        .iter()
-        .any(|a| matches!(a, Action::RemoveFinalizer));
-    if finished {
-        ctx.metrics.forget_canary(ns, name);
-    } else {
-        // The waits run from when the dependent write completed, not from when it was planned
-        // (the planned time, recorded before the write, only covers a crash in between).
-        let mut status = plan.status.clone();
-        let prev = canary.status.clone().unwrap_or_default();
-        let done = Some(Timestamp::now().to_string());
-        if status.subsets_added_time != prev.subsets_added_time {
-            status.subsets_added_time = done.clone();
-        }
-        if status.routes_removed_time != prev.routes_removed_time {
-            status.routes_removed_time = done;
-        }
-        writers::write_status(client, &canary, &status).await?;
-        ctx.metrics.set_canary(
-            ns,
-            name,
-            canary.spec.percent,
-            plan.status.current_percent,
-            plan.status.clone_replicas,
-        );
-    }
-    Ok(match plan.requeue_after {
-        Some(d) => Requeue::requeue(d),
-        None => Requeue::await_change(),
-    })
 }
 
 async fn opt_if<T>(
@@ -520,17 +998,8 @@ async fn opt_if<T>(
     if cond { f.await } else { Ok(None) }
 }
 
-/// Lists a namespace's objects of an Istio kind; a cluster without the CRD yields none.
-async fn list_or_empty(api: &Api<DynamicObject>) -> Result<Vec<DynamicObject>, kube::Error> {
-    match api.list(&ListParams::default()).await {
-        Ok(l) => Ok(l.items),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Vec::new()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Errors back off exponentially per canary: from 50 ms for a lost race (replanned from fresh
-/// state), from 500 ms for anything else; both up to a minute. A success resets the backoff.
+/// Errors back off exponentially per canary: from 50 ms for a lost race (replanned from the
+/// caches), from 500 ms for anything else; both up to a minute. A success resets the backoff.
 fn error_policy(canary: Arc<RecordingCanary>, error: &Error, ctx: Arc<Context>) -> Requeue {
     let conflict = error.is_conflict();
     if conflict {

@@ -60,15 +60,43 @@ impl ServiceHost {
     /// Whether `host`, written in an object of namespace `obj_ns`, names this Service.
     /// Short names are resolved against the object's namespace, as Istio does.
     pub fn matches(&self, host: &str, obj_ns: &str) -> bool {
-        let host = host.trim().trim_end_matches('.');
-        let parts: Vec<&str> = host.split('.').collect();
-        match parts.as_slice() {
-            [n] => *n == self.name && obj_ns == self.namespace,
-            [n, ns] => *n == self.name && *ns == self.namespace,
-            [n, ns, "svc"] => *n == self.name && *ns == self.namespace,
-            _ => host == self.fqdn(),
-        }
+        service_of_host(host, obj_ns, &self.domain)
+            .is_some_and(|(n, ns)| n == self.name && ns == self.namespace)
     }
+}
+
+/// The Service (`name`, `namespace`) a host names, written in an object of namespace `obj_ns`:
+/// `name`, `name.ns`, `name.ns.svc` or `name.ns.svc.<domain>`; `None` for any other host
+/// (an external name, a wildcard). The one place hosts are resolved.
+pub fn service_of_host(host: &str, obj_ns: &str, domain: &str) -> Option<(String, String)> {
+    let host = host.trim().trim_end_matches('.');
+    let host = host
+        .strip_suffix(domain)
+        .and_then(|h| h.strip_suffix(".svc."))
+        .map(|h| format!("{h}.svc"))
+        .unwrap_or_else(|| host.to_string());
+    let parts: Vec<&str> = host.split('.').collect();
+    let (n, ns) = match parts.as_slice() {
+        [n] => (*n, obj_ns),
+        [n, ns] | [n, ns, "svc"] => (*n, *ns),
+        _ => return None,
+    };
+    (!n.is_empty() && !ns.is_empty() && n != "*").then(|| (n.to_string(), ns.to_string()))
+}
+
+/// Every host a VirtualService names: its `hosts` and the destination host of every HTTP route.
+pub fn vs_named_hosts(spec: &Value) -> Vec<&str> {
+    let hosts = spec
+        .get("hosts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str);
+    let dests = http_routes(spec)
+        .into_iter()
+        .flat_map(destinations)
+        .filter_map(dest_host);
+    hosts.chain(dests).collect()
 }
 
 /// Whether a VirtualService applies to sidecars (no `gateways`, or `mesh` listed).
@@ -234,6 +262,12 @@ pub fn parse_restore_note(note: Option<&str>) -> (Option<String>, Vec<Option<i64
         .map(|a| a.iter().map(Value::as_i64).collect())
         .unwrap_or_default();
     (canary, weights)
+}
+
+/// The canary named in a restore note (VirtualService or DestinationRule), if any.
+pub fn note_owner(note: Option<&str>) -> Option<String> {
+    note.and_then(|n| serde_json::from_str::<Value>(n).ok())
+        .and_then(|v| v.get("canary").and_then(Value::as_str).map(String::from))
 }
 
 /// The restore note on an object, if any.

@@ -6,12 +6,19 @@
 //! - [`istio`]: VirtualService and DestinationRule handling on plain JSON;
 //! - [`planner`]: the pure function from observed objects to ordered actions;
 //! - [`writers`]: the thin layer that carries the actions out;
+//! - [`cache`], [`index`], [`freshness`]: selective watch caches, the map from each watched
+//!   object to the canaries it concerns, and read-your-writes over the caches;
 //! - [`controller`]: watches, observation and the reconcile loop;
+//! - [`client`]: the Kubernetes client, counting its requests;
 //! - [`metrics`], [`admin`], [`lease`]: Prometheus metrics, the admin server, leader election.
 
 pub mod admin;
 pub mod api;
+pub mod cache;
+pub mod client;
 pub mod controller;
+pub mod freshness;
+pub mod index;
 pub mod istio;
 pub mod lease;
 pub mod metrics;
@@ -37,6 +44,7 @@ impl Error {
     /// plan again right away from fresh state.
     pub fn is_conflict(&self) -> bool {
         match self {
+            Error::Conflict(_) => true,
             Error::Kube(kube::Error::Api(s)) => {
                 s.code == 409 || (s.code == 422 && s.message.contains("test"))
             }
@@ -54,5 +62,17 @@ impl Error {
             Error::Serialization(_) => "serialization",
             Error::MissingNamespace => "invalid",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_race_is_a_conflict_and_takes_the_fast_path() {
+        assert!(Error::Conflict("rv".into()).is_conflict());
+        assert_eq!(Error::Conflict("rv".into()).metric_label(), "conflict");
+        assert!(!Error::MissingNamespace.is_conflict());
     }
 }

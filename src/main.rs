@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kube::Client;
 use recording_canary::admin::{self, Health};
 use recording_canary::controller::{self, Context};
 use recording_canary::lease::{Elector, LeaseConfig};
@@ -113,10 +112,10 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> Result<(), String> {
-    let client = Client::try_default()
+    let metrics = Arc::new(Metrics::default());
+    let client = recording_canary::client::counted(metrics.clone())
         .await
         .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
-    let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {

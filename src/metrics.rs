@@ -21,6 +21,52 @@ pub struct ErrorLabels {
     pub kind: String,
 }
 
+/// One API request: its verb (get, list, watch, create, update, patch, delete) and resource
+/// (the plural, with `/status` for the status subresource).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub verb: String,
+    pub resource: String,
+}
+
+/// The verb and resource of a request to the Kubernetes API, from its method and URL.
+pub fn classify(method: &str, path: &str, query: Option<&str>) -> RequestLabels {
+    // /api/v1/[namespaces/<ns>/]<resource>[/<name>[/<sub>]]
+    // /apis/<group>/<version>/[namespaces/<ns>/]<resource>[/<name>[/<sub>]]
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rest: &[&str] = match parts.as_slice() {
+        ["api", _v, rest @ ..] => rest,
+        ["apis", _g, _v, rest @ ..] => rest,
+        _ => &[],
+    };
+    let rest = match rest {
+        ["namespaces", _ns, more @ ..] if !more.is_empty() => more,
+        r => r,
+    };
+    let (resource, named) = match rest {
+        [] => (path.to_string(), false),
+        [r] => (r.to_string(), false),
+        [r, _name] => (r.to_string(), true),
+        [r, _name, sub, ..] => (format!("{r}/{sub}"), true),
+    };
+    let watch = query.is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    let verb = match method {
+        "GET" if watch => "watch",
+        "GET" if named => "get",
+        "GET" => "list",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" if named => "delete",
+        "DELETE" => "deletecollection",
+        other => return RequestLabels { verb: other.to_lowercase(), resource },
+    };
+    RequestLabels {
+        verb: verb.into(),
+        resource,
+    }
+}
+
 /// The controller's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -31,6 +77,13 @@ pub struct Metrics {
     pub current_percent: Family<CanaryLabels, Gauge>,
     pub clone_replicas: Family<CanaryLabels, Gauge>,
     pub is_leader: Gauge,
+    pub api_requests: Family<RequestLabels, Counter>,
+    pub cached_objects: Family<KindLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
 }
 
 impl Default for Metrics {
@@ -45,6 +98,18 @@ impl Default for Metrics {
         let current_percent = Family::<CanaryLabels, Gauge>::default();
         let clone_replicas = Family::<CanaryLabels, Gauge>::default();
         let is_leader = Gauge::default();
+        let api_requests = Family::<RequestLabels, Counter>::default();
+        let cached_objects = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "api_requests",
+            "Requests this process sent to the Kubernetes API, by verb and resource",
+            api_requests.clone(),
+        );
+        registry.register(
+            "cached_objects",
+            "Objects held in the watch caches, by kind",
+            cached_objects.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciles of RecordingCanaries",
@@ -89,6 +154,8 @@ impl Default for Metrics {
             current_percent,
             clone_replicas,
             is_leader,
+            api_requests,
+            cached_objects,
         }
     }
 }
@@ -131,6 +198,20 @@ impl Metrics {
         self.clone_replicas.remove(&l);
     }
 
+    /// How many objects of `kind` the watch caches hold.
+    pub fn cached(&self, kind: &str, n: usize) {
+        self.cached_objects
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one request to the Kubernetes API.
+    pub fn request(&self, method: &str, path: &str, query: Option<&str>) {
+        self.api_requests
+            .get_or_create(&classify(method, path, query))
+            .inc();
+    }
+
     /// The OpenMetrics text.
     pub fn encode(&self) -> String {
         static LOCK: Mutex<()> = Mutex::new(());
@@ -140,5 +221,55 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(method: &str, path: &str, query: Option<&str>) -> (String, String) {
+        let l = classify(method, path, query);
+        (l.verb, l.resource)
+    }
+
+    #[test]
+    fn requests_are_classified_by_verb_and_resource() {
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(c("GET", "/api/v1/pods", None), s("list", "pods"));
+        assert_eq!(
+            c("GET", "/api/v1/pods", Some("watch=true&resourceVersion=5")),
+            s("watch", "pods")
+        );
+        assert_eq!(
+            c("GET", "/api/v1/namespaces/shop/services/frontend", None),
+            s("get", "services")
+        );
+        assert_eq!(
+            c("GET", "/api/v1/namespaces/shop/pods", Some("labelSelector=app%3Dx")),
+            s("list", "pods")
+        );
+        assert_eq!(
+            c(
+                "PATCH",
+                "/apis/recordingcanary.dev/v1alpha1/namespaces/shop/recordingcanaries/front/status",
+                None
+            ),
+            s("patch", "recordingcanaries/status")
+        );
+        assert_eq!(
+            c("POST", "/apis/networking.istio.io/v1/namespaces/shop/virtualservices", None),
+            s("create", "virtualservices")
+        );
+        assert_eq!(
+            c("DELETE", "/apis/apps/v1/namespaces/shop/deployments/x", None),
+            s("delete", "deployments")
+        );
+        assert_eq!(
+            c("PUT", "/apis/coordination.k8s.io/v1/namespaces/d/leases/l", None),
+            s("update", "leases")
+        );
+        assert_eq!(c("GET", "/api/v1/namespaces", None), s("list", "namespaces"));
+        assert_eq!(c("GET", "/api/v1/namespaces/shop", None), s("get", "namespaces"));
     }
 }

@@ -42,8 +42,9 @@ pub struct Rival {
 pub struct Observed<'a> {
     pub canary: &'a RecordingCanary,
     pub now: Timestamp,
-    /// When this controller process started: waits are measured from no earlier than this, since
-    /// a write just before a crash may not have reached the status.
+    /// Waits are measured from no earlier than this: the start of this controller process, or
+    /// its last write to this canary's VirtualService or DestinationRule, whichever is later
+    /// (a write whose time has not reached the status yet, or never will after a crash).
     pub started: Timestamp,
     pub cluster_domain: &'a str,
     pub target: Option<&'a Deployment>,
@@ -72,12 +73,9 @@ pub enum MeshKind {
 pub enum Action {
     AddFinalizer,
     RemoveFinalizer,
-    /// Record wait-from times in the status before the write they describe.
-    RecordTimes {
-        subsets_added: Option<String>,
-        routes_removed: Option<String>,
-        last_step: Option<String>,
-    },
+    /// Record in the status when the ramp stepped, before the weight moves (so that a failure
+    /// between the two cannot let the ramp step twice).
+    RecordRampStep(String),
     LabelPod {
         name: String,
     },
@@ -209,8 +207,10 @@ impl<'a> Builder<'a> {
         self.condition("Ready", ready, ready_reason, message);
         self.condition("Progressing", progressing, progressing_reason, message);
         self.condition("Degraded", degraded, degraded_reason, message);
-        if self.prev.phase.as_deref() != Some(phase) || self.reason_changed(reason) {
-            let warning = degraded || phase == phase::BLOCKED;
+        // Events mark transitions: a new phase, or a new problem (Blocked, Degraded); progress
+        // within a phase shows in the conditions.
+        let warning = degraded || phase == phase::BLOCKED;
+        if self.prev.phase.as_deref() != Some(phase) || (warning && self.reason_changed(reason)) {
             self.event(warning, reason, message.to_string());
         }
         self.status.phase = Some(phase.into());
@@ -844,11 +844,8 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
     };
     let now = o.now;
     if !dr_ok {
-        b.actions.push(Action::RecordTimes {
-            subsets_added: Some(fmt_time(now)),
-            routes_removed: None,
-            last_step: None,
-        });
+        // The time is reported with the status after the write; a crash in between is covered
+        // by `Observed::started` (no earlier than the last write of this process, or its start).
         b.status.subsets_added_time = Some(fmt_time(now));
         match dr_choice {
             Choice::Adopt(d) | Choice::Own(Some(d)) => {
@@ -876,14 +873,6 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 object: owned_dr(c, &host),
             }),
         }
-        b.event(
-            false,
-            "SubsetsAdded",
-            format!(
-                "Subsets added to DestinationRule {}",
-                b.status.destination_rule.clone().unwrap_or_default()
-            ),
-        );
     }
     let subsets_since = parse_time(b.status.subsets_added_time.as_deref())
         .unwrap_or(o.started)
@@ -1012,13 +1001,10 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
         // The step is taken when the capacity is there, not an interval later.
         b.status.last_step_time = b.prev.last_step_time.clone();
     }
-    if b.status.last_step_time != b.prev.last_step_time {
-        // Before the weight moves: a write failing after it must not let the ramp step twice.
-        b.actions.push(Action::RecordTimes {
-            subsets_added: None,
-            routes_removed: None,
-            last_step: b.status.last_step_time.clone(),
-        });
+    if let Some(t) = b.status.last_step_time.clone()
+        && b.status.last_step_time != b.prev.last_step_time
+    {
+        b.actions.push(Action::RecordRampStep(t));
     }
 
     // The VS write: split it, or move its weights.
@@ -1066,12 +1052,13 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             }
         }
     }
-    if wrote_weight && !is_split {
+    // One Event when the clone first gets traffic, one per weight change after that.
+    if wrote_weight && desired > 0 && current == 0 {
         b.event(
             false,
             "RoutesSplit",
             format!(
-                "Routes to {} now split between subsets {} and {}; {desired}% go to the recording clone",
+                "Routes to {} split between subsets {} and {}; {desired}% go to the recording clone",
                 host.fqdn(),
                 crate::api::STABLE_SUBSET,
                 crate::api::RECORDING_SUBSET
@@ -1103,11 +1090,6 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             b.actions.push(Action::CreateClone(Box::new(build_clone(
                 c, target, replicas,
             ))));
-            b.event(
-                false,
-                "CloneCreated",
-                format!("Created Deployment {clone_name} with {replicas} replicas"),
-            );
         }
         Some(cl) => {
             let want_hash = target
@@ -1340,11 +1322,7 @@ fn plan_rollback(mut b: Builder) -> Plan {
         });
     }
     if !vs_writes.is_empty() {
-        b.actions.push(Action::RecordTimes {
-            subsets_added: None,
-            routes_removed: Some(fmt_time(now)),
-            last_step: None,
-        });
+        // Reported after the write; see `Observed::started` for a crash in between.
         b.status.routes_removed_time = Some(fmt_time(now));
         b.status.current_percent = 0;
         b.actions.extend(vs_writes);

@@ -998,7 +998,7 @@ fn subsets_are_added_to_the_user_dr_selecting_exactly_the_role_labels() {
             {"name": RECORDING_SUBSET, "labels": {ROLE_LABEL: ROLE_RECORDING}},
         ])
     );
-    assert!(event_reasons(&p).contains(&"SubsetsAdded"));
+    assert_eq!(p.status.subsets_added_time, Some(rfc(at(0))));
     assert_eq!(p.status.destination_rule.as_deref(), Some("shop/frontend"));
 }
 
@@ -1365,16 +1365,7 @@ fn a_virtual_service_without_a_route_to_the_service_blocks() {
 fn subsets_reach_the_dr_before_any_route_uses_them() {
     let w = fresh_world();
     let p = w.plan();
-    let rt = pos(&p, |a| {
-        *a == Action::RecordTimes {
-            subsets_added: Some(rfc(at(0))),
-            routes_removed: None,
-            last_step: None,
-        }
-    })
-    .expect("RecordTimes(subsetsAdded)");
-    let dr = pos(&p, is_dr_write).expect("DR patch");
-    assert!(rt < dr, "{:#?}", p.actions);
+    assert!(has(&p, is_dr_write), "DR patch: {:#?}", p.actions);
     assert!(
         !has(&p, is_vs_write),
         "no VS write in the same pass: {:#?}",
@@ -1452,8 +1443,11 @@ fn the_first_split_sends_nothing_to_the_clone_and_creates_it_after_the_vs_patch(
     assert_eq!(weights(&after, 0), vec![100, 0]);
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(ready_reason(&p), "WaitingForClone");
-    assert!(event_reasons(&p).contains(&"CloneCreated"));
-    assert!(event_reasons(&p).contains(&"RoutesSplit"));
+    assert!(
+        p.events.is_empty(),
+        "a split at 0% and a clone being created are no transition: {:?}",
+        p.events
+    );
     assert_eq!(
         created_clone(&p).unwrap().spec.as_ref().unwrap().replicas,
         Some(1),
@@ -1494,8 +1488,7 @@ fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
     assert_eq!(weights(&after, 0), vec![90, 10]);
     assert_eq!(p.status.current_percent, 10);
     assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
-    assert!(event_reasons(&p).contains(&"WeightChanged"));
-    assert!(event_reasons(&p).contains(&"TargetReached"));
+    assert_eq!(event_reasons(&p), vec!["RoutesSplit", "TargetReached"]);
 }
 
 #[test]
@@ -1504,18 +1497,8 @@ fn missing_subsets_are_added_back_before_the_vs_moves() {
     let mut w = serving_world(10);
     w.drs = vec![user_dr()];
     let p = w.plan();
-    let rt = pos(&p, |a| {
-        matches!(
-            a,
-            Action::RecordTimes {
-                subsets_added: Some(_),
-                ..
-            }
-        )
-    })
-    .expect("RecordTimes");
     let dr = pos(&p, is_dr_write).expect("DR patch");
-    assert!(rt < dr);
+    assert_eq!(p.status.subsets_added_time, Some(rfc(at(0))));
     if let Some(v) = pos(&p, is_vs_write) {
         assert!(dr < v);
     }
@@ -1831,17 +1814,9 @@ fn deleting_world() -> World {
 fn rollback_restores_the_vs_first_and_then_waits() {
     let w = deleting_world();
     let p = w.plan();
-    assert_eq!(p.actions.len(), 2, "{:#?}", p.actions);
-    assert_eq!(
-        p.actions[0],
-        Action::RecordTimes {
-            subsets_added: None,
-            routes_removed: Some(rfc(at(0))),
-            last_step: None,
-        }
-    );
+    assert_eq!(p.actions.len(), 1, "{:#?}", p.actions);
     assert!(
-        matches!(&p.actions[1], Action::PatchMesh { kind: MeshKind::VirtualService, name, .. } if name == "frontend")
+        matches!(&p.actions[0], Action::PatchMesh { kind: MeshKind::VirtualService, name, .. } if name == "frontend")
     );
     assert!(p.requeue_after.expect("requeue") >= Duration::from_secs(3));
     assert_eq!(p.status.phase.as_deref(), Some(phase::TERMINATING));
@@ -2033,11 +2008,6 @@ fn rollback_deletes_owned_vs_and_dr_instead_of_patching_them() {
     assert_eq!(
         p.actions,
         vec![
-            Action::RecordTimes {
-                subsets_added: None,
-                routes_removed: Some(rfc(at(0))),
-                last_step: None,
-            },
             Action::DeleteMesh {
                 kind: MeshKind::VirtualService,
                 name: CANARY.into(),
@@ -2529,20 +2499,10 @@ impl Sim {
                 .get_or_insert_with(Vec::new)
                 .push(FINALIZER.into()),
             Action::RemoveFinalizer => self.gone = true,
-            Action::RecordTimes {
-                subsets_added,
-                routes_removed,
-                last_step,
-            } => {
+            Action::RecordRampStep(t) => {
                 let st = self.w.canary.status.get_or_insert_with(Default::default);
-                if last_step.is_some() {
-                    st.last_step_time = last_step.clone();
-                }
-                if subsets_added.is_some() {
-                    st.subsets_added_time = subsets_added.clone();
-                }
-                if routes_removed.is_some() {
-                    st.routes_removed_time = routes_removed.clone();
+                {
+                    st.last_step_time = Some(t.clone());
                 }
             }
             Action::LabelPod { name } | Action::UnlabelPod { name } => {
@@ -2725,7 +2685,8 @@ impl Sim {
             assert!(
                 p.events
                     .iter()
-                    .any(|e| e.reason == "WeightChanged" || e.reason == "TrafficRestored"),
+                    .any(|e| ["RoutesSplit", "WeightChanged", "TrafficRestored"]
+                        .contains(&e.reason.as_str())),
                 "weight change without an event: {:?}",
                 p.events
             );
@@ -3097,7 +3058,7 @@ fn a_ramp_step_is_recorded_before_the_weight_moves() {
     let p = w.plan();
     let rec = pos(
         &p,
-        |a| matches!(a, Action::RecordTimes { last_step: Some(t), .. } if *t == rfc(at(0))),
+        |a| matches!(a, Action::RecordRampStep(t) if *t == rfc(at(0))),
     )
     .expect("the step time is recorded");
     let write = pos(&p, is_vs_write).expect("the weight moves");

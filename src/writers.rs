@@ -8,7 +8,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 use tracing::debug;
 
@@ -16,26 +16,52 @@ use crate::Error;
 use crate::api::{
     FIELD_MANAGER, FINALIZER, ROLE_LABEL, ROLE_STABLE, RecordingCanary, RecordingCanaryStatus,
 };
+use crate::freshness::{Expect, Kind, Written};
 use crate::istio;
 use crate::planner::{Action, MeshKind};
 
 /// Result of one API call where "already gone" counts as done.
-fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<Option<T>, kube::Error> {
     match r {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Ok(t) => Ok(Some(t)),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// What a write of `kind` left behind: the object at the revision it returned.
+fn at<K: Resource>(kind: Kind, obj: Option<K>) -> Option<Written> {
+    let obj = obj?;
+    Some(Written {
+        kind,
+        name: obj.meta().name.clone().unwrap_or_default(),
+        expect: Expect::AtLeast(obj.meta().resource_version.clone().unwrap_or_default()),
+    })
+}
+
+fn gone(kind: Kind, name: &str, uid: &str) -> Written {
+    Written {
+        kind,
+        name: name.to_string(),
+        expect: Expect::Gone(uid.to_string()),
+    }
+}
+
+fn mesh_kind(kind: MeshKind) -> Kind {
+    match kind {
+        MeshKind::VirtualService => Kind::VirtualService,
+        MeshKind::DestinationRule => Kind::DestinationRule,
     }
 }
 
 /// The API server answers a failed JSON-patch `test` (our resourceVersion guard) with 422,
 /// and a stale resourceVersion on an update with 409: both mean "planned from an old read".
-fn guarded(r: Result<impl Sized, kube::Error>) -> Result<(), Error> {
+fn guarded<T>(r: Result<T, kube::Error>) -> Result<Option<T>, Error> {
     match r {
-        Ok(_) => Ok(()),
+        Ok(t) => Ok(Some(t)),
         // A namespace being deleted refuses new objects; its canaries are about to roll back.
         Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
-            Ok(())
+            Ok(None)
         }
         Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
             Err(Error::Conflict(s.message))
@@ -73,13 +99,7 @@ pub fn describe(action: &Action) -> String {
     match action {
         Action::AddFinalizer => "add finalizer".into(),
         Action::RemoveFinalizer => "remove finalizer".into(),
-        Action::RecordTimes {
-            subsets_added,
-            routes_removed,
-            last_step,
-        } => format!(
-            "record times (subsets added {subsets_added:?}, routes removed {routes_removed:?}, ramp step {last_step:?})"
-        ),
+        Action::RecordRampStep(t) => format!("record ramp step at {t}"),
         Action::LabelPod { name } => format!("label pod {name} stable"),
         Action::UnlabelPod { name } => format!("unlabel pod {name}"),
         Action::CreateClone(d) => format!("create clone {}", d.name_any()),
@@ -100,11 +120,14 @@ pub fn describe(action: &Action) -> String {
     }
 }
 
-/// Carries out `actions` in order; stops at the first failure.
+/// Carries out `actions` in order; stops at the first failure. Returns what each write left
+/// behind, for read-your-writes ([`crate::freshness`]); on failure, the writes made before it
+/// are recorded in `written` all the same.
 pub async fn apply(
     client: &Client,
     canary: &RecordingCanary,
     actions: &[Action],
+    written: &mut Vec<Written>,
 ) -> Result<(), Error> {
     let ns = canary.namespace().unwrap_or_default();
     let name = canary.name_any();
@@ -135,7 +158,8 @@ pub async fn apply(
                         json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}),
                     );
                 }
-                guarded(canaries.patch(&name, &pp, &json_patch(ops)?).await)?;
+                let r = guarded(canaries.patch(&name, &pp, &json_patch(ops)?).await)?;
+                written.extend(at(Kind::Canary, r));
             }
             Action::RemoveFinalizer => {
                 let Some(i) = canary.finalizers().iter().position(|f| f == FINALIZER) else {
@@ -147,43 +171,36 @@ pub async fn apply(
                 ];
                 match canaries.patch(&name, &pp, &json_patch(ops)?).await {
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    r => guarded(r)?,
+                    r => {
+                        guarded(r)?;
+                    }
                 }
+                // The last finalizer gone, the canary goes.
+                let uid = canary.metadata.uid.clone().unwrap_or_default();
+                written.push(gone(Kind::Canary, &name, &uid));
             }
-            Action::RecordTimes {
-                subsets_added,
-                routes_removed,
-                last_step,
-            } => {
-                let mut st = serde_json::Map::new();
-                if let Some(t) = subsets_added {
-                    st.insert("subsetsAddedTime".into(), json!(t));
-                }
-                if let Some(t) = routes_removed {
-                    st.insert("routesRemovedTime".into(), json!(t));
-                }
-                if let Some(t) = last_step {
-                    st.insert("lastStepTime".into(), json!(t));
-                }
-                gone_is_ok(
-                    canaries
-                        .patch_status(&name, &pp, &Patch::Merge(json!({"status": st})))
-                        .await,
-                )?;
+            Action::RecordRampStep(t) => {
+                let st = json!({"status": {"lastStepTime": t}});
+                let r = gone_is_ok(canaries.patch_status(&name, &pp, &Patch::Merge(st)).await)?;
+                written.extend(at(Kind::Canary, r));
             }
             Action::LabelPod { name } => {
                 let patch = json!({"metadata": {"labels": {ROLE_LABEL: ROLE_STABLE}}});
-                gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+                let r = gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+                written.extend(at(Kind::Pod, r));
             }
             Action::UnlabelPod { name } => {
                 let patch = json!({"metadata": {"labels": {ROLE_LABEL: null}}});
-                gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+                let r = gone_is_ok(pods.patch(name, &pp, &Patch::Merge(patch)).await)?;
+                written.extend(at(Kind::Pod, r));
             }
             Action::CreateClone(d) => {
-                guarded(deployments.create(&post, d).await)?;
+                let r = guarded(deployments.create(&post, d).await)?;
+                written.extend(at(Kind::Deployment, r));
             }
             Action::ReplaceClone(d) => {
-                guarded(deployments.replace(&d.name_any(), &post, d).await)?;
+                let r = guarded(deployments.replace(&d.name_any(), &post, d).await)?;
+                written.extend(at(Kind::Deployment, r));
             }
             Action::ScaleClone {
                 replicas,
@@ -193,11 +210,12 @@ pub async fn apply(
                     json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
                     json!({"op": "replace", "path": "/spec/replicas", "value": replicas}),
                 ];
-                guarded(
+                let r = guarded(
                     deployments
                         .patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?)
                         .await,
                 )?;
+                written.extend(at(Kind::Deployment, r));
             }
             Action::DeleteClone { uid } => {
                 gone_is_ok(
@@ -205,17 +223,20 @@ pub async fn apply(
                         .delete(&canary.spec.clone_name(), &delete_with_uid(uid))
                         .await,
                 )?;
+                written.push(gone(Kind::Deployment, &canary.spec.clone_name(), uid));
             }
             Action::CreateMesh { kind, object } => {
                 let obj: DynamicObject = serde_json::from_value(object.clone())?;
-                guarded(mesh_api(client, &ns, *kind).create(&post, &obj).await)?;
+                let r = guarded(mesh_api(client, &ns, *kind).create(&post, &obj).await)?;
+                written.extend(at(mesh_kind(*kind), r));
             }
             Action::PatchMesh { kind, name, ops } => {
-                guarded(
+                let r = guarded(
                     mesh_api(client, &ns, *kind)
                         .patch(name, &pp, &json_patch(ops.clone())?)
                         .await,
                 )?;
+                written.extend(at(mesh_kind(*kind), r));
             }
             Action::DeleteMesh { kind, name, uid } => {
                 gone_is_ok(
@@ -223,6 +244,7 @@ pub async fn apply(
                         .delete(name, &delete_with_uid(uid))
                         .await,
                 )?;
+                written.push(gone(mesh_kind(*kind), name, uid));
             }
         }
     }
@@ -234,9 +256,9 @@ pub async fn write_status(
     client: &Client,
     canary: &RecordingCanary,
     status: &RecordingCanaryStatus,
-) -> Result<(), Error> {
+) -> Result<Option<Written>, Error> {
     if canary.status.as_ref() == Some(status) {
-        return Ok(());
+        return Ok(None);
     }
     let api: Api<RecordingCanary> =
         Api::namespaced(client.clone(), &canary.namespace().unwrap_or_default());
@@ -244,7 +266,7 @@ pub async fn write_status(
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    gone_is_ok(
+    let r = gone_is_ok(
         api.patch_status(
             &canary.name_any(),
             &pp,
@@ -252,5 +274,5 @@ pub async fn write_status(
         )
         .await,
     )?;
-    Ok(())
+    Ok(at(Kind::Canary, r))
 }

@@ -1,0 +1,265 @@
+//! Selective watch caches: a cluster-wide (or namespace-wide) watch whose objects are kept only
+//! while some RecordingCanary is interested in them.
+//!
+//! kube's reflector keeps every object it sees. For Deployments, Services and Pods that would make
+//! the controller's memory grow with every unrelated workload in the cluster, so these kinds go
+//! through a [`Selective`] store instead: each watch event is offered to an interest predicate
+//! (backed by the [`crate::index::Index`]); objects nobody is interested in are dropped at once.
+//!
+//! A canary that appears after a watch has listed its objects finds them missing here; the
+//! controller then reads them once (`prime`) and inserts them with [`Selective::insert_newer`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use kube::runtime::watcher::Event;
+use kube::{Resource, ResourceExt};
+use tokio::sync::watch;
+
+/// `namespace/name` of an object.
+pub type Key = (String, String);
+
+/// The key of an object.
+pub fn key_of<K: Resource>(o: &K) -> Key {
+    (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// Whether resourceVersion `a` is at least `b`.
+///
+/// resourceVersions are opaque by contract, but every apiserver backed by etcd (and kine) hands
+/// out its storage revision, a decimal integer that only grows: compare them as such. When
+/// either is not a number, only equality counts.
+pub fn rv_at_least(a: &str, b: &str) -> bool {
+    match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a >= b,
+        _ => a == b,
+    }
+}
+
+struct Inner<K> {
+    objects: HashMap<Key, Arc<K>>,
+    /// Keys seen since the last `Init` of a re-list; `None` outside a re-list.
+    relisting: Option<HashSet<Key>>,
+}
+
+/// A store of the objects of one kind that some canary is interested in.
+pub struct Selective<K> {
+    inner: RwLock<Inner<K>>,
+    ready_tx: watch::Sender<bool>,
+}
+
+impl<K> Default for Selective<K> {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::new(Inner {
+                objects: HashMap::new(),
+                relisting: None,
+            }),
+            ready_tx: watch::channel(false).0,
+        }
+    }
+}
+
+impl<K: Resource + Clone> Selective<K> {
+    /// The object `ns/name`, if it is kept.
+    pub fn get(&self, ns: &str, name: &str) -> Option<Arc<K>> {
+        self.inner
+            .read()
+            .ok()?
+            .objects
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// Every kept object of namespace `ns` for which `pick` holds.
+    pub fn in_namespace(&self, ns: &str, pick: impl Fn(&K) -> bool) -> Vec<Arc<K>> {
+        self.inner
+            .read()
+            .map(|g| {
+                g.objects
+                    .iter()
+                    .filter(|((n, _), o)| n == ns && pick(o))
+                    .map(|(_, o)| o.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many objects are kept.
+    pub fn len(&self) -> usize {
+        self.inner.read().map(|g| g.objects.len()).unwrap_or(0)
+    }
+
+    /// Whether no object is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Applies one watch event. `interested` decides whether an object is kept.
+    pub fn apply(&self, event: &Event<K>, interested: impl Fn(&K) -> bool) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
+        match event {
+            Event::Apply(o) | Event::InitApply(o) => {
+                let k = key_of(o);
+                if let Some(seen) = g.relisting.as_mut() {
+                    seen.insert(k.clone());
+                }
+                if interested(o) {
+                    g.objects.insert(k, Arc::new(o.clone()));
+                } else {
+                    g.objects.remove(&k);
+                }
+            }
+            Event::Delete(o) => {
+                g.objects.remove(&key_of(o));
+            }
+            Event::Init => g.relisting = Some(HashSet::new()),
+            Event::InitDone => {
+                // Objects deleted while the watch was down are not in the re-list.
+                if let Some(seen) = g.relisting.take() {
+                    g.objects.retain(|k, _| seen.contains(k));
+                }
+                drop(g);
+                self.ready_tx.send_replace(true);
+            }
+        }
+    }
+
+    /// Inserts an object read outside the watch (a canary's first read, a write's response),
+    /// unless the store already holds the same or a newer revision.
+    pub fn insert_newer(&self, o: K) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
+        let k = key_of(&o);
+        let newer = match g.objects.get(&k) {
+            Some(have) => !rv_at_least(
+                have.resource_version().as_deref().unwrap_or_default(),
+                o.resource_version().as_deref().unwrap_or_default(),
+            ),
+            None => true,
+        };
+        if newer {
+            g.objects.insert(k, Arc::new(o));
+        }
+    }
+
+    /// Drops every kept object for which `keep` is false (a canary went away).
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        if let Ok(mut g) = self.inner.write() {
+            g.objects.retain(|_, o| keep(o));
+        }
+    }
+
+    /// Whether the first list has completed.
+    pub fn is_ready(&self) -> bool {
+        *self.ready_tx.borrow()
+    }
+
+    /// Resolves once the first list has completed.
+    pub async fn wait_until_ready(&self) {
+        let mut rx = self.ready_tx.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::ObjectMeta;
+
+    fn cm(ns: &str, name: &str, rv: &str) -> ConfigMap {
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn keeps_only_objects_someone_is_interested_in() {
+        let s = Selective::default();
+        s.apply(&Event::Apply(cm("a", "keep", "1")), |o| o.name_any() == "keep");
+        s.apply(&Event::Apply(cm("a", "drop", "2")), |o| o.name_any() == "keep");
+        assert!(s.get("a", "keep").is_some());
+        assert!(s.get("a", "drop").is_none());
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn an_object_losing_interest_is_dropped_and_a_delete_removes_it() {
+        let s = Selective::default();
+        s.apply(&Event::Apply(cm("a", "x", "1")), |_| true);
+        s.apply(&Event::Apply(cm("a", "x", "2")), |_| false);
+        assert!(s.get("a", "x").is_none());
+        s.apply(&Event::Apply(cm("a", "y", "3")), |_| true);
+        s.apply(&Event::Delete(cm("a", "y", "4")), |_| true);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_relist_forgets_objects_deleted_while_the_watch_was_down_and_becomes_ready() {
+        let s = Selective::default();
+        assert!(!s.is_ready());
+        s.apply(&Event::Init, |_| true);
+        s.apply(&Event::InitApply(cm("a", "gone", "1")), |_| true);
+        s.apply(&Event::InitApply(cm("a", "stays", "1")), |_| true);
+        s.apply(&Event::InitDone, |_| true);
+        assert!(s.is_ready());
+        s.apply(&Event::Init, |_| true);
+        // Until the re-list is done, what was there stays readable.
+        assert!(s.get("a", "gone").is_some());
+        s.apply(&Event::InitApply(cm("a", "stays", "5")), |_| true);
+        s.apply(&Event::InitDone, |_| true);
+        assert!(s.get("a", "gone").is_none());
+        assert_eq!(
+            s.get("a", "stays").and_then(|o| o.resource_version()),
+            Some("5".into())
+        );
+    }
+
+    #[test]
+    fn a_read_outside_the_watch_never_replaces_a_newer_revision() {
+        let s = Selective::default();
+        s.apply(&Event::Apply(cm("a", "x", "10")), |_| true);
+        s.insert_newer(cm("a", "x", "9"));
+        assert_eq!(
+            s.get("a", "x").and_then(|o| o.resource_version()),
+            Some("10".into())
+        );
+        s.insert_newer(cm("a", "x", "11"));
+        assert_eq!(
+            s.get("a", "x").and_then(|o| o.resource_version()),
+            Some("11".into())
+        );
+        s.insert_newer(cm("a", "new", "3"));
+        assert!(s.get("a", "new").is_some());
+    }
+
+    #[test]
+    fn resource_versions_compare_as_numbers_and_otherwise_only_by_equality() {
+        assert!(rv_at_least("100", "99"));
+        assert!(rv_at_least("100", "100"));
+        assert!(!rv_at_least("99", "100"));
+        assert!(rv_at_least("abc", "abc"));
+        assert!(!rv_at_least("abd", "abc"));
+    }
+
+    #[test]
+    fn in_namespace_filters_by_namespace_and_predicate() {
+        let s = Selective::default();
+        for (ns, n) in [("a", "1"), ("a", "2"), ("b", "1")] {
+            s.apply(&Event::Apply(cm(ns, n, "1")), |_| true);
+        }
+        assert_eq!(s.in_namespace("a", |_| true).len(), 2);
+        assert_eq!(s.in_namespace("a", |o| o.name_any() == "2").len(), 1);
+        assert_eq!(s.in_namespace("c", |_| true).len(), 0);
+    }
+}

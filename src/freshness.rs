@@ -1,0 +1,332 @@
+//! Read-your-writes over the watch caches.
+//!
+//! The controller plans from its watch caches, which lag its own writes by a watch event. Every
+//! write it makes is recorded here with the revision it produced (or the UID it deleted). Before a
+//! canary is planned again, its recorded writes must be visible in the caches; until they are,
+//! the reconcile waits for the watch event instead of planning from a stale picture. That event,
+//! the echo of the controller's own write, wakes only the canary that waits for it: echoes wake
+//! nobody otherwise, since the reconcile that wrote has already planned what comes next.
+//!
+//! A write whose echo never arrives (a watch that broke and re-listed past it) is forgotten after
+//! [`EXPIRY`]; the writes are guarded by resourceVersion, so planning from a stale read then
+//! fails with a conflict rather than doing harm.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::cache::rv_at_least;
+use crate::index::CanaryKey;
+
+/// How long a recorded write is waited for.
+pub const EXPIRY: Duration = Duration::from_secs(10);
+
+/// The kinds the controller writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Canary,
+    Deployment,
+    Pod,
+    VirtualService,
+    DestinationRule,
+}
+
+/// What a write left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The object at this resourceVersion or a later one.
+    AtLeast(String),
+    /// The object with this UID gone.
+    Gone(String),
+}
+
+/// One write: of which object, with what result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub kind: Kind,
+    pub name: String,
+    pub expect: Expect,
+}
+
+/// What a cache holds of an object: (resourceVersion, UID).
+pub type Seen = Option<(String, String)>;
+
+type ObjKey = (Kind, String, String);
+
+#[derive(Debug)]
+struct Pending {
+    canary: CanaryKey,
+    expect: Expect,
+    at: Instant,
+}
+
+/// How a watch event relates to the controller's own writes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EventVerdict {
+    /// The event is exactly the result of one of our writes: nothing else changed.
+    pub echo: bool,
+    /// A canary that was waiting for this event and may now be planned.
+    pub wake: Option<CanaryKey>,
+}
+
+/// The writes not yet seen in the caches, and when each canary last wrote its mesh objects.
+#[derive(Debug, Default)]
+pub struct Writes {
+    pending: HashMap<ObjKey, Pending>,
+    waiting: HashSet<CanaryKey>,
+    mesh_written: HashMap<CanaryKey, Timestamp>,
+}
+
+impl Writes {
+    /// Records the writes a reconcile of `canary` made, in namespace `ns`.
+    pub fn record(&mut self, canary: &CanaryKey, ns: &str, written: Vec<Written>, now: Instant) {
+        for w in written {
+            if matches!(w.kind, Kind::VirtualService | Kind::DestinationRule) {
+                self.mesh_written.insert(canary.clone(), Timestamp::now());
+            }
+            self.pending.insert(
+                (w.kind, ns.to_string(), w.name),
+                Pending {
+                    canary: canary.clone(),
+                    expect: w.expect,
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// When `canary` last wrote a VirtualService or DestinationRule in this process.
+    pub fn mesh_written(&self, canary: &CanaryKey) -> Option<Timestamp> {
+        self.mesh_written.get(canary).copied()
+    }
+
+    /// A watch event for object `kind ns/name` at `rv` (UID `uid`; `deleted` for a delete).
+    pub fn on_event(
+        &mut self,
+        kind: Kind,
+        ns: &str,
+        name: &str,
+        rv: &str,
+        uid: &str,
+        deleted: bool,
+    ) -> EventVerdict {
+        let k = (kind, ns.to_string(), name.to_string());
+        let Some(p) = self.pending.get(&k) else {
+            return EventVerdict::default();
+        };
+        let (satisfied, echo) = match &p.expect {
+            Expect::AtLeast(want) => (!deleted && rv_at_least(rv, want), !deleted && rv == want),
+            Expect::Gone(gone) => (deleted && uid == gone, deleted && uid == gone),
+        };
+        if !satisfied {
+            return EventVerdict::default();
+        }
+        let canary = p.canary.clone();
+        self.pending.remove(&k);
+        let wake = (self.waiting.contains(&canary) && !self.has_pending(&canary)).then(|| {
+            self.waiting.remove(&canary);
+            canary
+        });
+        EventVerdict { echo, wake }
+    }
+
+    fn has_pending(&self, canary: &CanaryKey) -> bool {
+        self.pending.values().any(|p| &p.canary == canary)
+    }
+
+    /// Whether the caches still lack a write of `canary`. `seen` tells what a cache holds of an
+    /// object. Writes seen (or expired) are forgotten; while any is missing, the canary waits
+    /// for its echo.
+    pub fn stale(
+        &mut self,
+        canary: &CanaryKey,
+        now: Instant,
+        seen: impl Fn(Kind, &str, &str) -> Seen,
+    ) -> bool {
+        self.pending.retain(|(kind, ns, name), p| {
+            if &p.canary != canary {
+                return true;
+            }
+            if now.duration_since(p.at) > EXPIRY {
+                tracing::debug!(?kind, %ns, %name, "a write's watch event never came; planning without it");
+                return false;
+            }
+            let have = seen(*kind, ns, name);
+            let visible = match (&p.expect, have) {
+                (Expect::AtLeast(want), Some((rv, _))) => rv_at_least(&rv, want),
+                (Expect::AtLeast(_), None) => false,
+                (Expect::Gone(uid), Some((_, have_uid))) => &have_uid != uid,
+                (Expect::Gone(_), None) => true,
+            };
+            !visible
+        });
+        let stale = self.has_pending(canary);
+        if stale {
+            self.waiting.insert(canary.clone());
+        } else {
+            self.waiting.remove(canary);
+        }
+        stale
+    }
+
+    /// Forgets a canary that went away.
+    pub fn forget(&mut self, canary: &CanaryKey) {
+        self.pending.retain(|_, p| &p.canary != canary);
+        self.waiting.remove(canary);
+        self.mesh_written.remove(canary);
+    }
+
+    /// Writes not yet seen (for tests and metrics).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c() -> CanaryKey {
+        ("shop".into(), "front".into())
+    }
+
+    fn wrote(kind: Kind, name: &str, expect: Expect) -> Written {
+        Written {
+            kind,
+            name: name.into(),
+            expect,
+        }
+    }
+
+    #[test]
+    fn the_echo_of_our_own_write_wakes_nobody_and_is_not_an_event_to_plan_from() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Deployment, "x", Expect::AtLeast("10".into()))],
+            t,
+        );
+        let v = w.on_event(Kind::Deployment, "shop", "x", "10", "u", false);
+        assert_eq!(
+            v,
+            EventVerdict {
+                echo: true,
+                wake: None
+            }
+        );
+        // The next change is someone else's.
+        let v = w.on_event(Kind::Deployment, "shop", "x", "11", "u", false);
+        assert_eq!(v, EventVerdict::default());
+    }
+
+    #[test]
+    fn a_canary_planned_before_its_writes_were_seen_waits_and_is_woken_by_the_last_echo() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![
+                wrote(Kind::Canary, "front", Expect::AtLeast("5".into())),
+                wrote(Kind::VirtualService, "vs", Expect::Gone("uid-vs".into())),
+            ],
+            t,
+        );
+        // The caches hold the canary at 4 and the VS still there: stale.
+        let seen = |k: Kind, _: &str, _: &str| match k {
+            Kind::Canary => Some(("4".to_string(), "uid-c".to_string())),
+            _ => Some(("7".to_string(), "uid-vs".to_string())),
+        };
+        assert!(w.stale(&c(), t, seen));
+        let v = w.on_event(Kind::Canary, "shop", "front", "5", "uid-c", false);
+        assert_eq!(v.wake, None, "the VS delete is still missing");
+        let v = w.on_event(Kind::VirtualService, "shop", "vs", "8", "uid-vs", true);
+        assert_eq!(
+            v,
+            EventVerdict {
+                echo: true,
+                wake: Some(c())
+            }
+        );
+        assert!(!w.stale(&c(), t, |_, _, _| None));
+    }
+
+    #[test]
+    fn a_later_revision_satisfies_a_write_but_is_not_an_echo() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Pod, "p", Expect::AtLeast("10".into()))],
+            t,
+        );
+        let v = w.on_event(Kind::Pod, "shop", "p", "12", "u", false);
+        assert!(!v.echo);
+        assert_eq!(w.pending(), 0);
+    }
+
+    #[test]
+    fn caches_that_caught_up_clear_the_writes_and_expired_writes_are_dropped() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Deployment, "x", Expect::AtLeast("10".into()))],
+            t,
+        );
+        assert!(!w.stale(&c(), t, |_, _, _| Some(("11".into(), "u".into()))));
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Deployment, "y", Expect::AtLeast("20".into()))],
+            t,
+        );
+        assert!(w.stale(&c(), t, |_, _, _| None));
+        assert!(!w.stale(&c(), t + EXPIRY + Duration::from_secs(1), |_, _, _| None));
+    }
+
+    #[test]
+    fn a_deleted_object_recreated_with_another_uid_counts_as_gone() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Deployment, "x", Expect::Gone("old".into()))],
+            t,
+        );
+        assert!(!w.stale(&c(), t, |_, _, _| Some(("3".into(), "new".into()))));
+    }
+
+    #[test]
+    fn mesh_writes_are_timed_and_forgotten_with_the_canary() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Pod, "p", Expect::AtLeast("1".into()))],
+            t,
+        );
+        assert!(w.mesh_written(&c()).is_none());
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(
+                Kind::DestinationRule,
+                "d",
+                Expect::AtLeast("2".into()),
+            )],
+            t,
+        );
+        assert!(w.mesh_written(&c()).is_some());
+        w.forget(&c());
+        assert!(w.mesh_written(&c()).is_none());
+        assert_eq!(w.pending(), 0);
+    }
+}

@@ -1,0 +1,649 @@
+//! The index: which RecordingCanaries each watched object concerns, and so which objects the
+//! selective caches keep.
+//!
+//! Every watch event is mapped to exactly the canaries it concerns (never to every canary of its
+//! namespace): a Deployment by name (a target or a clone) or by our label; a pod by the
+//! Deployment that owns it, or by a canary's Service selector; a Service by name; a
+//! VirtualService or DestinationRule by the Services its hosts resolve to, by its owner, by the
+//! canary named in its restore note, or by a canary that names it in its spec.
+//!
+//! The index is plain data with pure lookups; the controller keeps it up to date from the
+//! canary and Service watches.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use serde_json::Value;
+
+use crate::api::{CANARY_LABEL, RecordingCanary};
+use crate::istio;
+
+/// A canary, by namespace and name.
+pub type CanaryKey = (String, String);
+
+/// What the index remembers of one canary.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Entry {
+    pub uid: String,
+    pub target: String,
+    pub clone: String,
+    pub service: String,
+    pub virtual_service: Option<String>,
+    pub destination_rule: Option<String>,
+    /// The Service's pod selector, once the Service has been seen (empty: none).
+    pub selector: Option<BTreeMap<String, String>>,
+    /// Objects of this canary that the caches may lack and must be read once.
+    pub prime: Prime,
+}
+
+/// What a canary's caches may lack: it appeared after the watches listed the cluster, or its
+/// Service's selector changed (pods it selects were not kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Prime {
+    /// The target, clone and Service.
+    pub objects: bool,
+    /// The pods that the Service (or the target) selects.
+    pub pods: bool,
+    /// The clone, when a write found it other than the cache said.
+    pub clone: bool,
+}
+
+impl Prime {
+    pub fn any(&self) -> bool {
+        self.objects || self.pods || self.clone
+    }
+}
+
+/// The index of every canary this process watches, with a map per way of finding one.
+#[derive(Debug, Default)]
+pub struct Index {
+    canaries: HashMap<CanaryKey, Entry>,
+    /// `(ns, deployment)` → canaries whose target or clone it is.
+    by_deployment: HashMap<(String, String), BTreeSet<String>>,
+    /// `(ns, service)` → canaries of that Service.
+    by_service: HashMap<(String, String), BTreeSet<String>>,
+    /// UID → canary.
+    by_uid: HashMap<String, CanaryKey>,
+    /// `(ns, name)` of a VirtualService or DestinationRule named in a spec → canaries.
+    by_named_mesh: HashMap<(String, String), BTreeSet<String>>,
+    /// Namespace → canaries whose Service has a selector.
+    selecting: HashMap<String, BTreeSet<String>>,
+    /// The last canaries each VirtualService/DestinationRule concerned (so that an object that
+    /// stops naming a canary's host still reaches it), and the reverse.
+    mesh_last: HashMap<MeshKey, BTreeSet<CanaryKey>>,
+    mesh_of: HashMap<CanaryKey, BTreeSet<MeshKey>>,
+    /// Once set, canaries seen for the first time are primed (the watches have listed).
+    watches_started: bool,
+}
+
+/// A VirtualService (`true`) or DestinationRule (`false`), by namespace and name.
+pub type MeshKey = (bool, String, String);
+
+fn key(ns: &str, name: &str) -> CanaryKey {
+    (ns.to_string(), name.to_string())
+}
+
+/// The Deployment that owns a pod through its ReplicaSet `<deployment>-<pod-template-hash>`.
+pub fn deployment_of_pod(meta: &ObjectMeta) -> Option<&str> {
+    let hash = meta.labels.as_ref()?.get("pod-template-hash")?;
+    meta.owner_references
+        .as_ref()?
+        .iter()
+        .find(|r| r.controller == Some(true) && r.kind == "ReplicaSet")
+        .and_then(|r| r.name.strip_suffix(hash.as_str()))
+        .and_then(|n| n.strip_suffix('-'))
+}
+
+/// Whether a non-empty `selector` selects `labels`.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn add(map: &mut HashMap<(String, String), BTreeSet<String>>, k: (String, String), v: &str) {
+    map.entry(k).or_default().insert(v.to_string());
+}
+
+fn del(map: &mut HashMap<(String, String), BTreeSet<String>>, k: (String, String), v: &str) {
+    if let Some(set) = map.get_mut(&k) {
+        set.remove(v);
+        if set.is_empty() {
+            map.remove(&k);
+        }
+    }
+}
+
+impl Index {
+    /// From now on, a canary seen for the first time is primed: the watches have started.
+    pub fn watches_started(&mut self) {
+        self.watches_started = true;
+    }
+
+    /// Adds or updates a canary. A canary new to the index after the watches started is marked
+    /// for priming. Returns whether it is new (or recreated).
+    pub fn upsert(&mut self, c: &RecordingCanary) -> bool {
+        let ns = c.namespace().unwrap_or_default();
+        let name = c.name_any();
+        let k = key(&ns, &name);
+        let fresh = Entry {
+            uid: c.metadata.uid.clone().unwrap_or_default(),
+            target: c.spec.target_ref.name.clone(),
+            clone: c.spec.clone_name(),
+            service: c.spec.service_name().to_string(),
+            virtual_service: c.spec.virtual_service.clone(),
+            destination_rule: c.spec.destination_rule.clone(),
+            selector: None,
+            prime: Prime {
+                objects: self.watches_started,
+                pods: self.watches_started,
+                clone: false,
+            },
+        };
+        if let Some(e) = self.canaries.get(&k) {
+            // Same object, same references (they are immutable): keep what is known.
+            if e.uid == fresh.uid
+                && e.target == fresh.target
+                && e.service == fresh.service
+                && e.virtual_service == fresh.virtual_service
+                && e.destination_rule == fresh.destination_rule
+            {
+                return false;
+            }
+        }
+        let recreated = self.canaries.contains_key(&k);
+        self.remove(&ns, &name);
+        let mut e = fresh;
+        if recreated {
+            e.prime = Prime {
+                objects: true,
+                pods: true,
+                clone: true,
+            };
+        }
+        add(&mut self.by_deployment, key(&ns, &e.target), &name);
+        add(&mut self.by_deployment, key(&ns, &e.clone), &name);
+        add(&mut self.by_service, key(&ns, &e.service), &name);
+        for m in [&e.virtual_service, &e.destination_rule].into_iter().flatten() {
+            add(&mut self.by_named_mesh, key(&ns, m), &name);
+        }
+        self.by_uid.insert(e.uid.clone(), k.clone());
+        self.canaries.insert(k, e);
+        true
+    }
+
+    /// Forgets a canary.
+    pub fn remove(&mut self, ns: &str, name: &str) {
+        let k = key(ns, name);
+        let Some(e) = self.canaries.remove(&k) else {
+            return;
+        };
+        del(&mut self.by_deployment, key(ns, &e.target), name);
+        del(&mut self.by_deployment, key(ns, &e.clone), name);
+        del(&mut self.by_service, key(ns, &e.service), name);
+        for m in [&e.virtual_service, &e.destination_rule].into_iter().flatten() {
+            del(&mut self.by_named_mesh, key(ns, m), name);
+        }
+        if self.by_uid.get(&e.uid) == Some(&k) {
+            self.by_uid.remove(&e.uid);
+        }
+        if let Some(set) = self.selecting.get_mut(ns) {
+            set.remove(name);
+        }
+        for m in self.mesh_of.remove(&k).unwrap_or_default() {
+            if let Some(set) = self.mesh_last.get_mut(&m) {
+                set.remove(&k);
+            }
+        }
+    }
+
+    pub fn get(&self, ns: &str, name: &str) -> Option<&Entry> {
+        self.canaries.get(&key(ns, name))
+    }
+
+    /// Every canary's key.
+    pub fn keys(&self) -> impl Iterator<Item = &CanaryKey> {
+        self.canaries.keys()
+    }
+
+    pub fn len(&self) -> usize {
+        self.canaries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.canaries.is_empty()
+    }
+
+    /// Marks (part of) a canary's caches as complete.
+    pub fn primed(&mut self, ns: &str, name: &str, done: Prime) {
+        if let Some(e) = self.canaries.get_mut(&key(ns, name)) {
+            e.prime.objects &= !done.objects;
+            e.prime.pods &= !done.pods;
+            e.prime.clone &= !done.clone;
+        }
+    }
+
+    /// Asks for a canary's target, clone and Service to be read again (a write found one of
+    /// them other than the cache said).
+    pub fn reprime(&mut self, ns: &str, name: &str) {
+        if let Some(e) = self.canaries.get_mut(&key(ns, name)) {
+            e.prime.objects = true;
+            e.prime.clone = true;
+        }
+    }
+
+    /// Other canaries of namespace `ns` that share canary `name`'s target or Service.
+    pub fn sharing(&self, ns: &str, name: &str) -> Vec<String> {
+        let Some(e) = self.canaries.get(&key(ns, name)) else {
+            return Vec::new();
+        };
+        let mut out: BTreeSet<String> = BTreeSet::new();
+        for set in [
+            self.by_deployment.get(&key(ns, &e.target)),
+            self.by_deployment.get(&key(ns, &e.clone)),
+            self.by_service.get(&key(ns, &e.service)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            out.extend(set.iter().filter(|n| *n != name).cloned());
+        }
+        out.into_iter().collect()
+    }
+
+    /// Records the selector of Service `ns/name` (`None`: the Service is gone). Canaries whose
+    /// selector changed must read the pods it selects. Returns the canaries of that Service.
+    pub fn service_seen(
+        &mut self,
+        ns: &str,
+        name: &str,
+        selector: Option<BTreeMap<String, String>>,
+    ) -> Vec<CanaryKey> {
+        let names = self
+            .by_service
+            .get(&key(ns, name))
+            .cloned()
+            .unwrap_or_default();
+        let now = selector.unwrap_or_default();
+        for n in &names {
+            let Some(e) = self.canaries.get_mut(&key(ns, n)) else {
+                continue;
+            };
+            if e.selector.as_ref() == Some(&now) {
+                continue;
+            }
+            // The first selector seen while the watches list is covered by their list.
+            let first_at_start = e.selector.is_none() && !self.watches_started;
+            if !first_at_start && !now.is_empty() {
+                e.prime.pods = true;
+            }
+            e.selector = Some(now.clone());
+            let set = self.selecting.entry(ns.to_string()).or_default();
+            if now.is_empty() {
+                set.remove(n);
+            } else {
+                set.insert(n.clone());
+            }
+        }
+        names.into_iter().map(|n| key(ns, &n)).collect()
+    }
+
+    /// Canaries a Deployment concerns: as target, as clone, or by our label.
+    pub fn for_deployment(&self, meta: &ObjectMeta) -> Vec<CanaryKey> {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        let name = meta.name.as_deref().unwrap_or_default();
+        let mut out: BTreeSet<CanaryKey> = self
+            .by_deployment
+            .get(&key(ns, name))
+            .into_iter()
+            .flatten()
+            .map(|n| key(ns, n))
+            .collect();
+        if let Some(owner) = meta.labels.as_ref().and_then(|l| l.get(CANARY_LABEL)) {
+            out.insert(key(ns, owner));
+        }
+        out.into_iter().collect()
+    }
+
+    /// Whether the cache keeps this Deployment: a canary's target or clone, or one we created.
+    pub fn wants_deployment(&self, meta: &ObjectMeta) -> bool {
+        !self.for_deployment(meta).is_empty()
+    }
+
+    /// Canaries a pod concerns: its Deployment's, and those whose Service selects it.
+    pub fn for_pod(&self, meta: &ObjectMeta) -> Vec<CanaryKey> {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        let mut out: BTreeSet<CanaryKey> = BTreeSet::new();
+        if let Some(d) = deployment_of_pod(meta) {
+            for n in self.by_deployment.get(&key(ns, d)).into_iter().flatten() {
+                out.insert(key(ns, n));
+            }
+        }
+        if let Some(labels) = meta.labels.as_ref() {
+            for n in self.selecting.get(ns).into_iter().flatten() {
+                let k = key(ns, n);
+                let sel = self.canaries.get(&k).and_then(|e| e.selector.as_ref());
+                if sel.is_some_and(|s| selects(s, labels)) {
+                    out.insert(k);
+                }
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Canaries a Service concerns.
+    pub fn for_service(&self, ns: &str, name: &str) -> Vec<CanaryKey> {
+        self.by_service
+            .get(&key(ns, name))
+            .into_iter()
+            .flatten()
+            .map(|n| key(ns, n))
+            .collect()
+    }
+
+    /// Canaries a VirtualService (`virtual_service`) or DestinationRule concerns now, given the
+    /// object as JSON: by the Services its hosts name, its owner, its restore note, or a spec
+    /// that names it.
+    pub fn for_mesh(&self, obj: &Value, virtual_service: bool, domain: &str) -> Vec<CanaryKey> {
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let name = obj
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let spec = obj.get("spec").unwrap_or(&Value::Null);
+        let hosts: Vec<&str> = if virtual_service {
+            istio::vs_named_hosts(spec)
+        } else {
+            spec.get("host").and_then(Value::as_str).into_iter().collect()
+        };
+        let mut out: BTreeSet<CanaryKey> = BTreeSet::new();
+        for (svc, svc_ns) in hosts
+            .iter()
+            .filter_map(|h| istio::service_of_host(h, ns, domain))
+        {
+            for n in self.by_service.get(&(svc_ns.clone(), svc)).into_iter().flatten() {
+                out.insert(key(&svc_ns, n));
+            }
+        }
+        for uid in obj
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("uid").and_then(Value::as_str))
+        {
+            if let Some(k) = self.by_uid.get(uid) {
+                out.insert(k.clone());
+            }
+        }
+        if let Some(owner) = istio::note_owner(istio::restore_note_of(obj)) {
+            let k = key(ns, &owner);
+            if self.canaries.contains_key(&k) {
+                out.insert(k);
+            }
+        }
+        for n in self.by_named_mesh.get(&key(ns, name)).into_iter().flatten() {
+            let k = key(ns, n);
+            let named = self.canaries.get(&k).and_then(|e| {
+                if virtual_service {
+                    e.virtual_service.as_deref()
+                } else {
+                    e.destination_rule.as_deref()
+                }
+            });
+            if named == Some(name) {
+                out.insert(k);
+            }
+        }
+        out.into_iter().collect()
+    }
+
+    /// Records which canaries a VirtualService/DestinationRule concerns now (`None`: it was
+    /// deleted). Returns those it concerns now and those it concerned before.
+    pub fn mesh_seen(&mut self, m: MeshKey, now: Option<Vec<CanaryKey>>) -> Vec<CanaryKey> {
+        let before = self.mesh_last.remove(&m).unwrap_or_default();
+        for k in &before {
+            if let Some(set) = self.mesh_of.get_mut(k) {
+                set.remove(&m);
+            }
+        }
+        let now: BTreeSet<CanaryKey> = now.unwrap_or_default().into_iter().collect();
+        for k in &now {
+            self.mesh_of.entry(k.clone()).or_default().insert(m.clone());
+        }
+        let all: Vec<CanaryKey> = before.union(&now).cloned().collect();
+        if !now.is_empty() {
+            self.mesh_last.insert(m, now);
+        }
+        all
+    }
+
+    /// The canaries a VirtualService or DestinationRule concerned when last seen.
+    pub fn mesh_of_key(&self, m: &MeshKey) -> Vec<CanaryKey> {
+        self.mesh_last
+            .get(m)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The VirtualServices and DestinationRules a canary concerns, as last seen.
+    pub fn mesh_of(&self, ns: &str, name: &str) -> Vec<MeshKey> {
+        self.mesh_of
+            .get(&key(ns, name))
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+    use serde_json::json;
+
+    fn canary(ns: &str, name: &str, target: &str, service: Option<&str>) -> RecordingCanary {
+        let mut spec = json!({"targetRef": {"name": target}, "percent": 10});
+        if let Some(s) = service {
+            spec["service"] = json!(s);
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}")},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn meta(ns: &str, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    fn pod_of(ns: &str, deploy: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        let mut l: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert("pod-template-hash".into(), "abc12".into());
+        ObjectMeta {
+            namespace: Some(ns.into()),
+            name: Some(format!("{deploy}-abc12-xyz")),
+            labels: Some(l),
+            owner_references: Some(vec![OwnerReference {
+                kind: "ReplicaSet".into(),
+                name: format!("{deploy}-abc12"),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    fn index() -> Index {
+        let mut i = Index::default();
+        i.upsert(&canary("shop", "front", "frontend", None));
+        i.upsert(&canary("shop", "cart", "cart", Some("cart-svc")));
+        i.upsert(&canary("other", "front", "frontend", None));
+        i
+    }
+
+    fn k(ns: &str, n: &str) -> CanaryKey {
+        key(ns, n)
+    }
+
+    #[test]
+    fn a_deployment_concerns_only_the_canaries_that_target_or_clone_it() {
+        let i = index();
+        assert_eq!(
+            i.for_deployment(&meta("shop", "frontend")),
+            vec![k("shop", "front")]
+        );
+        assert_eq!(
+            i.for_deployment(&meta("shop", "frontend-recording")),
+            vec![k("shop", "front")]
+        );
+        assert!(i.for_deployment(&meta("shop", "unrelated")).is_empty());
+        assert!(!i.wants_deployment(&meta("shop", "unrelated")));
+        let mut labelled = meta("shop", "leftover-recording");
+        labelled.labels = Some(BTreeMap::from([(CANARY_LABEL.into(), "gone".into())]));
+        assert_eq!(i.for_deployment(&labelled), vec![k("shop", "gone")]);
+    }
+
+    #[test]
+    fn a_pod_concerns_its_deployments_canary_and_those_whose_service_selects_it() {
+        let mut i = index();
+        assert_eq!(
+            i.for_pod(&pod_of("shop", "frontend", &[])),
+            vec![k("shop", "front")]
+        );
+        assert_eq!(
+            i.for_pod(&pod_of("shop", "frontend-recording", &[])),
+            vec![k("shop", "front")]
+        );
+        let stranger = pod_of("shop", "legacy", &[("app", "cart")]);
+        assert!(i.for_pod(&stranger).is_empty());
+        i.service_seen(
+            "shop",
+            "cart-svc",
+            Some(BTreeMap::from([("app".into(), "cart".into())])),
+        );
+        assert_eq!(i.for_pod(&stranger), vec![k("shop", "cart")]);
+        // A pod with the same owner name in another namespace concerns that namespace's canary.
+        assert_eq!(
+            i.for_pod(&pod_of("other", "frontend", &[])),
+            vec![k("other", "front")]
+        );
+    }
+
+    #[test]
+    fn the_deployment_of_a_pod_comes_from_its_controlling_replicaset() {
+        assert_eq!(
+            deployment_of_pod(&pod_of("a", "web-v2", &[])),
+            Some("web-v2")
+        );
+        let mut orphan = pod_of("a", "web", &[]);
+        orphan.owner_references = None;
+        assert_eq!(deployment_of_pod(&orphan), None);
+    }
+
+    #[test]
+    fn virtual_services_map_by_host_destination_owner_note_and_name() {
+        let i = index();
+        let by_host = json!({"metadata": {"namespace": "shop", "name": "v"},
+            "spec": {"hosts": ["frontend"], "http": [{"route": [{"destination": {"host": "frontend"}}]}]}});
+        assert_eq!(
+            i.for_mesh(&by_host, true, "cluster.local"),
+            vec![k("shop", "front")]
+        );
+        // A gateway VirtualService: an external host, a destination naming the Service.
+        let gateway = json!({"metadata": {"namespace": "shop", "name": "g"},
+            "spec": {"hosts": ["shop.example.com"], "gateways": ["gw"],
+                     "http": [{"route": [{"destination": {"host": "cart-svc.shop.svc.cluster.local"}}]}]}});
+        assert_eq!(
+            i.for_mesh(&gateway, true, "cluster.local"),
+            vec![k("shop", "cart")]
+        );
+        // A mesh VirtualService in another namespace naming the Service's long host.
+        let elsewhere = json!({"metadata": {"namespace": "edge", "name": "e"},
+            "spec": {"hosts": ["frontend.shop.svc.cluster.local"]}});
+        assert_eq!(
+            i.for_mesh(&elsewhere, true, "cluster.local"),
+            vec![k("shop", "front")]
+        );
+        let owned = json!({"metadata": {"namespace": "shop", "name": "front-recording",
+            "ownerReferences": [{"uid": "uid-cart"}]}, "spec": {}});
+        assert_eq!(
+            i.for_mesh(&owned, true, "cluster.local"),
+            vec![k("shop", "cart")]
+        );
+        let noted = json!({"metadata": {"namespace": "shop", "name": "x", "annotations":
+            {"recordingcanary.dev/restore": "{\"canary\":\"cart\",\"weights\":[]}"}}, "spec": {}});
+        assert_eq!(
+            i.for_mesh(&noted, true, "cluster.local"),
+            vec![k("shop", "cart")]
+        );
+        let unrelated = json!({"metadata": {"namespace": "shop", "name": "u"},
+            "spec": {"hosts": ["payments"]}});
+        assert!(i.for_mesh(&unrelated, true, "cluster.local").is_empty());
+    }
+
+    #[test]
+    fn destination_rules_map_by_host() {
+        let i = index();
+        let dr = json!({"metadata": {"namespace": "shop", "name": "d"},
+            "spec": {"host": "cart-svc.shop.svc.cluster.local"}});
+        assert_eq!(i.for_mesh(&dr, false, "cluster.local"), vec![k("shop", "cart")]);
+        // The same short host in another namespace is another Service.
+        let other = json!({"metadata": {"namespace": "other", "name": "d"},
+            "spec": {"host": "frontend"}});
+        assert_eq!(
+            i.for_mesh(&other, false, "cluster.local"),
+            vec![k("other", "front")]
+        );
+    }
+
+    #[test]
+    fn canaries_seen_after_the_watches_started_are_primed_and_selector_changes_reprime_pods() {
+        let mut i = Index::default();
+        i.upsert(&canary("shop", "early", "a", None));
+        assert!(!i.get("shop", "early").unwrap().prime.any());
+        i.service_seen("shop", "a", Some(BTreeMap::from([("app".into(), "a".into())])));
+        assert!(!i.get("shop", "early").unwrap().prime.pods);
+        i.watches_started();
+        i.upsert(&canary("shop", "late", "b", None));
+        assert!(i.get("shop", "late").unwrap().prime.objects);
+        i.primed(
+            "shop",
+            "late",
+            Prime {
+                objects: true,
+                pods: true,
+                clone: true,
+            },
+        );
+        assert!(!i.get("shop", "late").unwrap().prime.any());
+        let changed = i.service_seen(
+            "shop",
+            "a",
+            Some(BTreeMap::from([("app".into(), "a2".into())])),
+        );
+        assert_eq!(changed, vec![k("shop", "early")]);
+        assert!(i.get("shop", "early").unwrap().prime.pods);
+        // Seeing the same canary again keeps what is known.
+        i.primed(
+            "shop",
+            "early",
+            Prime {
+                pods: true,
+                ..Prime::default()
+            },
+        );
+        i.upsert(&canary("shop", "early", "a", None));
+        assert!(!i.get("shop", "early").unwrap().prime.any());
+    }
+}
