@@ -186,8 +186,12 @@ mod tests {
     #[test]
     fn keeps_only_objects_someone_is_interested_in() {
         let s = Selective::default();
-        s.apply(&Event::Apply(cm("a", "keep", "1")), |o| o.name_any() == "keep");
-        s.apply(&Event::Apply(cm("a", "drop", "2")), |o| o.name_any() == "keep");
+        s.apply(&Event::Apply(cm("a", "keep", "1")), |o| {
+            o.name_any() == "keep"
+        });
+        s.apply(&Event::Apply(cm("a", "drop", "2")), |o| {
+            o.name_any() == "keep"
+        });
         assert!(s.get("a", "keep").is_some());
         assert!(s.get("a", "drop").is_none());
         assert_eq!(s.len(), 1);

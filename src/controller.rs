@@ -36,10 +36,11 @@ use crate::Error;
 use crate::api::RecordingCanary;
 use crate::cache::Selective;
 use crate::freshness::{self, Kind, Writes, Written};
-use crate::index::{CanaryKey, Index, MeshKey, Prime, deployment_of_pod, selects};
+use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
 use crate::istio;
 use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
+use crate::shard::Shard;
 use crate::writers;
 
 /// The caches and index of one watched scope (a namespace, or the whole cluster).
@@ -93,7 +94,8 @@ impl Scope {
     /// Drops cached objects no canary is interested in any more.
     fn evict(&self) {
         let idx = self.index();
-        self.deployments.retain(|d| idx.wants_deployment(&d.metadata));
+        self.deployments
+            .retain(|d| idx.wants_deployment(&d.metadata));
         self.services.retain(|s| {
             !idx.for_service(&s.namespace().unwrap_or_default(), &s.name_any())
                 .is_empty()
@@ -110,6 +112,8 @@ pub struct Context {
     pub cluster_domain: String,
     /// Start of this process: waits are measured from no earlier than this.
     pub started: Timestamp,
+    /// The canaries of which namespaces this process reconciles.
+    pub shard: Shard,
     scopes: RwLock<Vec<Arc<Scope>>>,
     writes: Mutex<Writes>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
@@ -132,10 +136,17 @@ impl Context {
             metrics,
             cluster_domain: cluster_domain.into(),
             started: Timestamp::now(),
+            shard: Shard::default(),
             scopes: RwLock::new(Vec::new()),
             writes: Mutex::new(Writes::default()),
             backoff: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reconciles only the canaries of `shard`.
+    pub fn with_shard(mut self, shard: Shard) -> Self {
+        self.shard = shard;
+        self
     }
 
     fn scopes(&self) -> Vec<Arc<Scope>> {
@@ -438,7 +449,14 @@ pub async fn run(
                         on_mesh_event(&c, &s, vs, &ev)
                     }
                     Err(e) => {
-                        log_watch_error(if vs { "VirtualService" } else { "DestinationRule" }, &e);
+                        log_watch_error(
+                            if vs {
+                                "VirtualService"
+                            } else {
+                                "DestinationRule"
+                            },
+                            &e,
+                        );
                         Vec::new()
                     }
                 })
@@ -488,13 +506,20 @@ fn all_canaries(scope: &Scope) -> Vec<ObjectRef<RecordingCanary>> {
     scope.index().keys().map(canary_ref).collect()
 }
 
-fn on_canary_event(ctx: &Context, scope: &Scope, ev: &Event<RecordingCanary>) -> Vec<RecordingCanary> {
+fn on_canary_event(
+    ctx: &Context,
+    scope: &Scope,
+    ev: &Event<RecordingCanary>,
+) -> Vec<RecordingCanary> {
     match ev {
+        // Another shard's: not indexed, so nothing of it is cached or reconciled here.
+        Event::Apply(c) | Event::InitApply(c)
+            if !ctx.shard.owns(c.namespace().as_deref().unwrap_or_default()) =>
+        {
+            Vec::new()
+        }
         Event::Apply(c) | Event::InitApply(c) => {
-            let new = scope.index_mut().upsert(c);
-            if new {
-                index_mesh_of_new_canary(ctx, scope, c);
-            }
+            scope.index_mut().upsert(c);
             let verdict = ctx.writes().on_event(
                 Kind::Canary,
                 &c.namespace().unwrap_or_default(),
@@ -540,33 +565,6 @@ fn forget_canary(ctx: &Context, scope: &Scope, k: &CanaryKey) {
     }
 }
 
-/// A canary new to the index: the VirtualServices and DestinationRules it concerns, from the
-/// caches of every scope (they sent their events before it existed).
-fn index_mesh_of_new_canary(ctx: &Context, scope: &Scope, c: &RecordingCanary) {
-    let me = key_of_canary(c);
-    for other in ctx.scopes() {
-        for vs in [true, false] {
-            for obj in other.mesh_store(vs).state() {
-                let Ok(v) = serde_json::to_value(obj.as_ref()) else {
-                    continue;
-                };
-                let hits = scope.index().for_mesh(&v, vs, &ctx.cluster_domain);
-                if hits.contains(&me) {
-                    let m = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
-                    let mut idx = scope.index_mut();
-                    let mut now: Vec<CanaryKey> = idx
-                        .mesh_of_key(&m)
-                        .into_iter()
-                        .filter(|k| k != &me)
-                        .collect();
-                    now.push(me.clone());
-                    idx.mesh_seen(m, Some(now));
-                }
-            }
-        }
-    }
-}
-
 fn on_deployment_event(
     ctx: &Context,
     scope: &Scope,
@@ -606,7 +604,11 @@ fn on_service_event(
             let selector = (!deleted).then(|| selector_of(svc));
             scope
                 .index_mut()
-                .service_seen(&svc.namespace().unwrap_or_default(), &svc.name_any(), selector)
+                .service_seen(
+                    &svc.namespace().unwrap_or_default(),
+                    &svc.name_any(),
+                    selector,
+                )
                 .iter()
                 .map(canary_ref)
                 .collect()
@@ -656,11 +658,13 @@ fn on_mesh_event(
         };
     };
     let m: MeshKey = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
-    let value = serde_json::to_value(obj).unwrap_or_default();
+    let spec = obj.data.get("spec").unwrap_or(&Value::Null);
+    let refs = MeshRefs::of(&obj.metadata, spec, vs, &ctx.cluster_domain);
     let mut mine = Vec::new();
     for other in ctx.scopes() {
-        let now = (!deleted).then(|| other.index().for_mesh(&value, vs, &ctx.cluster_domain));
-        let hits = other.index_mut().mesh_seen(m.clone(), now);
+        let hits = other
+            .index_mut()
+            .mesh_seen(m.clone(), (!deleted).then(|| refs.clone()));
         if std::ptr::eq(other.as_ref(), scope) {
             mine = hits;
         } else {
@@ -670,7 +674,11 @@ fn on_mesh_event(
         }
     }
     ctx.metrics.cached(
-        if vs { "VirtualService" } else { "DestinationRule" },
+        if vs {
+            "VirtualService"
+        } else {
+            "DestinationRule"
+        },
         scope.mesh_store(vs).state().len(),
     );
     let kind = if vs {
@@ -705,8 +713,7 @@ impl Snapshot {
         let pods = scope
             .pods
             .in_namespace(&ns, |p| {
-                deployment_of_pod(&p.metadata)
-                    .is_some_and(|d| d == target_name || d == clone_name)
+                deployment_of_pod(&p.metadata).is_some_and(|d| d == target_name || d == clone_name)
                     || p.metadata
                         .labels
                         .as_ref()
@@ -769,7 +776,10 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
     if p.objects || p.clone {
         let clone_name = c.spec.clone_name();
         let (target, service, clone) = futures::try_join!(
-            opt_if(p.objects && !target_name.is_empty(), deployments.get_opt(&target_name)),
+            opt_if(
+                p.objects && !target_name.is_empty(),
+                deployments.get_opt(&target_name)
+            ),
             opt_if(p.objects, services.get_opt(&service_name)),
             opt_if(p.clone, deployments.get_opt(&clone_name)),
         )?;
@@ -795,10 +805,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             },
         );
     }
-    let needs_pods = scope
-        .index()
-        .get(&ns, &name)
-        .is_some_and(|e| e.prime.pods);
+    let needs_pods = scope.index().get(&ns, &name).is_some_and(|e| e.prime.pods);
     if needs_pods {
         let mut selector = scope
             .services
@@ -809,7 +816,11 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             selector = scope
                 .deployments
                 .get(&ns, &target_name)
-                .and_then(|t| t.spec.as_ref().and_then(|s| s.selector.match_labels.clone()))
+                .and_then(|t| {
+                    t.spec
+                        .as_ref()
+                        .and_then(|s| s.selector.match_labels.clone())
+                })
                 .unwrap_or_default();
         }
         if !selector.is_empty() {
@@ -948,8 +959,12 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         );
     }
     let wrote = wrote || status_written.is_some();
-    ctx.writes()
-        .record(&key, ns, status_written.into_iter().collect(), Instant::now());
+    ctx.writes().record(
+        &key,
+        ns,
+        status_written.into_iter().collect(),
+        Instant::now(),
+    );
     if wrote {
         // Plan again once the watches show these writes: their echo wakes this canary.
         ctx.writes()

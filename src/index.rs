@@ -73,12 +73,63 @@ pub struct Index {
     /// stops naming a canary's host still reaches it), and the reverse.
     mesh_last: HashMap<MeshKey, BTreeSet<CanaryKey>>,
     mesh_of: HashMap<CanaryKey, BTreeSet<MeshKey>>,
+    /// What every VirtualService/DestinationRule refers to, whether or not a canary exists yet,
+    /// and the reverse by Service and by the canary its restore note names: a new canary finds
+    /// its objects here without a scan.
+    mesh_refs: HashMap<MeshKey, MeshRefs>,
+    by_host: HashMap<(String, String), BTreeSet<MeshKey>>,
+    by_note: HashMap<(String, String), BTreeSet<MeshKey>>,
     /// Once set, canaries seen for the first time are primed (the watches have listed).
     watches_started: bool,
 }
 
 /// A VirtualService (`true`) or DestinationRule (`false`), by namespace and name.
 pub type MeshKey = (bool, String, String);
+
+/// What a VirtualService or DestinationRule refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MeshRefs {
+    /// Services (`ns`, `name`) its hosts resolve to.
+    pub services: BTreeSet<(String, String)>,
+    /// UIDs of its owners.
+    pub owners: Vec<String>,
+    /// The canary its restore note names (in its own namespace).
+    pub note: Option<String>,
+}
+
+impl MeshRefs {
+    /// Reads the references of a VirtualService (`vs`) or DestinationRule.
+    pub fn of(meta: &ObjectMeta, spec: &Value, vs: bool, domain: &str) -> Self {
+        let ns = meta.namespace.as_deref().unwrap_or_default();
+        let hosts: Vec<&str> = if vs {
+            istio::vs_named_hosts(spec)
+        } else {
+            spec.get("host")
+                .and_then(Value::as_str)
+                .into_iter()
+                .collect()
+        };
+        Self {
+            services: hosts
+                .iter()
+                .filter_map(|h| istio::service_of_host(h, ns, domain))
+                .map(|(svc, svc_ns)| (svc_ns, svc))
+                .collect(),
+            owners: meta
+                .owner_references
+                .iter()
+                .flatten()
+                .map(|r| r.uid.clone())
+                .collect(),
+            note: istio::note_owner(
+                meta.annotations
+                    .as_ref()
+                    .and_then(|a| a.get(crate::api::RESTORE_ANNOTATION))
+                    .map(String::as_str),
+            ),
+        }
+    }
+}
 
 fn key(ns: &str, name: &str) -> CanaryKey {
     (ns.to_string(), name.to_string())
@@ -120,8 +171,8 @@ impl Index {
     }
 
     /// Adds or updates a canary. A canary new to the index after the watches started is marked
-    /// for priming. Returns whether it is new (or recreated).
-    pub fn upsert(&mut self, c: &RecordingCanary) -> bool {
+    /// for priming.
+    pub fn upsert(&mut self, c: &RecordingCanary) {
         let ns = c.namespace().unwrap_or_default();
         let name = c.name_any();
         let k = key(&ns, &name);
@@ -147,7 +198,7 @@ impl Index {
                 && e.virtual_service == fresh.virtual_service
                 && e.destination_rule == fresh.destination_rule
             {
-                return false;
+                return;
             }
         }
         let recreated = self.canaries.contains_key(&k);
@@ -163,12 +214,15 @@ impl Index {
         add(&mut self.by_deployment, key(&ns, &e.target), &name);
         add(&mut self.by_deployment, key(&ns, &e.clone), &name);
         add(&mut self.by_service, key(&ns, &e.service), &name);
-        for m in [&e.virtual_service, &e.destination_rule].into_iter().flatten() {
+        for m in [&e.virtual_service, &e.destination_rule]
+            .into_iter()
+            .flatten()
+        {
             add(&mut self.by_named_mesh, key(&ns, m), &name);
         }
         self.by_uid.insert(e.uid.clone(), k.clone());
-        self.canaries.insert(k, e);
-        true
+        self.canaries.insert(k.clone(), e);
+        self.attach_mesh(&k);
     }
 
     /// Forgets a canary.
@@ -180,7 +234,10 @@ impl Index {
         del(&mut self.by_deployment, key(ns, &e.target), name);
         del(&mut self.by_deployment, key(ns, &e.clone), name);
         del(&mut self.by_service, key(ns, &e.service), name);
-        for m in [&e.virtual_service, &e.destination_rule].into_iter().flatten() {
+        for m in [&e.virtual_service, &e.destination_rule]
+            .into_iter()
+            .flatten()
+        {
             del(&mut self.by_named_mesh, key(ns, m), name);
         }
         if self.by_uid.get(&e.uid) == Some(&k) {
@@ -340,46 +397,23 @@ impl Index {
             .collect()
     }
 
-    /// Canaries a VirtualService (`virtual_service`) or DestinationRule concerns now, given the
-    /// object as JSON: by the Services its hosts name, its owner, its restore note, or a spec
-    /// that names it.
-    pub fn for_mesh(&self, obj: &Value, virtual_service: bool, domain: &str) -> Vec<CanaryKey> {
-        let ns = obj
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let name = obj
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let spec = obj.get("spec").unwrap_or(&Value::Null);
-        let hosts: Vec<&str> = if virtual_service {
-            istio::vs_named_hosts(spec)
-        } else {
-            spec.get("host").and_then(Value::as_str).into_iter().collect()
-        };
+    /// Canaries a VirtualService (`m.0`) or DestinationRule `m` with references `refs` concerns:
+    /// by the Services its hosts name, its owner, its restore note, or a spec that names it.
+    pub fn for_mesh(&self, m: &MeshKey, refs: &MeshRefs) -> Vec<CanaryKey> {
+        let (vs, ns, name) = m;
         let mut out: BTreeSet<CanaryKey> = BTreeSet::new();
-        for (svc, svc_ns) in hosts
-            .iter()
-            .filter_map(|h| istio::service_of_host(h, ns, domain))
-        {
-            for n in self.by_service.get(&(svc_ns.clone(), svc)).into_iter().flatten() {
-                out.insert(key(&svc_ns, n));
+        for svc in &refs.services {
+            for n in self.by_service.get(svc).into_iter().flatten() {
+                out.insert(key(&svc.0, n));
             }
         }
-        for uid in obj
-            .pointer("/metadata/ownerReferences")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r.get("uid").and_then(Value::as_str))
-        {
+        for uid in &refs.owners {
             if let Some(k) = self.by_uid.get(uid) {
                 out.insert(k.clone());
             }
         }
-        if let Some(owner) = istio::note_owner(istio::restore_note_of(obj)) {
-            let k = key(ns, &owner);
+        if let Some(owner) = &refs.note {
+            let k = key(ns, owner);
             if self.canaries.contains_key(&k) {
                 out.insert(k);
             }
@@ -387,29 +421,60 @@ impl Index {
         for n in self.by_named_mesh.get(&key(ns, name)).into_iter().flatten() {
             let k = key(ns, n);
             let named = self.canaries.get(&k).and_then(|e| {
-                if virtual_service {
+                if *vs {
                     e.virtual_service.as_deref()
                 } else {
                     e.destination_rule.as_deref()
                 }
             });
-            if named == Some(name) {
+            if named == Some(name.as_str()) {
                 out.insert(k);
             }
         }
         out.into_iter().collect()
     }
 
-    /// Records which canaries a VirtualService/DestinationRule concerns now (`None`: it was
-    /// deleted). Returns those it concerns now and those it concerned before.
-    pub fn mesh_seen(&mut self, m: MeshKey, now: Option<Vec<CanaryKey>>) -> Vec<CanaryKey> {
+    /// Records a VirtualService/DestinationRule event (`None`: deleted). Returns the canaries it
+    /// concerns now and those it concerned before.
+    pub fn mesh_seen(&mut self, m: MeshKey, refs: Option<MeshRefs>) -> Vec<CanaryKey> {
+        if let Some(old) = self.mesh_refs.remove(&m) {
+            for svc in old.services {
+                if let Some(set) = self.by_host.get_mut(&svc) {
+                    set.remove(&m);
+                }
+            }
+            if let Some(n) = old.note
+                && let Some(set) = self.by_note.get_mut(&key(&m.1, &n))
+            {
+                set.remove(&m);
+            }
+        }
+        let now = match &refs {
+            Some(r) => self.for_mesh(&m, r),
+            None => Vec::new(),
+        };
+        if let Some(r) = refs {
+            for svc in &r.services {
+                self.by_host
+                    .entry(svc.clone())
+                    .or_default()
+                    .insert(m.clone());
+            }
+            if let Some(n) = &r.note {
+                self.by_note
+                    .entry(key(&m.1, n))
+                    .or_default()
+                    .insert(m.clone());
+            }
+            self.mesh_refs.insert(m.clone(), r);
+        }
         let before = self.mesh_last.remove(&m).unwrap_or_default();
         for k in &before {
             if let Some(set) = self.mesh_of.get_mut(k) {
                 set.remove(&m);
             }
         }
-        let now: BTreeSet<CanaryKey> = now.unwrap_or_default().into_iter().collect();
+        let now: BTreeSet<CanaryKey> = now.into_iter().collect();
         for k in &now {
             self.mesh_of.entry(k.clone()).or_default().insert(m.clone());
         }
@@ -420,12 +485,38 @@ impl Index {
         all
     }
 
-    /// The canaries a VirtualService or DestinationRule concerned when last seen.
-    pub fn mesh_of_key(&self, m: &MeshKey) -> Vec<CanaryKey> {
-        self.mesh_last
-            .get(m)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default()
+    /// A canary new to the index: links it to the VirtualServices and DestinationRules seen
+    /// before it that concern it (by its Service's host, a restore note, a name in its spec).
+    fn attach_mesh(&mut self, k: &CanaryKey) {
+        let Some(e) = self.canaries.get(k) else {
+            return;
+        };
+        let mut candidates: BTreeSet<MeshKey> = BTreeSet::new();
+        candidates.extend(
+            self.by_host
+                .get(&key(&k.0, &e.service))
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        candidates.extend(self.by_note.get(k).into_iter().flatten().cloned());
+        for (vs, n) in [(true, &e.virtual_service), (false, &e.destination_rule)] {
+            if let Some(n) = n {
+                candidates.insert((vs, k.0.clone(), n.clone()));
+            }
+        }
+        for m in candidates {
+            let Some(refs) = self.mesh_refs.get(&m) else {
+                continue;
+            };
+            if self.for_mesh(&m, refs).contains(k) {
+                self.mesh_last
+                    .entry(m.clone())
+                    .or_default()
+                    .insert(k.clone());
+                self.mesh_of.entry(k.clone()).or_default().insert(m);
+            }
+        }
     }
 
     /// The VirtualServices and DestinationRules a canary concerns, as last seen.
@@ -496,6 +587,18 @@ mod tests {
         key(ns, n)
     }
 
+    /// What the index says of an object given as JSON.
+    fn mesh(i: &Index, obj: &Value, vs: bool) -> Vec<CanaryKey> {
+        let meta: ObjectMeta = serde_json::from_value(obj["metadata"].clone()).unwrap();
+        let m = (
+            vs,
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        let refs = MeshRefs::of(&meta, &obj["spec"], vs, "cluster.local");
+        i.for_mesh(&m, &refs)
+    }
+
     #[test]
     fn a_deployment_concerns_only_the_canaries_that_target_or_clone_it() {
         let i = index();
@@ -556,40 +659,25 @@ mod tests {
         let i = index();
         let by_host = json!({"metadata": {"namespace": "shop", "name": "v"},
             "spec": {"hosts": ["frontend"], "http": [{"route": [{"destination": {"host": "frontend"}}]}]}});
-        assert_eq!(
-            i.for_mesh(&by_host, true, "cluster.local"),
-            vec![k("shop", "front")]
-        );
+        assert_eq!(mesh(&i, &by_host, true), vec![k("shop", "front")]);
         // A gateway VirtualService: an external host, a destination naming the Service.
         let gateway = json!({"metadata": {"namespace": "shop", "name": "g"},
             "spec": {"hosts": ["shop.example.com"], "gateways": ["gw"],
                      "http": [{"route": [{"destination": {"host": "cart-svc.shop.svc.cluster.local"}}]}]}});
-        assert_eq!(
-            i.for_mesh(&gateway, true, "cluster.local"),
-            vec![k("shop", "cart")]
-        );
+        assert_eq!(mesh(&i, &gateway, true), vec![k("shop", "cart")]);
         // A mesh VirtualService in another namespace naming the Service's long host.
         let elsewhere = json!({"metadata": {"namespace": "edge", "name": "e"},
             "spec": {"hosts": ["frontend.shop.svc.cluster.local"]}});
-        assert_eq!(
-            i.for_mesh(&elsewhere, true, "cluster.local"),
-            vec![k("shop", "front")]
-        );
+        assert_eq!(mesh(&i, &elsewhere, true), vec![k("shop", "front")]);
         let owned = json!({"metadata": {"namespace": "shop", "name": "front-recording",
             "ownerReferences": [{"uid": "uid-cart"}]}, "spec": {}});
-        assert_eq!(
-            i.for_mesh(&owned, true, "cluster.local"),
-            vec![k("shop", "cart")]
-        );
+        assert_eq!(mesh(&i, &owned, true), vec![k("shop", "cart")]);
         let noted = json!({"metadata": {"namespace": "shop", "name": "x", "annotations":
             {"recordingcanary.dev/restore": "{\"canary\":\"cart\",\"weights\":[]}"}}, "spec": {}});
-        assert_eq!(
-            i.for_mesh(&noted, true, "cluster.local"),
-            vec![k("shop", "cart")]
-        );
+        assert_eq!(mesh(&i, &noted, true), vec![k("shop", "cart")]);
         let unrelated = json!({"metadata": {"namespace": "shop", "name": "u"},
             "spec": {"hosts": ["payments"]}});
-        assert!(i.for_mesh(&unrelated, true, "cluster.local").is_empty());
+        assert!(mesh(&i, &unrelated, true).is_empty());
     }
 
     #[test]
@@ -597,14 +685,11 @@ mod tests {
         let i = index();
         let dr = json!({"metadata": {"namespace": "shop", "name": "d"},
             "spec": {"host": "cart-svc.shop.svc.cluster.local"}});
-        assert_eq!(i.for_mesh(&dr, false, "cluster.local"), vec![k("shop", "cart")]);
+        assert_eq!(mesh(&i, &dr, false), vec![k("shop", "cart")]);
         // The same short host in another namespace is another Service.
         let other = json!({"metadata": {"namespace": "other", "name": "d"},
             "spec": {"host": "frontend"}});
-        assert_eq!(
-            i.for_mesh(&other, false, "cluster.local"),
-            vec![k("other", "front")]
-        );
+        assert_eq!(mesh(&i, &other, false), vec![k("other", "front")]);
     }
 
     #[test]
@@ -612,7 +697,11 @@ mod tests {
         let mut i = Index::default();
         i.upsert(&canary("shop", "early", "a", None));
         assert!(!i.get("shop", "early").unwrap().prime.any());
-        i.service_seen("shop", "a", Some(BTreeMap::from([("app".into(), "a".into())])));
+        i.service_seen(
+            "shop",
+            "a",
+            Some(BTreeMap::from([("app".into(), "a".into())])),
+        );
         assert!(!i.get("shop", "early").unwrap().prime.pods);
         i.watches_started();
         i.upsert(&canary("shop", "late", "b", None));
@@ -645,5 +734,35 @@ mod tests {
         );
         i.upsert(&canary("shop", "early", "a", None));
         assert!(!i.get("shop", "early").unwrap().prime.any());
+    }
+
+    #[test]
+    fn a_canary_created_after_its_virtual_service_finds_it_and_an_object_that_stops_naming_it_still_reaches_it_once()
+     {
+        let mut i = Index::default();
+        let vs = json!({"metadata": {"namespace": "shop", "name": "v"},
+            "spec": {"hosts": ["frontend"]}});
+        let meta: ObjectMeta = serde_json::from_value(vs["metadata"].clone()).unwrap();
+        let m = (true, "shop".to_string(), "v".to_string());
+        let refs = MeshRefs::of(&meta, &vs["spec"], true, "cluster.local");
+        assert!(
+            i.mesh_seen(m.clone(), Some(refs)).is_empty(),
+            "no canary yet"
+        );
+        i.upsert(&canary("shop", "front", "frontend", None));
+        assert_eq!(i.mesh_of("shop", "front"), vec![m.clone()]);
+        // The user points the VirtualService elsewhere: the canary hears of it one last time.
+        let moved = json!({"hosts": ["payments"]});
+        let refs = MeshRefs::of(&meta, &moved, true, "cluster.local");
+        assert_eq!(
+            i.mesh_seen(m.clone(), Some(refs.clone())),
+            vec![k("shop", "front")]
+        );
+        assert!(i.mesh_of("shop", "front").is_empty());
+        assert!(i.mesh_seen(m.clone(), Some(refs)).is_empty());
+        // Deleted: forgotten by host too, so a later canary does not find it.
+        i.mesh_seen(m, None);
+        i.upsert(&canary("shop", "pay", "payments", None));
+        assert!(i.mesh_of("shop", "pay").is_empty());
     }
 }

@@ -132,6 +132,11 @@ impl Elector {
         }
     }
 
+    /// How often a standby tries again.
+    pub fn retry_every(&self) -> Duration {
+        self.cfg.retry_every
+    }
+
     /// Waits until this process leads.
     pub async fn acquire(&mut self) {
         loop {

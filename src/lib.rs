@@ -10,7 +10,8 @@
 //!   object to the canaries it concerns, and read-your-writes over the caches;
 //! - [`controller`]: watches, observation and the reconcile loop;
 //! - [`client`]: the Kubernetes client, counting its requests;
-//! - [`metrics`], [`admin`], [`lease`]: Prometheus metrics, the admin server, leader election.
+//! - [`metrics`], [`admin`], [`lease`], [`shard`]: Prometheus metrics, the admin server, leader
+//!   election, and the split of canaries between shards.
 
 pub mod admin;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod istio;
 pub mod lease;
 pub mod metrics;
 pub mod planner;
+pub mod shard;
 pub mod writers;
 
 /// Errors of a reconcile. Each is retried with backoff; none stops the controller.

@@ -10,6 +10,7 @@ use recording_canary::admin::{self, Health};
 use recording_canary::controller::{self, Context};
 use recording_canary::lease::{Elector, LeaseConfig};
 use recording_canary::metrics::Metrics;
+use recording_canary::shard::Shard;
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -61,6 +62,10 @@ struct RunArgs {
     /// The cluster's DNS domain, for Service host names.
     #[arg(long, env = "RC_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// Split the canaries between this many shards (by a stable hash of the namespace); each
+    /// process leads one shard, through the Lease `<lease-name>-shard-<i>`. Needs leader election.
+    #[arg(long, env = "RC_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    shards: u32,
 }
 
 fn main() -> ExitCode {
@@ -151,29 +156,54 @@ async fn run(args: RunArgs) -> Result<(), String> {
     let identity = format!("{identity}-{}", std::process::id());
     health.ready.store(true, Ordering::Relaxed);
 
-    let mut elector = args.leader_elect.then(|| {
-        Elector::new(
-            client.clone(),
-            LeaseConfig::new(&args.lease_name, &args.lease_namespace, &identity),
-        )
-    });
-    if let Some(e) = elector.as_mut() {
-        info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to lead");
+    if args.shards > 1 && !args.leader_elect {
+        return Err(format!(
+            "--shards {} needs leader election (--leader-elect=true): each process leads one shard through its Lease",
+            args.shards
+        ));
+    }
+    let mut electors: Vec<Elector> = if args.leader_elect {
+        (0..args.shards)
+            .map(|i| {
+                let lease = Shard::lease_name(&args.lease_name, i, args.shards);
+                Elector::new(
+                    client.clone(),
+                    LeaseConfig::new(&lease, &args.lease_namespace, &identity),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut shard = Shard {
+        index: 0,
+        count: args.shards,
+    };
+    let mut elector = None;
+    if !electors.is_empty() {
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, %identity, "waiting to lead");
         tokio::select! {
-            _ = e.acquire() => {}
+            i = lead_one(&mut electors) => {
+                shard.index = i as u32;
+                elector = Some(electors.swap_remove(i));
+            }
             _ = stopped() => { let _ = admin_task.await; return Ok(()); }
         }
-        info!("leading");
+        info!(shard = shard.index, of = shard.count, "leading");
     }
     // Without election this process acts alone: it leads.
     metrics.is_leader.set(1);
+    metrics.shard.set(i64::from(shard.index));
 
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics.clone(),
-        &args.cluster_domain,
-        Some(identity),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            metrics.clone(),
+            &args.cluster_domain,
+            Some(identity),
+        )
+        .with_shard(shard),
+    );
     let scopes: Vec<Option<String>> = if args.namespaces.is_empty() {
         vec![None]
     } else {
@@ -209,6 +239,24 @@ async fn run(args: RunArgs) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Waits until this process leads one of the shards' Leases (the first free one); returns its index.
+async fn lead_one(electors: &mut [Elector]) -> usize {
+    let retry = electors
+        .first()
+        .map(|e| e.retry_every())
+        .unwrap_or(std::time::Duration::from_secs(2));
+    loop {
+        for (i, e) in electors.iter_mut().enumerate() {
+            match e.try_acquire_or_renew().await {
+                Ok(true) => return i,
+                Ok(false) => {}
+                Err(err) => tracing::warn!(error = %err, "lease: could not read or take a lease"),
+            }
+        }
+        tokio::time::sleep(retry).await;
+    }
 }
 
 async fn wait_for_signal() {

@@ -59,7 +59,12 @@ pub fn classify(method: &str, path: &str, query: Option<&str>) -> RequestLabels 
         "PATCH" => "patch",
         "DELETE" if named => "delete",
         "DELETE" => "deletecollection",
-        other => return RequestLabels { verb: other.to_lowercase(), resource },
+        other => {
+            return RequestLabels {
+                verb: other.to_lowercase(),
+                resource,
+            };
+        }
     };
     RequestLabels {
         verb: verb.into(),
@@ -77,6 +82,7 @@ pub struct Metrics {
     pub current_percent: Family<CanaryLabels, Gauge>,
     pub clone_replicas: Family<CanaryLabels, Gauge>,
     pub is_leader: Gauge,
+    pub shard: Gauge,
     pub api_requests: Family<RequestLabels, Counter>,
     pub cached_objects: Family<KindLabels, Gauge>,
 }
@@ -98,6 +104,12 @@ impl Default for Metrics {
         let current_percent = Family::<CanaryLabels, Gauge>::default();
         let clone_replicas = Family::<CanaryLabels, Gauge>::default();
         let is_leader = Gauge::default();
+        let shard = Gauge::default();
+        registry.register(
+            "shard",
+            "The shard this process reconciles (0 without sharding)",
+            shard.clone(),
+        );
         let api_requests = Family::<RequestLabels, Counter>::default();
         let cached_objects = Family::<KindLabels, Gauge>::default();
         registry.register(
@@ -154,6 +166,7 @@ impl Default for Metrics {
             current_percent,
             clone_replicas,
             is_leader,
+            shard,
             api_requests,
             cached_objects,
         }
@@ -246,7 +259,11 @@ mod tests {
             s("get", "services")
         );
         assert_eq!(
-            c("GET", "/api/v1/namespaces/shop/pods", Some("labelSelector=app%3Dx")),
+            c(
+                "GET",
+                "/api/v1/namespaces/shop/pods",
+                Some("labelSelector=app%3Dx")
+            ),
             s("list", "pods")
         );
         assert_eq!(
@@ -258,18 +275,36 @@ mod tests {
             s("patch", "recordingcanaries/status")
         );
         assert_eq!(
-            c("POST", "/apis/networking.istio.io/v1/namespaces/shop/virtualservices", None),
+            c(
+                "POST",
+                "/apis/networking.istio.io/v1/namespaces/shop/virtualservices",
+                None
+            ),
             s("create", "virtualservices")
         );
         assert_eq!(
-            c("DELETE", "/apis/apps/v1/namespaces/shop/deployments/x", None),
+            c(
+                "DELETE",
+                "/apis/apps/v1/namespaces/shop/deployments/x",
+                None
+            ),
             s("delete", "deployments")
         );
         assert_eq!(
-            c("PUT", "/apis/coordination.k8s.io/v1/namespaces/d/leases/l", None),
+            c(
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/d/leases/l",
+                None
+            ),
             s("update", "leases")
         );
-        assert_eq!(c("GET", "/api/v1/namespaces", None), s("list", "namespaces"));
-        assert_eq!(c("GET", "/api/v1/namespaces/shop", None), s("get", "namespaces"));
+        assert_eq!(
+            c("GET", "/api/v1/namespaces", None),
+            s("list", "namespaces")
+        );
+        assert_eq!(
+            c("GET", "/api/v1/namespaces/shop", None),
+            s("get", "namespaces")
+        );
     }
 }

@@ -2007,13 +2007,11 @@ fn rollback_deletes_owned_vs_and_dr_instead_of_patching_them() {
     let p = w.plan();
     assert_eq!(
         p.actions,
-        vec![
-            Action::DeleteMesh {
-                kind: MeshKind::VirtualService,
-                name: CANARY.into(),
-                uid: "uid-owned-vs".into()
-            },
-        ]
+        vec![Action::DeleteMesh {
+            kind: MeshKind::VirtualService,
+            name: CANARY.into(),
+            uid: "uid-owned-vs".into()
+        },]
     );
     w.vss.clear();
     w.canary.status.as_mut().unwrap().routes_removed_time = Some(rfc(at(-3)));
