@@ -55,6 +55,36 @@ pub struct Scope {
     index: RwLock<Index>,
     /// Triggers from events seen in other scopes (a VirtualService elsewhere naming a host here).
     triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
+    /// Set once the canaries, and so the index, are listed. (kube's `Store::wait_until_ready`
+    /// wakes only one of several waiters.)
+    canaries_listed: tokio::sync::watch::Sender<bool>,
+    /// Counts the VirtualService and DestinationRule watches that have listed (2: ready).
+    mesh_listed: Countdown,
+}
+
+/// Ready once `n` parts have reported.
+struct Countdown {
+    left: tokio::sync::watch::Sender<u8>,
+}
+
+impl Countdown {
+    fn new(n: u8) -> Self {
+        Self {
+            left: tokio::sync::watch::channel(n).0,
+        }
+    }
+
+    fn done(&self) {
+        self.left.send_modify(|l| *l = l.saturating_sub(1));
+    }
+
+    fn is_ready(&self) -> bool {
+        *self.left.borrow() == 0
+    }
+
+    async fn wait_until_ready(&self) {
+        let _ = self.left.subscribe().wait_for(|l| *l == 0).await;
+    }
 }
 
 impl Scope {
@@ -80,12 +110,14 @@ impl Scope {
 
     /// Whether every cache has listed once.
     fn ready(&self) -> bool {
-        self.deployments.is_ready() && self.services.is_ready() && self.pods.is_ready()
+        self.mesh_listed.is_ready()
+            && self.deployments.is_ready()
+            && self.services.is_ready()
+            && self.pods.is_ready()
     }
 
     async fn wait_until_ready(&self) {
-        let _ = self.virtual_services.wait_until_ready().await;
-        let _ = self.destination_rules.wait_until_ready().await;
+        self.mesh_listed.wait_until_ready().await;
         self.deployments.wait_until_ready().await;
         self.services.wait_until_ready().await;
         self.pods.wait_until_ready().await;
@@ -339,6 +371,8 @@ pub async fn run(
         pods: Selective::default(),
         index: RwLock::new(Index::default()),
         triggers: trigger_tx,
+        canaries_listed: tokio::sync::watch::channel(false).0,
+        mesh_listed: Countdown::new(2),
     });
     if let Ok(mut g) = ctx.scopes.write() {
         g.push(scope.clone());
@@ -352,6 +386,9 @@ pub async fn run(
         .map_ok(move |ev| {
             canary_writer.apply_watcher_event(&ev);
             let out = on_canary_event(&c, &s, &ev);
+            if matches!(ev, Event::InitDone) {
+                s.canaries_listed.send_replace(true);
+            }
             stream::iter(out.into_iter().map(Ok::<_, watcher::Error>))
         })
         .try_flatten();
@@ -359,11 +396,11 @@ pub async fn run(
     // The other watches list once the canaries are known, so that their first list keeps what
     // the canaries need; pods list once the Services' selectors are known too.
     let canaries_known = {
-        let (reader, s) = (canary_reader.clone(), scope.clone());
+        let s = scope.clone();
         move || {
-            let (reader, s) = (reader.clone(), s.clone());
+            let s = s.clone();
             async move {
-                let _ = reader.wait_until_ready().await;
+                let _ = s.canaries_listed.subscribe().wait_for(|l| *l).await;
                 s.index_mut().watches_started();
             }
         }
@@ -375,6 +412,7 @@ pub async fn run(
             async move {
                 known().await;
                 s.services.wait_until_ready().await;
+                s.index_mut().pods_watch_started();
             }
         }
     };
@@ -437,6 +475,7 @@ pub async fn run(
         let ar = mesh_resource(vs);
         let api = scoped_dyn(&client, &namespace, &ar);
         let gate = canaries_known();
+        let mut listed = false;
         stream::once(gate)
             .flat_map(move |_| {
                 watcher(api.clone(), watcher::Config::default().any_semantic()).default_backoff()
@@ -446,6 +485,10 @@ pub async fn run(
                     Ok(mut ev) => {
                         modify(&mut ev, strip_mesh);
                         writer.apply_watcher_event(&ev);
+                        if matches!(ev, Event::InitDone) && !listed {
+                            listed = true;
+                            s.mesh_listed.done();
+                        }
                         on_mesh_event(&c, &s, vs, &ev)
                     }
                     Err(e) => {

@@ -81,6 +81,8 @@ pub struct Index {
     by_note: HashMap<(String, String), BTreeSet<MeshKey>>,
     /// Once set, canaries seen for the first time are primed (the watches have listed).
     watches_started: bool,
+    /// Once set, pods newly selected by a Service are read (the pod watch has listed).
+    pods_watch_started: bool,
 }
 
 /// A VirtualService (`true`) or DestinationRule (`false`), by namespace and name.
@@ -307,6 +309,12 @@ impl Index {
         out.into_iter().collect()
     }
 
+    /// From now on, a Service selector seen for the first time or changed means its pods must be
+    /// read: the pod watch has started listing.
+    pub fn pods_watch_started(&mut self) {
+        self.pods_watch_started = true;
+    }
+
     /// Records the selector of Service `ns/name` (`None`: the Service is gone). Canaries whose
     /// selector changed must read the pods it selects. Returns the canaries of that Service.
     pub fn service_seen(
@@ -328,9 +336,8 @@ impl Index {
             if e.selector.as_ref() == Some(&now) {
                 continue;
             }
-            // The first selector seen while the watches list is covered by their list.
-            let first_at_start = e.selector.is_none() && !self.watches_started;
-            if !first_at_start && !now.is_empty() {
+            // Before the pod watch lists, its list covers whatever the selector picks.
+            if self.pods_watch_started && !now.is_empty() {
                 e.prime.pods = true;
             }
             e.selector = Some(now.clone());
@@ -704,6 +711,7 @@ mod tests {
         );
         assert!(!i.get("shop", "early").unwrap().prime.pods);
         i.watches_started();
+        i.pods_watch_started();
         i.upsert(&canary("shop", "late", "b", None));
         assert!(i.get("shop", "late").unwrap().prime.objects);
         i.primed(
