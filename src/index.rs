@@ -281,11 +281,10 @@ impl Index {
         }
     }
 
-    /// Asks for a canary's target, clone and Service to be read again (a write found one of
-    /// them other than the cache said).
+    /// Asks for a canary's clone to be read again: a write found it other than the cache said
+    /// (a Deployment of that name that is not ours is kept by no watch until read once).
     pub fn reprime(&mut self, ns: &str, name: &str) {
         if let Some(e) = self.canaries.get_mut(&key(ns, name)) {
-            e.prime.objects = true;
             e.prime.clone = true;
         }
     }

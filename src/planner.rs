@@ -85,9 +85,11 @@ pub enum Action {
     CreateClone(Box<Deployment>),
     /// Replace the clone (carries the resourceVersion it was built from).
     ReplaceClone(Box<Deployment>),
+    /// Scale the clone from `from` replicas (the write's guard: the status churn of the
+    /// Deployment does not make it fail, a concurrent scale does).
     ScaleClone {
         replicas: i32,
-        resource_version: String,
+        from: Option<i32>,
     },
     DeleteClone {
         uid: String,
@@ -1103,10 +1105,9 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
                 .cloned()
                 .unwrap_or_default();
             let have_replicas = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            let rv = cl.resource_version().unwrap_or_default();
             if want_hash != have_hash || sidecar_annotations_differ(c, cl) {
                 let mut desired_clone = build_clone(c, target, replicas);
-                desired_clone.metadata.resource_version = Some(rv);
+                desired_clone.metadata.resource_version = cl.resource_version();
                 // Keep what others (e.g. an injecting webhook) put on the clone's metadata.
                 let mut ann = cl.annotations().clone();
                 ann.extend(
@@ -1136,7 +1137,7 @@ fn plan_active(mut b: Builder, spec: &ValidSpec, target: &Deployment) -> Plan {
             } else if have_replicas != replicas {
                 b.actions.push(Action::ScaleClone {
                     replicas,
-                    resource_version: rv,
+                    from: cl.spec.as_ref().and_then(|s| s.replicas),
                 });
                 b.event(false, "CloneScaled", format!("Deployment {clone_name} scaled from {have_replicas} to {replicas} replicas ({target_name} has {target_replicas})"));
             }

@@ -823,7 +823,7 @@ fn target_replica_change_only_scales_the_clone() {
         p.actions,
         vec![Action::ScaleClone {
             replicas: 3,
-            resource_version: "55".into()
+            from: Some(1)
         }]
     );
     assert!(event_reasons(&p).contains(&"CloneScaled"));
@@ -2540,15 +2540,9 @@ impl Sim {
                 *cl = d.as_ref().clone();
                 cl.status = status;
             }
-            Action::ScaleClone {
-                replicas,
-                resource_version,
-            } => {
+            Action::ScaleClone { replicas, from } => {
                 let cl = self.w.clone.as_mut().expect("clone");
-                assert_eq!(
-                    Some(resource_version),
-                    cl.metadata.resource_version.as_ref()
-                );
+                assert_eq!(*from, cl.spec.as_ref().and_then(|s| s.replicas));
                 cl.spec.as_mut().unwrap().replicas = Some(*replicas);
             }
             Action::DeleteClone { uid } => {

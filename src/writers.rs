@@ -202,14 +202,14 @@ pub async fn apply(
                 let r = guarded(deployments.replace(&d.name_any(), &post, d).await)?;
                 written.extend(at(Kind::Deployment, r));
             }
-            Action::ScaleClone {
-                replicas,
-                resource_version,
-            } => {
-                let ops = vec![
-                    json!({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}),
-                    json!({"op": "replace", "path": "/spec/replicas", "value": replicas}),
-                ];
+            Action::ScaleClone { replicas, from } => {
+                // Guarded by the replicas it scales from: the Deployment's status changes all
+                // the time, and only a concurrent scale makes this write wrong.
+                let mut ops = match from {
+                    Some(n) => vec![json!({"op": "test", "path": "/spec/replicas", "value": n})],
+                    None => Vec::new(),
+                };
+                ops.push(json!({"op": "add", "path": "/spec/replicas", "value": replicas}));
                 let r = guarded(
                     deployments
                         .patch(&canary.spec.clone_name(), &pp, &json_patch(ops)?)
