@@ -1,9 +1,12 @@
-//! Benchmark: how long from `kubectl patch rcanary … percent` to the VirtualService weights, and
-//! how the controller's memory responds to unrelated Deployments. Prints figures; asserts none.
+//! Benchmark: how long from `kubectl patch rcanary … percent` to the VirtualService weights, from
+//! scaling a target to its clone's new replica count, and how the controller's memory responds to
+//! unrelated Deployments and pods. Prints figures; asserts none.
 //!
 //!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench patch_to_weights
 //!
-//! Env: RC_BENCH_CANARIES (default 20), RC_BENCH_ROUNDS (default 10), RC_BENCH_UNRELATED (default 500).
+//! Env: RC_BENCH_CANARIES (default 20), RC_BENCH_ROUNDS (default 10), RC_BENCH_UNRELATED
+//! (Deployments, default 500), RC_BENCH_UNRELATED_PODS (default 2000; pods that are never
+//! scheduled, so that only the API server and the controller see them).
 //! Uses a namespace of its own and deletes it at the end.
 
 use std::collections::HashMap;
@@ -73,6 +76,21 @@ fn recording_weight(vs: &Value) -> Option<i64> {
         })
 }
 
+/// When the clone `scaled-recording` was seen asking for `want` replicas (60 s at most).
+async fn wait_clone(
+    want: i32,
+    rx: &mut mpsc::UnboundedReceiver<(String, i32, Instant)>,
+) -> Option<Instant> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
+            Ok(Some((n, r, at))) if n == "scaled-recording" && r == want => return Some(at),
+            Ok(Some(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
 fn deployment(name: &str, replicas: i32) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -95,6 +113,7 @@ async fn main() {
     let canaries = env_usize("RC_BENCH_CANARIES", 20);
     let rounds = env_usize("RC_BENCH_ROUNDS", 10);
     let unrelated = env_usize("RC_BENCH_UNRELATED", 500);
+    let unrelated_pods = env_usize("RC_BENCH_UNRELATED_PODS", 2000);
     let kubeconfig = Kubeconfig::read_from(&kc).expect("read kubeconfig");
     let cfg = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
@@ -227,21 +246,120 @@ async fn main() {
         lat.last().copied().unwrap_or_default()
     );
 
-    // Memory among unrelated Deployments (no pods, to measure the controller, not the cluster).
-    let t = Instant::now();
-    for i in 0..unrelated {
-        deploys
-            .create(&pp, &deployment(&format!("unrelated-{i}"), 0))
-            .await
-            .expect("deployment");
+    // Target scale → clone replicas: a canary at 50% sizes its clone to half the target.
+    let deploy_events = {
+        let (tx, rx) = mpsc::unbounded_channel::<(String, i32, Instant)>();
+        let api = deploys.clone();
+        tokio::spawn(async move {
+            let mut s = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(ev) = s.next().await {
+                let Ok(d) = ev else { continue };
+                let r = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
+                let _ = tx.send((d.metadata.name.clone().unwrap_or_default(), r, Instant::now()));
+            }
+        });
+        rx
+    };
+    let mut deploy_events = deploy_events;
+    deploys
+        .create(&pp, &deployment("scaled", 2))
+        .await
+        .expect("deployment");
+    services
+        .create(
+            &pp,
+            &serde_json::from_value(json!({"metadata": {"name": "scaled"},
+                "spec": {"selector": {"app": "scaled"}, "ports": [{"port": 80}]}}))
+            .expect("service"),
+        )
+        .await
+        .expect("service");
+    rcs.create(
+        &pp,
+        &serde_json::from_value(json!({"apiVersion": "recordingcanary.dev/v1alpha1",
+            "kind": "RecordingCanary", "metadata": {"name": "scaled"},
+            "spec": {"targetRef": {"name": "scaled"}, "percent": 50, "propagationDelay": "1s"}}))
+        .expect("canary"),
+    )
+    .await
+    .expect("canary");
+    let mut scale_lat = Vec::new();
+    let mut want_clone = 1;
+    if wait_clone(want_clone, &mut deploy_events).await.is_none() {
+        bail(controller, "the clone of `scaled` did not appear with 1 replica within 60 s");
     }
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    for round in 0..rounds * 3 {
+        let target_replicas = if round % 2 == 0 { 4 } else { 2 };
+        want_clone = target_replicas / 2;
+        let t0 = Instant::now();
+        deploys
+            .patch(
+                "scaled",
+                &ppatch,
+                &Patch::Merge(json!({"spec": {"replicas": target_replicas}})),
+            )
+            .await
+            .expect("scale");
+        let Some(at) = wait_clone(want_clone, &mut deploy_events).await else {
+            bail(
+                controller,
+                &format!("the clone did not reach {want_clone} replicas within 60 s"),
+            );
+        };
+        scale_lat.push(at.duration_since(t0));
+    }
+    scale_lat.sort();
+    println!(
+        "target-scale-to-clone-replicas over {} scales: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+        scale_lat.len(),
+        percentile(&scale_lat, 0.50),
+        percentile(&scale_lat, 0.90),
+        percentile(&scale_lat, 0.99),
+        scale_lat.last().copied().unwrap_or_default()
+    );
+
+    // Memory among unrelated Deployments and pods (pods never scheduled, to measure the
+    // controller, not the cluster).
+    let t = Instant::now();
+    futures::stream::iter(0..unrelated)
+        .for_each_concurrent(16, |i| {
+            let deploys = deploys.clone();
+            let pp = pp.clone();
+            async move {
+                deploys
+                    .create(&pp, &deployment(&format!("unrelated-{i}"), 0))
+                    .await
+                    .expect("deployment");
+            }
+        })
+        .await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    futures::stream::iter(0..unrelated_pods)
+        .for_each_concurrent(16, |i| {
+            let pods = pods.clone();
+            let pp = pp.clone();
+            async move {
+                let pod = serde_json::from_value(json!({"metadata": {"name": format!("unrelated-pod-{i}"),
+                    "labels": {"app": format!("unrelated-{}", i % 100)}},
+                    "spec": {"schedulerName": "nobody", "containers": [{"name": "app", "image": "example/app:1"}]}}))
+                .expect("pod");
+                pods.create(&pp, &pod).await.expect("pod");
+            }
+        })
+        .await;
+    let created_in = t.elapsed();
+    // The controller has seen them all once its pod and Deployment watches are idle again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
     let rss_after = rss_kib(pid);
     println!(
-        "controller RSS: {} KiB with {canaries} canaries; {} KiB after {unrelated} unrelated Deployments (created in {:?})",
+        "controller RSS: {} KiB with {canaries} canaries; {} KiB after {unrelated} unrelated Deployments and {unrelated_pods} unrelated pods (created in {:?}): +{} KiB",
         rss_before,
         rss_after,
-        t.elapsed()
+        created_in,
+        rss_after.saturating_sub(rss_before)
     );
 
     // The controller rolls the canaries back while the namespace goes; stop it only after.
