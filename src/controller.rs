@@ -917,8 +917,15 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let Some(scope) = ctx.scope_for(ns) else {
         return Ok(Requeue::await_change());
     };
-    if !scope.ready() {
-        scope.wait_until_ready().await;
+    // Plan nothing before every cache has listed once; bounded, so that a shutdown never waits
+    // on a watch that cannot list.
+    if !scope.ready()
+        && tokio::time::timeout(Duration::from_secs(5), scope.wait_until_ready())
+            .await
+            .is_err()
+    {
+        debug!("the watch caches have not listed yet");
+        return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let key: CanaryKey = (ns.to_string(), name.to_string());
     // Plan only from caches that show this controller's own last writes.

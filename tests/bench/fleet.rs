@@ -1,0 +1,59 @@
+//! Benchmark: N RecordingCanaries created at once over M namespaces. Prints, per phase (converge,
+//! ramp, 10 s steady state, rollback), the wall time against the floor (N plain Deployments
+//! Ready), the controller's API calls and Events per canary, its writes in the steady state, its
+//! RSS and CPU; then its calls by verb and resource to converge, and the apiserver's requests by
+//! verb. Asserts nothing but that every phase finished. See tests/fleet/driver.rs.
+//!
+//!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench fleet
+//!
+//! Env: RC_FLEET_CANARIES (default 100), RC_FLEET_NAMESPACES (default 10), RC_FLEET_CLIENTS
+//! (default 16), RC_FLEET_TIMEOUT_SECS (default 900, per phase), RC_FLEET_REPLICAS (replicas per
+//! target; default 2, 1 from 1000 canaries on), RC_FLEET_CLUSTER_WIDE=1 (run the controller
+//! without --namespace). Progress goes to stderr, the Markdown tables to stdout. The namespaces
+//! `rc-fleet-<run>-<j>` are deleted at the end; the controller's log stays in target/fleet-logs/.
+
+#[path = "../fleet/driver.rs"]
+mod driver;
+
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() {
+    let kubeconfig = match driver::kubeconfig_from_env() {
+        Ok(k) => k,
+        Err(msg) => {
+            eprintln!("{msg}");
+            std::process::exit(2);
+        }
+    };
+    let canaries = driver::env_usize("RC_FLEET_CANARIES", 100);
+    let namespaces = driver::env_usize("RC_FLEET_NAMESPACES", 10);
+    let mut cfg = driver::FleetConfig::new(kubeconfig, canaries, namespaces);
+    cfg.clients = driver::env_usize("RC_FLEET_CLIENTS", 16).max(1);
+    cfg.phase_timeout = Duration::from_secs(driver::env_usize("RC_FLEET_TIMEOUT_SECS", 900) as u64);
+    cfg.replicas = driver::env_usize("RC_FLEET_REPLICAS", cfg.replicas as usize) as i32;
+    cfg.tag = "bench".into();
+
+    let report = driver::run(cfg).await;
+    println!("{}", report.markdown());
+
+    let mut problems = Vec::new();
+    if let Some(f) = &report.failure {
+        problems.push(f.clone());
+    }
+    for phase in ["converge", "ramp", "steady", "rollback"] {
+        if !report.finished(phase) {
+            problems.push(format!("phase {phase} did not finish"));
+        }
+    }
+    if !report.metric_present {
+        eprintln!(
+            "fleet: WARNING: the controller does not expose {}_total; its call counts were not measured",
+            driver::API_METRIC
+        );
+    }
+    if !problems.is_empty() {
+        eprintln!("fleet: FAILED:\n  {}", problems.join("\n  "));
+        std::process::exit(1);
+    }
+}

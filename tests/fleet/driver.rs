@@ -1,0 +1,1978 @@
+//! The fleet driver, shared by the benchmark `cargo bench --bench fleet` (tests/bench/fleet.rs) and
+//! the CI test tests/fleet_budget.rs: N RecordingCanaries created at once over M namespaces, and
+//! what the controller spends on them.
+//!
+//! Phases, each bounded by a deadline; every wait is driven by watches, never by bare sleeps:
+//!
+//! 1. **floor**: N plain Deployments (1 replica) until all are Ready, without the controller: what
+//!    the cluster itself needs for that many rollouts. They are then deleted, pods included.
+//! 2. **converge**: for each canary `app-i` a Deployment, a Service and a RecordingCanary at 10 %,
+//!    until every canary is `Ready` at `currentPercent` 10 and its VirtualService
+//!    `app-i-recording` routes 10 to subset `rcanary-recording`.
+//! 3. **ramp**: every canary patched to 20 %, until all are Ready at 20 with VirtualService weight 20.
+//! 4. **steady**: 10 s without any change; the controller should write nothing.
+//! 5. **rollback**: every RecordingCanary deleted, until all are gone and so are their clones.
+//!
+//! Measured per phase: wall time; the controller's API requests by verb and resource, from its
+//! `/metrics` (`recording_canary_api_requests_total`); the Events about RecordingCanaries, from the
+//! cluster; `apiserver_request_total` by verb (every client, for context); the controller's RSS,
+//! peak RSS and CPU time from /proc.
+//!
+//! The driver asserts nothing: a phase that does not finish is recorded as unfinished (with what
+//! was still missing) and the later phases are skipped. The namespaces are always deleted.
+
+// The bench and the test each use a part of this module.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams, PostParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::Request;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Config, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+/// Label on every fleet namespace.
+pub const PART_OF: &str = "recording-canary-fleet";
+/// Label on the fleet's namespaces, floor pods and canaries: the run id.
+const RUN_LABEL: &str = "rc-fleet-run";
+/// Label on the floor Deployments' pods (value: the run id).
+const FLOOR_LABEL: &str = "rc-fleet-floor";
+const RECORDING_SUBSET: &str = "rcanary-recording";
+/// The controller's request counter (OpenMetrics adds `_total` to a counter's samples).
+pub const API_METRIC: &str = "recording_canary_api_requests";
+/// Verbs that write.
+pub const WRITE_VERBS: [&str; 5] = ["create", "update", "patch", "delete", "deletecollection"];
+/// Weight at creation, and after the ramp.
+pub const START_PERCENT: i64 = 10;
+pub const RAMP_PERCENT: i64 = 20;
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long the namespaces may take to go at the end (not a failure of the run when exceeded).
+const NAMESPACE_CLEANUP: Duration = Duration::from_secs(300);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct FleetConfig {
+    pub kubeconfig: PathBuf,
+    /// Number of RecordingCanaries (and of target Deployments, Services, floor Deployments).
+    pub canaries: usize,
+    /// Number of namespaces they are spread over (canary i goes to namespace i mod M).
+    pub namespaces: usize,
+    /// Parallel clients (each its own kube Client, so its own connections) for creates, patches, deletes.
+    pub clients: usize,
+    /// Replicas of each target Deployment.
+    pub replicas: i32,
+    /// Deadline of each phase (floor, converge, ramp, rollback).
+    pub phase_timeout: Duration,
+    /// Length of the steady-state window.
+    pub steady: Duration,
+    /// Run the controller cluster-wide instead of with one `--namespace` per fleet namespace.
+    pub cluster_wide: bool,
+    /// Goes into the log file's name (`bench`, `test`).
+    pub tag: String,
+}
+
+impl FleetConfig {
+    /// Defaults: 16 clients, 2 replicas per target (1 from 1000 canaries on), 900 s per phase,
+    /// a 10 s steady state, the controller scoped to the fleet namespaces unless
+    /// `RC_FLEET_CLUSTER_WIDE=1`.
+    pub fn new(kubeconfig: PathBuf, canaries: usize, namespaces: usize) -> Self {
+        Self {
+            kubeconfig,
+            canaries,
+            namespaces: namespaces.max(1),
+            clients: 16,
+            replicas: if canaries >= 1000 { 1 } else { 2 },
+            phase_timeout: Duration::from_secs(900),
+            steady: Duration::from_secs(10),
+            cluster_wide: env_flag("RC_FLEET_CLUSTER_WIDE"),
+            tag: "fleet".into(),
+        }
+    }
+}
+
+/// `RC_E2E_KUBECONFIG`, or a message saying how to get a cluster.
+pub fn kubeconfig_from_env() -> Result<PathBuf, String> {
+    match std::env::var_os("RC_E2E_KUBECONFIG") {
+        Some(p) if !p.is_empty() => {
+            let p = PathBuf::from(p);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(format!(
+                    "RC_E2E_KUBECONFIG={} is not a readable file: run `bash tests/run.sh`, or start a \
+                     cluster with `bash tests/cluster/up.sh` and export RC_E2E_KUBECONFIG=<its kubeconfig>",
+                    p.display()
+                ))
+            }
+        }
+        _ => Err(
+            "RC_E2E_KUBECONFIG is not set: the fleet benchmark and test need a Kubernetes cluster with the \
+             Istio and RecordingCanary CRDs. Run `bash tests/run.sh`, or start a cluster with \
+             `bash tests/cluster/up.sh` and export RC_E2E_KUBECONFIG=<its kubeconfig> (up.sh prints it: \
+             ~/.cache/recording-canary/clusters/<name>/kubeconfig)"
+                .into(),
+        ),
+    }
+}
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        _ => default,
+    }
+}
+
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
+// ------------------------------------------------------------------------------------------------
+// The report
+
+/// One phase's figures.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseReport {
+    pub name: String,
+    pub finished: bool,
+    pub wall: Duration,
+    /// The controller's requests in the phase, by (verb, resource); empty when the metric is absent.
+    pub calls: BTreeMap<(String, String), u64>,
+    /// Occurrences of Events about RecordingCanaries in the fleet namespaces, new in the phase.
+    pub events: u64,
+    /// `apiserver_request_total` by verb in the phase (every client of the apiserver).
+    pub apiserver: BTreeMap<String, u64>,
+    /// Controller RSS at the end of the phase, and its peak so far (VmHWM), KiB.
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Controller CPU time (user + system) spent in the phase.
+    pub cpu_s: f64,
+    /// What was missing when the phase did not finish.
+    pub detail: String,
+}
+
+impl PhaseReport {
+    /// The controller's requests, Events excluded.
+    pub fn calls_total(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|((_, r), _)| r != "events")
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The controller's requests on `events` (creating or patching Events).
+    pub fn event_calls(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|((_, r), _)| r == "events")
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Write requests of the controller, Events included.
+    pub fn writes(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|((v, _), _)| WRITE_VERBS.contains(&v.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The write requests as `N verb resource` items.
+    pub fn writes_breakdown(&self) -> String {
+        self.calls
+            .iter()
+            .filter(|((v, _), n)| WRITE_VERBS.contains(&v.as_str()) && **n > 0)
+            .map(|((v, r), n)| format!("{n} {v} {r}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct FleetReport {
+    pub config: FleetConfig,
+    pub run_id: String,
+    /// The controller's log.
+    pub log: PathBuf,
+    /// N plain Deployments Ready, without the controller.
+    pub floor: Option<Duration>,
+    /// Deleting them until their pods were gone.
+    pub floor_cleanup: Option<Duration>,
+    /// converge, ramp, steady, rollback (as far as the run got).
+    pub phases: Vec<PhaseReport>,
+    /// Whether the controller exposed `recording_canary_api_requests_total` at every reading.
+    pub metric_present: bool,
+    /// Why the run stopped early.
+    pub failure: Option<String>,
+    pub notes: Vec<String>,
+}
+
+impl FleetReport {
+    pub fn phase(&self, name: &str) -> Option<&PhaseReport> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+
+    pub fn finished(&self, name: &str) -> bool {
+        self.phase(name).is_some_and(|p| p.finished)
+    }
+
+    /// The controller's requests (Events excluded) per canary in a phase.
+    pub fn calls_per_canary(&self, name: &str) -> f64 {
+        self.per_canary(self.phase(name).map_or(0, PhaseReport::calls_total))
+    }
+
+    /// Event occurrences per canary in a phase.
+    pub fn events_per_canary(&self, name: &str) -> f64 {
+        self.per_canary(self.phase(name).map_or(0, |p| p.events))
+    }
+
+    /// Write requests in the steady state, when it was measured.
+    pub fn steady_writes(&self) -> Option<u64> {
+        self.phase("steady").map(PhaseReport::writes)
+    }
+
+    fn per_canary(&self, n: u64) -> f64 {
+        n as f64 / self.config.canaries.max(1) as f64
+    }
+
+    /// The figures as Markdown: the phases, the converge phase's calls by verb and resource, and
+    /// the apiserver's requests by verb.
+    pub fn markdown(&self) -> String {
+        let c = &self.config;
+        let mut s = String::new();
+        let scope = if c.cluster_wide {
+            "controller cluster-wide".to_string()
+        } else {
+            format!("controller scoped to the {} namespaces", c.namespaces)
+        };
+        let _ = writeln!(
+            s,
+            "### Fleet: {} RecordingCanaries in {} namespaces, {} parallel clients, {} replica(s) per target, {scope} (run {})\n",
+            c.canaries, c.namespaces, c.clients, c.replicas, self.run_id
+        );
+        if !self.metric_present {
+            let _ = writeln!(
+                s,
+                "**WARNING: the controller does not expose `{API_METRIC}_total`: every controller call count below is 0 because it was NOT MEASURED.**\n"
+            );
+        }
+        // A phase's own failure is printed below the table, with the phase.
+        if let Some(f) = &self.failure
+            && !self.phases.iter().any(|p| &p.detail == f)
+        {
+            let _ = writeln!(s, "**FAILED: {f}**\n");
+        }
+        let _ = writeln!(
+            s,
+            "| phase | time | floor | controller calls/canary | Events/canary | writes in {} s steady state | RSS MiB (peak) | CPU s |",
+            c.steady.as_secs()
+        );
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mib = |k: u64| k as f64 / 1024.0;
+        for p in &self.phases {
+            let time = if p.finished {
+                secs(p.wall)
+            } else {
+                format!("**unfinished** after {}", secs(p.wall))
+            };
+            let floor = match (p.name.as_str(), self.floor) {
+                ("converge", Some(f)) => secs(f),
+                _ => String::new(),
+            };
+            let writes = if p.name == "steady" {
+                let w = p.writes();
+                if w == 0 {
+                    "0".to_string()
+                } else {
+                    format!("{w} ({})", p.writes_breakdown())
+                }
+            } else {
+                String::new()
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {time} | {floor} | {:.2} | {:.2} | {writes} | {:.1} ({:.1}) | {:.2} |",
+                p.name,
+                self.calls_per_canary(&p.name),
+                self.events_per_canary(&p.name),
+                mib(p.rss_kib),
+                mib(p.hwm_kib),
+                p.cpu_s
+            );
+        }
+        if let Some(f) = self.floor_cleanup {
+            let _ = writeln!(
+                s,
+                "\nfloor: {} plain Deployments Ready in {}; deleted, pods gone, in {}.",
+                c.canaries,
+                self.floor.map(secs).unwrap_or_default(),
+                secs(f)
+            );
+        }
+        for p in self.phases.iter().filter(|p| !p.detail.is_empty()) {
+            let _ = writeln!(s, "\n**{} did not finish**: {}", p.name, p.detail);
+        }
+
+        if let Some(p) = self.phase("converge") {
+            let _ = writeln!(
+                s,
+                "\n#### Controller API calls to converge, by verb and resource ({} canaries)\n",
+                c.canaries
+            );
+            let _ = writeln!(s, "| verb | resource | calls | per canary |");
+            let _ = writeln!(s, "| --- | --- | --- | --- |");
+            for ((v, r), n) in p.calls.iter().filter(|(_, n)| **n > 0) {
+                let r = if r == "events" {
+                    "events (not in calls/canary)"
+                } else {
+                    r
+                };
+                let _ = writeln!(s, "| {v} | {r} | {n} | {:.2} |", self.per_canary(*n));
+            }
+            let _ = writeln!(
+                s,
+                "| **total** | (Events excluded) | {} | {:.2} |",
+                p.calls_total(),
+                self.per_canary(p.calls_total())
+            );
+        }
+
+        if !self.phases.is_empty() {
+            let verbs: Vec<&String> = {
+                let mut v: Vec<&String> = self
+                    .phases
+                    .iter()
+                    .flat_map(|p| p.apiserver.keys())
+                    .collect();
+                v.sort();
+                v.dedup();
+                v
+            };
+            let _ = writeln!(
+                s,
+                "\n#### apiserver_request_total by verb, per phase (every client, for context)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| phase | {} | total |",
+                verbs
+                    .iter()
+                    .map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            );
+            let _ = writeln!(s, "|{}", " --- |".repeat(verbs.len() + 2));
+            for p in &self.phases {
+                let cells: Vec<String> = verbs
+                    .iter()
+                    .map(|v| p.apiserver.get(*v).copied().unwrap_or(0).to_string())
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} |",
+                    p.name,
+                    cells.join(" | "),
+                    p.apiserver.values().sum::<u64>()
+                );
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "\nnote: {n}");
+        }
+        let _ = writeln!(s, "\ncontroller log: {}", self.log.display());
+        s
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+// ------------------------------------------------------------------------------------------------
+// The run
+
+/// Runs the phases and always cleans up (the controller is killed, the namespaces deleted).
+pub async fn run(cfg: FleetConfig) -> FleetReport {
+    let run_id = random_suffix();
+    let logs = target_dir().join("fleet-logs");
+    let log = logs.join(format!("rc-fleet-{run_id}-{}.log", cfg.tag));
+    let mut report = FleetReport {
+        config: cfg.clone(),
+        run_id: run_id.clone(),
+        log: log.clone(),
+        floor: None,
+        floor_cleanup: None,
+        phases: Vec::new(),
+        metric_present: false,
+        failure: None,
+        notes: Vec::new(),
+    };
+    if let Err(e) = std::fs::create_dir_all(&logs) {
+        report.failure = Some(format!("cannot create {}: {e}", logs.display()));
+        return report;
+    }
+    let mut fleet = match Fleet::connect(cfg, run_id).await {
+        Ok(f) => f,
+        Err(e) => {
+            report.failure = Some(e);
+            return report;
+        }
+    };
+    if let Err(e) = fleet.phases(&mut report).await {
+        fleet.say(&format!("FAILED: {e}"));
+        if let Some(c) = &fleet.controller {
+            fleet.say(&format!(
+                "last lines of the controller log ({}):\n{}",
+                c.log.display(),
+                log_tail(&c.log, 40)
+            ));
+        }
+        report.failure = Some(e);
+    }
+    fleet.cleanup(&mut report).await;
+    report
+}
+
+/// Canary i's namespace index.
+fn ns_index(i: usize, namespaces: usize) -> usize {
+    i % namespaces
+}
+
+fn app(i: usize) -> String {
+    format!("app-{i}")
+}
+
+fn clone_of(i: usize) -> String {
+    format!("app-{i}-recording")
+}
+
+fn floor_name(i: usize) -> String {
+    format!("floor-{i}")
+}
+
+type Key = (String, String);
+
+struct Fleet {
+    cfg: FleetConfig,
+    run_id: String,
+    client: Client,
+    /// One per parallel worker.
+    clients: Vec<Client>,
+    namespaces: Arc<Vec<String>>,
+    created_namespaces: bool,
+    changed: Arc<Notify>,
+    canaries: Tracker<CanarySum>,
+    vss: Tracker<Vec<i64>>,
+    deployments: Tracker<i32>,
+    floor_pods: Tracker<()>,
+    ns_tracker: Tracker<()>,
+    controller: Option<Controller>,
+    clk_tck: f64,
+    t0: Instant,
+}
+
+impl Fleet {
+    async fn connect(cfg: FleetConfig, run_id: String) -> Result<Self, String> {
+        let kc = Kubeconfig::read_from(&cfg.kubeconfig)
+            .map_err(|e| format!("cannot read {}: {e}", cfg.kubeconfig.display()))?;
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| format!("bad kubeconfig {}: {e}", cfg.kubeconfig.display()))?;
+        let client = Client::try_from(config.clone()).map_err(|e| format!("kube client: {e}"))?;
+        let clients = (0..cfg.clients.max(1))
+            .map(|_| Client::try_from(config.clone()).map_err(|e| format!("kube client: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let namespaces: Vec<String> = (0..cfg.namespaces)
+            .map(|j| format!("rc-fleet-{run_id}-{j}"))
+            .collect();
+        let set: Arc<HashSet<String>> = Arc::new(namespaces.iter().cloned().collect());
+        let changed = Arc::new(Notify::new());
+        let all = watcher::Config::default();
+        let canaries = Tracker::start(
+            Api::<DynamicObject>::all_with(client.clone(), &canary_resource()),
+            all.clone(),
+            Some(set.clone()),
+            changed.clone(),
+            CanarySum::of,
+        );
+        let vss = Tracker::start(
+            Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
+            all.clone(),
+            Some(set.clone()),
+            changed.clone(),
+            recording_weights,
+        );
+        let deployments = Tracker::start(
+            Api::<Deployment>::all(client.clone()),
+            all.clone(),
+            Some(set.clone()),
+            changed.clone(),
+            |d: &Deployment| {
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0)
+            },
+        );
+        let floor_pods = Tracker::start(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{FLOOR_LABEL}={run_id}")),
+            Some(set.clone()),
+            changed.clone(),
+            |_: &Pod| (),
+        );
+        let ns_tracker = Tracker::start(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default().labels(&format!("{RUN_LABEL}={run_id}")),
+            None,
+            changed.clone(),
+            |_: &Namespace| (),
+        );
+        let clk_tck = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|t| *t > 0.0)
+            .unwrap_or(100.0);
+        let fleet = Self {
+            cfg,
+            run_id,
+            client,
+            clients,
+            namespaces: Arc::new(namespaces),
+            created_namespaces: false,
+            changed,
+            canaries,
+            vss,
+            deployments,
+            floor_pods,
+            ns_tracker,
+            controller: None,
+            clk_tck,
+            t0: Instant::now(),
+        };
+        fleet.say(&format!(
+            "run {}: {} canaries in {} namespaces (rc-fleet-{}-*), {} clients, {} replica(s) per target",
+            fleet.run_id,
+            fleet.cfg.canaries,
+            fleet.cfg.namespaces,
+            fleet.run_id,
+            fleet.clients.len(),
+            fleet.cfg.replicas
+        ));
+        Ok(fleet)
+    }
+
+    fn say(&self, msg: &str) {
+        eprintln!("[fleet {:>6.1}s] {msg}", self.t0.elapsed().as_secs_f64());
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.cfg.phase_timeout
+    }
+
+    fn ns_of(&self, i: usize) -> &str {
+        &self.namespaces[ns_index(i, self.namespaces.len())]
+    }
+
+    fn keys(&self, name: impl Fn(usize) -> String) -> Vec<Key> {
+        (0..self.cfg.canaries)
+            .map(|i| (self.ns_of(i).to_string(), name(i)))
+            .collect()
+    }
+
+    async fn phases(&mut self, report: &mut FleetReport) -> Result<(), String> {
+        let n = self.cfg.canaries;
+        self.create_namespaces().await?;
+
+        // --- floor: plain Deployments, no controller.
+        let t = Instant::now();
+        let floor_keys = self.keys(floor_name);
+        let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
+        self.parallel("floor: create Deployments", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let d = floor_deployment(&floor_name(i), &run_id);
+            async move { create(&Api::<Deployment>::namespaced(c, &ns), &d).await }
+        })
+        .await?;
+        let deadline = self.deadline();
+        self.wait_for("floor", deadline, || {
+            let map = self.deployments.map();
+            let pending: Vec<String> = floor_keys
+                .iter()
+                .filter(|k| map.get(*k).is_none_or(|r| *r < 1))
+                .map(|k| {
+                    format!(
+                        "{}/{}: readyReplicas {}",
+                        k.0,
+                        k.1,
+                        map.get(k).copied().unwrap_or(0)
+                    )
+                })
+                .collect();
+            Progress::new(n, pending, "Deployments Ready", self.deployments.synced())
+        })
+        .await?;
+        report.floor = Some(t.elapsed());
+        self.say(&format!(
+            "floor: {n} Deployments Ready in {}",
+            secs(t.elapsed())
+        ));
+        let t = Instant::now();
+        let namespaces = self.namespaces.clone();
+        self.parallel("floor: delete Deployments", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            async move { delete(&Api::<Deployment>::namespaced(c, &ns), &floor_name(i)).await }
+        })
+        .await?;
+        let deadline = self.deadline();
+        self.wait_for("floor cleanup", deadline, || {
+            let map = self.deployments.map();
+            let pods = self.floor_pods.map();
+            let mut pending: Vec<String> = floor_keys
+                .iter()
+                .filter(|k| map.contains_key(*k))
+                .map(|k| format!("Deployment {}/{}", k.0, k.1))
+                .collect();
+            let left = floor_keys.len() - pending.len();
+            pending.extend(pods.keys().map(|k| format!("pod {}/{}", k.0, k.1)));
+            let synced = self.deployments.synced() && self.floor_pods.synced();
+            Progress {
+                done: if synced { left } else { 0 },
+                total: n,
+                unit: "floor Deployments and their pods gone",
+                pending,
+                synced,
+            }
+        })
+        .await?;
+        report.floor_cleanup = Some(t.elapsed());
+
+        // --- the controller.
+        self.controller = Some(self.start_controller(&report.log).await?);
+        self.settle().await;
+        let s0 = self.snapshot().await?;
+        report.metric_present = s0.calls.is_some();
+        if s0.calls.is_none() {
+            let msg = format!(
+                "the controller's /metrics has no {API_METRIC}_total: controller call counts are NOT measured (reported as 0)"
+            );
+            self.say(&format!("WARNING: {msg}"));
+            report.notes.push(msg);
+        }
+
+        // --- converge.
+        let t = Instant::now();
+        let (namespaces, replicas, run_id) = (
+            self.namespaces.clone(),
+            self.cfg.replicas,
+            self.run_id.clone(),
+        );
+        self.parallel(
+            "create: Deployment, Service, RecordingCanary",
+            n,
+            move |c, i| {
+                let ns = namespaces[ns_index(i, namespaces.len())].clone();
+                let name = app(i);
+                let (d, s, rc) = (
+                    app_deployment(&name, replicas),
+                    app_service(&name),
+                    canary(&name, &run_id),
+                );
+                async move {
+                    create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
+                    create(&Api::<Service>::namespaced(c.clone(), &ns), &s).await?;
+                    create(
+                        &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
+                        &rc,
+                    )
+                    .await
+                }
+            },
+        )
+        .await?;
+        self.say(&format!(
+            "create: {n} canaries created in {}",
+            secs(t.elapsed())
+        ));
+        let s1 = self
+            .timed_phase(report, "converge", t, &s0, START_PERCENT)
+            .await?;
+
+        // --- ramp.
+        let t = Instant::now();
+        let namespaces = self.namespaces.clone();
+        self.parallel("ramp: patch percent", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            async move {
+                let api = Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource());
+                let name = app(i);
+                let (pp, patch) = (
+                    PatchParams::default(),
+                    Patch::Merge(json!({"spec": {"percent": RAMP_PERCENT}})),
+                );
+                retry(&format!("patch rcanary {ns}/{name}"), || {
+                    api.patch(&name, &pp, &patch)
+                })
+                .await
+                .map(drop)
+            }
+        })
+        .await?;
+        let s2 = self
+            .timed_phase(report, "ramp", t, &s1, RAMP_PERCENT)
+            .await?;
+
+        // --- steady state: nothing changes; the controller should not write.
+        self.say(&format!(
+            "steady: measuring the controller for {} s",
+            self.cfg.steady.as_secs()
+        ));
+        tokio::time::sleep(self.cfg.steady).await;
+        let s3 = self.snapshot().await?;
+        report.metric_present &= s3.calls.is_some();
+        let steady = self.phase_report("steady", true, s3.calls_at - s2.calls_at, &s2, &s3);
+        if steady.writes() > 0 {
+            self.say(&format!(
+                "steady: the controller wrote {} times ({})",
+                steady.writes(),
+                steady.writes_breakdown()
+            ));
+        }
+        report.phases.push(steady);
+
+        // --- rollback.
+        let t = Instant::now();
+        let namespaces = self.namespaces.clone();
+        self.parallel("rollback: delete RecordingCanaries", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            async move {
+                delete(
+                    &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
+                    &app(i),
+                )
+                .await
+            }
+        })
+        .await?;
+        let canary_keys = self.keys(app);
+        let clone_keys = self.keys(clone_of);
+        let deadline = self.deadline();
+        let r = self
+            .wait_for("rollback", deadline, || {
+                let canaries = self.canaries.map();
+                let deployments = self.deployments.map();
+                let mut pending = Vec::new();
+                for (c, d) in canary_keys.iter().zip(&clone_keys) {
+                    if let Some(s) = canaries.get(c) {
+                        pending.push(format!("rcanary {}/{}: phase {}", c.0, c.1, s.phase));
+                    } else if deployments.contains_key(d) {
+                        pending.push(format!("clone Deployment {}/{} still there", d.0, d.1));
+                    }
+                }
+                let synced = self.canaries.synced() && self.deployments.synced();
+                Progress::new(n, pending, "canaries and clones gone", synced)
+            })
+            .await;
+        let wall = t.elapsed();
+        let s4 = self
+            .snapshot_or_record(report, "rollback", wall, &r)
+            .await?;
+        report.metric_present &= s4.calls.is_some();
+        let mut p = self.phase_report("rollback", r.is_ok(), wall, &s3, &s4);
+        if let Err(e) = &r {
+            p.detail = e.clone();
+        }
+        report.phases.push(p);
+        r
+    }
+
+    /// Waits until every canary is Ready at `percent` with VirtualService weight `percent`, then
+    /// records the phase from `t` and `before`.
+    async fn timed_phase(
+        &self,
+        report: &mut FleetReport,
+        name: &str,
+        t: Instant,
+        before: &Snapshot,
+        percent: i64,
+    ) -> Result<Snapshot, String> {
+        let n = self.cfg.canaries;
+        let canary_keys = self.keys(app);
+        let vs_keys = self.keys(clone_of);
+        let deadline = self.deadline();
+        let r = self
+            .wait_for(name, deadline, || {
+                let canaries = self.canaries.map();
+                let vss = self.vss.map();
+                let mut pending = Vec::new();
+                for (c, v) in canary_keys.iter().zip(&vs_keys) {
+                    let canary = canaries.get(c);
+                    let weights = vss.get(v);
+                    let ok = canary.is_some_and(|s| s.at(percent))
+                        && weights.is_some_and(|w| w.contains(&percent));
+                    if !ok {
+                        pending.push(format!(
+                            "{}/{}: {}; VirtualService {}: {}",
+                            c.0,
+                            c.1,
+                            canary.map_or("(no rcanary)".to_string(), CanarySum::describe),
+                            v.1,
+                            weights.map_or("(none)".to_string(), |w| format!(
+                                "{RECORDING_SUBSET} weights {w:?}"
+                            ))
+                        ));
+                    }
+                }
+                let synced = self.canaries.synced() && self.vss.synced();
+                Progress::new(n, pending, "Ready", synced)
+            })
+            .await;
+        let wall = t.elapsed();
+        let after = self.snapshot_or_record(report, name, wall, &r).await?;
+        report.metric_present &= after.calls.is_some();
+        let mut p = self.phase_report(name, r.is_ok(), wall, before, &after);
+        if let Err(e) = &r {
+            p.detail = e.clone();
+        }
+        report.phases.push(p);
+        r.map(|()| after)
+    }
+
+    fn phase_report(
+        &self,
+        name: &str,
+        finished: bool,
+        wall: Duration,
+        a: &Snapshot,
+        b: &Snapshot,
+    ) -> PhaseReport {
+        let calls = match (&a.calls, &b.calls) {
+            (Some(x), Some(y)) => delta(x, y),
+            _ => BTreeMap::new(),
+        };
+        PhaseReport {
+            name: name.to_string(),
+            finished,
+            wall,
+            calls,
+            events: b.events.saturating_sub(a.events),
+            apiserver: delta(&a.apiserver, &b.apiserver),
+            rss_kib: b.proc.rss_kib,
+            hwm_kib: b.proc.hwm_kib,
+            cpu_s: b.proc.cpu_ticks.saturating_sub(a.proc.cpu_ticks) as f64 / self.clk_tck,
+            detail: String::new(),
+        }
+    }
+
+    async fn create_namespaces(&mut self) -> Result<(), String> {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        self.created_namespaces = true;
+        for ns in self.namespaces.iter() {
+            let obj: Namespace = serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": ns, "labels": {
+                    "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id}}
+            }))
+            .map_err(|e| format!("namespace object: {e}"))?;
+            create(&api, &obj).await?;
+        }
+        self.say(&format!("created {} namespaces", self.namespaces.len()));
+        Ok(())
+    }
+
+    /// Runs `f(client, i)` for i in 0..n on the parallel clients, with progress every 5 s.
+    async fn parallel<F, Fut>(&self, what: &str, n: usize, f: F) -> Result<(), String>
+    where
+        F: Fn(Client, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let next = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let t = Instant::now();
+        let tasks: Vec<_> = self
+            .clients
+            .iter()
+            .map(|c| {
+                let (f, next, done, c) = (f.clone(), next.clone(), done.clone(), c.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        if let Err(e) = f(c.clone(), i).await {
+                            // The other workers stop at their next item.
+                            next.store(usize::MAX / 2, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let all = futures::future::join_all(tasks);
+        tokio::pin!(all);
+        loop {
+            tokio::select! {
+                results = &mut all => {
+                    for r in results {
+                        r.map_err(|e| format!("{what}: worker panicked: {e}"))??;
+                    }
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    self.say(&format!("{what}: {}/{n} after {}", done.load(Ordering::Relaxed), secs(t.elapsed())));
+                }
+            }
+        }
+    }
+
+    /// Re-evaluates `check` whenever a watched object changes, until all is done or `deadline`;
+    /// prints progress every 5 s.
+    async fn wait_for(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut check: impl FnMut() -> Progress,
+    ) -> Result<(), String> {
+        let t = Instant::now();
+        let mut next_report = t + PROGRESS_EVERY;
+        loop {
+            let p = check();
+            if p.synced && p.pending.is_empty() && p.done >= p.total {
+                self.say(&format!(
+                    "{what}: {}/{} {} after {}",
+                    p.done,
+                    p.total,
+                    p.unit,
+                    secs(t.elapsed())
+                ));
+                return Ok(());
+            }
+            // A controller that died fails the phase now, not at the deadline.
+            self.check_controller()
+                .map_err(|e| format!("{what}: {}/{} {}; {e}", p.done, p.total, p.unit))?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "{what} did not finish within {}: {}/{} {}{}; still waiting for {} item(s), e.g.:\n  {}",
+                    secs(self.cfg.phase_timeout),
+                    p.done,
+                    p.total,
+                    p.unit,
+                    if p.synced {
+                        ""
+                    } else {
+                        " (a watch never synced)"
+                    },
+                    p.pending.len(),
+                    p.pending
+                        .iter()
+                        .take(8)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n  ")
+                ));
+            }
+            if now >= next_report {
+                let example = p.pending.first().cloned().unwrap_or_default();
+                self.say(&format!(
+                    "{what}: {}/{} {}{} (e.g. {example})",
+                    p.done,
+                    p.total,
+                    p.unit,
+                    if p.synced {
+                        ""
+                    } else {
+                        ", watches not synced yet"
+                    }
+                ));
+                next_report = now + PROGRESS_EVERY;
+            }
+            tokio::select! {
+                _ = self.changed.notified() => {
+                    // Let a burst of watch events land before evaluating again.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ = tokio::time::sleep_until(deadline.min(next_report).into()) => {}
+            }
+        }
+    }
+
+    async fn start_controller(&self, log: &Path) -> Result<Controller, String> {
+        let file =
+            File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let out = file
+            .try_clone()
+            .map_err(|e| format!("cannot clone a log handle: {e}"))?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-canary"));
+        cmd.args(["run", "--leader-elect=false", "--admin-addr", "127.0.0.1:0"]);
+        if !self.cfg.cluster_wide {
+            for ns in self.namespaces.iter() {
+                cmd.args(["--namespace", ns]);
+            }
+        }
+        let child = cmd
+            .env("KUBECONFIG", &self.cfg.kubeconfig)
+            // Warnings only, plus the one info line that has an `addr` field: "admin server
+            // listening … addr=127.0.0.1:PORT", which gives the /metrics port.
+            .env("RUST_LOG", "warn,[{addr}]=info")
+            .env("NO_COLOR", "1")
+            .env_remove("RC_NAMESPACES")
+            .env_remove("RC_LEADER_ELECT")
+            .env_remove("RC_ADMIN_ADDR")
+            .env_remove("RC_LOG_FORMAT")
+            .env_remove("RC_SHARDS")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .map_err(|e| format!("cannot start the controller binary: {e}"))?;
+        let mut c = Controller {
+            pid: child.id(),
+            child,
+            port: 0,
+            log: log.to_path_buf(),
+        };
+        self.say(&format!(
+            "controller pid {} ({}); log {}",
+            c.pid,
+            if self.cfg.cluster_wide {
+                "cluster-wide".to_string()
+            } else {
+                format!("{} namespaces", self.namespaces.len())
+            },
+            log.display()
+        ));
+        // The log is a file: poll it for the admin line.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(port) = admin_port(&std::fs::read_to_string(log).unwrap_or_default()) {
+                c.port = port;
+                return Ok(c);
+            }
+            if let Ok(Some(status)) = c.child.try_wait() {
+                return Err(format!(
+                    "the controller exited ({status}) before its admin server listened; log {}:\n{}",
+                    log.display(),
+                    log_tail(log, 40)
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no line with `admin server listening` and `addr=127.0.0.1:PORT` in the controller log within 30 s ({}):\n{}",
+                    log.display(),
+                    log_tail(log, 40)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Until the controller's request counters have not moved for 1 s (at most 20 s): its start-up
+    /// lists and watches are not the fleet's.
+    async fn settle(&self) {
+        let Some(c) = &self.controller else { return };
+        let t = Instant::now();
+        let mut last: Option<Option<BTreeMap<Key, f64>>> = None;
+        let mut since = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(text) = controller_metrics(c.port).await {
+                let calls = parse_api_requests(&text);
+                if last.as_ref() == Some(&calls) {
+                    if since.elapsed() >= Duration::from_secs(1) {
+                        break;
+                    }
+                } else {
+                    last = Some(calls);
+                    since = Instant::now();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        self.say(&format!(
+            "controller settled after {} (admin port {})",
+            secs(t.elapsed()),
+            c.port
+        ));
+    }
+
+    fn check_controller(&self) -> Result<(), String> {
+        let Some(c) = &self.controller else {
+            return Ok(());
+        };
+        match proc_stat(c.pid) {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "the controller (pid {}) is gone; log {}:\n{}",
+                c.pid,
+                c.log.display(),
+                log_tail(&c.log, 40)
+            )),
+        }
+    }
+
+    /// The snapshot at the end of a phase; when it cannot be taken (the controller is gone),
+    /// the phase is recorded as unfinished, with why.
+    async fn snapshot_or_record(
+        &self,
+        report: &mut FleetReport,
+        name: &str,
+        wall: Duration,
+        outcome: &Result<(), String>,
+    ) -> Result<Snapshot, String> {
+        let taken = match self.check_controller() {
+            Ok(()) => self.snapshot().await,
+            Err(e) => Err(e),
+        };
+        taken.map_err(|e| {
+            let why = outcome.clone().err().unwrap_or(e);
+            report.phases.push(PhaseReport {
+                name: name.to_string(),
+                finished: false,
+                wall,
+                detail: why.clone(),
+                ..PhaseReport::default()
+            });
+            why
+        })
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, String> {
+        let (calls, calls_at, proc_) = match &self.controller {
+            Some(c) => {
+                let text = controller_metrics(c.port).await.map_err(|e| {
+                    format!(
+                        "cannot read the controller's metrics on 127.0.0.1:{}: {e}; log {}:\n{}",
+                        c.port,
+                        c.log.display(),
+                        log_tail(&c.log, 40)
+                    )
+                })?;
+                let at = Instant::now();
+                (
+                    parse_api_requests(&text),
+                    at,
+                    proc_stat(c.pid).unwrap_or_default(),
+                )
+            }
+            None => (None, Instant::now(), ProcStat::default()),
+        };
+        let events = self.count_events().await?;
+        let apiserver = match self
+            .client
+            .request_text(
+                Request::new("")
+                    .get("metrics", &GetParams::default())
+                    .map_err(|e| e.to_string())?,
+            )
+            .await
+        {
+            Ok(text) => apiserver_requests(&text),
+            Err(e) => {
+                self.say(&format!("cannot read the apiserver's /metrics: {e}"));
+                BTreeMap::new()
+            }
+        };
+        Ok(Snapshot {
+            calls,
+            calls_at,
+            events,
+            apiserver,
+            proc: proc_,
+        })
+    }
+
+    /// Occurrences of Events about RecordingCanaries in the fleet namespaces.
+    async fn count_events(&self) -> Result<u64, String> {
+        let api: Api<Event> = Api::all(self.client.clone());
+        let set: HashSet<&str> = self.namespaces.iter().map(String::as_str).collect();
+        let mut lp = ListParams::default()
+            .fields("involvedObject.kind=RecordingCanary")
+            .limit(500);
+        let mut total = 0u64;
+        loop {
+            let list = retry("list Events", || api.list(&lp)).await?;
+            for e in &list.items {
+                if e.metadata
+                    .namespace
+                    .as_deref()
+                    .is_some_and(|ns| set.contains(ns))
+                {
+                    total += event_occurrences(e);
+                }
+            }
+            match list.metadata.continue_.as_deref() {
+                Some(c) if !c.is_empty() => lp = lp.continue_token(c),
+                _ => break,
+            }
+        }
+        Ok(total)
+    }
+
+    async fn cleanup(&mut self, report: &mut FleetReport) {
+        if let Some(c) = self.controller.take() {
+            drop(c);
+            self.say("controller stopped");
+        }
+        if !self.created_namespaces {
+            return;
+        }
+        // No controller runs any more to remove the finalizer of a canary left over (a failed run).
+        let mut left = 0;
+        for ns in self.namespaces.iter() {
+            let api =
+                Api::<DynamicObject>::namespaced_with(self.client.clone(), ns, &canary_resource());
+            let Ok(list) = api.list(&ListParams::default()).await else {
+                continue;
+            };
+            for c in list.items {
+                let Some(name) = c.metadata.name else {
+                    continue;
+                };
+                left += 1;
+                let _ = api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
+            }
+        }
+        if left > 0 {
+            self.say(&format!(
+                "removed the finalizer of {left} RecordingCanaries left over"
+            ));
+        }
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        for ns in self.namespaces.iter() {
+            if let Err(e) = delete(&api, ns).await {
+                self.say(&format!("cannot delete namespace {ns}: {e}"));
+            }
+        }
+        let t = Instant::now();
+        let deadline = t + NAMESPACE_CLEANUP;
+        let total = self.namespaces.len();
+        let r = self
+            .wait_for("namespace cleanup", deadline, || {
+                let left = self.ns_tracker.map();
+                let pending: Vec<String> = left.keys().map(|k| k.1.clone()).collect();
+                Progress::new(total, pending, "namespaces gone", self.ns_tracker.synced())
+            })
+            .await;
+        if let Err(e) = r {
+            let msg = format!(
+                "the fleet namespaces were not all gone after {}: {e}",
+                secs(NAMESPACE_CLEANUP)
+            );
+            self.say(&msg);
+            report.notes.push(msg);
+        }
+    }
+}
+
+/// Where a wait stands.
+struct Progress {
+    done: usize,
+    total: usize,
+    unit: &'static str,
+    /// What is not done yet, one line each.
+    pending: Vec<String>,
+    synced: bool,
+}
+
+impl Progress {
+    fn new(total: usize, pending: Vec<String>, unit: &'static str, synced: bool) -> Self {
+        Self {
+            done: if synced {
+                total.saturating_sub(pending.len())
+            } else {
+                0
+            },
+            total,
+            unit,
+            pending,
+            synced,
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Watches
+
+/// A watch over one kind whose objects (in the fleet namespaces) are kept as summaries.
+struct Tracker<T> {
+    map: Arc<Mutex<HashMap<Key, T>>>,
+    synced: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<T> Drop for Tracker<T> {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<T: Send + 'static> Tracker<T> {
+    fn start<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
+        let map: Arc<Mutex<HashMap<Key, T>>> = Arc::default();
+        let synced = Arc::new(AtomicBool::new(false));
+        let (m, s) = (map.clone(), synced.clone());
+        let task = tokio::spawn(async move {
+            let key = |k: &K| -> Option<Key> {
+                let meta = k.meta();
+                let ns = meta.namespace.clone().unwrap_or_default();
+                if namespaces.as_ref().is_some_and(|set| !set.contains(&ns)) {
+                    return None;
+                }
+                Some((ns, meta.name.clone()?))
+            };
+            let mut buffer: Option<HashMap<Key, T>> = None;
+            let mut stream = watcher(api, config).default_backoff().boxed();
+            while let Some(ev) = stream.next().await {
+                // Errors are retried by the backoff; the stream goes on.
+                let Ok(ev) = ev else { continue };
+                match ev {
+                    watcher::Event::Init => buffer = Some(HashMap::new()),
+                    watcher::Event::InitApply(o) => {
+                        if let (Some(b), Some(k)) = (buffer.as_mut(), key(&o)) {
+                            b.insert(k, summarize(&o));
+                        }
+                    }
+                    watcher::Event::InitDone => {
+                        if let Some(b) = buffer.take() {
+                            *lock(&m) = b;
+                        }
+                        s.store(true, Ordering::Release);
+                        changed.notify_one();
+                    }
+                    watcher::Event::Apply(o) => {
+                        if let Some(k) = key(&o) {
+                            lock(&m).insert(k, summarize(&o));
+                            changed.notify_one();
+                        }
+                    }
+                    watcher::Event::Delete(o) => {
+                        if let Some(k) = key(&o) {
+                            lock(&m).remove(&k);
+                            changed.notify_one();
+                        }
+                    }
+                }
+            }
+        });
+        Self { map, synced, task }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<Key, T>> {
+        lock(&self.map)
+    }
+
+    fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+}
+
+/// What the waits need of a RecordingCanary.
+#[derive(Clone, Debug, Default)]
+struct CanarySum {
+    phase: String,
+    current: Option<i64>,
+    generation: Option<i64>,
+    observed: Option<i64>,
+    ready_message: String,
+}
+
+impl CanarySum {
+    fn of(o: &DynamicObject) -> Self {
+        let st = o.data.get("status");
+        let field = |f: &str| st.and_then(|s| s.get(f));
+        let ready_message = field("conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| {
+                let mut m = format!(
+                    "{}: {}",
+                    c["reason"].as_str().unwrap_or(""),
+                    c["message"].as_str().unwrap_or("")
+                );
+                m.truncate(160);
+                m
+            })
+            .unwrap_or_default();
+        Self {
+            phase: field("phase")
+                .and_then(Value::as_str)
+                .unwrap_or("(none)")
+                .to_string(),
+            current: field("currentPercent").and_then(Value::as_i64),
+            generation: o.metadata.generation,
+            observed: field("observedGeneration").and_then(Value::as_i64),
+            ready_message,
+        }
+    }
+
+    /// Ready at `percent`, for its current generation.
+    fn at(&self, percent: i64) -> bool {
+        self.phase == "Ready"
+            && self.current == Some(percent)
+            && (self.observed.is_none() || self.observed == self.generation)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "phase {} currentPercent {:?} observedGeneration {:?}/{:?} Ready {}",
+            self.phase, self.current, self.observed, self.generation, self.ready_message
+        )
+    }
+}
+
+/// Weights of the routes to the recording subset, in every HTTP route of a VirtualService.
+fn recording_weights(vs: &DynamicObject) -> Vec<i64> {
+    vs.data
+        .pointer("/spec/http")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("route").and_then(Value::as_array))
+        .flatten()
+        .filter(|d| {
+            d.pointer("/destination/subset").and_then(Value::as_str) == Some(RECORDING_SUBSET)
+        })
+        .map(|d| d.get("weight").and_then(Value::as_i64).unwrap_or(0))
+        .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// Objects and API calls
+
+fn canary_resource() -> ApiResource {
+    ApiResource {
+        group: "recordingcanary.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "recordingcanary.dev/v1alpha1".into(),
+        kind: "RecordingCanary".into(),
+        plural: "recordingcanaries".into(),
+    }
+}
+
+fn vs_resource() -> ApiResource {
+    ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        plural: "virtualservices".into(),
+    }
+}
+
+fn deployment_json(name: &str, replicas: i32, pod_labels: Value) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": pod_labels},
+                              "spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}}
+    })
+}
+
+fn floor_deployment(name: &str, run_id: &str) -> Deployment {
+    serde_json::from_value(deployment_json(
+        name,
+        1,
+        json!({"app": name, FLOOR_LABEL: run_id}),
+    ))
+    .expect("floor Deployment")
+}
+
+fn app_deployment(name: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(deployment_json(name, replicas, json!({"app": name})))
+        .expect("target Deployment")
+}
+
+fn app_service(name: &str) -> Service {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80}]}
+    }))
+    .expect("Service")
+}
+
+fn canary(name: &str, run_id: &str) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+        "metadata": {"name": name, "labels": {RUN_LABEL: run_id}},
+        "spec": {"targetRef": {"name": name}, "percent": START_PERCENT}
+    }))
+    .expect("RecordingCanary")
+}
+
+fn transient(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => matches!(s.code, 429 | 500 | 502 | 503 | 504),
+        kube::Error::HyperError(_) | kube::Error::Service(_) => true,
+        _ => false,
+    }
+}
+
+/// `op`, retried on throttling, 5xx and connection errors (6 attempts, 0.2 s doubling).
+async fn retry<T, Fut>(what: &str, mut op: impl FnMut() -> Fut) -> Result<T, String>
+where
+    Fut: Future<Output = Result<T, kube::Error>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 6 && transient(&e) => {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            Err(e) => return Err(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// Creates `obj`; one that already exists (a retried create) is fine.
+async fn create<K>(api: &Api<K>, obj: &K) -> Result<(), String>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let what = format!(
+        "create {} {}/{name}",
+        api.resource_url(),
+        obj.meta().namespace.clone().unwrap_or_default()
+    );
+    let pp = PostParams::default();
+    match retry(&what, || api.create(&pp, obj)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.contains("AlreadyExists") || e.contains("already exists") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes `name`; one that is already gone is fine.
+async fn delete<K>(api: &Api<K>, name: &str) -> Result<(), String>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let what = format!("delete {} {name}", api.resource_url());
+    let dp = DeleteParams::background();
+    match retry(&what, || api.delete(name, &dp)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.contains("NotFound") || e.contains("not found") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// How many times an Event happened: the larger of `count` (missing or 0 counts as 1) and
+/// `series.count`.
+pub fn event_occurrences(e: &Event) -> u64 {
+    let count = e.count.unwrap_or(0).max(1) as u64;
+    let series = e.series.as_ref().and_then(|s| s.count).unwrap_or(0).max(0) as u64;
+    count.max(series)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Measurements
+
+#[derive(Clone, Debug)]
+struct Snapshot {
+    /// None when the controller does not expose the metric.
+    calls: Option<BTreeMap<Key, f64>>,
+    /// When the controller's metrics were read.
+    calls_at: Instant,
+    events: u64,
+    apiserver: BTreeMap<String, f64>,
+    proc: ProcStat,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcStat {
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub cpu_ticks: u64,
+}
+
+fn delta<K: Ord + Clone>(a: &BTreeMap<K, f64>, b: &BTreeMap<K, f64>) -> BTreeMap<K, u64> {
+    b.iter()
+        .map(|(k, v)| {
+            let d = v - a.get(k).copied().unwrap_or(0.0);
+            (k.clone(), d.max(0.0).round() as u64)
+        })
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// VmRSS, VmHWM (/proc/PID/status) and utime + stime (/proc/PID/stat, clock ticks); None when
+/// the process is gone (or a zombie).
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the `(comm)` field: state is field 3, utime field 14, stime field 15.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if rest.first() == Some(&"Z") {
+        return None;
+    }
+    let tick = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Some(ProcStat {
+        rss_kib: kib("VmRSS:")?,
+        hwm_kib: kib("VmHWM:").unwrap_or(0),
+        cpu_ticks: tick(11) + tick(12),
+    })
+}
+
+/// GET http://127.0.0.1:PORT/metrics (plain HTTP/1.0, so the body ends with the connection).
+async fn controller_metrics(port: u16) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || -> Result<String, String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: */*\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).map_err(|e| format!("read: {e}"))?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("not an HTTP response: {text:.200}"))?;
+        let code = head.split_whitespace().nth(1).unwrap_or("");
+        if !head.starts_with("HTTP/1.") || code != "200" {
+            return Err(format!(
+                "unexpected response: {}",
+                head.lines().next().unwrap_or("")
+            ));
+        }
+        Ok(body.to_string())
+    })
+    .await
+    .map_err(|e| format!("metrics reader: {e}"))?
+}
+
+/// `recording_canary_api_requests_total` by (verb, resource); None when the metric is absent.
+pub fn parse_api_requests(text: &str) -> Option<BTreeMap<Key, f64>> {
+    let mut present = false;
+    let mut out: BTreeMap<Key, f64> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(meta) = line.strip_prefix('#') {
+            // `# TYPE recording_canary_api_requests counter` (a family without samples yet).
+            let name = meta.split_whitespace().nth(1).unwrap_or("");
+            if name == API_METRIC || name == format!("{API_METRIC}_total") {
+                present = true;
+            }
+            continue;
+        }
+        let Some((name, labels, value)) = parse_sample(line) else {
+            continue;
+        };
+        if name != format!("{API_METRIC}_total") && name != API_METRIC {
+            continue;
+        }
+        present = true;
+        let get = |k: &str| labels.get(k).cloned().unwrap_or_default();
+        *out.entry((get("verb").to_lowercase(), get("resource")))
+            .or_default() += value;
+    }
+    present.then_some(out)
+}
+
+/// `apiserver_request_total` summed by verb.
+pub fn apiserver_requests(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if !line.starts_with("apiserver_request_total{") {
+            continue;
+        }
+        if let Some((_, labels, v)) = parse_sample(line) {
+            *out.entry(labels.get("verb").cloned().unwrap_or_default())
+                .or_insert(0.0) += v;
+        }
+    }
+    out
+}
+
+/// One Prometheus/OpenMetrics sample: `name{a="x",b="y"} value [timestamp]`.
+pub fn parse_sample(line: &str) -> Option<(&str, BTreeMap<String, String>, f64)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or(line.len());
+    let name = &line[..name_end];
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(r) = rest.strip_prefix('{') {
+        let mut chars = r.char_indices();
+        let mut key = String::new();
+        let end;
+        loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' => {
+                    end = i + 1;
+                    break;
+                }
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next()?.1 != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        let (_, c) = chars.next()?;
+                        match c {
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                o => value.push(o),
+                            },
+                            '"' => break,
+                            o => value.push(o),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                o => key.push(o),
+            }
+        }
+        rest = &r[end..];
+    }
+    let value = rest.split_whitespace().next()?.parse::<f64>().ok()?;
+    Some((name, labels, value))
+}
+
+/// The port of `admin server listening … addr=127.0.0.1:PORT` in a (text-format) log.
+pub fn admin_port(log: &str) -> Option<u16> {
+    log.lines()
+        .map(strip_ansi)
+        .filter(|l| l.contains("admin server listening"))
+        .find_map(|l| {
+            let a = &l[l.find("addr=")? + "addr=".len()..];
+            let a = a
+                .split(|c: char| c.is_whitespace() || c == ',')
+                .next()?
+                .trim_matches('"');
+            a.parse::<SocketAddr>().ok().map(|s| s.port())
+        })
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ … final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A controller process; killed (SIGKILL) when dropped.
+struct Controller {
+    child: Child,
+    pid: u32,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `target/` (derived from the controller binary's path, so that CARGO_TARGET_DIR is honoured).
+fn target_dir() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_recording-canary"));
+    bin.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn random_suffix() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    h.write_u32(std::process::id());
+    let mut n = h.finish();
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..5)
+        .map(|_| {
+            let c = alphabet[(n % 36) as usize] as char;
+            n /= 36;
+            c
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    // The bench (harness = false) compiles this module without its #[test] functions.
+    #[allow(unused_imports)]
+    use super::*;
+
+    #[test]
+    fn api_requests_are_parsed_whatever_the_label_order() {
+        let text = "# HELP recording_canary_api_requests Requests.\n\
+                    # TYPE recording_canary_api_requests counter\n\
+                    recording_canary_api_requests_total{verb=\"patch\",resource=\"pods\"} 12\n\
+                    recording_canary_api_requests_total{resource=\"recordingcanaries/status\",verb=\"PATCH\"} 3\n\
+                    recording_canary_api_requests_total{resource=\"events\",verb=\"create\"} 4 1700000000\n\
+                    recording_canary_reconciles_total 9\n\
+                    # EOF\n";
+        let m = parse_api_requests(text).expect("present");
+        assert_eq!(m[&("patch".into(), "pods".into())], 12.0);
+        assert_eq!(m[&("patch".into(), "recordingcanaries/status".into())], 3.0);
+        assert_eq!(m[&("create".into(), "events".into())], 4.0);
+        assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn an_empty_family_is_present_and_a_missing_one_is_not() {
+        let empty = "# TYPE recording_canary_api_requests counter\n# EOF\n";
+        assert_eq!(parse_api_requests(empty), Some(BTreeMap::new()));
+        let none =
+            "# TYPE recording_canary_reconciles counter\nrecording_canary_reconciles_total 1\n";
+        assert_eq!(parse_api_requests(none), None);
+    }
+
+    #[test]
+    fn calls_exclude_events_and_writes_include_them() {
+        let mut p = PhaseReport::default();
+        for (v, r, n) in [
+            ("get", "pods", 5),
+            ("patch", "pods", 2),
+            ("create", "events", 3),
+            ("watch", "deployments", 1),
+        ] {
+            p.calls.insert((v.into(), r.into()), n);
+        }
+        assert_eq!(p.calls_total(), 8);
+        assert_eq!(p.event_calls(), 3);
+        assert_eq!(p.writes(), 5);
+        assert_eq!(p.writes_breakdown(), "3 create events, 2 patch pods");
+    }
+
+    #[test]
+    fn apiserver_requests_are_summed_by_verb() {
+        let text = "# HELP apiserver_request_total x\n\
+            apiserver_request_total{code=\"200\",component=\"apiserver\",resource=\"pods\",verb=\"GET\"} 10\n\
+            apiserver_request_total{code=\"404\",component=\"apiserver\",resource=\"pods\",verb=\"GET\"} 2\n\
+            apiserver_request_total{code=\"201\",resource=\"a,b{c}\",verb=\"POST\"} 1e+01\n\
+            apiserver_request_duration_seconds_count{verb=\"GET\"} 99\n";
+        let m = apiserver_requests(text);
+        assert_eq!(m["GET"], 12.0);
+        assert_eq!(m["POST"], 10.0);
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn the_admin_port_is_read_from_the_text_log() {
+        let log = "2026-01-01T00:00:00Z  WARN x: y\n\
+            2026-01-01T00:00:00Z  INFO recording_canary: admin server listening (/metrics, /healthz, /readyz) addr=127.0.0.1:34157\n";
+        assert_eq!(admin_port(log), Some(34157));
+        let colored = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m admin server listening \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:8080\n";
+        assert_eq!(admin_port(colored), Some(8080));
+        assert_eq!(admin_port("nothing here\n"), None);
+    }
+
+    #[test]
+    fn an_event_counts_its_largest_count() {
+        let ev = |count: Option<i32>, series: Option<i32>| -> Event {
+            serde_json::from_value(json!({
+                "metadata": {"name": "e"}, "involvedObject": {},
+                "count": count,
+                "series": series.map(|c| json!({"count": c})),
+            }))
+            .expect("event")
+        };
+        assert_eq!(event_occurrences(&ev(None, None)), 1);
+        assert_eq!(event_occurrences(&ev(Some(0), None)), 1);
+        assert_eq!(event_occurrences(&ev(Some(4), None)), 4);
+        assert_eq!(event_occurrences(&ev(Some(1), Some(6))), 6);
+    }
+}
