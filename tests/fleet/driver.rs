@@ -1543,7 +1543,9 @@ fn app_service(name: &str) -> Service {
     serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80}]}
+        // Headless: the controller needs only the selector, and a thousand ClusterIPs would
+        // exhaust the local control plane's small Service range.
+        "spec": {"clusterIP": "None", "selector": {"app": name}, "ports": [{"name": "http", "port": 80}]}
     }))
     .expect("Service")
 }
