@@ -107,3 +107,87 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     drop(b);
     h.finish(true).await;
 }
+
+async fn holder_of(h: &Harness, lease: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
+    leases
+        .get_opt(lease)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|s| !s.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles_it() {
+    let mut h = Harness::start_without_controller("shard").await;
+    let ns = h.ns.clone();
+    let base = "rc-e2e-shard";
+    let args = [
+        "run",
+        "--namespace",
+        &ns,
+        "--leader-elect=true",
+        "--shards",
+        "2",
+        "--lease-namespace",
+        &ns,
+        "--lease-name",
+        base,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let kubeconfig = h.env.kubeconfig.clone();
+    let a = h.spawn_controller("a", &args, &kubeconfig);
+    let b = h.spawn_controller("b", &args, &kubeconfig);
+    let ids = [format!("-{}", a.pid()), format!("-{}", b.pid())];
+    let holders = h
+        .until(
+            "each process to lead one of the two shard leases",
+            Duration::from_secs(60),
+            || async {
+                let s0 = holder_of(&h, &format!("{base}-shard-0")).await;
+                let s1 = holder_of(&h, &format!("{base}-shard-1")).await;
+                match (s0, s1) {
+                    (Some(x), Some(y)) if x != y => Ok([x, y]),
+                    other => Err(format!("holders {other:?}")),
+                }
+            },
+        )
+        .await;
+    assert!(
+        holders
+            .iter()
+            .all(|holder| ids.iter().any(|id| holder.ends_with(id))),
+        "the shard leases are held by {holders:?}, not by the two processes {ids:?}"
+    );
+
+    h.app_and_canary("canary.yaml").await;
+    h.wait_ready("frontend").await;
+    let vs = h.vs(OWNED).await.expect("the VirtualService");
+    assert_eq!(split_weights(&vs), Some((90, 10)), "{vs:#}");
+
+    // The namespace's shard (FNV-1a of its name, mod 2) is the one whose leader acted.
+    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let owner = if holders[shard].ends_with(&ids[0]) {
+        "a"
+    } else {
+        "b"
+    };
+    let log = |tag: &str| {
+        std::fs::read_to_string(h.log.with_file_name(format!("{ns}-{tag}.log"))).unwrap_or_default()
+    };
+    for tag in ["a", "b"] {
+        let acted = log(tag).contains("applying plan");
+        assert_eq!(
+            acted,
+            tag == owner,
+            "controller {tag} {} (the namespace is in shard {shard}, led by {owner})",
+            if acted { "wrote" } else { "did not write" }
+        );
+    }
+    drop((a, b));
+    h.finish(true).await;
+}
