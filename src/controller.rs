@@ -416,60 +416,45 @@ pub async fn run(
             }
         }
     };
-    let (c, s) = (ctx.clone(), scope.clone());
-    let deployments = gated(
-        canaries_known(),
-        scoped::<Deployment>(&client, &namespace),
-        watcher::Config::default(),
-    )
-    .flat_map(move |r| {
-        stream::iter(match r {
-            Ok(mut ev) => {
-                modify(&mut ev, strip_deployment);
-                on_deployment_event(&c, &s, &ev)
-            }
-            Err(e) => {
-                log_watch_error("Deployment", &e);
-                Vec::new()
-            }
-        })
-    });
-    let (c, s) = (ctx.clone(), scope.clone());
-    let services = gated(
-        canaries_known(),
-        scoped::<Service>(&client, &namespace),
-        watcher::Config::default(),
-    )
-    .flat_map(move |r| {
-        stream::iter(match r {
-            Ok(mut ev) => {
-                modify(&mut ev, strip_service);
-                on_service_event(&c, &s, &ev)
-            }
-            Err(e) => {
-                log_watch_error("Service", &e);
-                Vec::new()
-            }
-        })
-    });
-    let (c, s) = (ctx.clone(), scope.clone());
-    let pods = gated(
-        selectors_known(),
-        scoped::<Pod>(&client, &namespace),
-        watcher::Config::default(),
-    )
-    .flat_map(move |r| {
-        stream::iter(match r {
-            Ok(mut ev) => {
-                modify(&mut ev, strip_pod);
-                on_pod_event(&c, &s, &ev)
-            }
-            Err(e) => {
-                log_watch_error("Pod", &e);
-                Vec::new()
-            }
-        })
-    });
+    let deployments = triggers_of(
+        gated(
+            canaries_known(),
+            scoped::<Deployment>(&client, &namespace),
+            watcher::Config::default(),
+        ),
+        "Deployment",
+        strip_deployment,
+        {
+            let (c, s) = (ctx.clone(), scope.clone());
+            move |ev: &Event<Deployment>| on_deployment_event(&c, &s, ev)
+        },
+    );
+    let services = triggers_of(
+        gated(
+            canaries_known(),
+            scoped::<Service>(&client, &namespace),
+            watcher::Config::default(),
+        ),
+        "Service",
+        strip_service,
+        {
+            let (c, s) = (ctx.clone(), scope.clone());
+            move |ev: &Event<Service>| on_service_event(&c, &s, ev)
+        },
+    );
+    let pods = triggers_of(
+        gated(
+            selectors_known(),
+            scoped::<Pod>(&client, &namespace),
+            watcher::Config::default(),
+        ),
+        "Pod",
+        strip_pod,
+        {
+            let (c, s) = (ctx.clone(), scope.clone());
+            move |ev: &Event<Pod>| on_pod_event(&c, &s, ev)
+        },
+    );
     let mesh = |vs: bool, mut writer: Writer<DynamicObject>| {
         let (c, s) = (ctx.clone(), scope.clone());
         let ar = mesh_resource(vs);
@@ -512,9 +497,9 @@ pub async fn run(
         rx.recv().await.map(|t| (t, rx))
     });
     let triggers = stream::select_all([
-        deployments.boxed(),
-        services.boxed(),
-        pods.boxed(),
+        deployments,
+        services,
+        pods,
         virtual_services,
         destination_rules,
         from_other_scopes.boxed(),
@@ -535,6 +520,30 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The canaries to reconcile for each event of a watch: `strip` trims each object, `handle`
+/// updates the caches and maps the event through the index.
+fn triggers_of<K: Send + 'static>(
+    events: BoxStream<'static, Result<Event<K>, watcher::Error>>,
+    kind: &'static str,
+    strip: fn(&mut K),
+    handle: impl Fn(&Event<K>) -> Vec<ObjectRef<RecordingCanary>> + Send + 'static,
+) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
+    events
+        .flat_map(move |r| {
+            stream::iter(match r {
+                Ok(mut ev) => {
+                    modify(&mut ev, strip);
+                    handle(&ev)
+                }
+                Err(e) => {
+                    log_watch_error(kind, &e);
+                    Vec::new()
+                }
+            })
+        })
+        .boxed()
 }
 
 fn modify<K>(ev: &mut Event<K>, f: impl Fn(&mut K)) {

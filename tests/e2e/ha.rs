@@ -11,15 +11,7 @@ use crate::support::{Harness, OWNED, split_weights};
 const LEASE: &str = "rc-e2e-ha";
 
 async fn holder(h: &Harness) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
-    leases
-        .get_opt(LEASE)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|l| l.spec)
-        .and_then(|s| s.holder_identity)
-        .filter(|s| !s.is_empty())
+    holder_of(h, LEASE).await
 }
 
 /// Waits until the lease holder's identity ends with `id_suffix` (`-<pid>`).
@@ -108,6 +100,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     h.finish(true).await;
 }
 
+/// Who holds Lease `lease` in the test namespace.
 async fn holder_of(h: &Harness, lease: &str) -> Option<String> {
     let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
     leases
