@@ -383,7 +383,10 @@ pub async fn run(
     let (c, s) = (ctx.clone(), scope.clone());
     let canary_stream = watcher(canary_api, watcher::Config::default().any_semantic())
         .default_backoff()
-        .map_ok(move |ev| {
+        .map_ok(move |mut ev| {
+            modify(&mut ev, |c: &mut RecordingCanary| {
+                c.metadata.managed_fields = None
+            });
             canary_writer.apply_watcher_event(&ev);
             let out = on_canary_event(&c, &s, &ev);
             if matches!(ev, Event::InitDone) {
@@ -714,10 +717,18 @@ fn on_mesh_event(
     let refs = MeshRefs::of(&obj.metadata, spec, vs, &ctx.cluster_domain);
     let mut mine = Vec::new();
     for other in ctx.scopes() {
+        // Another scope keeps only objects that name a Service it covers (or that it knew).
+        let own = std::ptr::eq(other.as_ref(), scope);
+        if !own
+            && !refs.services.iter().any(|(ns, _)| other.covers(ns))
+            && !other.index().knows_mesh(&m)
+        {
+            continue;
+        }
         let hits = other
             .index_mut()
             .mesh_seen(m.clone(), (!deleted).then(|| refs.clone()));
-        if std::ptr::eq(other.as_ref(), scope) {
+        if own {
             mine = hits;
         } else {
             for k in hits {
@@ -725,14 +736,6 @@ fn on_mesh_event(
             }
         }
     }
-    ctx.metrics.cached(
-        if vs {
-            "VirtualService"
-        } else {
-            "DestinationRule"
-        },
-        scope.mesh_store(vs).state().len(),
-    );
     let kind = if vs {
         Kind::VirtualService
     } else {

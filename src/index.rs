@@ -491,6 +491,11 @@ impl Index {
         all
     }
 
+    /// Whether a VirtualService/DestinationRule has been recorded here.
+    pub fn knows_mesh(&self, m: &MeshKey) -> bool {
+        self.mesh_refs.contains_key(m)
+    }
+
     /// A canary new to the index: links it to the VirtualServices and DestinationRules seen
     /// before it that concern it (by its Service's host, a restore note, a name in its spec).
     fn attach_mesh(&mut self, k: &CanaryKey) {

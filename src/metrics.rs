@@ -119,7 +119,7 @@ impl Default for Metrics {
         );
         registry.register(
             "cached_objects",
-            "Objects held in the watch caches, by kind",
+            "Objects held in the selective watch caches (Deployments, Services, pods), by kind",
             cached_objects.clone(),
         );
         registry.register(
