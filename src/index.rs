@@ -772,8 +772,10 @@ mod tests {
         );
         assert!(i.mesh_of("shop", "front").is_empty());
         assert!(i.mesh_seen(m.clone(), Some(refs)).is_empty());
+        assert!(i.knows_mesh(&m));
         // Deleted: forgotten by host too, so a later canary does not find it.
-        i.mesh_seen(m, None);
+        i.mesh_seen(m.clone(), None);
+        assert!(!i.knows_mesh(&m));
         i.upsert(&canary("shop", "pay", "payments", None));
         assert!(i.mesh_of("shop", "pay").is_empty());
     }
