@@ -306,7 +306,6 @@ fn gated<K, G>(
 ) -> BoxStream<'static, Result<Event<K>, watcher::Error>>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default,
     G: Future<Output = ()> + Send + 'static,
 {
     stream::once(gate)
@@ -460,39 +459,29 @@ pub async fn run(
     );
     let mesh = |vs: bool, mut writer: Writer<DynamicObject>| {
         let (c, s) = (ctx.clone(), scope.clone());
-        let ar = mesh_resource(vs);
-        let api = scoped_dyn(&client, &namespace, &ar);
-        let gate = canaries_known();
+        let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
         let mut listed = false;
-        stream::once(gate)
-            .flat_map(move |_| {
-                watcher(api.clone(), watcher::Config::default().any_semantic()).default_backoff()
-            })
-            .flat_map(move |r| {
-                stream::iter(match r {
-                    Ok(mut ev) => {
-                        modify(&mut ev, strip_mesh);
-                        writer.apply_watcher_event(&ev);
-                        if matches!(ev, Event::InitDone) && !listed {
-                            listed = true;
-                            s.mesh_listed.done();
-                        }
-                        on_mesh_event(&c, &s, vs, &ev)
-                    }
-                    Err(e) => {
-                        log_watch_error(
-                            if vs {
-                                "VirtualService"
-                            } else {
-                                "DestinationRule"
-                            },
-                            &e,
-                        );
-                        Vec::new()
-                    }
-                })
-            })
-            .boxed()
+        triggers_of(
+            gated(
+                canaries_known(),
+                api,
+                watcher::Config::default().any_semantic(),
+            ),
+            if vs {
+                "VirtualService"
+            } else {
+                "DestinationRule"
+            },
+            strip_mesh,
+            move |ev: &Event<DynamicObject>| {
+                writer.apply_watcher_event(ev);
+                if matches!(ev, Event::InitDone) && !listed {
+                    listed = true;
+                    s.mesh_listed.done();
+                }
+                on_mesh_event(&c, &s, vs, ev)
+            },
+        )
     };
     let virtual_services = mesh(true, vs_writer);
     let destination_rules = mesh(false, dr_writer);
@@ -531,7 +520,7 @@ fn triggers_of<K: Send + 'static>(
     events: BoxStream<'static, Result<Event<K>, watcher::Error>>,
     kind: &'static str,
     strip: fn(&mut K),
-    handle: impl Fn(&Event<K>) -> Vec<ObjectRef<RecordingCanary>> + Send + 'static,
+    mut handle: impl FnMut(&Event<K>) -> Vec<ObjectRef<RecordingCanary>> + Send + 'static,
 ) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
     events
         .flat_map(move |r| {
