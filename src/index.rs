@@ -264,14 +264,6 @@ impl Index {
         self.canaries.keys()
     }
 
-    pub fn len(&self) -> usize {
-        self.canaries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.canaries.is_empty()
-    }
-
     /// Marks (part of) a canary's caches as complete.
     pub fn primed(&mut self, ns: &str, name: &str, done: Prime) {
         if let Some(e) = self.canaries.get_mut(&key(ns, name)) {
