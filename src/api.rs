@@ -50,7 +50,8 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     printcolumn = r#"{"name":"Percent","type":"integer","jsonPath":".spec.percent"}"#,
     printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentPercent"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Stable-Labels","type":"string","priority":1,"jsonPath":".status.stableLabelling"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RecordingCanarySpec {
@@ -187,6 +188,10 @@ pub struct RecordingCanaryStatus {
     /// leave the DestinationRule only `propagationDelay` later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_removed_time: Option<String>,
+    /// Who labels the target's new pods for the stable subset: `AdmissionPolicy` (the API server
+    /// at admission, also while no controller runs) or `Controller` (this controller, while it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_labelling: Option<String>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

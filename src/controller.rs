@@ -33,6 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
+use crate::admission::StableLabelling;
 use crate::api::RecordingCanary;
 use crate::cache::Selective;
 use crate::freshness::{self, Kind, Writes, Written};
@@ -148,6 +149,7 @@ pub struct Context {
     pub shard: Shard,
     scopes: RwLock<Vec<Arc<Scope>>>,
     writes: Mutex<Writes>,
+    stable_labelling: RwLock<StableLabelling>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
 }
 
@@ -171,6 +173,7 @@ impl Context {
             shard: Shard::default(),
             scopes: RwLock::new(Vec::new()),
             writes: Mutex::new(Writes::default()),
+            stable_labelling: RwLock::new(StableLabelling::default()),
             backoff: Mutex::new(HashMap::new()),
         }
     }
@@ -179,6 +182,30 @@ impl Context {
     pub fn with_shard(mut self, shard: Shard) -> Self {
         self.shard = shard;
         self
+    }
+
+    /// Who labels the target's new pods, as the status reports it.
+    pub fn stable_labelling(&self) -> StableLabelling {
+        self.stable_labelling.read().map(|g| *g).unwrap_or_default()
+    }
+
+    /// Records who labels the target's new pods; on a change, every canary's status is updated.
+    pub fn set_stable_labelling(&self, l: StableLabelling) {
+        let changed = match self.stable_labelling.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, l) != l,
+            Err(_) => false,
+        };
+        if changed {
+            info!(
+                stable_labelling = l.as_str(),
+                "who labels the target's new pods changed"
+            );
+            for scope in self.scopes() {
+                for c in scope.canaries.state() {
+                    let _ = scope.triggers.send(ObjectRef::from_obj(c.as_ref()));
+                }
+            }
+        }
     }
 
     fn scopes(&self) -> Vec<Arc<Scope>> {
@@ -967,6 +994,7 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         virtual_services: &snap.virtual_services,
         destination_rules: &snap.destination_rules,
         rivals: &snap.rivals,
+        stable_labelling: ctx.stable_labelling(),
     };
     let plan = planner::plan(&observed);
     if !plan.actions.is_empty() {

@@ -14,6 +14,7 @@
 //!   election, and the split of canaries between shards.
 
 pub mod admin;
+pub mod admission;
 pub mod api;
 pub mod cache;
 pub mod client;

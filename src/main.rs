@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use recording_canary::admin::{self, Health};
+use recording_canary::admission;
 use recording_canary::controller::{self, Context};
 use recording_canary::lease::{Elector, LeaseConfig};
 use recording_canary::metrics::Metrics;
@@ -66,6 +67,11 @@ struct RunArgs {
     /// process leads one shard, through the Lease `<lease-name>-shard-<i>`. Needs leader election.
     #[arg(long, env = "RC_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     shards: u32,
+    /// Name of the MutatingAdmissionPolicy (and its binding) that labels the target's new pods at
+    /// admission, as the chart installs it. While both exist, the canaries' status says
+    /// `stableLabelling: AdmissionPolicy`; without it, `Controller`.
+    #[arg(long, env = "RC_STABLE_LABEL_POLICY")]
+    stable_label_policy: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -204,6 +210,21 @@ async fn run(args: RunArgs) -> Result<(), String> {
         )
         .with_shard(shard),
     );
+    if let Some(policy) = args.stable_label_policy.clone() {
+        // Known before the first status is written; then checked again now and then.
+        ctx.set_stable_labelling(admission::check(&client, &policy).await);
+        let (ctx, stop) = (ctx.clone(), stopped());
+        tokio::spawn(async move {
+            tokio::pin!(stop);
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(admission::RECHECK) => {}
+                }
+                ctx.set_stable_labelling(admission::check(&ctx.client, &policy).await);
+            }
+        });
+    }
     let scopes: Vec<Option<String>> = if args.namespaces.is_empty() {
         vec![None]
     } else {

@@ -18,6 +18,7 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::admission::StableLabelling;
 use crate::api::{
     CANARY_LABEL, FINALIZER, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
     RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
@@ -59,6 +60,8 @@ pub struct Observed<'a> {
     /// DestinationRules in the canary's namespace, and any elsewhere whose host is the Service's.
     pub destination_rules: &'a [Value],
     pub rivals: &'a [Rival],
+    /// Who labels the target's new pods (reported in the status).
+    pub stable_labelling: StableLabelling,
 }
 
 /// Which Istio kind an action is about.
@@ -153,6 +156,7 @@ impl<'a> Builder<'a> {
         let mut status = prev.clone();
         status.observed_generation = o.canary.metadata.generation;
         status.clone_name = Some(o.canary.spec.clone_name());
+        status.stable_labelling = Some(o.stable_labelling.as_str().into());
         Self {
             o,
             prev,

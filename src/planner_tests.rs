@@ -292,6 +292,7 @@ struct World {
     drs: Vec<Value>,
     rivals: Vec<Rival>,
     service_selector: BTreeMap<String, String>,
+    stable_labelling: StableLabelling,
 }
 
 impl World {
@@ -309,6 +310,7 @@ impl World {
             virtual_services: &self.vss,
             destination_rules: &self.drs,
             rivals: &self.rivals,
+            stable_labelling: self.stable_labelling,
         })
     }
 
@@ -350,6 +352,7 @@ fn fresh_world() -> World {
         vss: vec![user_vs()],
         drs: vec![user_dr()],
         rivals: vec![],
+        stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     }
 }
@@ -392,6 +395,7 @@ fn serving_world(pct: i32) -> World {
         vss: vec![split_vs(pct.into())],
         drs: vec![split_dr()],
         rivals: vec![],
+        stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     }
 }
@@ -2041,6 +2045,7 @@ fn rollback_completes_when_everything_is_already_gone() {
         vss: vec![],
         drs: vec![],
         rivals: vec![],
+        stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
     };
     let p = w.plan();
@@ -3055,4 +3060,37 @@ fn a_ramp_step_is_recorded_before_the_weight_moves() {
     .expect("the step time is recorded");
     let write = pos(&p, is_vs_write).expect("the weight moves");
     assert!(rec < write, "{:#?}", p.actions);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who labels the stable pods
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn the_status_says_who_labels_the_targets_new_pods() {
+    let mut w = serving_world(10);
+    assert_eq!(
+        w.plan().status.stable_labelling.as_deref(),
+        Some("Controller")
+    );
+    w.stable_labelling = StableLabelling::AdmissionPolicy;
+    assert_eq!(
+        w.plan().status.stable_labelling.as_deref(),
+        Some("AdmissionPolicy")
+    );
+}
+
+#[test]
+fn the_controller_still_labels_the_targets_pods_when_the_admission_policy_is_in_force() {
+    let mut w = subsets_world();
+    w.pods = vec![target_pod("frontend-7d9f-c").build()];
+    w.stable_labelling = StableLabelling::AdmissionPolicy;
+    let p = w.plan();
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::LabelPod { name } if name == "frontend-7d9f-c")),
+        "{:?}",
+        p.actions
+    );
 }

@@ -266,13 +266,73 @@ pub async fn write_status(
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
+    let patch = status_patch(canary.status.as_ref(), status);
     let r = gone_is_ok(
-        api.patch_status(
-            &canary.name_any(),
-            &pp,
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await,
+        api.patch_status(&canary.name_any(), &pp, &Patch::Merge(patch))
+            .await,
     )?;
     Ok(at(Kind::Canary, r))
+}
+
+/// The merge patch from `prev` to `status`: a field that `status` no longer has is set to null,
+/// so that it clears (a merge patch leaves out what it does not name).
+pub fn status_patch(prev: Option<&RecordingCanaryStatus>, status: &RecordingCanaryStatus) -> Value {
+    let mut new = serde_json::to_value(status).unwrap_or_else(|_| json!({}));
+    let old = prev
+        .and_then(|p| serde_json::to_value(p).ok())
+        .unwrap_or_else(|| json!({}));
+    if let (Some(new), Some(old)) = (new.as_object_mut(), old.as_object()) {
+        for key in old.keys() {
+            if !new.contains_key(key) {
+                new.insert(key.clone(), Value::Null);
+            }
+        }
+    }
+    json!({ "status": new })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_field_that_goes_away_is_cleared_by_the_patch() {
+        let prev = RecordingCanaryStatus {
+            phase: Some("Ready".into()),
+            last_step_time: Some("2026-01-01T00:00:00Z".into()),
+            virtual_services: vec!["ns/vs".into()],
+            ..Default::default()
+        };
+        let now = RecordingCanaryStatus {
+            phase: Some("Progressing".into()),
+            ..Default::default()
+        };
+        let p = status_patch(Some(&prev), &now);
+        assert_eq!(p["status"]["phase"], "Progressing");
+        assert_eq!(p["status"]["lastStepTime"], Value::Null);
+        assert_eq!(p["status"]["virtualServices"], Value::Null);
+        assert!(
+            p["status"]
+                .as_object()
+                .is_some_and(|o| o.contains_key("lastStepTime"))
+        );
+    }
+
+    #[test]
+    fn a_first_status_patch_names_only_what_is_set() {
+        let now = RecordingCanaryStatus {
+            phase: Some("Progressing".into()),
+            ..Default::default()
+        };
+        let p = status_patch(None, &now);
+        let keys: Vec<&String> = p["status"]
+            .as_object()
+            .map(|o| o.keys().collect())
+            .unwrap_or_default();
+        assert!(
+            !keys.iter().any(|k| k.as_str() == "lastStepTime"),
+            "{keys:?}"
+        );
+        assert_eq!(p["status"]["phase"], "Progressing");
+    }
 }

@@ -51,10 +51,16 @@ k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
 k apply -n "$ns" -f examples/istio/app.yaml
 k rollout status -n "$ns" deployment/frontend --timeout=120s
 
-rc_say "4/6 controller (log: $log)"
+rc_say "4/6 controller (log: $log), and the chart's stable-label admission policy"
+# The policy that labels the target's new pods at admission, rendered from the chart as
+# `helm install` would on this cluster (it serves the MutatingAdmissionPolicy beta).
+policy=demo-recording-canary-stable-label
+"$RC_HELM" template demo charts/recording-canary --show-only templates/stable-label-policy.yaml \
+  --set rbac.create=false \
+  --api-versions admissionregistration.k8s.io/v1beta1/MutatingAdmissionPolicy | k apply -f - >/dev/null
 stop_controller
 RUST_LOG=${RUST_LOG:-info} nohup "$repo/target/debug/recording-canary" run --leader-elect=false \
-  --admin-addr 127.0.0.1:9090 >"$log" 2>&1 &
+  --admin-addr 127.0.0.1:9090 --stable-label-policy "$policy" >"$log" 2>&1 &
 echo $! >"$pidfile"
 
 rc_say "5/6 RecordingCanary at 10%"
@@ -67,7 +73,7 @@ if ! k wait -n "$ns" --for=condition=Ready rcanary/frontend --timeout=120s; then
 fi
 
 rc_say "6/6 result"
-k get rcanary -n "$ns"
+k get rcanary -n "$ns" -o wide
 echo
 k get deployments -n "$ns"
 echo

@@ -111,8 +111,44 @@ lease_rights() {
   can no  create leases.coordination.k8s.io default
 }
 
+# The stable-label MutatingAdmissionPolicy: installed where the API is served, readable (and only it)
+# by the controller, named in its args. <namespace-selector-expected: yes|no>
+policy=$release-stable-label
+stable_label_policy() {
+  local scoped=$1 api args sel
+  if ! "$kubectl" get --raw /apis/admissionregistration.k8s.io/v1beta1 2>/dev/null | grep -q '"mutatingadmissionpolicies"' &&
+     ! "$kubectl" get --raw /apis/admissionregistration.k8s.io/v1 2>/dev/null | grep -q '"mutatingadmissionpolicies"'; then
+    bad "the cluster serves no MutatingAdmissionPolicy API (tests/cluster/up.sh enables it)"
+    return
+  fi
+  for api in mutatingadmissionpolicy mutatingadmissionpolicybinding; do
+    if "$kubectl" get "$api" "$policy" >/dev/null 2>&1; then ok "$api $policy installed"
+    else bad "$api $policy not installed"; fi
+  done
+  can yes get "mutatingadmissionpolicies.admissionregistration.k8s.io/$policy" default
+  can yes get "mutatingadmissionpolicybindings.admissionregistration.k8s.io/$policy" default
+  can no  get "mutatingadmissionpolicies.admissionregistration.k8s.io/someone-elses" default
+  can no  list mutatingadmissionpolicies.admissionregistration.k8s.io default
+  can no  update "mutatingadmissionpolicies.admissionregistration.k8s.io/$policy" default
+  args=$("$kubectl" -n "$ns" get deployment "$release" -o jsonpath='{.spec.template.spec.containers[0].args}' 2>/dev/null)
+  case $args in
+    *"--stable-label-policy=$policy"*) ok "controller args carry --stable-label-policy=$policy" ;;
+    *) bad "controller args lack --stable-label-policy=$policy: $args" ;;
+  esac
+  sel=$("$kubectl" get mutatingadmissionpolicybinding "$policy" -o jsonpath='{.spec.matchResources.namespaceSelector.matchExpressions[0].values}' 2>/dev/null)
+  case $scoped:$sel in
+    yes:*"$watched"*|no:) ok "binding namespaces: ${sel:-all}" ;;
+    *) bad "binding namespaces: '${sel}' (scoped to the watched namespaces expected: $scoped)" ;;
+  esac
+}
+
 step "helm lint"
 if out=$("$helm" lint "$chart" 2>&1); then ok "helm lint"; else bad "helm lint"; printf '%s\n' "$out"; fi
+for api in v1 v1beta1; do
+  if out=$("$helm" template "$release" "$chart" --api-versions "admissionregistration.k8s.io/$api/MutatingAdmissionPolicy" 2>&1) &&
+     grep -q "apiVersion: admissionregistration.k8s.io/$api" <<<"$out"; then ok "helm template renders the admission policy ($api)"
+  else bad "helm template (admission policy $api)"; printf '%s\n' "$out"; fi
+done
 if out=$("$helm" lint "$chart" --set "watchNamespaces={a,b}" 2>&1); then ok "helm lint (namespaced)"
 else bad "helm lint (namespaced)"; printf '%s\n' "$out"; fi
 
@@ -128,7 +164,10 @@ if install; then
   controller_rights default
   controller_rights "$watched"
   lease_rights
+  stable_label_policy no
   uninstall
+  if "$kubectl" get mutatingadmissionpolicy "$policy" >/dev/null 2>&1; then bad "helm uninstall left the policy $policy"
+  else ok "helm uninstall removed the policy"; fi
 fi
 
 step "namespaced mode (watchNamespaces={$watched})"
@@ -143,6 +182,7 @@ if install --set "watchNamespaces={$watched}"; then
   no_rights "$other"
   no_rights default
   lease_rights
+  stable_label_policy yes
   uninstall
 fi
 

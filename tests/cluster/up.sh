@@ -33,7 +33,10 @@ healthy() {
   [ -d "$kwok_dir" ] && [ -s "$kubeconfig" ] || return 1
   k --request-timeout=5s get --raw /readyz >/dev/null 2>&1 || return 1
   # All 5 component processes of this cluster must still be alive (pid files are kept by kwokctl).
-  [ "$(rc_prune_pidfiles "$name")" -ge 5 ]
+  [ "$(rc_prune_pidfiles "$name")" -ge 5 ] || return 1
+  # A cluster created before the MutatingAdmissionPolicy switches were added lacks the API: recreate it.
+  k --request-timeout=5s get --raw /apis/admissionregistration.k8s.io/v1beta1 2>/dev/null |
+    grep -q '"mutatingadmissionpolicies"'
 }
 
 fresh=0
@@ -53,6 +56,8 @@ else
       --runtime binary \
       --kubeconfig "$kubeconfig" \
       --wait 120s \
+      --kube-feature-gates "$K8S_FEATURE_GATES" \
+      --kube-runtime-config "$K8S_RUNTIME_CONFIG" \
       --etcd-binary "$ETCD_BIN/etcd" \
       --kube-apiserver-binary "$K8S_BIN/kube-apiserver" \
       --kube-controller-manager-binary "$K8S_BIN/kube-controller-manager" \

@@ -7,6 +7,10 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.19.5
 ISTIO_API_VERSION=v1.31.4
+# MutatingAdmissionPolicy is beta (off by default) in 1.34-1.35 and GA from 1.36: the chart's policy that
+# labels the target's pods at admission needs both switches here.
+K8S_FEATURE_GATES=MutatingAdmissionPolicy=true
+K8S_RUNTIME_CONFIG=admissionregistration.k8s.io/v1beta1=true
 
 RC_CACHE_DIR=${RC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recording-canary}
 K8S_BIN=$RC_CACHE_DIR/kubernetes-$K8S_VERSION

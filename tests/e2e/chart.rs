@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::support::{CLONE, Harness, OWNED, split_weights};
 
 /// Runs helm; fails the test unless it succeeds.
-async fn helm(h: &Harness, args: &[&str]) -> String {
+pub(crate) async fn helm(h: &Harness, args: &[&str]) -> String {
     let bin = std::env::var("RC_HELM")
         .ok()
         .filter(|s| !s.is_empty())
@@ -70,6 +70,10 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             &ns,
             "--set",
             "replicaCount=1",
+            // Namespaced, so that the chart's stable-label admission policy binds to this
+            // namespace only and leaves the other tests' pods alone.
+            "--set",
+            &format!("watchNamespaces={{{ns}}}"),
             "--wait=false",
         ],
     )
@@ -96,6 +100,26 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             "the ServiceAccount can read Secrets: {secrets:?}"
         );
 
+        // The chart installed the stable-label policy (the cluster serves the API) and passes
+        // its name to the controller.
+        let policy = format!("{release}-recording-canary-stable-label");
+        let deployment_args = h
+            .k(&[
+                "get",
+                "deployment",
+                "-l",
+                &format!("app.kubernetes.io/instance={release}"),
+                "-o",
+                "jsonpath={.items[0].spec.template.spec.containers[0].args}",
+            ])
+            .await;
+        assert!(
+            deployment_args.contains(&format!("--stable-label-policy={policy}")),
+            "the chart's Deployment does not name the policy {policy}: {deployment_args}"
+        );
+        h.k(&["get", "mutatingadmissionpolicybinding", &policy])
+            .await;
+
         let token = h.k(&["create", "token", &sa, "--duration", "1h"]).await;
         let kubeconfig = token_kubeconfig(&h, token.trim());
         let args = [
@@ -109,12 +133,20 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             "recording-canary",
             "--admin-addr",
             "127.0.0.1:0",
+            "--stable-label-policy",
+            &policy,
         ];
         let controller = h.spawn_controller("sa", &args, &kubeconfig);
 
         // The user flow, as the ServiceAccount.
         h.app_and_canary("canary.yaml").await;
         h.wait_ready("frontend").await;
+        let c = h.canary("frontend").await.expect("the canary");
+        assert_eq!(
+            c["status"]["stableLabelling"], "AdmissionPolicy",
+            "with only the chart's rights the controller must read the policy; status: {}",
+            c["status"]
+        );
         let vs = h.vs(OWNED).await.expect("the VirtualService");
         assert_eq!(split_weights(&vs), Some((90, 10)));
         h.patch_canary("frontend", &json!({"spec": {"percent": 25}}))

@@ -13,5 +13,6 @@ mod faults;
 mod flows;
 mod ha;
 mod mbb;
+mod stable_labels;
 mod support;
 mod validation;

@@ -85,3 +85,22 @@ no secrets, no configmaps, no wildcards.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+The API version of MutatingAdmissionPolicy that the cluster serves (GA v1 from Kubernetes 1.36,
+beta v1beta1 in 1.34-1.35 when enabled), or nothing.
+*/}}
+{{- define "recording-canary.admissionPolicyApi" -}}
+{{- if .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy" }}
+{{- "admissionregistration.k8s.io/v1" }}
+{{- else if .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1beta1/MutatingAdmissionPolicy" }}
+{{- "admissionregistration.k8s.io/v1beta1" }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the stable-label MutatingAdmissionPolicy and its binding, when the chart installs them. */}}
+{{- define "recording-canary.stableLabelPolicy" -}}
+{{- if and .Values.stableLabelPolicy.enabled (include "recording-canary.admissionPolicyApi" .) }}
+{{- printf "%s-stable-label" (include "recording-canary.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
