@@ -500,6 +500,17 @@ fn assert_only_pod_labels(p: &Plan) {
     );
 }
 
+/// The pods a plan labels stable, in order.
+fn labelled(p: &Plan) -> Vec<String> {
+    p.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::LabelPod { name } => Some(name.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Applies JSON-patch operations the way the API server would (the `test` op included).
 fn apply_ops(obj: &Value, ops: &[Value]) -> Value {
     let patch: json_patch::Patch =
@@ -1340,7 +1351,7 @@ fn a_virtual_service_split_by_another_canary_blocks() {
     w.vss = vec![other];
     let p = w.plan();
     assert_blocked(&p, "Conflict");
-    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -2109,16 +2120,21 @@ fn rival(name: &str, created: i64) -> Rival {
 }
 
 #[test]
-fn a_younger_canary_on_the_same_target_is_blocked_and_changes_nothing() {
+fn a_younger_canary_on_the_same_target_is_blocked_and_only_labels_the_targets_pods() {
     let mut w = fresh_world();
     w.rivals = vec![rival("alpha", -7200)];
     let p = w.plan();
     assert_blocked(&p, "Conflict");
-    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_only_pod_labels(&p);
+    assert_eq!(labelled(&p).len(), 2, "{:#?}", p.actions);
     w.canary = canary().without_finalizer().build();
     let p = w.plan();
     assert_blocked(&p, "Conflict");
-    assert_eq!(p.actions, vec![Action::AddFinalizer]);
+    assert_eq!(p.actions.first(), Some(&Action::AddFinalizer));
+    assert_only_pod_labels(&Plan {
+        actions: p.actions[1..].to_vec(),
+        ..p.clone()
+    });
 }
 
 #[test]
@@ -2148,6 +2164,7 @@ fn an_older_canary_still_rolling_back_keeps_the_younger_one_blocked() {
     }];
     let p = w.plan();
     assert_blocked(&p, "Conflict");
+    // Not even labels: the older one is taking them off.
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
 }
 
@@ -2200,7 +2217,7 @@ fn deleting_the_blocked_younger_canary_only_removes_its_finalizer() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn invalid_specs_block_with_no_changes() {
+fn invalid_specs_block_and_only_label_the_targets_pods() {
     let cases = [
         canary().delay("abc"),
         canary().ramp(10, "0s"),
@@ -2220,7 +2237,17 @@ fn invalid_specs_block_with_no_changes() {
         w.pods = vec![target_pod("frontend-7d9f-a").build()];
         let p = w.plan();
         assert_blocked(&p, "InvalidSpec");
-        assert!(p.actions.is_empty(), "{:?}: {:#?}", c.v["spec"], p.actions);
+        assert_only_pod_labels(&p);
+        // The target's name is known unless it is the invalid part.
+        if c.v["spec"]["targetRef"]["name"] == "frontend" {
+            assert_eq!(
+                labelled(&p),
+                vec!["frontend-7d9f-a"],
+                "{:?}: {:#?}",
+                c.v["spec"],
+                p.actions
+            );
+        }
     }
 }
 
@@ -2230,7 +2257,7 @@ fn a_missing_target_blocks() {
     w.target = None;
     let p = w.plan();
     assert_blocked(&p, "TargetNotFound");
-    assert!(p.actions.is_empty());
+    assert_only_pod_labels(&p);
 }
 
 #[test]
@@ -2278,7 +2305,15 @@ fn the_finalizer_is_added_first_when_absent() {
     assert!(!has(&fresh_world().plan(), |a| *a == Action::AddFinalizer));
     // Also when blocked.
     w.target = None;
-    assert_eq!(w.plan().actions, vec![Action::AddFinalizer]);
+    let p = w.plan();
+    assert_eq!(p.actions.first(), Some(&Action::AddFinalizer));
+    assert!(
+        p.actions[1..]
+            .iter()
+            .all(|a| matches!(a, Action::LabelPod { .. })),
+        "{:#?}",
+        p.actions
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3092,5 +3127,279 @@ fn the_controller_still_labels_the_targets_pods_when_the_admission_policy_is_in_
             .any(|a| matches!(a, Action::LabelPod { name } if name == "frontend-7d9f-c")),
         "{:?}",
         p.actions
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Safety actions run whatever blocks
+// ---------------------------------------------------------------------------------------------
+
+/// The serving canary at 10 %, with `f` applied to its builder.
+fn serving_canary(f: impl Fn(CanaryB) -> CanaryB) -> RecordingCanary {
+    f(canary()
+        .percent(10)
+        .status(status(phase::READY, "TargetReached", 10)))
+    .build()
+}
+
+/// Every way a canary serving 10 % can become blocked while its split is live.
+fn blocked_serving_worlds() -> Vec<(&'static str, World)> {
+    let base = serving_world(10);
+    let with = |f: &dyn Fn(&mut World)| {
+        let mut w = base.clone();
+        f(&mut w);
+        w
+    };
+    let mut foreign_clone = base.clone.clone().expect("a clone");
+    if let Some(l) = foreign_clone.metadata.labels.as_mut() {
+        l.remove(CANARY_LABEL);
+    }
+    vec![
+        (
+            "InvalidSpec",
+            with(&|w| w.canary = serving_canary(|c| c.delay("abc"))),
+        ),
+        ("TargetNotFound", with(&|w| w.target = None)),
+        ("ServiceNotFound", with(&|w| w.service = false)),
+        (
+            "VirtualServiceNotFound",
+            with(&|w| w.canary = serving_canary(|c| c.spec("virtualService", json!("nope")))),
+        ),
+        (
+            "DestinationRuleNotFound",
+            with(&|w| w.canary = serving_canary(|c| c.spec("destinationRule", json!("nope")))),
+        ),
+        (
+            "AmbiguousVirtualService",
+            with(&|w| {
+                let mut second = user_vs();
+                second["metadata"]["name"] = json!("frontend-copy");
+                second["metadata"]["uid"] = json!("uid-vs-copy");
+                w.vss.push(second);
+            }),
+        ),
+        (
+            "AmbiguousVirtualService",
+            with(&|w| {
+                w.vss.push(mesh_obj(
+                    "VirtualService",
+                    "elsewhere",
+                    "frontend-routing",
+                    json!({"hosts": [FQDN], "http": [{"route": [{"destination": {"host": FQDN}}]}]}),
+                ))
+            }),
+        ),
+        (
+            "AmbiguousDestinationRule",
+            with(&|w| {
+                w.drs
+                    .push(dr_in(NS, "frontend-copy", json!({"host": FQDN})))
+            }),
+        ),
+        (
+            "ShadowingDestinationRule",
+            with(&|w| {
+                w.drs
+                    .push(dr_in("payments", "frontend-tls", json!({"host": FQDN})))
+            }),
+        ),
+        (
+            "DestinationRuleHostMismatch",
+            with(&|w| {
+                w.canary = serving_canary(|c| c.spec("destinationRule", json!("other")));
+                w.drs.push(dr_in(NS, "other", json!({"host": "other"})));
+            }),
+        ),
+        (
+            "SubsetNameTaken",
+            with(&|w| {
+                w.drs[0]["spec"]["subsets"] =
+                    json!([{"name": STABLE_SUBSET, "labels": {"version": "v1"}}])
+            }),
+        ),
+        (
+            "GatewayRouteNotFound",
+            with(&|w| {
+                w.canary = serving_canary(|c| c.spec("gateways", json!(["istio-system/typo-gw"])))
+            }),
+        ),
+        (
+            "ServiceSelectsOtherPods",
+            with(&|w| {
+                w.pods
+                    .push(pod_of("frontend-v2", "9a9a", "frontend-v2-9a9a-a").build())
+            }),
+        ),
+        // Blocks only once this canary no longer holds its clone.
+        (
+            "Conflict",
+            with(&|w| {
+                w.rivals = vec![rival("alpha", -7200)];
+                w.clone = None;
+                w.pods.retain(|p| !pod_of_deployment(p, CLONE));
+            }),
+        ),
+        (
+            "CloneNameTaken",
+            with(&|w| {
+                w.clone = Some(foreign_clone.clone());
+                w.pods.retain(|p| !pod_of_deployment(p, CLONE));
+            }),
+        ),
+    ]
+}
+
+/// The ways a clone can fall sick; `None` where the world already has no clone of ours.
+fn sicken(w: &World, how: &str) -> Option<World> {
+    let mut w = w.clone();
+    let ours = w
+        .clone
+        .as_ref()
+        .is_some_and(|c| c.labels().get(CANARY_LABEL).is_some());
+    if !ours {
+        // Already without a clone of its own: that is the "deleted" case.
+        return (how == "deleted").then_some(w);
+    }
+    match how {
+        "deleted" => {
+            w.clone = None;
+            w.pods.retain(|p| !pod_of_deployment(p, CLONE));
+        }
+        "crash-looping" => {
+            w.pods.retain(|p| !pod_of_deployment(p, CLONE));
+            w.pods.push(
+                clone_pod("frontend-recording-5c4b-a")
+                    .crash_looping()
+                    .build(),
+            );
+        }
+        "not-ready" => {
+            w = w.clone_ready(0);
+            w.pods.retain(|p| !pod_of_deployment(p, CLONE));
+            w.pods
+                .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
+        }
+        _ => unreachable!("{how}"),
+    }
+    Some(w)
+}
+
+#[test]
+fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
+    let mut checked = 0;
+    for (reason, blocked) in blocked_serving_worlds() {
+        // Blocked with a healthy clone: the live split stays as it is.
+        let p = blocked.plan();
+        assert_blocked(&p, reason);
+        if blocked
+            .clone
+            .as_ref()
+            .is_some_and(|c| c.labels().get(CANARY_LABEL).is_some())
+        {
+            assert!(!has(&p, is_vs_write), "{reason}: {:#?}", p.actions);
+        }
+        for how in ["crash-looping", "deleted", "not-ready"] {
+            let Some(mut w) = sicken(&blocked, how) else {
+                continue;
+            };
+            w.pods
+                .push(pod_of(TARGET, "8e0a", "frontend-8e0a-new").build());
+            let p = w.plan();
+            let case = format!("{reason}, clone {how}");
+            assert_eq!(
+                p.status.phase.as_deref(),
+                Some(phase::BLOCKED),
+                "{case}: {p:#?}"
+            );
+            assert_eq!(ready_reason(&p), reason, "{case}");
+            let ops = patch_of(&p, MeshKind::VirtualService, "frontend")
+                .unwrap_or_else(|| panic!("{case}: no drain of the split: {:#?}", p.actions));
+            let after = apply_ops(w.vs_named("frontend"), ops);
+            assert_eq!(weights(&after, 0), vec![100, 0], "{case}");
+            assert_eq!(p.status.current_percent, 0, "{case}");
+            assert!(
+                labelled(&p).contains(&"frontend-8e0a-new".to_string()),
+                "{case}: {:#?}",
+                p.actions
+            );
+            // Nothing else: no subset, clone or delete write while blocked.
+            assert!(
+                p.actions.iter().all(|a| matches!(
+                    a,
+                    Action::LabelPod { .. }
+                        | Action::PatchMesh {
+                            kind: MeshKind::VirtualService,
+                            ..
+                        }
+                )),
+                "{case}: {:#?}",
+                p.actions
+            );
+            assert!(
+                p.events
+                    .iter()
+                    .any(|e| e.warning && e.reason == "TrafficDrained"),
+                "{case}: {:?}",
+                p.events
+            );
+            // The next reconcile, from the drained VirtualService, writes nothing more.
+            let mut next = w.clone();
+            next.vss = next
+                .vss
+                .iter()
+                .map(|v| {
+                    if meta_name(v) == "frontend" {
+                        after.clone()
+                    } else {
+                        v.clone()
+                    }
+                })
+                .collect();
+            next.canary.status = Some(p.status.clone());
+            assert!(!has(&next.plan(), is_vs_write), "{case}: drained twice");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 15 * 3 - 2 * 2, "cases checked");
+}
+
+#[test]
+fn a_blocked_canary_whose_split_is_not_its_own_drains_nothing() {
+    // Split by another canary: its VirtualService is not this one's to drain.
+    let mut w = serving_world(10);
+    w.vss[0]["metadata"]["annotations"][RESTORE_ANNOTATION] =
+        json!(json!({"canary": "other", "weights": [null]}).to_string());
+    w.clone = None;
+    let p = w.plan();
+    assert_blocked(&p, "Conflict");
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+}
+
+#[test]
+fn a_blocked_canary_with_a_healthy_clone_keeps_it_sized_for_its_live_weight() {
+    // Blocked (a second VirtualService appeared) while the HPA takes the target from 4 to 40:
+    // the clone carrying 10 % grows with it, and never shrinks while blocked.
+    let mut w = blocked_serving_worlds()
+        .into_iter()
+        .find(|(r, _)| *r == "AmbiguousDestinationRule")
+        .map(|(_, w)| w)
+        .expect("world");
+    w.target = Some(target(40));
+    let p = w.plan();
+    assert_blocked(&p, "AmbiguousDestinationRule");
+    assert!(
+        p.actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleClone { replicas: 4, .. })),
+        "{:#?}",
+        p.actions
+    );
+    w.target = Some(target(1));
+    assert!(
+        !w.plan()
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::ScaleClone { .. })),
+        "shrank while blocked"
     );
 }

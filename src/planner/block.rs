@@ -1,0 +1,511 @@
+//! Stage 2: the checks that may block progress, and why. Every reason has its string (the
+//! `Ready` condition's reason and the Event's) and its message here, in one place.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt;
+use serde_json::Value;
+
+use super::{
+    CANARY_LABEL, MeshKind, Observed, first_rival, is_root_namespace, meta_name, meta_ns, owned_by,
+    pod_of_deployment, spec_of,
+};
+use crate::api::ValidSpec;
+use crate::istio::{self, ServiceHost};
+
+/// Why a canary makes no progress. Safety actions still run (see `safety`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Block {
+    InvalidSpec(String),
+    /// An older RecordingCanary records the same Deployment or Service.
+    Rival {
+        name: String,
+        target: String,
+        service: String,
+    },
+    TargetNotFound {
+        name: String,
+        namespace: String,
+    },
+    ServiceNotFound {
+        name: String,
+        namespace: String,
+    },
+    CloneNameTaken {
+        clone: String,
+    },
+    /// The VirtualService or DestinationRule named in the spec does not exist.
+    NamedNotFound {
+        kind: MeshKind,
+        namespace: String,
+        name: String,
+    },
+    /// Several objects of `kind` configure the host; Istio would apply only one.
+    Ambiguous {
+        kind: MeshKind,
+        host: String,
+        names: Vec<String>,
+    },
+    /// A mesh VirtualService for the host lives in another namespace.
+    VirtualServiceElsewhere {
+        namespace: String,
+        name: String,
+        host: String,
+        /// The canary's namespace, where the routing belongs.
+        here: String,
+    },
+    ShadowingDestinationRule {
+        namespace: String,
+        name: String,
+        host: String,
+    },
+    NoRouteToService {
+        virtual_service: String,
+        host: String,
+    },
+    NoSplittableRoute {
+        virtual_service: String,
+        host: String,
+    },
+    /// The VirtualService is split by another canary already.
+    SplitByOther {
+        virtual_service: String,
+        owner: String,
+    },
+    DestinationRuleHostMismatch {
+        destination_rule: String,
+        its_host: String,
+        host: String,
+    },
+    SubsetNameTaken {
+        destination_rule: String,
+        subset: String,
+    },
+    GatewayRouteNotFound {
+        namespace: String,
+        gateway: String,
+        host: String,
+    },
+    ServiceSelectsOtherPods {
+        service: String,
+        target: String,
+        pods: Vec<String>,
+    },
+}
+
+impl Block {
+    /// The reason of the `Ready` condition and of the warning Event.
+    pub fn reason(&self) -> String {
+        match self {
+            Block::InvalidSpec(_) => "InvalidSpec".into(),
+            Block::Rival { .. } | Block::SplitByOther { .. } => "Conflict".into(),
+            Block::TargetNotFound { .. } => "TargetNotFound".into(),
+            Block::ServiceNotFound { .. } => "ServiceNotFound".into(),
+            Block::CloneNameTaken { .. } => "CloneNameTaken".into(),
+            Block::NamedNotFound { kind, .. } => format!("{}NotFound", kind.name()),
+            Block::Ambiguous { kind, .. } => format!("Ambiguous{}", kind.name()),
+            Block::VirtualServiceElsewhere { .. } => "AmbiguousVirtualService".into(),
+            Block::ShadowingDestinationRule { .. } => "ShadowingDestinationRule".into(),
+            Block::NoRouteToService { .. } => "NoRouteToService".into(),
+            Block::NoSplittableRoute { .. } => "NoSplittableRoute".into(),
+            Block::DestinationRuleHostMismatch { .. } => "DestinationRuleHostMismatch".into(),
+            Block::SubsetNameTaken { .. } => "SubsetNameTaken".into(),
+            Block::GatewayRouteNotFound { .. } => "GatewayRouteNotFound".into(),
+            Block::ServiceSelectsOtherPods { .. } => "ServiceSelectsOtherPods".into(),
+        }
+    }
+
+    /// What the user reads in the condition and the Event.
+    pub fn message(&self) -> String {
+        match self {
+            Block::InvalidSpec(m) => m.clone(),
+            Block::Rival {
+                name,
+                target,
+                service,
+            } => format!(
+                "RecordingCanary {name} already records Deployment {target} / Service {service}; this one changes nothing while it exists"
+            ),
+            Block::TargetNotFound { name, namespace } => {
+                format!("Deployment {name} not found in namespace {namespace}")
+            }
+            Block::ServiceNotFound { name, namespace } => {
+                format!("Service {name} not found in namespace {namespace}")
+            }
+            Block::CloneNameTaken { clone } => {
+                format!("Deployment {clone} exists and was not created by this RecordingCanary")
+            }
+            Block::NamedNotFound {
+                kind,
+                namespace,
+                name,
+            } => format!(
+                "{} {namespace}/{name} named in spec.{} does not exist",
+                kind.name(),
+                kind.spec_field()
+            ),
+            Block::Ambiguous { kind, host, names } => format!(
+                "{} {}s configure host {host} ({}); Istio would apply only one of them. Merge them, or name one in spec.{}",
+                names.len(),
+                kind.name(),
+                names.join(", "),
+                kind.spec_field()
+            ),
+            Block::VirtualServiceElsewhere {
+                namespace,
+                name,
+                host,
+                here,
+            } => format!(
+                "VirtualService {namespace}/{name} in another namespace routes host {host} for the mesh; Istio applies only one VirtualService per host, so a split here might not take effect. Move the routing into namespace {here}"
+            ),
+            Block::ShadowingDestinationRule {
+                namespace,
+                name,
+                host,
+            } => format!(
+                "DestinationRule {namespace}/{name} also configures host {host}; for clients in its namespace it takes precedence over the subsets here"
+            ),
+            Block::NoRouteToService {
+                virtual_service,
+                host,
+            } => format!("VirtualService {virtual_service} has no HTTP route to host {host}"),
+            Block::NoSplittableRoute {
+                virtual_service,
+                host,
+            } => format!(
+                "every route of VirtualService {virtual_service} to host {host} names a subset of its own; only destinations without a subset can be split"
+            ),
+            Block::SplitByOther {
+                virtual_service,
+                owner,
+            } => format!(
+                "VirtualService {virtual_service} is already split by RecordingCanary {owner}"
+            ),
+            Block::DestinationRuleHostMismatch {
+                destination_rule,
+                its_host,
+                host,
+            } => format!(
+                "DestinationRule {destination_rule} is for host {its_host:?}, not {host}; subsets there would not apply to this Service"
+            ),
+            Block::SubsetNameTaken {
+                destination_rule,
+                subset,
+            } => format!(
+                "DestinationRule {destination_rule} already has a subset {subset} with other labels"
+            ),
+            Block::GatewayRouteNotFound {
+                namespace,
+                gateway,
+                host,
+            } => format!(
+                "no VirtualService in namespace {namespace} bound to gateway {gateway} routes to host {host}"
+            ),
+            Block::ServiceSelectsOtherPods {
+                service,
+                target,
+                pods,
+            } => format!(
+                "Service {service} also selects pods that are not Deployment {target}'s ({}); they would get no mesh traffic while split",
+                pods.join(", ")
+            ),
+        }
+    }
+}
+
+/// The VirtualService or DestinationRule to work on.
+#[derive(Clone, Copy)]
+pub(super) enum Choice<'v> {
+    /// The user's: patched surgically, restored on rollback.
+    Adopt(&'v Value),
+    /// One of our own: `None` until it is created.
+    Own(Option<&'v Value>),
+}
+
+impl<'v> Choice<'v> {
+    pub(super) fn object(self) -> Option<&'v Value> {
+        match self {
+            Choice::Adopt(v) | Choice::Own(Some(v)) => Some(v),
+            Choice::Own(None) => None,
+        }
+    }
+}
+
+/// What the checks established, for the progress stage.
+pub(super) struct Checked<'a> {
+    pub spec: ValidSpec,
+    pub target: &'a Deployment,
+    pub host: ServiceHost,
+    pub vs: Choice<'a>,
+    pub dr: Choice<'a>,
+    /// VirtualServices bound to the gateways listed in the spec that route to the host.
+    pub gateway_vss: Vec<&'a Value>,
+}
+
+/// Runs every check, in order; the first that fails blocks progress.
+pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
+    let c = o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let spec = c.spec.validate().map_err(|e| Block::InvalidSpec(e.0))?;
+    if let Some(r) = first_rival(o) {
+        return Err(Block::Rival {
+            name: r.name.clone(),
+            target: r.target.clone(),
+            service: r.service.clone(),
+        });
+    }
+    let target = o.target.ok_or_else(|| Block::TargetNotFound {
+        name: c.spec.target_ref.name.clone(),
+        namespace: ns.clone(),
+    })?;
+    if !o.service_exists {
+        return Err(Block::ServiceNotFound {
+            name: c.spec.service_name().into(),
+            namespace: ns,
+        });
+    }
+    if let Some(cl) = o.clone
+        && cl.labels().get(CANARY_LABEL) != Some(&c.name_any())
+    {
+        return Err(Block::CloneNameTaken {
+            clone: c.spec.clone_name(),
+        });
+    }
+    let uid = c.metadata.uid.clone().unwrap_or_default();
+    let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
+    let vs = choose_vs(o, &host, &uid)?;
+    let dr = choose_dr(o, &host, &uid)?;
+    check_adopted(o, &host, vs, dr)?;
+    let gateway_vss = gateway_routes(o, &host, vs)?;
+    check_service_selects_only_ours(o)?;
+    Ok(Checked {
+        spec,
+        target,
+        host,
+        vs,
+        dr,
+        gateway_vss,
+    })
+}
+
+/// A user's VirtualService and DestinationRule must be ones a split can work with.
+fn check_adopted(o: &Observed, host: &ServiceHost, vs: Choice, dr: Choice) -> Result<(), Block> {
+    if let Choice::Adopt(v) = vs {
+        let name = meta_name(v).to_string();
+        if !istio::vs_routes_to_host(spec_of(v), host, meta_ns(v)) {
+            return Err(Block::NoRouteToService {
+                virtual_service: name,
+                host: host.fqdn(),
+            });
+        }
+        let st = istio::read_split(spec_of(v), host, meta_ns(v));
+        if st.pairs == 0 && st.unsplit == 0 {
+            return Err(Block::NoSplittableRoute {
+                virtual_service: name,
+                host: host.fqdn(),
+            });
+        }
+        let (owner, _) = istio::parse_restore_note(istio::restore_note_of(v));
+        if let Some(owner) = owner.filter(|n| *n != o.canary.name_any()) {
+            return Err(Block::SplitByOther {
+                virtual_service: name,
+                owner,
+            });
+        }
+    }
+    if let Choice::Adopt(d) = dr {
+        let its_host = d
+            .pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !host.matches(its_host, meta_ns(d)) {
+            return Err(Block::DestinationRuleHostMismatch {
+                destination_rule: meta_name(d).into(),
+                its_host: its_host.into(),
+                host: host.fqdn(),
+            });
+        }
+        if let Some(subset) = istio::foreign_subset_with_our_name(spec_of(d)) {
+            return Err(Block::SubsetNameTaken {
+                destination_rule: meta_name(d).into(),
+                subset: subset.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The gateway VirtualServices to split too; every gateway listed must have one (a typo would
+/// otherwise go unnoticed).
+fn gateway_routes<'a>(
+    o: &'a Observed<'a>,
+    host: &ServiceHost,
+    vs: Choice,
+) -> Result<Vec<&'a Value>, Block> {
+    let c = o.canary;
+    if c.spec.gateways.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ns = c.namespace().unwrap_or_default();
+    let routes_host = |v: &Value, gateways: &[String]| {
+        meta_ns(v) == ns
+            && istio::is_bound_to_gateways(spec_of(v), &ns, gateways, &ns)
+            && istio::vs_routes_to_host(spec_of(v), host, &ns)
+    };
+    if let Some(g) = c.spec.gateways.iter().find(|g| {
+        !o.virtual_services
+            .iter()
+            .any(|v| routes_host(v, std::slice::from_ref(g)))
+    }) {
+        return Err(Block::GatewayRouteNotFound {
+            namespace: ns,
+            gateway: g.clone(),
+            host: host.fqdn(),
+        });
+    }
+    let adopted = match vs {
+        Choice::Adopt(a) => Some(meta_name(a)),
+        Choice::Own(_) => None,
+    };
+    Ok(o.virtual_services
+        .iter()
+        .filter(|v| Some(meta_name(v)) != adopted && routes_host(v, &c.spec.gateways))
+        .collect())
+}
+
+/// The Service must front only the target (and the clone): the stable subset holds the
+/// target's pods alone, so other workloads behind it would silently lose their mesh traffic.
+fn check_service_selects_only_ours(o: &Observed) -> Result<(), Block> {
+    if o.service_selector.is_empty() {
+        return Ok(());
+    }
+    let c = o.canary;
+    let (target, clone) = (&c.spec.target_ref.name, c.spec.clone_name());
+    let others: Vec<String> = o
+        .pods
+        .iter()
+        .filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && o.service_selector
+                    .iter()
+                    .all(|(k, v)| p.labels().get(k) == Some(v))
+                && !pod_of_deployment(p, target)
+                && !pod_of_deployment(p, &clone)
+        })
+        .map(|p| p.name_any())
+        .take(3)
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(Block::ServiceSelectsOtherPods {
+        service: c.spec.service_name().into(),
+        target: target.clone(),
+        pods: others,
+    })
+}
+
+fn choose_vs<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, Block> {
+    let ns = o.canary.namespace().unwrap_or_default();
+    let (mesh, elsewhere): (Vec<&Value>, Vec<&Value>) = o
+        .virtual_services
+        .iter()
+        .filter(|v| {
+            istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v))
+        })
+        .partition(|v| meta_ns(v) == ns);
+    if let Some(other) = elsewhere.first() {
+        return Err(Block::VirtualServiceElsewhere {
+            namespace: meta_ns(other).into(),
+            name: meta_name(other).into(),
+            host: host.fqdn(),
+            here: ns,
+        });
+    }
+    choose(
+        MeshKind::VirtualService,
+        o.canary.spec.virtual_service.as_deref(),
+        o.virtual_services,
+        mesh,
+        (&ns, uid),
+        host,
+    )
+}
+
+fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, Block> {
+    let ns = o.canary.namespace().unwrap_or_default();
+    let dr_host = |v: &Value| {
+        v.pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    if let Some(other) = o.destination_rules.iter().find(|v| {
+        meta_ns(v) != ns && host.matches(&dr_host(v), meta_ns(v)) && !is_root_namespace(meta_ns(v))
+    }) {
+        return Err(Block::ShadowingDestinationRule {
+            namespace: meta_ns(other).into(),
+            name: meta_name(other).into(),
+            host: host.fqdn(),
+        });
+    }
+    let local: Vec<&Value> = o
+        .destination_rules
+        .iter()
+        .filter(|v| {
+            meta_ns(v) == ns
+                && host.matches(&dr_host(v), &ns)
+                && v.pointer("/spec/workloadSelector").is_none()
+        })
+        .collect();
+    choose(
+        MeshKind::DestinationRule,
+        o.canary.spec.destination_rule.as_deref(),
+        o.destination_rules,
+        local,
+        (&ns, uid),
+        host,
+    )
+}
+
+/// The object to work on: the one `named` in the spec, else the only candidate for the host
+/// (ours or the user's), else one to create. Never a guess between several.
+fn choose<'v>(
+    kind: MeshKind,
+    named: Option<&str>,
+    all: &'v [Value],
+    candidates: Vec<&'v Value>,
+    (ns, uid): (&str, &str),
+    host: &ServiceHost,
+) -> Result<Choice<'v>, Block> {
+    if let Some(name) = named {
+        return match all
+            .iter()
+            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
+        {
+            Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
+            Some(v) => Ok(Choice::Adopt(v)),
+            None => Err(Block::NamedNotFound {
+                kind,
+                namespace: ns.into(),
+                name: name.into(),
+            }),
+        };
+    }
+    let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
+        candidates.into_iter().partition(|v| owned_by(v, uid));
+    match (foreign.as_slice(), owned.as_slice()) {
+        ([], []) => Ok(Choice::Own(None)),
+        ([], [mine]) => Ok(Choice::Own(Some(mine))),
+        ([one], []) => Ok(Choice::Adopt(one)),
+        _ => Err(Block::Ambiguous {
+            kind,
+            host: host.fqdn(),
+            names: foreign
+                .iter()
+                .chain(owned.iter())
+                .map(|v| meta_name(v).to_string())
+                .collect(),
+        }),
+    }
+}

@@ -1,0 +1,462 @@
+//! Stage 3: progress, once nothing blocks: subsets in the DestinationRule, then (after they
+//! propagated, and with every Ready target pod in the stable subset) the split, the ramp, the
+//! clone following the target, and finally the report.
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use super::block::{Checked, Choice};
+use super::safety::CloneHealth;
+use super::{
+    Action, Builder, MeshKind, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
+    SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
+    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
+    remaining, sidecar_annotations_differ, source_hash, spec_of, splits_at,
+};
+use crate::api::{RECORDING_SUBSET, STABLE_SUBSET};
+use crate::istio;
+
+pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
+    let propagated_at = subsets(&mut b, k);
+    let routes = read_routes(&mut b, k);
+    if !routes.is_split {
+        b = match wait_before_split(b, k, propagated_at) {
+            Ok(b) => b,
+            Err(waiting) => return *waiting,
+        };
+    }
+    let w = weight(&mut b, k, health, routes.current);
+    write_weights(&mut b, k, &routes, w.desired);
+    sync_clone(&mut b, k, w.replicas);
+    report(b, k, health, &w)
+}
+
+/// Step 1: our subsets in the DestinationRule. Returns when they will have reached the sidecars.
+fn subsets(b: &mut Builder, k: &Checked) -> Timestamp {
+    let c = b.o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    b.status.destination_rule = Some(match k.dr.object() {
+        Some(d) => format!("{}/{}", meta_ns(d), meta_name(d)),
+        None => format!("{ns}/{}", owned_mesh_name(c)),
+    });
+    let present =
+        k.dr.object()
+            .is_some_and(|d| istio::has_our_subsets(spec_of(d)));
+    if !present {
+        // The time is reported with the status after the write; a crash in between is covered
+        // by `Observed::started` (no earlier than the last write of this process, or its start).
+        b.status.subsets_added_time = Some(fmt_time(b.o.now));
+        match k.dr {
+            Choice::Adopt(d) | Choice::Own(Some(d)) => {
+                let mut ops = istio::rv_test(d);
+                let op = if spec_of(d).get("subsets").is_some() {
+                    "replace"
+                } else {
+                    "add"
+                };
+                ops.push(json!({"op": op, "path": "/spec/subsets", "value": istio::with_our_subsets(spec_of(d))}));
+                if matches!(k.dr, Choice::Adopt(_)) && istio::restore_note_of(d).is_none() {
+                    ops.extend(istio::annotation_ops(
+                        d,
+                        Some(&istio::dr_restore_note(spec_of(d), &c.name_any())),
+                    ));
+                }
+                b.actions.push(Action::PatchMesh {
+                    kind: MeshKind::DestinationRule,
+                    name: meta_name(d).into(),
+                    ops,
+                });
+            }
+            Choice::Own(None) => b.actions.push(Action::CreateMesh {
+                kind: MeshKind::DestinationRule,
+                object: owned_dr(c, &k.host),
+            }),
+        }
+    }
+    let since = parse_time(b.status.subsets_added_time.as_deref())
+        .unwrap_or(b.o.started)
+        .max(b.o.started);
+    after(since, k.spec.propagation_delay)
+}
+
+/// The VirtualService as it is: split or not, at which percent.
+struct Routes<'a> {
+    vs: Option<&'a Value>,
+    is_split: bool,
+    current: i32,
+}
+
+/// Step 2: reads the split back from the VirtualService.
+fn read_routes<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
+    let c = b.o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let vs = k.vs.object();
+    let split = vs
+        .map(|v| istio::read_split(spec_of(v), &k.host, meta_ns(v)))
+        .unwrap_or_default();
+    let is_split = split.pairs > 0;
+    // The percent read back from rounded weights is ambiguous on a shared route (80 at 7% and at
+    // 8% both give 74/6): when the VS is exactly the split at the last reported percent, that is it.
+    let current = match vs {
+        Some(v) if is_split && splits_at(v, &k.host, b.prev.current_percent, &c.name_any()) => {
+            b.prev.current_percent
+        }
+        _ if is_split => split.percent.unwrap_or(0),
+        _ => 0,
+    };
+    b.status.virtual_services = std::iter::once(match vs {
+        Some(v) => format!("{}/{}", meta_ns(v), meta_name(v)),
+        None => format!("{ns}/{}", owned_mesh_name(c)),
+    })
+    .chain(
+        k.gateway_vss
+            .iter()
+            .map(|v| format!("{}/{}", meta_ns(v), meta_name(v))),
+    )
+    .collect();
+    Routes {
+        vs,
+        is_split,
+        current,
+    }
+}
+
+/// Before the first split: the subsets must have reached the sidecars, and every Ready pod of
+/// the target must be in the stable subset. `Err` is the plan while something is still awaited.
+fn wait_before_split<'a>(
+    mut b: Builder<'a>,
+    k: &Checked,
+    propagated_at: Timestamp,
+) -> Result<Builder<'a>, Box<Plan>> {
+    let o = b.o;
+    let target_name = &o.canary.spec.target_ref.name;
+    let subsets_ready =
+        k.dr.object()
+            .is_some_and(|d| istio::has_our_subsets(spec_of(d)));
+    let wait = if subsets_ready {
+        remaining(o.now, propagated_at)
+    } else {
+        Some(k.spec.propagation_delay)
+    };
+    b.status.current_percent = 0;
+    if let Some(wait) = wait {
+        b.requeue(wait);
+        b.report(
+            phase::PROGRESSING,
+            "AddingSubsets",
+            "Waiting for the DestinationRule subsets to reach the sidecars",
+        );
+        return Err(Box::new(b.finish()));
+    }
+    let ready: Vec<_> = o
+        .pods
+        .iter()
+        .filter(|p| {
+            pod_of_deployment(p, target_name)
+                && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
+                && pod_ready(p)
+        })
+        .collect();
+    let labelled = ready
+        .iter()
+        .filter(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE))
+        .count();
+    if !ready.is_empty() && labelled == ready.len() {
+        return Ok(b);
+    }
+    b.report(
+        phase::PROGRESSING,
+        "WaitingForStablePods",
+        &format!(
+            "{labelled} of {} ready pods of Deployment {target_name} are in the stable subset",
+            ready.len()
+        ),
+    );
+    Err(Box::new(b.finish()))
+}
+
+/// The weight to route to the clone now, and the clone's size.
+struct Weight {
+    desired: i32,
+    current: i32,
+    /// Held back until the clone has the Ready replicas for more.
+    capped: bool,
+    replicas: i32,
+    clone_ready: i32,
+}
+
+/// Step 3, the weight: 0 for a sick clone, else the target percent, or the next ramp step when
+/// it is due; never more than the clone's Ready replicas carry.
+fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> Weight {
+    let o = b.o;
+    let spec = &k.spec;
+    let target_replicas = k.target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    b.status.target_replicas = target_replicas;
+    let clone_ready = o
+        .clone
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    b.status.clone_ready_replicas = clone_ready;
+    let prev_step = parse_time(b.prev.last_step_time.as_deref());
+    let (desired, sizing) = if spec.percent == 0 || !health.healthy() {
+        let sizing = match spec.ramp {
+            Some((step, _)) => step.min(spec.percent),
+            None => spec.percent,
+        };
+        (0, sizing)
+    } else {
+        match spec.ramp {
+            None => (spec.percent, spec.percent),
+            Some(_) if current >= spec.percent => (spec.percent, spec.percent),
+            Some((step, interval)) => match prev_step
+                .map(|t| after(t, interval))
+                .and_then(|d| remaining(o.now, d))
+            {
+                Some(wait) => {
+                    b.requeue(wait);
+                    (current, (current + step).min(spec.percent))
+                }
+                None => {
+                    let next = (current + step).min(spec.percent);
+                    b.status.last_step_time = Some(fmt_time(o.now));
+                    if next < spec.percent {
+                        b.requeue(interval);
+                    }
+                    (next, (next + step).min(spec.percent))
+                }
+            },
+        }
+    };
+    // The weight rises only as far as the clone's Ready replicas carry it: the replicas sized
+    // for a weight are Ready before it gets that weight. This never lowers a weight (an HPA
+    // scaling the target up must not move weights).
+    let capacity = (0..=100)
+        .rev()
+        .find(|w| {
+            clone_replicas(target_replicas, *w, spec.percent, spec.max_replicas) <= clone_ready
+        })
+        .unwrap_or(0);
+    let capped = desired > current && desired > capacity;
+    let desired = if capped {
+        current.max(capacity)
+    } else {
+        desired
+    };
+    if capped {
+        // The step is taken when the capacity is there, not an interval later.
+        b.status.last_step_time = b.prev.last_step_time.clone();
+    }
+    if let Some(t) = b.status.last_step_time.clone()
+        && b.status.last_step_time != b.prev.last_step_time
+    {
+        b.actions.push(Action::RecordRampStep(t));
+    }
+    let replicas = clone_replicas(
+        target_replicas,
+        sizing.max(desired),
+        spec.percent,
+        spec.max_replicas,
+    );
+    b.status.clone_replicas = replicas;
+    Weight {
+        desired,
+        current,
+        capped,
+        replicas,
+        clone_ready,
+    }
+}
+
+/// Step 4: splits the VirtualServices (ours, the adopted one, the gateways') at `desired`, with
+/// one Event when the clone first gets traffic and one per weight change after that.
+fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, desired: i32) {
+    let c = b.o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let mut targets: Vec<(Option<&Value>, bool)> =
+        vec![(routes.vs, matches!(k.vs, Choice::Own(_)))];
+    targets.extend(k.gateway_vss.iter().map(|v| (Some(*v), false)));
+    let mut wrote = false;
+    for (v, own) in targets {
+        let Some(v) = v else {
+            let mut obj = owned_vs(c, &k.host);
+            let s = istio::split_http(spec_of(&obj), &k.host, &ns, desired, None, &c.name_any());
+            obj["spec"]["http"] = s.http;
+            b.actions.push(Action::CreateMesh {
+                kind: MeshKind::VirtualService,
+                object: obj,
+            });
+            wrote = true;
+            continue;
+        };
+        let st = istio::read_split(spec_of(v), &k.host, meta_ns(v));
+        if st.pairs > 0 && st.unsplit == 0 && splits_at(v, &k.host, desired, &c.name_any()) {
+            continue;
+        }
+        let note = istio::restore_note_of(v);
+        let s = istio::split_http(
+            spec_of(v),
+            &k.host,
+            meta_ns(v),
+            desired,
+            note,
+            &c.name_any(),
+        );
+        let mut ops = istio::rv_test(v);
+        let op = if spec_of(v).get("http").is_some() {
+            "replace"
+        } else {
+            "add"
+        };
+        ops.push(json!({"op": op, "path": "/spec/http", "value": s.http}));
+        if !own {
+            ops.extend(istio::annotation_ops(v, Some(&s.note)));
+        }
+        b.actions.push(Action::PatchMesh {
+            kind: MeshKind::VirtualService,
+            name: meta_name(v).into(),
+            ops,
+        });
+        wrote = true;
+    }
+    let current = routes.current;
+    if wrote && desired > 0 && current == 0 {
+        b.event(
+            false,
+            "RoutesSplit",
+            format!(
+                "Routes to {} split between subsets {STABLE_SUBSET} and {RECORDING_SUBSET}; {desired}% go to the recording clone",
+                k.host.fqdn()
+            ),
+        );
+    } else if wrote && desired != current {
+        b.event(
+            false,
+            "WeightChanged",
+            format!(
+                "{desired}% of requests to {} now go to the recording clone (was {current}%)",
+                k.host.fqdn()
+            ),
+        );
+    }
+    b.status.current_percent = desired;
+}
+
+/// Step 5: the clone follows the target's pod template and replicas.
+fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
+    let o = b.o;
+    let c = o.canary;
+    let (target_name, clone_name) = (&c.spec.target_ref.name, c.spec.clone_name());
+    let Some(cl) = o.clone else {
+        b.actions.push(Action::CreateClone(Box::new(build_clone(
+            c, k.target, replicas,
+        ))));
+        return;
+    };
+    let want_hash = k
+        .target
+        .spec
+        .as_ref()
+        .map(|s| source_hash(&s.template, c))
+        .unwrap_or_default();
+    let have_hash = cl
+        .annotations()
+        .get(SOURCE_HASH_ANNOTATION)
+        .cloned()
+        .unwrap_or_default();
+    let have_replicas = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if want_hash != have_hash || sidecar_annotations_differ(c, cl) {
+        let mut desired = build_clone(c, k.target, replicas);
+        desired.metadata.resource_version = cl.resource_version();
+        // Keep what others (e.g. an injecting webhook) put on the clone's metadata.
+        let mut ann = cl.annotations().clone();
+        ann.extend(desired.metadata.annotations.take().unwrap_or_default());
+        desired.metadata.annotations = Some(ann);
+        let mut labels = cl.labels().clone();
+        labels.extend(desired.metadata.labels.take().unwrap_or_default());
+        desired.metadata.labels = Some(labels);
+        // The selector is immutable: keep the live one.
+        if let (Some(ds), Some(ls)) = (desired.spec.as_mut(), cl.spec.as_ref()) {
+            ds.selector = ls.selector.clone();
+        }
+        b.actions.push(Action::ReplaceClone(Box::new(desired)));
+        b.event(
+            false,
+            "CloneSynced",
+            format!("Deployment {clone_name} follows the new pod template of {target_name}"),
+        );
+    } else if have_replicas != replicas {
+        b.actions.push(Action::ScaleClone {
+            replicas,
+            from: cl.spec.as_ref().and_then(|s| s.replicas),
+        });
+        let target_replicas = b.status.target_replicas;
+        b.event(
+            false,
+            "CloneScaled",
+            format!(
+                "Deployment {clone_name} scaled from {have_replicas} to {replicas} replicas ({target_name} has {target_replicas})"
+            ),
+        );
+    }
+}
+
+/// Step 6: what to report.
+fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan {
+    let o = b.o;
+    let clone_name = o.canary.spec.clone_name();
+    let percent = k.spec.percent;
+    let desired = w.desired;
+    if percent > 0 && !health.healthy() {
+        let was_serving = w.current > 0 || b.prev.phase.as_deref() == Some(phase::DEGRADED);
+        let (phase, reason, message) = if health == CloneHealth::CrashLooping {
+            (
+                phase::DEGRADED,
+                "CloneCrashLooping",
+                format!(
+                    "A pod of {clone_name} is in CrashLoopBackOff; no traffic goes to the clone"
+                ),
+            )
+        } else if o.clone.is_some_and(clone_stalled) {
+            (
+                phase::DEGRADED,
+                "CloneStalled",
+                format!(
+                    "{clone_name} has made no progress within its progressDeadlineSeconds (image pull, scheduling or readiness?); no traffic goes to the clone"
+                ),
+            )
+        } else if o.clone.is_some() && was_serving {
+            (
+                phase::DEGRADED,
+                "CloneNotReady",
+                format!("{clone_name} has no ready replica; no traffic goes to the clone"),
+            )
+        } else {
+            (
+                phase::PROGRESSING,
+                "WaitingForClone",
+                format!("Waiting for a ready replica of {clone_name}"),
+            )
+        };
+        b.report(phase, reason, &message);
+    } else if w.capped {
+        b.report(
+            phase::PROGRESSING,
+            "WaitingForCloneCapacity",
+            &format!(
+                "{} of {} replicas of {clone_name} are Ready; the weight stays at {desired}% until the clone can carry more (target {percent}%)",
+                w.clone_ready, w.replicas
+            ),
+        );
+    } else {
+        let message =
+            format!("{desired}% of requests go to the recording clone (target {percent}%)");
+        if desired == percent {
+            b.report(phase::READY, "TargetReached", &message);
+        } else {
+            b.report(phase::PROGRESSING, "Ramping", &message);
+        }
+    }
+    b.finish()
+}

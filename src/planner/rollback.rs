@@ -1,0 +1,198 @@
+//! Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
+//! finalizer off.
+
+use std::time::Duration;
+
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+use super::{
+    Action, Builder, CANARY_LABEL, MeshKind, Plan, ROLE_LABEL, ROLE_STABLE, after, first_rival,
+    fmt_time, meta_name, meta_ns, meta_uid, owned_by, parse_time, phase, pod_of_deployment,
+    remaining, spec_of,
+};
+use crate::istio::{self, ServiceHost};
+
+/// Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
+/// finalizer off. Every step tolerates objects that are already gone.
+pub(super) fn plan_rollback(mut b: Builder) -> Plan {
+    let o = b.o;
+    let c = o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let me = c.name_any();
+    if b.prev.phase.as_deref() != Some(phase::TERMINATING) {
+        b.event(
+            false,
+            "RollbackStarted",
+            "Deleting: traffic goes back to stable, then subsets, clone and labels are removed"
+                .into(),
+        );
+    }
+    b.status.phase = Some(phase::TERMINATING.into());
+    if first_rival(o).is_some() {
+        // This one never changed anything.
+        b.actions.push(Action::RemoveFinalizer);
+        return b.finish();
+    }
+    let delay = c
+        .spec
+        .validate()
+        .map(|s| s.propagation_delay)
+        .unwrap_or(Duration::from_secs(3));
+    let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
+    let now = o.now;
+
+    // 1. Traffic back to stable.
+    let vs_writes = restore_routes(&b, &host);
+    if !vs_writes.is_empty() {
+        // Reported after the write; see `Observed::started` for a crash in between.
+        b.status.routes_removed_time = Some(fmt_time(now));
+        b.status.current_percent = 0;
+        b.actions.extend(vs_writes);
+        b.event(
+            false,
+            "TrafficRestored",
+            format!(
+                "Routes to {} restored; the recording clone gets no traffic",
+                host.fqdn()
+            ),
+        );
+        b.requeue(delay);
+        return b.finish();
+    }
+    b.status.current_percent = 0;
+
+    // 2. Wait for the routes to reach the sidecars.
+    let since = parse_time(b.prev.routes_removed_time.as_deref())
+        .unwrap_or(o.started)
+        .max(o.started);
+    if let Some(wait) = remaining(now, after(since, delay)) {
+        b.requeue(wait);
+        return b.finish();
+    }
+
+    // 3. Subsets out of the DestinationRule.
+    remove_subsets(&mut b, &host);
+
+    // 4. The clone.
+    if let Some(cl) = o.clone
+        && cl.labels().get(CANARY_LABEL) == Some(&me)
+        && cl.metadata.deletion_timestamp.is_none()
+    {
+        b.actions.push(Action::DeleteClone {
+            uid: cl.metadata.uid.clone().unwrap_or_default(),
+        });
+    }
+
+    // 5. Labels on the target's pods.
+    for p in o
+        .pods
+        .iter()
+        .filter(|p| pod_of_deployment(p, &c.spec.target_ref.name))
+    {
+        if p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE) {
+            b.actions.push(Action::UnlabelPod { name: p.name_any() });
+        }
+    }
+
+    // 6. Done.
+    b.actions.push(Action::RemoveFinalizer);
+    b.event(
+        false,
+        "RolledBack",
+        format!(
+            "Traffic, subsets, clone and labels of {} removed",
+            c.spec.target_ref.name
+        ),
+    );
+    b.finish()
+}
+
+/// The writes that take every route of this canary's split back to the stable pods: our own
+/// VirtualServices deleted, the user's restored from the note.
+fn restore_routes(b: &Builder, host: &ServiceHost) -> Vec<Action> {
+    let c = b.o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let uid = c.metadata.uid.clone().unwrap_or_default();
+    let me = c.name_any();
+    let mut vs_writes = Vec::new();
+    for v in b.o.virtual_services.iter().filter(|v| meta_ns(v) == ns) {
+        let st = istio::read_split(spec_of(v), host, meta_ns(v));
+        let (note_owner, _) = istio::parse_restore_note(istio::restore_note_of(v));
+        let ours = owned_by(v, &uid) || note_owner.as_deref() == Some(me.as_str());
+        if owned_by(v, &uid) {
+            vs_writes.push(Action::DeleteMesh {
+                kind: MeshKind::VirtualService,
+                name: meta_name(v).into(),
+                uid: meta_uid(v).into(),
+            });
+            continue;
+        }
+        if !(st.references_subsets && (ours || note_owner.is_none()))
+            && !(ours && istio::restore_note_of(v).is_some())
+        {
+            continue;
+        }
+        let http = istio::unsplit_http(spec_of(v), host, meta_ns(v), istio::restore_note_of(v));
+        let mut ops = istio::rv_test(v);
+        if spec_of(v).get("http").is_some() {
+            ops.push(json!({"op": "replace", "path": "/spec/http", "value": http}));
+        }
+        ops.extend(istio::annotation_ops(v, None));
+        vs_writes.push(Action::PatchMesh {
+            kind: MeshKind::VirtualService,
+            name: meta_name(v).into(),
+            ops,
+        });
+    }
+    vs_writes
+}
+
+/// Our subsets out of every DestinationRule that has them: our own deleted, the user's restored.
+fn remove_subsets(b: &mut Builder, host: &ServiceHost) {
+    let o = b.o;
+    let c = o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let uid = c.metadata.uid.clone().unwrap_or_default();
+    let me = c.name_any();
+    for d in o.destination_rules.iter().filter(|d| meta_ns(d) == ns) {
+        if owned_by(d, &uid) {
+            b.actions.push(Action::DeleteMesh {
+                kind: MeshKind::DestinationRule,
+                name: meta_name(d).into(),
+                uid: meta_uid(d).into(),
+            });
+            continue;
+        }
+        let (note_owner, absent) = istio::parse_dr_restore_note(istio::restore_note_of(d));
+        let ours = note_owner.as_deref() == Some(me.as_str());
+        let dr_host = d
+            .pointer("/spec/host")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let for_host = host.matches(dr_host, &ns);
+        if !(ours
+            || (note_owner.is_none() && for_host && istio::has_any_of_our_subsets(spec_of(d))))
+        {
+            continue;
+        }
+        let mut ops = istio::rv_test(d);
+        match istio::without_our_subsets(spec_of(d), absent) {
+            Some(s) if spec_of(d).get("subsets").is_some() => {
+                ops.push(json!({"op": "replace", "path": "/spec/subsets", "value": s}))
+            }
+            Some(_) => {}
+            None => {
+                if spec_of(d).get("subsets").is_some() {
+                    ops.push(json!({"op": "remove", "path": "/spec/subsets"}));
+                }
+            }
+        }
+        ops.extend(istio::annotation_ops(d, None));
+        b.actions.push(Action::PatchMesh {
+            kind: MeshKind::DestinationRule,
+            name: meta_name(d).into(),
+            ops,
+        });
+    }
+}

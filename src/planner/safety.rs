@@ -1,0 +1,185 @@
+//! Stage 1: what keeps production safe in every phase, whatever blocks progress.
+//!
+//! - The target's pods join the stable subset as soon as they exist: a VirtualService already
+//!   split must never see its stable subset shrink (for instance while the target rolls out a
+//!   new version and this canary reports a problem).
+//! - A sick or missing clone gets no traffic: while blocked, its weight is drained to 0 in
+//!   every VirtualService this canary split (the subsets stay, so make-before-break holds); when
+//!   not blocked, the progress stage does the same (the desired weight is 0).
+//! - A clone that carries traffic while blocked keeps up with the target's scale (never shrinks).
+
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::{
+    Action, Builder, CANARY_LABEL, MeshKind, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
+    clone_replicas, clone_stalled, first_rival, meta_name, meta_ns, owned_by, pod_crash_looping,
+    pod_of_deployment, spec_of,
+};
+use crate::api::ValidSpec;
+use crate::istio::{self, ServiceHost};
+
+/// The clone's fitness to carry traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum CloneHealth {
+    Healthy,
+    /// No clone of this canary (none, or the name is someone else's Deployment).
+    Missing,
+    /// No Ready replica.
+    NotReady,
+    CrashLooping,
+}
+
+impl CloneHealth {
+    pub(super) fn healthy(self) -> bool {
+        self == CloneHealth::Healthy
+    }
+
+    fn why(self, clone: &str) -> String {
+        match self {
+            CloneHealth::Healthy => String::new(),
+            CloneHealth::Missing => format!("{clone} is missing"),
+            CloneHealth::NotReady => format!("{clone} has no ready replica"),
+            CloneHealth::CrashLooping => format!("a pod of {clone} is in CrashLoopBackOff"),
+        }
+    }
+}
+
+/// Labels the target's pods that lack the stable role (never the clone's, never terminating
+/// ones). Not while an older canary of the same target rolls back: it is removing these labels,
+/// and its split with them.
+pub(super) fn label_target_pods(b: &mut Builder) {
+    if first_rival(b.o).is_some_and(|r| r.deleting) {
+        return;
+    }
+    let target = &b.o.canary.spec.target_ref.name;
+    for p in b.o.pods.iter() {
+        if pod_of_deployment(p, target)
+            && p.metadata.deletion_timestamp.is_none()
+            && !matches!(
+                p.labels().get(ROLE_LABEL).map(String::as_str),
+                Some(ROLE_STABLE) | Some(ROLE_RECORDING)
+            )
+        {
+            b.actions.push(Action::LabelPod { name: p.name_any() });
+        }
+    }
+}
+
+/// How fit this canary's clone is to carry traffic.
+pub(super) fn clone_health(b: &Builder) -> CloneHealth {
+    let o = b.o;
+    let c = o.canary;
+    let Some(clone) = o
+        .clone
+        .filter(|cl| cl.labels().get(CANARY_LABEL) == Some(&c.name_any()))
+    else {
+        return CloneHealth::Missing;
+    };
+    let clone_name = c.spec.clone_name();
+    if o.pods
+        .iter()
+        .any(|p| pod_of_deployment(p, &clone_name) && pod_crash_looping(p))
+    {
+        return CloneHealth::CrashLooping;
+    }
+    let ready = clone
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    if ready < 1 {
+        return CloneHealth::NotReady;
+    }
+    CloneHealth::Healthy
+}
+
+/// While progress is blocked: a sick clone's weight goes to 0 in every VirtualService this
+/// canary split; a healthy one keeps up with the target's scale. Returns what was done, for
+/// the status message.
+pub(super) fn while_blocked(
+    b: &mut Builder,
+    health: CloneHealth,
+    spec: Option<&ValidSpec>,
+) -> Option<String> {
+    let o = b.o;
+    let c = o.canary;
+    let clone_name = c.spec.clone_name();
+    if !health.healthy() {
+        let drained = drain(b);
+        if drained == 0 {
+            return None;
+        }
+        b.status.current_percent = 0;
+        let what = format!(
+            "{}, so its weight went to 0 in {drained} VirtualService(s)",
+            health.why(&clone_name)
+        );
+        b.event(true, "TrafficDrained", format!("While blocked: {what}"));
+        return Some(what);
+    }
+    // Healthy and carrying traffic: follow the target's scale upwards.
+    let (Some(spec), Some(target), Some(clone)) = (spec, o.target, o.clone) else {
+        return None;
+    };
+    let current = b.prev.current_percent;
+    if current == 0 {
+        return None;
+    }
+    let target_replicas = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let want = clone_replicas(target_replicas, current, spec.percent, spec.max_replicas);
+    let have = clone.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    if want <= have || clone_stalled(clone) {
+        return None;
+    }
+    b.actions.push(Action::ScaleClone {
+        replicas: want,
+        from: Some(have),
+    });
+    b.status.target_replicas = target_replicas;
+    b.status.clone_replicas = want;
+    b.event(
+        false,
+        "CloneScaled",
+        format!("Deployment {clone_name} scaled from {have} to {want} replicas while blocked ({} has {target_replicas})", c.spec.target_ref.name),
+    );
+    Some(format!(
+        "{clone_name} scaled from {have} to {want} replicas to carry {current}% of {target_replicas} replicas' traffic"
+    ))
+}
+
+/// Sets the recording weight to 0 in every VirtualService of the namespace that this canary
+/// split (ours, or the user's with our restore note) and that sends the clone traffic.
+fn drain(b: &mut Builder) -> usize {
+    let o = b.o;
+    let c = o.canary;
+    let ns = c.namespace().unwrap_or_default();
+    let (me, uid) = (c.name_any(), c.metadata.uid.clone().unwrap_or_default());
+    let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
+    let mut n = 0;
+    for v in o.virtual_services.iter().filter(|v| meta_ns(v) == ns) {
+        let own = owned_by(v, &uid);
+        let note = istio::restore_note_of(v);
+        let (note_owner, _) = istio::parse_restore_note(note);
+        if !(own || note_owner.as_deref() == Some(me.as_str())) {
+            continue;
+        }
+        let st = istio::read_split(spec_of(v), &host, meta_ns(v));
+        if st.pairs == 0 || st.percent.unwrap_or(0) == 0 {
+            continue;
+        }
+        let s = istio::split_http(spec_of(v), &host, meta_ns(v), 0, note, &me);
+        let mut ops = istio::rv_test(v);
+        ops.push(json!({"op": "replace", "path": "/spec/http", "value": s.http}));
+        if !own {
+            ops.extend(istio::annotation_ops(v, Some(&s.note)));
+        }
+        b.actions.push(Action::PatchMesh {
+            kind: MeshKind::VirtualService,
+            name: meta_name(v).into(),
+            ops,
+        });
+        n += 1;
+    }
+    n
+}
