@@ -607,7 +607,8 @@ fn on_canary_event(
         }
         Event::Delete(c) => {
             forget_canary(ctx, scope, &key_of_canary(c));
-            Vec::new()
+            // A younger canary that this one blocked (same target or Service) may go on now.
+            rivals_of(scope, c)
         }
         Event::InitDone => {
             // Canaries deleted while the watch was down.
@@ -624,6 +625,23 @@ fn on_canary_event(
         }
         Event::Init => Vec::new(),
     }
+}
+
+/// The other canaries of `c`'s namespace that claim its target or its Service.
+fn rivals_of(scope: &Scope, c: &RecordingCanary) -> Vec<RecordingCanary> {
+    let ns = c.namespace();
+    scope
+        .canaries
+        .state()
+        .into_iter()
+        .filter(|o| {
+            o.namespace() == ns
+                && o.name_any() != c.name_any()
+                && (o.spec.target_ref.name == c.spec.target_ref.name
+                    || o.spec.service_name() == c.spec.service_name())
+        })
+        .map(|o| (*o).clone())
+        .collect()
 }
 
 fn forget_canary(ctx: &Context, scope: &Scope, k: &CanaryKey) {

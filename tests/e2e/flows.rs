@@ -593,6 +593,43 @@ async fn second_canary_on_the_same_target_reports_conflict_and_changes_nothing()
     h.finish(true).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_younger_canary_blocked_by_an_older_one_takes_over_when_the_older_one_is_deleted() {
+    let mut h = Harness::start("takeover").await;
+    canary_at_10(&h).await;
+    let second = h.manifest(
+        "frontend-2",
+        &json!({
+            "apiVersion": "recordingcanary.dev/v1alpha1",
+            "kind": "RecordingCanary",
+            "metadata": {"name": "frontend-2"},
+            "spec": {"targetRef": {"name": "frontend"}, "percent": 30, "propagationDelay": "1s"},
+        })
+        .to_string(),
+    );
+    h.k(&["apply", "-f", second.to_str().expect("path")]).await;
+    h.until("frontend-2 Blocked by the older canary", WAIT, || async {
+        let c = h.canary("frontend-2").await.ok_or("frontend-2 is gone")?;
+        if c["status"]["phase"] == "Blocked" {
+            Ok(())
+        } else {
+            Err(c["status"].to_string())
+        }
+    })
+    .await;
+    h.k(&["delete", "rcanary", "frontend", "--timeout=60s"])
+        .await;
+    // Nothing else changes in the namespace: only the older canary's going away wakes it.
+    h.wait_status("frontend-2", "Ready", 30).await;
+    // Its own VirtualService (named after it), split 70/30.
+    let vs = h
+        .vs("frontend-2-recording")
+        .await
+        .expect("frontend-2's VirtualService");
+    assert_eq!(split_weights(&vs), Some((70, 30)), "{vs}");
+    h.finish(true).await;
+}
+
 /// What the first canary built, to compare against later.
 struct Snapshot {
     vs_rv: String,
