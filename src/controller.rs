@@ -39,6 +39,7 @@ use crate::cache::Selective;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
 use crate::istio;
+use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
 use crate::shard::Shard;
@@ -147,6 +148,8 @@ pub struct Context {
     pub started: Timestamp,
     /// The canaries of which namespaces this process reconciles.
     pub shard: Shard,
+    /// Whether this process may write now (it leads, and its lease is fresh).
+    pub fence: Fence,
     scopes: RwLock<Vec<Arc<Scope>>>,
     writes: Mutex<Writes>,
     stable_labelling: RwLock<StableLabelling>,
@@ -171,11 +174,18 @@ impl Context {
             cluster_domain: cluster_domain.into(),
             started: Timestamp::now(),
             shard: Shard::default(),
+            fence: Fence::always(),
             scopes: RwLock::new(Vec::new()),
             writes: Mutex::new(Writes::default()),
             stable_labelling: RwLock::new(StableLabelling::default()),
             backoff: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Writes only while `fence` allows it; before that, reconciles wait (the caches fill).
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Reconciles only the canaries of `shard`.
@@ -960,6 +970,8 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
 }
 
 async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+    // A standby waits here with warm caches, and plans as soon as it leads.
+    ctx.fence.until_leading().await;
     let Some(scope) = ctx.scope_for(ns) else {
         return Ok(Requeue::await_change());
     };
@@ -1018,6 +1030,10 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     if !plan.actions.is_empty() {
         info!(actions = plan.actions.len(), phase = ?plan.status.phase, percent = plan.status.current_percent, "applying plan");
     }
+    if !ctx.fence.may_write() {
+        warn!("the lease is not fresh; writing nothing");
+        return Ok(Requeue::requeue(Duration::from_secs(1)));
+    }
     let mut written: Vec<Written> = Vec::new();
     let applied = writers::apply(&ctx.client, &canary, &plan.actions, &mut written).await;
     let wrote = !written.is_empty();
@@ -1045,6 +1061,9 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         }
         if status.routes_removed_time != prev.routes_removed_time {
             status.routes_removed_time = done;
+        }
+        if !ctx.fence.may_write() {
+            return Ok(Requeue::requeue(Duration::from_secs(1)));
         }
         status_written = writers::write_status(&ctx.client, &canary, &status).await?;
         ctx.metrics.set_canary(

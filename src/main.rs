@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use recording_canary::admin::{self, Health};
 use recording_canary::admission;
 use recording_canary::controller::{self, Context};
-use recording_canary::lease::{Elector, LeaseConfig};
+use recording_canary::lease::{Elector, Fence, LeaseConfig};
 use recording_canary::metrics::Metrics;
 use recording_canary::shard::Shard;
 use tokio::sync::watch;
@@ -168,6 +168,11 @@ async fn run(args: RunArgs) -> Result<(), String> {
             args.shards
         ));
     }
+    let fence = if args.leader_elect {
+        Fence::elected()
+    } else {
+        Fence::always()
+    };
     let mut electors: Vec<Elector> = if args.leader_elect {
         (0..args.shards)
             .map(|i| {
@@ -176,6 +181,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
                     client.clone(),
                     LeaseConfig::new(&lease, &args.lease_namespace, &identity),
                 )
+                .with_fence(fence.clone())
             })
             .collect()
     } else {
@@ -186,8 +192,9 @@ async fn run(args: RunArgs) -> Result<(), String> {
         count: args.shards,
     };
     let mut elector = None;
-    if !electors.is_empty() {
-        info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, %identity, "waiting to lead");
+    if electors.len() > 1 {
+        // Which shard this process serves is known only once it leads one.
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, %identity, "waiting to lead a shard");
         tokio::select! {
             i = lead_one(&mut electors) => {
                 shard.index = i as u32;
@@ -197,18 +204,16 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
         info!(shard = shard.index, of = shard.count, "leading");
     }
-    // Without election this process acts alone: it leads.
-    metrics.is_leader.set(1);
-    metrics.shard.set(i64::from(shard.index));
 
     let ctx = Arc::new(
         Context::new(
             client.clone(),
             metrics.clone(),
             &args.cluster_domain,
-            Some(identity),
+            Some(identity.clone()),
         )
-        .with_shard(shard),
+        .with_shard(shard)
+        .with_fence(fence.clone()),
     );
     if let Some(policy) = args.stable_label_policy.clone() {
         // Known before the first status is written; then checked again now and then.
@@ -230,27 +235,51 @@ async fn run(args: RunArgs) -> Result<(), String> {
     } else {
         args.namespaces.iter().map(|n| Some(n.clone())).collect()
     };
-    let controllers = futures::future::join_all(
+    // The watches start now, also on a standby: its caches are warm when it takes over, and
+    // its reconciles wait on the fence until then.
+    let mut controllers = tokio::spawn(futures::future::join_all(
         scopes
             .into_iter()
             .map(|ns| controller::run(ctx.clone(), ns, stopped())),
-    );
+    ));
 
     let mut lost = false;
-    match elector.as_mut() {
-        Some(e) => {
+    let elector = match elector {
+        Some(e) => Some(e),
+        None if !electors.is_empty() => {
+            let mut e = electors.swap_remove(0);
+            info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to lead (the watch caches fill meanwhile)");
             tokio::select! {
-                _ = controllers => {}
+                _ = e.acquire() => {}
+                _ = stopped() => {
+                    let _ = controllers.await;
+                    let _ = admin_task.await;
+                    return Ok(());
+                }
+            }
+            info!("leading");
+            Some(e)
+        }
+        None => None,
+    };
+    metrics.is_leader.set(1);
+    metrics.shard.set(i64::from(shard.index));
+    match elector {
+        Some(mut e) => {
+            tokio::select! {
+                _ = &mut controllers => {}
                 _ = e.hold() => { lost = true; }
             }
             if lost {
-                let _ = stop_tx.send(true);
+                // Stop every reconcile now: the fence is closed already.
+                controllers.abort();
+                metrics.is_leader.set(0);
             } else {
                 e.release().await;
             }
         }
         None => {
-            controllers.await;
+            let _ = (&mut controllers).await;
         }
     }
     let _ = stop_tx.send(true);
@@ -270,7 +299,7 @@ async fn lead_one(electors: &mut [Elector]) -> usize {
         .unwrap_or(std::time::Duration::from_secs(2));
     loop {
         for (i, e) in electors.iter_mut().enumerate() {
-            match e.try_acquire_or_renew().await {
+            match e.attempt().await {
                 Ok(true) => return i,
                 Ok(false) => {}
                 Err(err) => tracing::warn!(error = %err, "lease: could not read or take a lease"),

@@ -94,8 +94,104 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
 
     // The standby finishes the ramp.
     h.wait_status("frontend", "Ready", 50).await;
+    // Its caches were warm: it wrote as soon as it led.
+    let log =
+        std::fs::read_to_string(h.log.with_file_name(format!("{ns}-b.log"))).unwrap_or_default();
+    let first_write = takeover_to_first_write(&log)
+        .unwrap_or_else(|| panic!("the standby logged no write after it began leading:\n{log}"));
+    println!("standby: from leading to its first write {first_write:?}");
+    eprintln!(
+        "[e2e] {ns}: standby took the lease {takeover:?} after the kill; first write {first_write:?} after leading"
+    );
     let vs = h.vs(OWNED).await.expect("the VirtualService");
     assert_eq!(split_weights(&vs), Some((50, 50)), "{vs:#}");
+    drop(b);
+    h.finish(true).await;
+}
+
+/// The time of a log line (text format: it starts with an RFC 3339 timestamp).
+fn log_time(line: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// In a controller's log: from the line saying it leads to its first write after that.
+fn takeover_to_first_write(log: &str) -> Option<Duration> {
+    let mut lines = log.lines().skip_while(|l| !l.contains("leading"));
+    let led = log_time(lines.next()?)?;
+    let wrote = lines
+        .find(|l| l.contains("applying action="))
+        .and_then(log_time)?;
+    Duration::try_from(wrote.duration_since(led)).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
+    let mut h = Harness::start_without_controller("pause").await;
+    let ns = h.ns.clone();
+    let args = [
+        "run",
+        "--namespace",
+        &ns,
+        "--leader-elect=true",
+        "--lease-namespace",
+        &ns,
+        "--lease-name",
+        LEASE,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ];
+    let kubeconfig = h.env.kubeconfig.clone();
+    let mut a = h.spawn_controller("a", &args, &kubeconfig);
+    let a_id = format!("-{}", a.pid());
+    wait_for_holder(&h, "a", &a_id, Duration::from_secs(30)).await;
+    let b = h.spawn_controller("b", &args, &kubeconfig);
+    let b_id = format!("-{}", b.pid());
+    h.apply_example("app.yaml").await;
+    h.apply_example("canary-ramp.yaml").await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 10, "interval": "2s"}}}),
+    )
+    .await;
+    h.until(
+        "the ramp to be under way",
+        Duration::from_secs(60),
+        || async {
+            let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+            let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
+            if cur > 0 && cur < 50 {
+                Ok(())
+            } else {
+                Err(c["status"].to_string())
+            }
+        },
+    )
+    .await;
+
+    // The leader freezes (a stalled node, a long GC pause, a debugger): it renews nothing.
+    a.signal("STOP");
+    wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
+    let a_log = h.log.with_file_name(format!("{ns}-a.log"));
+    let before = std::fs::read_to_string(&a_log).unwrap_or_default().len();
+    // It wakes up after the standby took over: its timers and reconciles all fire at once.
+    a.signal("CONT");
+    let status = a.exited_within(Duration::from_secs(20)).await;
+    let after = std::fs::read_to_string(&a_log).unwrap_or_default();
+    let woke = after.get(before..).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the old leader must exit (non-zero) once it finds its lease gone; status {status:?}\n{woke}"
+    );
+    assert!(
+        !woke.contains("applying action="),
+        "the old leader wrote after it woke up without a fresh lease:\n{woke}"
+    );
+    assert!(
+        woke.contains("renew deadline") || woke.contains("lease: lost"),
+        "the old leader's log does not say why it stopped:\n{woke}"
+    );
+    // The standby finishes the ramp.
+    h.wait_status("frontend", "Ready", 50).await;
     drop(b);
     h.finish(true).await;
 }

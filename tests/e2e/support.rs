@@ -170,6 +170,29 @@ impl ControllerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends a signal by name (`STOP`, `CONT`, `TERM`) with kill(1).
+    pub fn signal(&self, name: &str) {
+        let ok = StdCommand::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits at most `timeout` for the process to exit; its exit code, if it did.
+    pub async fn exited_within(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
 }
 
 impl Drop for ControllerProcess {
