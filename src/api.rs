@@ -142,6 +142,10 @@ fn default_sidecar_annotations() -> BTreeMap<String, String> {
     )])
 }
 
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
 fn default_propagation_delay() -> String {
     "3s".to_string()
 }
@@ -188,6 +192,14 @@ pub struct RecordingCanaryStatus {
     /// leave the DestinationRule only `propagationDelay` later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_removed_time: Option<String>,
+    /// How many times in a row someone else put the VirtualService's routes back (a GitOps
+    /// tool's self-heal, say) after this canary split them; 0 once a split stays.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revert_count: i32,
+    /// When the last such revert was seen (RFC 3339). The split is re-applied after a delay that
+    /// doubles with each revert in a row (at once, 2 s, 4 s, ... at most 5 min).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_revert_time: Option<String>,
     /// Who labels the target's new pods for the stable subset: `AdmissionPolicy` (the API server
     /// at admission, also while no controller runs) or `Controller` (this controller, while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]

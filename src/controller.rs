@@ -20,6 +20,7 @@ use futures::stream::{self, BoxStream};
 use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
@@ -330,8 +331,34 @@ pub fn strip_pod(p: &mut Pod) {
     });
 }
 
-fn strip_mesh(o: &mut DynamicObject) {
-    o.metadata.managed_fields = None;
+/// Keeps of a VirtualService's or DestinationRule's managedFields only who wrote its routes or
+/// subsets, and when (to name whoever undoes a split), without the field sets themselves.
+pub fn strip_mesh(o: &mut DynamicObject) {
+    o.metadata.managed_fields = o
+        .metadata
+        .managed_fields
+        .take()
+        .map(|entries| {
+            entries
+                .into_iter()
+                .filter_map(|e| {
+                    let spec = e.fields_v1.as_ref()?.0.get("f:spec")?;
+                    let kept: serde_json::Map<String, serde_json::Value> = ["f:http", "f:subsets"]
+                        .into_iter()
+                        .filter(|k| spec.get(*k).is_some())
+                        .map(|k| (k.to_string(), serde_json::json!({})))
+                        .collect();
+                    (!kept.is_empty()).then(|| ManagedFieldsEntry {
+                        manager: e.manager,
+                        operation: e.operation,
+                        time: e.time,
+                        fields_v1: Some(FieldsV1(serde_json::json!({ "f:spec": kept }))),
+                        ..Default::default()
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|v| !v.is_empty());
 }
 
 /// A watch that starts once `gate` resolves: the selective caches list only after the canaries

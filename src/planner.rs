@@ -240,7 +240,11 @@ impl<'a> Builder<'a> {
         // Events mark transitions: a new phase, or a new problem (Blocked, Degraded); progress
         // within a phase shows in the conditions.
         let warning = degraded || phase == phase::BLOCKED;
-        if self.prev.phase.as_deref() != Some(phase) || (warning && self.reason_changed(reason)) {
+        let said = self.events.iter().any(|e| e.reason == reason);
+        if !said
+            && (self.prev.phase.as_deref() != Some(phase)
+                || (warning && self.reason_changed(reason)))
+        {
             self.event(warning, reason, message.to_string());
         }
         self.status.phase = Some(phase.into());

@@ -2,6 +2,8 @@
 //! propagated, and with every Ready target pod in the stable subset) the split, the ramp, the
 //! clone following the target, and finally the report.
 
+use std::time::Duration;
+
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -14,12 +16,16 @@ use super::{
     meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
     remaining, sidecar_annotations_differ, source_hash, spec_of, splits_at,
 };
-use crate::api::{RECORDING_SUBSET, STABLE_SUBSET};
+use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
 use crate::istio;
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
     let propagated_at = subsets(&mut b, k);
     let routes = read_routes(&mut b, k);
+    b = match after_revert(b, k, &routes) {
+        Ok(b) => b,
+        Err(waiting) => return *waiting,
+    };
     if !routes.is_split {
         b = match wait_before_split(b, k, propagated_at) {
             Ok(b) => b,
@@ -120,6 +126,97 @@ fn read_routes<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
         is_split,
         current,
     }
+}
+
+/// How long reverts are remembered: a revert after a split that held this long starts the
+/// count again.
+const REVERT_MEMORY: Duration = Duration::from_secs(600);
+
+/// The delay before re-applying a split that was put back `count` times in a row: at once,
+/// then 2 s, 4 s, ... at most 5 min.
+pub(super) fn revert_backoff(count: i32) -> Duration {
+    match count {
+        ..=1 => Duration::ZERO,
+        n => Duration::from_secs(1u64 << (n - 1).min(9)).min(Duration::from_secs(300)),
+    }
+}
+
+/// Someone else put the routes back after this canary split them (a GitOps tool's self-heal,
+/// a `kubectl apply`): the revert is counted, named in a warning Event, and the split is
+/// re-applied after [`revert_backoff`], so that two writers never fight at full speed.
+/// `Err` is the plan while the delay runs.
+fn after_revert<'a>(
+    mut b: Builder<'a>,
+    k: &Checked,
+    routes: &Routes,
+) -> Result<Builder<'a>, Box<Plan>> {
+    let o = b.o;
+    let Some(vs) = routes.vs.filter(|_| !routes.is_split) else {
+        if routes.is_split && b.prev.revert_count > 0 {
+            // The split holds again; the count starts over after REVERT_MEMORY.
+            let last = parse_time(b.prev.last_revert_time.as_deref());
+            if last.is_none_or(|t| after(t, REVERT_MEMORY) <= o.now) {
+                b.status.revert_count = 0;
+                b.status.last_revert_time = None;
+            }
+        }
+        return Ok(b);
+    };
+    if b.prev.current_percent > 0 {
+        let last = parse_time(b.prev.last_revert_time.as_deref());
+        let in_a_row = last.is_some_and(|t| o.now < after(t, REVERT_MEMORY));
+        let count = if in_a_row { b.prev.revert_count + 1 } else { 1 };
+        b.status.revert_count = count;
+        b.status.last_revert_time = Some(fmt_time(o.now));
+        let who = last_writer(vs, "f:http").unwrap_or_else(|| "another client".into());
+        b.event(
+            true,
+            "SplitReverted",
+            format!(
+                "{who} put back the routes of VirtualService {} to {} ({count} in a row); the split is re-applied in {:?}. If a GitOps tool self-heals it, make it ignore .spec.http (see the README's GitOps section)",
+                meta_name(vs),
+                k.host.fqdn(),
+                revert_backoff(count)
+            ),
+        );
+    }
+    let Some(since) = parse_time(b.status.last_revert_time.as_deref()) else {
+        return Ok(b);
+    };
+    let count = b.status.revert_count;
+    let Some(wait) = remaining(o.now, after(since, revert_backoff(count))) else {
+        return Ok(b);
+    };
+    b.status.current_percent = 0;
+    b.requeue(wait);
+    b.report(
+        phase::DEGRADED,
+        "SplitReverted",
+        &format!(
+            "The routes of VirtualService {} were put back {count} times in a row; the split is re-applied in {}s",
+            meta_name(vs),
+            wait.as_secs().max(1)
+        ),
+    );
+    Err(Box::new(b.finish()))
+}
+
+/// The field manager that last wrote `field` (`f:http`, `f:subsets`) of the object's spec,
+/// other than this controller.
+fn last_writer(v: &Value, field: &str) -> Option<String> {
+    v.pointer("/metadata/managedFields")?
+        .as_array()?
+        .iter()
+        .filter(|e| e.pointer(&format!("/fieldsV1/f:spec/{field}")).is_some())
+        .filter(|e| e.get("manager").and_then(Value::as_str) != Some(FIELD_MANAGER))
+        .max_by_key(|e| {
+            e.get("time")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        })
+        .and_then(|e| e.get("manager").and_then(Value::as_str))
+        .map(String::from)
 }
 
 /// Before the first split: the subsets must have reached the sidecars, and every Ready pod of
