@@ -169,6 +169,12 @@ else
   rc_say "RC_E2E_KUBECONFIG=$RC_E2E_KUBECONFIG"
   rc_say "RC_KUBECTL=$RC_KUBECTL ($("$RC_KUBECTL" version --client 2>/dev/null | head -1))"
   rc_say "RC_HELM=$RC_HELM"
+  safety_log=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")/e2e-logs/safety.jsonl
+  rm -f "$safety_log"
   cargo test "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
+  done_section
+  section "safety summary (from the e2e run: $safety_log)"
+  python3 "$repo/tests/safety_summary.py" "$safety_log"
   done_section
 fi

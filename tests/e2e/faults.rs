@@ -49,6 +49,7 @@ async fn a_controller_killed_mid_setup_and_mid_rollback_is_resumed_by_the_next_o
     })
     .await;
     first.kill();
+    h.faults_injected(1);
     let second = h.spawn_controller("2", &a, &kubeconfig);
     h.wait_ready("frontend").await;
     let vs = h.vs(OWNED).await.expect("the VirtualService");
@@ -66,6 +67,7 @@ async fn a_controller_killed_mid_setup_and_mid_rollback_is_resumed_by_the_next_o
     })
     .await;
     second.kill();
+    h.faults_injected(1);
     let third = h.spawn_controller("3", &a, &kubeconfig);
     h.until(
         "the rollback to finish",

@@ -83,6 +83,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
 
     // SIGKILL the leader mid-ramp: it cannot release the lease.
     a.kill();
+    h.faults_injected(1);
     let killed = Instant::now();
     wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
     let takeover = killed.elapsed();
@@ -170,6 +171,7 @@ async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
 
     // The leader freezes (a stalled node, a long GC pause, a debugger): it renews nothing.
     a.signal("STOP");
+    h.faults_injected(1);
     wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
     let a_log = h.log.with_file_name(format!("{ns}-a.log"));
     let before = std::fs::read_to_string(&a_log).unwrap_or_default().len();

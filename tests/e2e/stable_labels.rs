@@ -312,6 +312,8 @@ async fn with_no_controller_running_the_admission_policy_keeps_the_stable_subset
 
     // No controller from here on.
     controller.kill();
+    // The faults: no controller, then a rollout and three scalings, twice.
+    h.faults_injected(8);
     drop(controller);
 
     let (seen, task) = watch_pods(&h);

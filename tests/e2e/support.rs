@@ -211,6 +211,8 @@ pub struct Harness {
     pub mbb: MakeBeforeBreak,
     controller: Option<ControllerProcess>,
     delete_namespace: bool,
+    /// Faults this test injected (kills, pauses, deletions by "someone else", reverts...).
+    faults: std::sync::atomic::AtomicUsize,
 }
 
 impl Harness {
@@ -263,6 +265,7 @@ impl Harness {
             mbb,
             controller: None,
             delete_namespace: true,
+            faults: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -547,8 +550,19 @@ impl Harness {
 
     /// Ends the test: checks make-before-break over every revision seen, prints the count,
     /// and (when `split_expected`) requires that VirtualService revisions were seen at all.
+    /// Counts `n` faults injected by this test, for the safety summary.
+    pub fn faults_injected(&self, n: usize) {
+        self.faults
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub async fn finish(&mut self, split_expected: bool) {
         let report = self.mbb.check(&self.vs_api(), &self.dr_api()).await;
+        record_safety(
+            &self.ns,
+            self.faults.load(std::sync::atomic::Ordering::SeqCst),
+            &report,
+        );
         println!(
             "make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions",
             report.vs_revisions, report.dr_revisions
@@ -629,6 +643,28 @@ impl Drop for Harness {
                 "--ignore-not-found",
             ]);
         }
+    }
+}
+
+/// Appends this test's make-before-break figures to `target/e2e-logs/safety.jsonl`, which
+/// tests/run.sh sums up into the safety summary (the README's Safety section).
+fn record_safety(ns: &str, faults: usize, report: &crate::mbb::Report) {
+    use std::io::Write;
+    let line = serde_json::json!({
+        "namespace": ns,
+        "faults": faults,
+        "vs_revisions": report.vs_revisions,
+        "dr_revisions": report.dr_revisions,
+        "violations": report.violations.len(),
+    });
+    let path = target_dir().join("e2e-logs").join("safety.jsonl");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(e) = written {
+        eprintln!("[e2e] cannot append to {}: {e}", path.display());
     }
 }
 
