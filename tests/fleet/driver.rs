@@ -6,12 +6,14 @@
 //!
 //! 1. **floor**: N plain Deployments (1 replica) until all are Ready, without the controller: what
 //!    the cluster itself needs for that many rollouts. They are then deleted, pods included.
-//! 2. **converge**: for each canary `app-i` a Deployment, a Service and a RecordingCanary at 10 %,
-//!    until every canary is `Ready` at `currentPercent` 10 and its VirtualService
-//!    `app-i-recording` routes 10 to subset `rcanary-recording`.
-//! 3. **ramp**: every canary patched to 20 %, until all are Ready at 20 with VirtualService weight 20.
-//! 4. **steady**: 10 s without any change; the controller should write nothing.
-//! 5. **rollback**: every RecordingCanary deleted, until all are gone and so are their clones.
+//! 2. **apps**: for each canary `app-i` a Deployment and a Service, until every Deployment is
+//!    Ready (the users' apps run before anyone applies a canary to them; not timed as converge).
+//! 3. **converge**: a RecordingCanary at 10 % for each app, all at once, until every canary is
+//!    `Ready` at `currentPercent` 10 and its VirtualService `app-i-recording` routes 10 to subset
+//!    `rcanary-recording`.
+//! 4. **ramp**: every canary patched to 20 %, until all are Ready at 20 with VirtualService weight 20.
+//! 5. **steady**: 10 s without any change; the controller should write nothing.
+//! 6. **rollback**: every RecordingCanary deleted, until all are gone and so are their clones.
 //!
 //! Measured per phase: wall time; the controller's API requests by verb and resource, from its
 //! `/metrics` (`recording_canary_api_requests_total`); the Events about RecordingCanaries, from the
@@ -220,6 +222,8 @@ pub struct FleetReport {
     pub log: PathBuf,
     /// N plain Deployments Ready, without the controller.
     pub floor: Option<Duration>,
+    /// The targets and Services, created before the canaries, until all targets are Ready.
+    pub apps: Option<Duration>,
     /// Deleting them until their pods were gone.
     pub floor_cleanup: Option<Duration>,
     /// converge, ramp, steady, rollback (as far as the run got).
@@ -333,6 +337,14 @@ impl FleetReport {
                 secs(f)
             );
         }
+        if let Some(a) = self.apps {
+            let _ = writeln!(
+                s,
+                "apps: the {} targets (and their Services) were created and Ready in {} before the canaries were applied.",
+                c.canaries,
+                secs(a)
+            );
+        }
         for p in self.phases.iter().filter(|p| !p.detail.is_empty()) {
             let _ = writeln!(s, "\n**{} did not finish**: {}", p.name, p.detail);
         }
@@ -425,6 +437,7 @@ pub async fn run(cfg: FleetConfig) -> FleetReport {
         run_id: run_id.clone(),
         log: log.clone(),
         floor: None,
+        apps: None,
         floor_cleanup: None,
         phases: Vec::new(),
         metric_present: false,
@@ -691,35 +704,60 @@ impl Fleet {
             report.notes.push(msg);
         }
 
-        // --- converge.
+        // --- the users' apps: running before anyone applies a canary to them.
         let t = Instant::now();
-        let (namespaces, replicas, run_id) = (
-            self.namespaces.clone(),
-            self.cfg.replicas,
-            self.run_id.clone(),
-        );
-        self.parallel(
-            "create: Deployment, Service, RecordingCanary",
-            n,
-            move |c, i| {
-                let ns = namespaces[ns_index(i, namespaces.len())].clone();
-                let name = app(i);
-                let (d, s, rc) = (
-                    app_deployment(&name, replicas),
-                    app_service(&name),
-                    canary(&name, &run_id),
-                );
-                async move {
-                    create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
-                    create(&Api::<Service>::namespaced(c.clone(), &ns), &s).await?;
-                    create(
-                        &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
-                        &rc,
+        let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
+        self.parallel("apps: create Deployment, Service", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let name = app(i);
+            let (d, s) = (app_deployment(&name, replicas), app_service(&name));
+            async move {
+                create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
+                create(&Api::<Service>::namespaced(c, &ns), &s).await
+            }
+        })
+        .await?;
+        let app_keys = self.keys(app);
+        let deadline = self.deadline();
+        self.wait_for("apps", deadline, || {
+            let map = self.deployments.map();
+            let pending: Vec<String> = app_keys
+                .iter()
+                .filter(|k| map.get(*k).is_none_or(|r| *r < replicas))
+                .map(|k| {
+                    format!(
+                        "{}/{}: readyReplicas {}",
+                        k.0,
+                        k.1,
+                        map.get(k).copied().unwrap_or(0)
                     )
-                    .await
-                }
-            },
-        )
+                })
+                .collect();
+            Progress::new(n, pending, "apps Ready", self.deployments.synced())
+        })
+        .await?;
+        report.apps = Some(t.elapsed());
+        self.say(&format!(
+            "apps: {n} Deployments Ready in {}",
+            secs(t.elapsed())
+        ));
+        self.settle().await;
+        let s0 = self.snapshot().await?;
+
+        // --- converge: the canaries, all at once.
+        let t = Instant::now();
+        let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
+        self.parallel("create: RecordingCanary", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let rc = canary(&app(i), &run_id);
+            async move {
+                create(
+                    &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
+                    &rc,
+                )
+                .await
+            }
+        })
         .await?;
         self.say(&format!(
             "create: {n} canaries created in {}",
