@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{CLONE, Harness, OWNED, split_weights};
+use crate::support::{CLONE, Harness, OWNED, pod_name, pod_of, split_weights};
 
 /// Runs helm; fails the test unless it succeeds.
 pub(crate) async fn helm(h: &Harness, args: &[&str]) -> String {
@@ -177,6 +177,95 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             h.vs(OWNED).await.is_none(),
             "the owned VirtualService is still there"
         );
+
+        // The adopt flow too, under the fence: only the routes, our subsets and the restore
+        // annotation of the user's objects change, and they come back as they were.
+        h.apply_example("adopt/user-vs-dr.yaml").await;
+        let user_vs = h.vs("frontend").await.expect("the user's VirtualService");
+        h.apply_example("adopt/canary.yaml").await;
+        h.wait_ready("frontend").await;
+        let split = h.vs("frontend").await.expect("the user's VirtualService");
+        assert_eq!(split_weights(&split), Some((90, 10)), "{split}");
+        h.k(&["delete", "rcanary", "frontend", "--timeout=60s"])
+            .await;
+        let restored = h.vs("frontend").await.expect("the user's VirtualService");
+        assert_eq!(
+            restored["spec"], user_vs["spec"],
+            "the user's routes are back"
+        );
+
+        // The fence: what RBAC allows the ServiceAccount but the chart's policies refuse.
+        let pod = h
+            .pods(Some("app=frontend"))
+            .await
+            .into_iter()
+            .find(|p| pod_of(p, "frontend"))
+            .map(|p| pod_name(&p))
+            .expect("a target pod");
+        let pod_ref = format!("pod/{pod}");
+        for (what, args, says) in [
+            (
+                "change a pod's image",
+                vec![
+                    "set",
+                    "image",
+                    pod_ref.as_str(),
+                    "server=registry.example/evil:1",
+                ],
+                "may not change a pod's spec",
+            ),
+            (
+                "set another label on a pod",
+                vec!["label", pod_ref.as_str(), "team=evil"],
+                "may change no pod label but recordingcanary.dev/role",
+            ),
+            (
+                "scale a Deployment it does not own",
+                vec![
+                    "patch",
+                    "deployment/frontend",
+                    "--type=merge",
+                    "-p",
+                    r#"{"spec":{"replicas":7}}"#,
+                ],
+                "only the clone Deployments it owns",
+            ),
+            (
+                "delete the user's VirtualService",
+                vec!["delete", "virtualservice/frontend"],
+                "only the VirtualServices it owns",
+            ),
+            (
+                "change the hosts of the user's VirtualService",
+                vec![
+                    "patch",
+                    "virtualservice/frontend",
+                    "--type=merge",
+                    "-p",
+                    r#"{"spec":{"hosts":["evil"]}}"#,
+                ],
+                "may change only .spec.http",
+            ),
+        ] {
+            let mut full = vec!["--as", who.as_str()];
+            full.extend(args.iter().copied());
+            let out = h.kubectl(&full).await;
+            assert!(
+                !out.ok && out.stderr.contains(says),
+                "as the controller's ServiceAccount, `{what}` must be refused by the fence ({says}); got {out:?}"
+            );
+        }
+        // ...while its own change goes through.
+        h.k(&[
+            "--as",
+            &who,
+            "label",
+            &pod_ref,
+            "recordingcanary.dev/role=stable",
+            "--overwrite",
+        ])
+        .await;
+        h.k(&["label", &pod_ref, "recordingcanary.dev/role-"]).await;
         drop(controller);
     };
     installed.await;
