@@ -1069,6 +1069,15 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         if e.is_conflict() {
             // Something differs from what the caches showed: read the canary's objects again.
             scope.index_mut().reprime(ns, name);
+        } else if let Error::Kube(kube::Error::Api(s)) = &e {
+            // Refused (an admission policy or webhook, RBAC, validation): say so where the
+            // user looks, not only in the controller's log. Retried with backoff.
+            let note = planner::EventNote {
+                warning: true,
+                reason: "WriteRefused".into(),
+                note: format!("The API server refused a write ({} {}): {}", s.code, s.reason, s.message),
+            };
+            publish_events(ctx, &canary, std::slice::from_ref(&note)).await;
         }
         return Err(e);
     }

@@ -42,15 +42,20 @@ pub enum Error {
     Conflict(String),
 }
 
+/// Whether the API server refused a JSON patch that did not apply to the object as it is now: a
+/// failed `test` operation (our resourceVersion guard) or a path that is gone. The API server
+/// says only this, with 422, for both; an admission policy's or a validation's 422 says more.
+pub fn failed_patch_test(s: &kube::core::Status) -> bool {
+    s.code == 422 && s.message == "the server rejected our request due to an error in our request"
+}
+
 impl Error {
     /// A write lost a race (resourceVersion conflict, failed JSON-patch test, already exists):
     /// plan again right away from fresh state.
     pub fn is_conflict(&self) -> bool {
         match self {
             Error::Conflict(_) => true,
-            Error::Kube(kube::Error::Api(s)) => {
-                s.code == 409 || (s.code == 422 && s.message.contains("test"))
-            }
+            Error::Kube(kube::Error::Api(s)) => s.code == 409 || failed_patch_test(s),
             _ => false,
         }
     }
@@ -71,6 +76,27 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(code: u16, message: &str) -> Error {
+        Error::Kube(kube::Error::Api(
+            kube::core::Status::failure(message, "Invalid")
+                .with_code(code)
+                .boxed(),
+        ))
+    }
+
+    #[test]
+    fn a_failed_patch_test_is_a_conflict_but_an_admission_denial_is_not() {
+        // What the API server answers to a JSON patch whose `test` fails (measured).
+        assert!(status(422, "the server rejected our request due to an error in our request").is_conflict());
+        assert!(status(409, "the object has been modified").is_conflict());
+        let denied = status(
+            422,
+            "deployments.apps \"x\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: test",
+        );
+        assert!(!denied.is_conflict());
+        assert_eq!(denied.metric_label(), "api");
+    }
 
     #[test]
     fn a_lost_race_is_a_conflict_and_takes_the_fast_path() {

@@ -56,6 +56,7 @@ fn mesh_kind(kind: MeshKind) -> Kind {
 
 /// The API server answers a failed JSON-patch `test` (our resourceVersion guard) with 422,
 /// and a stale resourceVersion on an update with 409: both mean "planned from an old read".
+/// Any other 422 (a validation error, an admission policy's denial) is a real refusal.
 fn guarded<T>(r: Result<T, kube::Error>) -> Result<Option<T>, Error> {
     match r {
         Ok(t) => Ok(Some(t)),
@@ -63,7 +64,7 @@ fn guarded<T>(r: Result<T, kube::Error>) -> Result<Option<T>, Error> {
         Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
             Ok(None)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 422 => {
+        Err(kube::Error::Api(s)) if s.code == 409 || crate::failed_patch_test(&s) => {
             Err(Error::Conflict(s.message))
         }
         Err(e) => Err(e.into()),
