@@ -7,6 +7,14 @@
 //!   step, a scale and a new image of the target, and the rollback), and restarted each time:
 //!   every phase still converges, make-before-break holds, and the rollback leaves the user's
 //!   objects as they were.
+//! * A GitOps peer (Argo CD's self-heal, as `kubectl apply` every second) putting back the routes
+//!   of an adopted VirtualService: the controller re-applies the split after a doubling delay, so
+//!   it writes a bounded number of times, says who reverted it, and wins once the peer stops.
+//! * Objects deleted by someone else while a canary runs (the clone, the DestinationRule and
+//!   VirtualService it created, the target, the Service): re-created, or reported as Blocked
+//!   until they are back.
+//! * A canary deleted while no controller runs, and one deleted in the middle of a ramp: rolled
+//!   back completely.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -31,9 +39,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 
+use crate::mbb::Kind;
 use crate::support::{
-    CLONE, ControllerProcess, Harness, OWNED, ROLE_LABEL, SIDECAR_ANNOTATION, WAIT, labels,
-    pod_name, pod_of, pod_ready, split_weights,
+    CLONE, ControllerProcess, Harness, OWNED, RECORDING_SUBSET, ROLE_LABEL, SIDECAR_ANNOTATION,
+    STABLE_SUBSET, WAIT, example, http_destinations, labels, pod_name, pod_of, pod_ready,
+    split_weights,
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -331,6 +341,8 @@ async fn a_sidecar_injecting_webhook_on_the_clone_causes_no_write_fight() {
     const WINDOW: Duration = Duration::from_secs(30);
     let mut h = Harness::start_without_controller("webhook").await;
     let ns = h.ns.clone();
+    // The fault: a peer that mutates every write of the clone.
+    h.faults_injected(1);
 
     let t0 = Instant::now();
     let webhook = Webhook::start().await;
@@ -1076,6 +1088,7 @@ async fn a_controller_killed_after_each_write_converges_without_a_violation() {
         kills.join("\n  "),
         timeline.join("\n")
     );
+    h.faults_injected(kills.len());
     assert!(
         kills.len() >= 8,
         "only {} kills over {writes} writes seen: the kill driver saw too little:\n{}",
@@ -1113,5 +1126,959 @@ async fn a_controller_killed_after_each_write_converges_without_a_violation() {
         target.metadata.generation, target_generation,
         "the target Deployment's spec was written during the rollback"
     );
+    h.finish(true).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Shared by the tests below: a recording watch, and how a canary and a VirtualService look.
+
+/// One revision a [`Tape`] recorded.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// When the watch delivered it.
+    at: Instant,
+    deleted: bool,
+    object: Value,
+}
+
+/// Every revision a watch delivers (the state at its start first), until dropped.
+struct Tape {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Tape {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Tape {
+    /// Starts the watch and returns once it has listed.
+    async fn start<K>(h: &Harness, api: Api<K>, cfg: watcher::Config) -> Self
+    where
+        K: kube::Resource + Clone + DeserializeOwned + Debug + Send + serde::Serialize + 'static,
+    {
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let listed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let seen = seen.clone();
+            let listed = listed.clone();
+            async move {
+                let mut stream = watcher(api, cfg).default_backoff().boxed();
+                while let Some(ev) = stream.next().await {
+                    let (o, deleted) = match ev {
+                        Ok(watcher::Event::Apply(o)) | Ok(watcher::Event::InitApply(o)) => {
+                            (o, false)
+                        }
+                        Ok(watcher::Event::Delete(o)) => (o, true),
+                        Ok(watcher::Event::InitDone) => {
+                            listed.store(true, Ordering::SeqCst);
+                            continue;
+                        }
+                        Ok(watcher::Event::Init) => continue,
+                        Err(e) => {
+                            eprintln!("[e2e] watch error (retrying): {e}");
+                            continue;
+                        }
+                    };
+                    seen.lock().expect("tape").push(Seen {
+                        at: Instant::now(),
+                        deleted,
+                        object: serde_json::to_value(&o).unwrap_or(Value::Null),
+                    });
+                }
+            }
+        });
+        h.until("a watch to list", WAIT, || async {
+            if listed.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("not listed yet".to_string())
+            }
+        })
+        .await;
+        Self { seen, task }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("tape").clone()
+    }
+}
+
+fn rv_of(o: &Value) -> u64 {
+    o["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The reason of the canary's Ready condition.
+fn ready_reason(c: &Value) -> String {
+    c["status"]["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+        .and_then(|c| c["reason"].as_str())
+        .unwrap_or("-")
+        .to_string()
+}
+
+/// `phase/reason current%` (and the revert count when there is one).
+fn canary_line(c: &Value) -> String {
+    let st = &c["status"];
+    let mut s = format!(
+        "{}/{} {}%",
+        st["phase"].as_str().unwrap_or("-"),
+        ready_reason(c),
+        st["currentPercent"]
+    );
+    if let Some(n) = st["revertCount"].as_i64() {
+        s.push_str(&format!(" revertCount {n}"));
+    }
+    if c["metadata"]["deletionTimestamp"].is_string() {
+        s.push_str(" (deleting)");
+    }
+    s
+}
+
+/// What the recorded canary revisions went through after `since`, repeats left out.
+fn canary_timeline(tape: &Tape, since: Instant) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    let mut last = String::new();
+    if tape.seen().iter().all(|s| s.at < since) {
+        return "  (no new revision)".into();
+    }
+    for s in tape.seen() {
+        let line = if s.deleted {
+            "gone".to_string()
+        } else {
+            canary_line(&s.object)
+        };
+        if s.at >= since && line != last {
+            lines.push(format!(
+                "  +{:>6.2}s {line}",
+                s.at.saturating_duration_since(since).as_secs_f64()
+            ));
+        }
+        last = line;
+    }
+    lines.join("\n")
+}
+
+/// The weight the VirtualService gives the recording subset over all its routes.
+fn recording_weight(vs: &Value) -> i64 {
+    http_destinations(vs)
+        .iter()
+        .flatten()
+        .filter(|d| d.1.as_deref() == Some(RECORDING_SUBSET))
+        .map(|d| d.2.unwrap_or(0))
+        .sum()
+}
+
+/// Whether the VirtualService routes to the recording subset (with a weight above 0).
+fn routes_to_recording(vs: &Value) -> bool {
+    recording_weight(vs) > 0
+}
+
+/// The VirtualService's HTTP routes as `subset=weight` lists, for messages.
+fn route_summary(vs: &Value) -> String {
+    http_destinations(vs)
+        .into_iter()
+        .map(|ds| {
+            ds.into_iter()
+                .map(|(h, s, w)| {
+                    format!(
+                        "{h}{}={}",
+                        s.map(|s| format!("/{s}")).unwrap_or_default(),
+                        w.map(|w| w.to_string()).unwrap_or_else(|| "-".into())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+fn uid_of(o: &Value) -> String {
+    o["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn controller_args(ns: &str) -> Vec<String> {
+    [
+        "run",
+        "--namespace",
+        ns,
+        "--leader-elect=false",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Waits until the canary is Blocked with Ready reason `reason`.
+async fn wait_blocked(h: &Harness, reason: &str, timeout: Duration) {
+    h.until(
+        &format!("rcanary/frontend Blocked with reason {reason}"),
+        timeout,
+        || async {
+            let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+            if c["status"]["phase"] == "Blocked" && ready_reason(&c) == reason {
+                Ok(())
+            } else {
+                Err(canary_line(&c))
+            }
+        },
+    )
+    .await;
+}
+
+/// What a rollback leaves: no VirtualService, DestinationRule or clone of the canary, and no
+/// target pod labelled with a role.
+async fn assert_rolled_back(h: &Harness) {
+    assert!(
+        h.vs(OWNED).await.is_none(),
+        "the VirtualService {OWNED} is still there after the rollback"
+    );
+    assert!(
+        h.dr(OWNED).await.is_none(),
+        "the DestinationRule {OWNED} is still there after the rollback"
+    );
+    assert!(
+        h.deployment(CLONE).await.is_none(),
+        "the clone {CLONE} is still there after the rollback"
+    );
+    let target_pods: Vec<_> = h
+        .pods(None)
+        .await
+        .into_iter()
+        .filter(|p| pod_of(p, "frontend"))
+        .collect();
+    assert!(
+        !target_pods.is_empty(),
+        "no pod of the target left to check"
+    );
+    let labelled: Vec<String> = target_pods
+        .iter()
+        .filter(|p| labels(p).contains_key(ROLE_LABEL))
+        .map(pod_name)
+        .collect();
+    assert!(
+        labelled.is_empty(),
+        "target pods still labelled {ROLE_LABEL} after the rollback: {labelled:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// A GitOps peer that puts the user's VirtualService back every second.
+
+/// What the peer did.
+#[derive(Debug, Default)]
+struct PeerReport {
+    applies: usize,
+    /// Applies that changed the object (kubectl said `configured`).
+    configured: usize,
+    failures: Vec<String>,
+}
+
+/// `kubectl apply -f manifest` (client-side apply, Argo CD's default) every `period` for
+/// `duration`, as a GitOps tool's self-heal would.
+fn gitops_peer(
+    h: &Harness,
+    manifest: PathBuf,
+    period: Duration,
+    duration: Duration,
+) -> JoinHandle<PeerReport> {
+    let kubectl = h.env.kubectl.clone();
+    let kubeconfig = h.env.kubeconfig.clone();
+    let ns = h.ns.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let start = Instant::now();
+        let mut r = PeerReport::default();
+        loop {
+            tick.tick().await;
+            if start.elapsed() >= duration {
+                return r;
+            }
+            let out = tokio::process::Command::new(&kubectl)
+                .arg("--kubeconfig")
+                .arg(&kubeconfig)
+                .args(["-n", &ns, "apply", "-f"])
+                .arg(&manifest)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await;
+            r.applies += 1;
+            match out {
+                Ok(o) if o.status.success() => {
+                    if String::from_utf8_lossy(&o.stdout).contains(" configured") {
+                        r.configured += 1;
+                    }
+                }
+                Ok(o) => r
+                    .failures
+                    .push(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+                Err(e) => r.failures.push(e.to_string()),
+            }
+        }
+    })
+}
+
+/// The field managers that own `.spec.http` (an atomic list: one, normally), joined by `,`.
+fn http_owners(vs: &Value) -> String {
+    vs["metadata"]["managedFields"]
+        .as_array()
+        .map(|es| {
+            es.iter()
+                .filter(|e| e.pointer("/fieldsV1/f:spec/f:http").is_some())
+                .filter_map(|e| e["manager"].as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// The VirtualService document of examples/istio/adopt/user-vs-dr.yaml: what the user keeps in
+/// git (the peer must not touch the DestinationRule).
+fn user_vs_manifest() -> String {
+    let path = example("adopt/user-vs-dr.yaml");
+    let all =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    all.split("\n---\n")
+        .find(|doc| doc.contains("kind: VirtualService"))
+        .expect("a VirtualService in adopt/user-vs-dr.yaml")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gitops_peer_reverting_the_split_every_second_is_outlasted_with_bounded_writes() {
+    const PEER_FOR: Duration = Duration::from_secs(30);
+    const RECOVERY: Duration = Duration::from_secs(90);
+    let mut h = Harness::start("gitops").await;
+    let ns = h.ns.clone();
+    h.apply_example("app.yaml").await;
+    h.apply_example("adopt/user-vs-dr.yaml").await;
+    h.apply_example("adopt/canary.yaml").await;
+    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "1s"}}))
+        .await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    let vs = h.vs("frontend").await.expect("the user's VirtualService");
+    assert!(
+        routes_to_recording(&vs),
+        "not split before the peer starts: {}",
+        route_summary(&vs)
+    );
+
+    let manifest = h.manifest("user-vs", &user_vs_manifest());
+    let by_name = || watcher::Config::default().fields("metadata.name=frontend");
+    let vss = Tape::start(&h, h.vs_api(), by_name()).await;
+    let canaries = Tape::start(&h, h.canary_api(), by_name()).await;
+
+    let start = Instant::now();
+    let peer = gitops_peer(&h, manifest, Duration::from_secs(1), PEER_FOR);
+    let report = peer.await.expect("the GitOps peer task");
+    let end = Instant::now();
+
+    // The window: the controller's re-splits (a revision that routes to the recording subset
+    // again after one that did not) and the peer's reverts (the other way round).
+    let mut routed = true;
+    let (mut resplits, mut reverts) = (Vec::new(), Vec::new());
+    let (mut resplitters, mut reverters) = (BTreeSet::new(), BTreeSet::new());
+    for s in vss.seen() {
+        let now = !s.deleted && routes_to_recording(&s.object);
+        let at = s.at.saturating_duration_since(start).as_secs_f64();
+        if s.at >= start && s.at <= end {
+            if !routed && now {
+                resplits.push(at);
+                resplitters.insert(http_owners(&s.object));
+            }
+            if routed && !now {
+                reverts.push(at);
+                reverters.insert(http_owners(&s.object));
+            }
+        }
+        routed = now;
+    }
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("+{t:.1}s"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let statuses = canary_timeline(&canaries, start);
+    let summary = format!(
+        "GitOps peer: {} applies in {PEER_FOR:?} ({} changed the VirtualService, {} failed); \
+         {} reverts seen [{}]; controller re-splits: {} [{}]",
+        report.applies,
+        report.configured,
+        report.failures.len(),
+        reverts.len(),
+        fmt(&reverts),
+        resplits.len(),
+        fmt(&resplits),
+    );
+    println!("{summary}");
+    eprintln!("[e2e] {ns}: {summary}\ncanary status over the window:\n{statuses}");
+    assert!(
+        report.applies >= 20 && report.failures.is_empty(),
+        "the peer did not run as planned: {report:?}"
+    );
+    assert_eq!(
+        reverters,
+        BTreeSet::from(["kubectl-client-side-apply".to_string()]),
+        "who owns .spec.http in the reverted revisions (the peer only)"
+    );
+    assert_eq!(
+        resplitters,
+        BTreeSet::from(["recording-canary".to_string()]),
+        "who owns .spec.http in the re-split revisions (the controller only)"
+    );
+    h.faults_injected(reverts.len());
+    assert!(
+        reverts.len() >= 2,
+        "the peer put the routes back only {} times: the test did not exercise the fight",
+        reverts.len()
+    );
+    assert!(
+        resplits.len() >= 2,
+        "the controller re-applied the split only {} times in {PEER_FOR:?} against a peer \
+         reverting it every second: it must fight back\n{summary}\ncanary status:\n{statuses}",
+        resplits.len()
+    );
+    assert!(
+        resplits.len() <= 10,
+        "the controller re-applied the split {} times in {PEER_FOR:?}: it does not back off \
+         (without a backoff it would be about one per second)\n{summary}\ncanary status:\n{statuses}",
+        resplits.len()
+    );
+
+    // The canary said so: the revert count, Degraded/SplitReverted while waiting.
+    let seen_canaries: Vec<Value> = canaries
+        .seen()
+        .into_iter()
+        .filter(|s| !s.deleted)
+        .map(|s| s.object)
+        .collect();
+    let max_count = seen_canaries
+        .iter()
+        .filter_map(|c| c["status"]["revertCount"].as_i64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        max_count >= 2,
+        "status.revertCount never reached 2 (max {max_count}):\n{statuses}"
+    );
+    assert!(
+        seen_canaries
+            .iter()
+            .any(|c| c["status"]["phase"] == "Degraded" && ready_reason(c) == "SplitReverted"),
+        "the canary was never Degraded with reason SplitReverted while it waited:\n{statuses}"
+    );
+    assert!(
+        seen_canaries
+            .iter()
+            .any(|c| c["status"]["lastRevertTime"].is_string()),
+        "status.lastRevertTime was never set:\n{statuses}"
+    );
+
+    // A warning Event naming the writer (from managedFields).
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(h.client.clone(), &ns);
+    let selector =
+        "involvedObject.kind=RecordingCanary,involvedObject.name=frontend,reason=SplitReverted";
+    let event = h
+        .until(
+            "a Warning Event SplitReverted on rcanary/frontend naming kubectl-client-side-apply",
+            Duration::from_secs(30),
+            || async {
+                let list = events
+                    .list(&kube::api::ListParams::default().fields(selector))
+                    .await
+                    .map_err(|e| format!("list events: {e}"))?;
+                let messages: Vec<String> = list
+                    .items
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} {}",
+                            e.type_.clone().unwrap_or_default(),
+                            e.message.clone().unwrap_or_default()
+                        )
+                    })
+                    .collect();
+                list.items
+                    .iter()
+                    .find(|e| {
+                        e.type_.as_deref() == Some("Warning")
+                            && e.message
+                                .as_deref()
+                                .is_some_and(|m| m.contains("kubectl-client-side-apply"))
+                    })
+                    .and_then(|e| e.message.clone())
+                    .ok_or(format!("SplitReverted events: {messages:?}"))
+            },
+        )
+        .await;
+    eprintln!("[e2e] {ns}: event: {event}");
+
+    // The peer stopped: the split is back, and the canary Ready at 10%.
+    let c = h
+        .until(
+            "the split back (Ready at 10%, the VirtualService routing to the recording subset) \
+             after the peer stopped",
+            RECOVERY,
+            || async {
+                let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+                let vs = h.vs("frontend").await.ok_or("no VirtualService")?;
+                let ok = c["status"]["phase"] == "Ready"
+                    && c["status"]["currentPercent"] == 10
+                    && c["status"]["observedGeneration"] == c["metadata"]["generation"]
+                    && split_weights(&vs) == Some((90, 10));
+                if ok {
+                    Ok(c)
+                } else {
+                    Err(format!(
+                        "{}; routes {}",
+                        canary_line(&c),
+                        route_summary(&vs)
+                    ))
+                }
+            },
+        )
+        .await;
+    let recovered = end.elapsed();
+    println!(
+        "split back {recovered:?} after the peer stopped; revertCount {}",
+        c["status"]["revertCount"]
+    );
+    eprintln!(
+        "[e2e] {ns}: split back {recovered:?} after the peer stopped (max revertCount {max_count}); \
+         canary status since the peer started:\n{}",
+        canary_timeline(&canaries, start)
+    );
+    drop((vss, canaries));
+    // The peer changed only routes: make-before-break holds throughout.
+    h.finish(true).await;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Objects deleted by someone else while a canary runs.
+
+/// Waits until the canary is Ready at 10% and the VirtualService it created splits 90/10.
+async fn back_at_10(h: &Harness, what: &str) {
+    h.until(
+        &format!("{what}: the VirtualService {OWNED} at 90/10"),
+        Duration::from_secs(90),
+        || async {
+            let vs = h.vs(OWNED).await.ok_or("no VirtualService")?;
+            if split_weights(&vs) == Some((90, 10)) {
+                Ok(())
+            } else {
+                Err(route_summary(&vs))
+            }
+        },
+    )
+    .await;
+    h.wait_status("frontend", "Ready", 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_without_breaking_traffic()
+ {
+    let h = Harness::start("deleted").await;
+    let ns = h.ns.clone();
+    let app = example("app.yaml");
+    let app = app.to_str().expect("utf-8 path");
+    h.app_and_canary("canary.yaml").await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    let canaries = Tape::start(
+        &h,
+        h.canary_api(),
+        watcher::Config::default().fields("metadata.name=frontend"),
+    )
+    .await;
+    let clones = Tape::start(
+        &h,
+        h.deployments(),
+        watcher::Config::default().fields(&format!("metadata.name={CLONE}")),
+    )
+    .await;
+    let vs_revisions_since = |t: Instant| -> Vec<(u64, Value)> {
+        h.mbb
+            .revisions()
+            .into_iter()
+            .filter(|r| r.kind == Kind::VirtualService && r.name == OWNED && r.seen >= t)
+            .map(|r| (r.rv, r.object))
+            .collect()
+    };
+
+    // (a) The clone: re-created. While it is missing or not Ready it gets no traffic.
+    let old_clone = h.deployment(CLONE).await.expect("the clone");
+    let old_uid = old_clone.metadata.uid.clone().unwrap_or_default();
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "deployment", CLONE]).await;
+    back_at_10(&h, "(a) clone deleted").await;
+    let took = t.elapsed();
+    let new_clone = h.deployment(CLONE).await.expect("the re-created clone");
+    assert_ne!(
+        new_clone.metadata.uid.clone().unwrap_or_default(),
+        old_uid,
+        "the clone was not re-created"
+    );
+    // The first revision of the new clone with a Ready replica, and the VirtualService after
+    // the deletion: drained to 0, and back to 10 only after that revision (etcd revisions order
+    // writes across kinds).
+    let ready_rv = h
+        .until(
+            "(a) the clone watch to see the new clone with a Ready replica",
+            WAIT,
+            || async {
+                clones
+                    .seen()
+                    .iter()
+                    .filter(|s| {
+                        !s.deleted
+                            && uid_of(&s.object) != old_uid
+                            && s.object["status"]["readyReplicas"].as_i64().unwrap_or(0) >= 1
+                    })
+                    .map(|s| rv_of(&s.object))
+                    .min()
+                    .ok_or(format!("{} clone revisions seen", clones.seen().len()))
+            },
+        )
+        .await;
+    h.mbb.catch_up(&h.vs_api(), &h.dr_api()).await;
+    let after_delete = vs_revisions_since(t);
+    let weights_a: Vec<String> = after_delete
+        .iter()
+        .map(|(rv, v)| format!("rv {rv}: {}", route_summary(v)))
+        .collect();
+    eprintln!(
+        "[e2e] {ns}: (a) clone deleted: back at 10% in {took:?}; new clone Ready at rv {ready_rv}; \
+         VirtualService revisions since:\n  {}\ncanary:\n{}",
+        weights_a.join("\n  "),
+        canary_timeline(&canaries, t)
+    );
+    let drained = after_delete
+        .iter()
+        .position(|(_, v)| split_weights(v) == Some((100, 0)));
+    assert!(
+        drained.is_some(),
+        "(a) the clone was deleted but its weight never went to 0 (the recording subset had no \
+         Ready pod): {weights_a:#?}"
+    );
+    let early: Vec<&String> = after_delete
+        .iter()
+        .zip(&weights_a)
+        .skip(drained.unwrap_or(0))
+        .filter(|((rv, v), _)| routes_to_recording(v) && *rv < ready_rv)
+        .map(|(_, w)| w)
+        .collect();
+    assert!(
+        early.is_empty(),
+        "(a) traffic went back to the re-created clone before it had a Ready replica (rv \
+         {ready_rv}): {early:?}"
+    );
+
+    // (b) The DestinationRule it created: re-created. Someone else deleting a DestinationRule
+    // that a VirtualService routes to breaks make-before-break by itself (checked at the end);
+    // the controller can only put it back as fast as it can.
+    let old_dr = h.dr(OWNED).await.expect("the DestinationRule");
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "destinationrule", OWNED]).await;
+    let c_b = h.canary("frontend").await.expect("the canary");
+    let vs_b = h.vs(OWNED).await.expect("the VirtualService");
+    eprintln!(
+        "[e2e] {ns}: (b) right after the DestinationRule was deleted: canary {}; VirtualService {}",
+        canary_line(&c_b),
+        route_summary(&vs_b)
+    );
+    h.until(
+        "(b) the DestinationRule re-created with both subsets",
+        WAIT,
+        || async {
+            let dr = h.dr(OWNED).await.ok_or("no DestinationRule")?;
+            let names: Vec<String> = dr["spec"]["subsets"]
+                .as_array()
+                .map(|ss| {
+                    ss.iter()
+                        .filter_map(|s| s["name"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if uid_of(&dr) != uid_of(&old_dr)
+                && names.iter().any(|n| n == STABLE_SUBSET)
+                && names.iter().any(|n| n == RECORDING_SUBSET)
+            {
+                Ok(())
+            } else {
+                Err(format!("uid {}, subsets {names:?}", uid_of(&dr)))
+            }
+        },
+    )
+    .await;
+    back_at_10(&h, "(b) DestinationRule deleted").await;
+    h.mbb.catch_up(&h.vs_api(), &h.dr_api()).await;
+    let weights_b: Vec<String> = vs_revisions_since(t)
+        .iter()
+        .map(|(rv, v)| format!("rv {rv}: {}", route_summary(v)))
+        .collect();
+    eprintln!(
+        "[e2e] {ns}: (b) DestinationRule deleted: back in {:?}; VirtualService revisions since: \
+         {weights_b:?}\ncanary:\n{}",
+        t.elapsed(),
+        canary_timeline(&canaries, t)
+    );
+
+    // (c) The VirtualService it created: re-created at 10%.
+    let old_vs = h.vs(OWNED).await.expect("the VirtualService");
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "virtualservice", OWNED]).await;
+    back_at_10(&h, "(c) VirtualService deleted").await;
+    let vs_c = h.vs(OWNED).await.expect("the VirtualService");
+    assert_ne!(
+        uid_of(&vs_c),
+        uid_of(&old_vs),
+        "(c) the VirtualService was not re-created"
+    );
+    eprintln!(
+        "[e2e] {ns}: (c) VirtualService deleted: back in {:?}\ncanary:\n{}",
+        t.elapsed(),
+        canary_timeline(&canaries, t)
+    );
+
+    // (d) The target: Blocked TargetNotFound until it is back.
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "deployment", "frontend"]).await;
+    wait_blocked(&h, "TargetNotFound", WAIT).await;
+    let blocked_in = t.elapsed();
+    h.k(&["apply", "-f", app]).await;
+    back_at_10(&h, "(d) target re-created").await;
+    h.until(
+        "(d) the re-created target's 3 pods Ready and labelled stable",
+        WAIT,
+        || async {
+            let pods = h.pods(None).await;
+            let stable = pods
+                .iter()
+                .filter(|p| {
+                    pod_of(p, "frontend")
+                        && pod_ready(p)
+                        && labels(p).get(ROLE_LABEL).map(String::as_str) == Some("stable")
+                })
+                .count();
+            if stable == 3 {
+                Ok(())
+            } else {
+                Err(format!("{stable} Ready target pods labelled stable"))
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "[e2e] {ns}: (d) target deleted: Blocked in {blocked_in:?}, back at 10% {:?} after the \
+         deletion\ncanary:\n{}",
+        t.elapsed(),
+        canary_timeline(&canaries, t)
+    );
+
+    // (e) The Service: Blocked ServiceNotFound until it is back.
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "service", "frontend"]).await;
+    wait_blocked(&h, "ServiceNotFound", WAIT).await;
+    let blocked_in = t.elapsed();
+    h.k(&["apply", "-f", app]).await;
+    back_at_10(&h, "(e) Service re-created").await;
+    eprintln!(
+        "[e2e] {ns}: (e) Service deleted: Blocked in {blocked_in:?}, back at 10% {:?} after the \
+         deletion\ncanary:\n{}",
+        t.elapsed(),
+        canary_timeline(&canaries, t)
+    );
+    drop((canaries, clones));
+
+    // Make-before-break: the only violations allowed are those of the external deletion of the
+    // DestinationRule in (b) (it took the subsets away under the VirtualService's routes, which
+    // no controller can prevent); every write of the controller's must keep it.
+    let report = h.mbb.check(&h.vs_api(), &h.dr_api()).await;
+    let deletion = h
+        .mbb
+        .revisions()
+        .into_iter()
+        .find(|r| r.kind == Kind::DestinationRule && r.name == OWNED && r.deleted)
+        .expect("the watcher saw the deletion of the DestinationRule");
+    let external = format!(
+        "DestinationRule {OWNED} revision {} (deletion) took away subset",
+        deletion.rv
+    );
+    println!(
+        "make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions; \
+         {} violations at the external deletion of the DestinationRule (rv {})",
+        report.vs_revisions,
+        report.dr_revisions,
+        report
+            .violations
+            .iter()
+            .filter(|v| v.starts_with(&external))
+            .count(),
+        deletion.rv
+    );
+    let others: Vec<&String> = report
+        .violations
+        .iter()
+        .filter(|v| !v.starts_with(&external))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "make-before-break violated by other than the external deletion of the DestinationRule \
+         (rv {}):\n{}\nrevisions:\n{}",
+        deletion.rv,
+        others
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        report.timeline
+    );
+    // The deletion itself is reported, once per subset the VirtualService routed to then.
+    let mut at_deletion: Vec<&String> = report
+        .violations
+        .iter()
+        .filter(|v| v.starts_with(&external))
+        .collect();
+    at_deletion.sort();
+    h.record_checked(report.vs_revisions, report.dr_revisions, others.len());
+    assert_eq!(
+        at_deletion.len(),
+        2,
+        "expected the external deletion of the DestinationRule (rv {}) to take away both subsets \
+         under the VirtualService's routes: {at_deletion:#?}",
+        deletion.rv
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Rollback after a deletion the controller did not see happen, and in the middle of a ramp.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_deleted_while_no_controller_runs_is_rolled_back_by_the_next_one() {
+    let mut h = Harness::start_without_controller("orphandel").await;
+    let args = controller_args(&h.ns);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let kubeconfig = h.env.kubeconfig.clone();
+    let mut first = h.spawn_controller("first", &args, &kubeconfig);
+    h.app_and_canary("canary.yaml").await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+
+    first.kill();
+    h.faults_injected(2);
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"])
+        .await;
+    let c = h
+        .canary("frontend")
+        .await
+        .expect("with no controller running, the finalizer keeps the canary");
+    assert!(
+        c["metadata"]["deletionTimestamp"].is_string(),
+        "the canary is not being deleted: {}",
+        c["metadata"]
+    );
+    let vs = h.vs(OWNED).await.expect("the VirtualService");
+    assert_eq!(
+        split_weights(&vs),
+        Some((90, 10)),
+        "nothing may have changed while no controller ran"
+    );
+
+    let t = Instant::now();
+    let _second = h.spawn_controller("second", &args, &kubeconfig);
+    h.wait_gone(
+        &h.canary_api(),
+        "rcanary",
+        "frontend",
+        Duration::from_secs(60),
+    )
+    .await;
+    eprintln!(
+        "[e2e] {}: rolled back by the next controller in {:?}",
+        h.ns,
+        t.elapsed()
+    );
+    assert_rolled_back(&h).await;
+    h.finish(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_deleted_mid_ramp_rolls_back_cleanly() {
+    let mut h = Harness::start("rampdel").await;
+    let ns = h.ns.clone();
+    h.app_and_canary("canary-ramp.yaml").await;
+    // Mid-ramp: a step after the first taken (10% at once, 20% an interval later), short of 50%.
+    let w = h
+        .until(
+            "the ramp at 20% (status and VirtualService)",
+            WAIT,
+            || async {
+                let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+                let vs = h.vs(OWNED).await.ok_or("no VirtualService")?;
+                let current = c["status"]["currentPercent"].as_i64().unwrap_or(0);
+                let w = recording_weight(&vs);
+                if current == 20 && w == 20 {
+                    Ok(w)
+                } else {
+                    Err(format!(
+                        "{}; routes {}",
+                        canary_line(&c),
+                        route_summary(&vs)
+                    ))
+                }
+            },
+        )
+        .await;
+    let t = Instant::now();
+    h.faults_injected(1);
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"])
+        .await;
+    h.wait_gone(
+        &h.canary_api(),
+        "rcanary",
+        "frontend",
+        Duration::from_secs(60),
+    )
+    .await;
+    let took = t.elapsed();
+    h.mbb.catch_up(&h.vs_api(), &h.dr_api()).await;
+    // After the deletion the weight only goes down.
+    let after: Vec<(u64, bool, i64)> = h
+        .mbb
+        .revisions()
+        .into_iter()
+        .filter(|r| r.kind == Kind::VirtualService && r.seen >= t)
+        .map(|r| (r.rv, r.deleted, recording_weight(&r.object)))
+        .collect();
+    eprintln!(
+        "[e2e] {ns}: deleted at {w}%, gone in {took:?}; VirtualService revisions since \
+         (rv, deleted, recording weight): {after:?}"
+    );
+    let raised: Vec<_> = after.iter().filter(|(_, d, x)| !d && *x > w).collect();
+    assert!(
+        raised.is_empty(),
+        "the ramp went on after the canary was deleted at {w}%: {raised:?}"
+    );
+    assert_rolled_back(&h).await;
     h.finish(true).await;
 }

@@ -556,6 +556,22 @@ impl Harness {
             .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Records figures of a make-before-break check that the test ran itself (instead of
+    /// [`Harness::finish`]), `violations` being those it did not expect.
+    pub fn record_checked(&self, vs_revisions: usize, dr_revisions: usize, violations: usize) {
+        let report = crate::mbb::Report {
+            vs_revisions,
+            dr_revisions,
+            violations: vec![String::new(); violations],
+            timeline: String::new(),
+        };
+        record_safety(
+            &self.ns,
+            self.faults.load(std::sync::atomic::Ordering::SeqCst),
+            &report,
+        );
+    }
+
     pub async fn finish(&mut self, split_expected: bool) {
         let report = self.mbb.check(&self.vs_api(), &self.dr_api()).await;
         record_safety(
