@@ -596,6 +596,10 @@ pub fn rv_test(obj: &Value) -> Vec<Value> {
 }
 
 #[cfg(test)]
+#[path = "istio_props.rs"]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
