@@ -304,6 +304,11 @@ fn parse_duration(field: &str, s: &str) -> Result<Duration, InvalidSpec> {
 /// `<number><unit>` groups, e.g. `30s`, `1m30s`, `500ms`.
 const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
 
+/// A DNS-1123 subdomain: what Kubernetes object names must be.
+const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A label value.
+const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
+
 /// The CRD, with the admission rules the derive cannot express.
 pub fn crd() -> CustomResourceDefinition {
     let mut crd = RecordingCanary::crd();
@@ -333,6 +338,11 @@ fn harden_schema(root: &mut Value) {
             "description".into(),
             json!("RecordingCanary sends `percent` of a Service's requests, through Istio, to a clone of a Deployment that carries a traffic-recording sidecar."),
         );
+        // The name is a label value on everything the canary creates.
+        o.insert(
+            "x-kubernetes-validations".into(),
+            json!([{"rule": "self.metadata.name.size() <= 63", "message": "a RecordingCanary's name must be at most 63 characters: it becomes the value of the label recordingcanary.dev/canary on the objects it creates"}]),
+        );
     }
     let Some(spec) = root.pointer_mut("/properties/spec") else {
         return;
@@ -342,15 +352,42 @@ fn harden_schema(root: &mut Value) {
         "/properties/percent",
         json!({"minimum": 0, "maximum": 100}),
     );
+    // The clone is named `<target>-recording`: both must be DNS subdomains.
     set(
         spec,
         "/properties/targetRef/properties/name",
-        json!({"minLength": 1, "maxLength": 253}),
+        json!({"minLength": 1, "maxLength": 243, "pattern": DNS_SUBDOMAIN}),
     );
     set(
         spec,
         "/properties/service",
-        json!({"minLength": 1, "maxLength": 63}),
+        json!({"minLength": 1, "maxLength": 63, "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}),
+    );
+    // What goes on the clone's metadata: bounded, and valid as label values where it becomes
+    // labels (an invalid label key is refused when the clone is written: a WriteRefused Event).
+    for field in ["annotations", "podAnnotations"] {
+        set(
+            spec,
+            &format!("/properties/sidecar/properties/{field}"),
+            json!({"maxProperties": 64}),
+        );
+        set(
+            spec,
+            &format!("/properties/sidecar/properties/{field}/additionalProperties"),
+            json!({"maxLength": 4096}),
+        );
+    }
+    set(
+        spec,
+        "/properties/sidecar/properties/podLabels",
+        json!({"maxProperties": 32, "x-kubernetes-validations": [
+            {"rule": "!('recordingcanary.dev/role' in self) && !('pod-template-hash' in self)", "message": "spec.sidecar.podLabels must not set recordingcanary.dev/role or pod-template-hash: the controller's subsets depend on them"}
+        ]}),
+    );
+    set(
+        spec,
+        "/properties/sidecar/properties/podLabels/additionalProperties",
+        json!({"maxLength": 63, "pattern": LABEL_VALUE}),
     );
     set(spec, "/properties/maxReplicas", json!({"minimum": 1}));
     // Bounds keep the CEL immutability rules within the apiserver's cost budget.
@@ -363,12 +400,12 @@ fn harden_schema(root: &mut Value) {
     set(
         spec,
         "/properties/virtualService",
-        json!({"maxLength": 253}),
+        json!({"maxLength": 253, "pattern": DNS_SUBDOMAIN}),
     );
     set(
         spec,
         "/properties/destinationRule",
-        json!({"maxLength": 253}),
+        json!({"maxLength": 253, "pattern": DNS_SUBDOMAIN}),
     );
     set(
         spec,

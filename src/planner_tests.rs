@@ -3230,6 +3230,10 @@ fn blocked_serving_worlds() -> Vec<(&'static str, World)> {
                     .push(pod_of("frontend-v2", "9a9a", "frontend-v2-9a9a-a").build())
             }),
         ),
+        (
+            "ServiceWithoutSelector",
+            with(&|w| w.service_selector.clear()),
+        ),
         // Blocks only once this canary no longer holds its clone.
         (
             "Conflict",
@@ -3360,7 +3364,7 @@ fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 15 * 3 - 2 * 2, "cases checked");
+    assert_eq!(checked, 16 * 3 - 2 * 2, "cases checked");
 }
 
 #[test]
@@ -3501,4 +3505,101 @@ fn the_revert_backoff_doubles_up_to_five_minutes() {
         .map(|n| progress::revert_backoff(n).as_secs())
         .collect();
     assert_eq!(secs, vec![0, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_service_without_a_selector_blocks_before_any_mesh_write() {
+    let mut w = fresh_world();
+    w.service_selector.clear();
+    let p = w.plan();
+    assert_blocked(&p, "ServiceWithoutSelector");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_virtual_service_with_only_tcp_and_tls_routes_blocks() {
+    let mut w = fresh_world();
+    w.vss = vec![vs(
+        "frontend",
+        json!({"hosts": ["frontend"],
+               "tcp": [{"route": [{"destination": {"host": "frontend"}}]}],
+               "tls": [{"match": [{"sniHosts": ["frontend"]}], "route": [{"destination": {"host": "frontend"}}]}]}),
+    )];
+    let p = w.plan();
+    assert_blocked(&p, "NoRouteToService");
+    assert_only_pod_labels(&p);
+}
+
+#[test]
+fn a_delegating_virtual_service_blocks_and_its_delegate_is_left_alone() {
+    let mut w = fresh_world();
+    w.vss = vec![
+        vs(
+            "frontend",
+            json!({"hosts": ["frontend"], "http": [{"match": [{"uri": {"prefix": "/"}}], "delegate": {"name": "frontend-routes"}}]}),
+        ),
+        vs(
+            "frontend-routes",
+            json!({"http": [{"route": [{"destination": {"host": "frontend"}}]}]}),
+        ),
+    ];
+    let p = w.plan();
+    assert_blocked(&p, "NoRouteToService");
+    assert!(!has(&p, is_mesh_write), "{:#?}", p.actions);
+}
+
+#[test]
+fn weights_that_do_not_sum_to_100_keep_their_sum_when_split() {
+    // Istio's validation refuses such a VirtualService; if one exists anyway, the split must
+    // not make it worse: each route keeps its total.
+    let mut w = fresh_world();
+    w.vss = vec![vs(
+        "frontend",
+        json!({"hosts": ["frontend"], "http": [{"route": [
+            {"destination": {"host": "frontend"}, "weight": 60},
+            {"destination": {"host": "backend"}, "weight": 30}]}]}),
+    )];
+    w.drs = vec![split_dr()];
+    w.pods = vec![
+        target_pod("frontend-7d9f-a").stable().build(),
+        target_pod("frontend-7d9f-b").stable().build(),
+    ];
+    w.canary = canary()
+        .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
+        .build();
+    w.clone = Some(live_clone(&w.canary, &target(4), 1, 1));
+    let p = w.plan();
+    let after = apply_ops(
+        w.vs_named("frontend"),
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("split"),
+    );
+    let total: i64 = after["spec"]["http"][0]["route"]
+        .as_array()
+        .expect("route")
+        .iter()
+        .map(|d| d["weight"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 90, "{after:#}");
+}
+
+#[test]
+fn a_deployment_of_another_kind_named_as_the_target_is_not_found() {
+    // targetRef names a StatefulSet (or anything that is not an apps/v1 Deployment): the
+    // controller sees no Deployment of that name and says so.
+    let mut w = fresh_world();
+    w.target = None;
+    let p = w.plan();
+    assert_blocked(&p, "TargetNotFound");
+    assert!(
+        p.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.message.contains("Deployment frontend not found")),
+        "{:#?}",
+        p.status.conditions
+    );
 }

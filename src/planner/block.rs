@@ -30,6 +30,11 @@ pub enum Block {
         name: String,
         namespace: String,
     },
+    /// The Service has no pod selector (its endpoints are managed by hand): the subsets, which
+    /// select pods by label, would not match what it sends traffic to.
+    ServiceWithoutSelector {
+        name: String,
+    },
     CloneNameTaken {
         clone: String,
     },
@@ -100,6 +105,7 @@ impl Block {
             Block::Rival { .. } | Block::SplitByOther { .. } => "Conflict".into(),
             Block::TargetNotFound { .. } => "TargetNotFound".into(),
             Block::ServiceNotFound { .. } => "ServiceNotFound".into(),
+            Block::ServiceWithoutSelector { .. } => "ServiceWithoutSelector".into(),
             Block::CloneNameTaken { .. } => "CloneNameTaken".into(),
             Block::NamedNotFound { kind, .. } => format!("{}NotFound", kind.name()),
             Block::Ambiguous { kind, .. } => format!("Ambiguous{}", kind.name()),
@@ -131,6 +137,9 @@ impl Block {
             Block::ServiceNotFound { name, namespace } => {
                 format!("Service {name} not found in namespace {namespace}")
             }
+            Block::ServiceWithoutSelector { name } => format!(
+                "Service {name} has no pod selector: its endpoints are not the target's pods by label, so a split by subsets could send traffic nowhere"
+            ),
             Block::CloneNameTaken { clone } => {
                 format!("Deployment {clone} exists and was not created by this RecordingCanary")
             }
@@ -262,6 +271,11 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         return Err(Block::ServiceNotFound {
             name: c.spec.service_name().into(),
             namespace: ns,
+        });
+    }
+    if o.service_selector.is_empty() {
+        return Err(Block::ServiceWithoutSelector {
+            name: c.spec.service_name().into(),
         });
     }
     if let Some(cl) = o.clone

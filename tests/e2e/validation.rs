@@ -58,6 +58,49 @@ async fn invalid_specs_are_rejected_with_a_readable_message() {
             json!({"propagationDelay": "x"}),
             "spec.propagationDelay",
         ),
+        // Hostile input.
+        ("percent-string", json!({"percent": "10"}), "spec.percent"),
+        (
+            "target-not-a-name",
+            json!({"targetRef": {"name": "Frontend_V2"}}),
+            "spec.targetRef.name",
+        ),
+        (
+            "target-too-long-for-its-clone",
+            json!({"targetRef": {"name": "a".repeat(250)}}),
+            "spec.targetRef.name",
+        ),
+        (
+            "service-not-a-name",
+            json!({"service": "front.end"}),
+            "spec.service",
+        ),
+        (
+            "virtual-service-not-a-name",
+            json!({"virtualService": "Routes!"}),
+            "spec.virtualService",
+        ),
+        (
+            "role-label-on-the-clone",
+            json!({"sidecar": {"podLabels": {"recordingcanary.dev/role": "stable"}}}),
+            "spec.sidecar.podLabels",
+        ),
+        (
+            "label-value-not-a-label",
+            json!({"sidecar": {"podLabels": {"team": "a b c"}}}),
+            "spec.sidecar.podLabels",
+        ),
+        (
+            "huge-annotation-map",
+            json!({"sidecar": {"annotations": (0..100).map(|i| (format!("a{i}"), json!("x"))).collect::<serde_json::Map<_, _>>()}}),
+            "spec.sidecar.annotations",
+        ),
+        (
+            "huge-annotation-value",
+            json!({"sidecar": {"podAnnotations": {"a": "x".repeat(5000)}}}),
+            "spec.sidecar.podAnnotations",
+        ),
+        ("unknown-field", json!({"weight": 10}), "weight"),
     ];
     let mut failures = Vec::new();
     for (name, change, field) in cases {
@@ -89,6 +132,18 @@ async fn invalid_specs_are_rejected_with_a_readable_message() {
                 o.stderr.trim()
             ));
         }
+    }
+    // A name that does not fit in a label value.
+    let mut long = canary(base.clone());
+    long["metadata"]["name"] = json!("c".repeat(64));
+    let path = h.manifest("long-name", &long.to_string());
+    let o = h
+        .kubectl(&["apply", "-f", path.to_str().expect("path")])
+        .await;
+    if o.ok || !o.stderr.contains("at most 63 characters") {
+        failures.push(format!(
+            "long-name: a 64-character name must be refused with its reason: {o:?}"
+        ));
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     let left = h.k(&["get", "rcanary", "-o", "name"]).await;
