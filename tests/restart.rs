@@ -60,20 +60,7 @@ async fn a_control_plane_restarted_mid_ramp_is_ridden_out() {
         &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 10, "interval": "4s"}}}),
     )
     .await;
-    h.until(
-        "the ramp to be under way (0 < currentPercent < 50)",
-        Duration::from_secs(60),
-        || async {
-            let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
-            let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
-            if cur > 0 && cur < 50 {
-                Ok(())
-            } else {
-                Err(c["status"].to_string())
-            }
-        },
-    )
-    .await;
+    h.wait_ramp_under_way("frontend", 50).await;
 
     kwokctl(&cluster, &["stop", "cluster"]);
     h.faults_injected(1);
@@ -91,15 +78,19 @@ async fn a_control_plane_restarted_mid_ramp_is_ridden_out() {
     .await;
 
     // The same controller process finishes the ramp.
-    h.until("the ramp to finish at 50%", Duration::from_secs(120), || async {
-        let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
-        let st = &c["status"];
-        if st["phase"] == "Ready" && st["currentPercent"] == 50 {
-            Ok(())
-        } else {
-            Err(st.to_string())
-        }
-    })
+    h.until(
+        "the ramp to finish at 50%",
+        Duration::from_secs(120),
+        || async {
+            let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
+            let st = &c["status"];
+            if st["phase"] == "Ready" && st["currentPercent"] == 50 {
+                Ok(())
+            } else {
+                Err(st.to_string())
+            }
+        },
+    )
     .await;
     let vs = h.vs(OWNED).await.expect("the VirtualService");
     assert_eq!(split_weights(&vs), Some((50, 50)), "{vs:#}");

@@ -60,21 +60,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
         &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 10, "interval": "3s"}}}),
     )
     .await;
-    let at_kill = h
-        .until(
-            "the ramp to be under way (0 < currentPercent < 50)",
-            Duration::from_secs(60),
-            || async {
-                let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
-                let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
-                if cur > 0 && cur < 50 {
-                    Ok(cur)
-                } else {
-                    Err(c["status"].to_string())
-                }
-            },
-        )
-        .await;
+    let at_kill = h.wait_ramp_under_way("frontend", 50).await;
     assert_eq!(
         holder(&h).await.map(|id| id.ends_with(&a_id)),
         Some(true),
@@ -154,20 +140,7 @@ async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
         &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 10, "interval": "2s"}}}),
     )
     .await;
-    h.until(
-        "the ramp to be under way",
-        Duration::from_secs(60),
-        || async {
-            let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
-            let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
-            if cur > 0 && cur < 50 {
-                Ok(())
-            } else {
-                Err(c["status"].to_string())
-            }
-        },
-    )
-    .await;
+    h.wait_ramp_under_way("frontend", 50).await;
 
     // The leader freezes (a stalled node, a long GC pause, a debugger): it renews nothing.
     a.signal("STOP");

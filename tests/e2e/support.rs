@@ -484,6 +484,25 @@ impl Harness {
         }
     }
 
+    /// Waits (at most 60 s) until canary `name` is part-way up its ramp to `target` percent;
+    /// returns where it is.
+    pub async fn wait_ramp_under_way(&self, name: &str, target: i64) -> i64 {
+        self.until(
+            &format!("the ramp to be under way (0 < currentPercent < {target})"),
+            WAIT,
+            || async {
+                let c = self.canary(name).await.ok_or("rcanary is gone")?;
+                let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
+                if cur > 0 && cur < target {
+                    Ok(cur)
+                } else {
+                    Err(c["status"].to_string())
+                }
+            },
+        )
+        .await
+    }
+
     /// Waits until the canary's status is for its current generation and has `phase` and `current`.
     pub async fn wait_status(&self, name: &str, phase: &str, current: i64) -> Value {
         self.until(
