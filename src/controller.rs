@@ -1075,7 +1075,10 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             let note = planner::EventNote {
                 warning: true,
                 reason: "WriteRefused".into(),
-                note: format!("The API server refused a write ({} {}): {}", s.code, s.reason, s.message),
+                note: format!(
+                    "The API server refused a write ({} {}): {}",
+                    s.code, s.reason, s.message
+                ),
             };
             publish_events(ctx, &canary, std::slice::from_ref(&note)).await;
         }

@@ -88,7 +88,13 @@ mod tests {
     #[test]
     fn a_failed_patch_test_is_a_conflict_but_an_admission_denial_is_not() {
         // What the API server answers to a JSON patch whose `test` fails (measured).
-        assert!(status(422, "the server rejected our request due to an error in our request").is_conflict());
+        assert!(
+            status(
+                422,
+                "the server rejected our request due to an error in our request"
+            )
+            .is_conflict()
+        );
         assert!(status(409, "the object has been modified").is_conflict());
         let denied = status(
             422,
