@@ -80,7 +80,9 @@ async fn a_control_plane_restarted_mid_ramp_is_ridden_out() {
     // The same controller process finishes the ramp.
     h.until(
         "the ramp to finish at 50%",
-        Duration::from_secs(120),
+        // A bound, not a target: after a restart the controller-manager first waits for its
+        // old lease to expire, and the clone's new replicas come only after that.
+        Duration::from_secs(300),
         || async {
             let c = h.canary("frontend").await.ok_or("rcanary is gone")?;
             let st = &c["status"];

@@ -4,16 +4,26 @@
 #
 #   bash tests/run.sh
 #
-# By default it builds (once, cached under ~/.cache/recording-canary; ~16-20 min cold on 2 cores)
-# and starts a local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kwok fake nodes; see tests/cluster/up.sh), and deletes it again on exit.
+# By default it builds (once, cached under ~/.cache/recording-canary; see the README for the cold
+# times on 2 cores) and starts a local control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kwok fake nodes; see tests/cluster/up.sh), and deletes it again on exit. It does so
+# for each Kubernetes version of RC_K8S_VERSIONS, one after the other:
+#   - the first (1.37, the default): the whole suite with Helm 4, and tests/chart/check.sh with
+#     Helm 4 and Helm 3 (tests/restart.rs, which stops and starts its control plane, on a cluster
+#     of its own, NAME-restart);
+#   - each further one (1.35, the oldest supported): the core user flow, that is tests/chart/check.sh
+#     with Helm 4 and Helm 3 and the e2e tests `flows::`, `chart::` and `stable_labels::` with Helm 3.
 #
 # Env:
+#   RC_K8S_VERSIONS="1.37 1.35"  the Kubernetes versions of the local control plane, in that order
+#                        (see tests/cluster/versions.sh). RC_K8S_VERSIONS=1.37 runs only the first pass.
+#   RC_CORE_TESTS="flows:: chart:: stable_labels::"  the e2e filters of the further versions' pass.
 #   RC_KUBECONFIG=path   use this existing cluster instead (e.g. kind with Istio installed); nothing is
 #                        built or started; only this repo's crds/ are applied (Istio CRDs must exist there).
-#                        RC_KUBECTL / RC_HELM may point at the binaries to use with it.
-#   RC_KEEP_CLUSTER=1    leave the local cluster running after the tests (tests/cluster/down.sh NAME stops it).
-#   RC_CLUSTER_NAME=...  name of the local cluster (default: rcanary-e2e).
+#                        RC_KUBECTL / RC_HELM may point at the binaries to use with it. One pass only.
+#   RC_KEEP_CLUSTER=1    leave the local clusters running after the tests (tests/cluster/down.sh NAME stops one).
+#   RC_CLUSTER_NAME=...  name of the first local cluster (default: rcanary-e2e); the further versions'
+#                        clusters are NAME-v135 and so on.
 #   RC_TEST_THREADS=N    test threads for the integration tests (default 2).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -24,6 +34,11 @@ export RC_T0=${RC_T0:-$(date +%s)}
 RC_TAG=run
 user_kubectl=${RC_KUBECTL:-}
 user_helm=${RC_HELM:-}
+read -r -a k8s_versions <<<"${RC_K8S_VERSIONS:-1.37 1.35}"
+[ ${#k8s_versions[@]} -gt 0 ] || { echo "RC_K8S_VERSIONS is empty" >&2; exit 1; }
+export RC_K8S_VERSION=${k8s_versions[0]}
+read -r -a core_tests <<<"${RC_CORE_TESTS:-flows:: chart:: stable_labels::}"
+base_path=$PATH
 # shellcheck source=cluster/lib.sh
 source "$repo/tests/cluster/lib.sh"
 
@@ -53,19 +68,25 @@ cargo clippy --version >/dev/null 2>&1 || rc_die "cargo clippy is not available 
 rc_say "$(cargo --version); $(rustc --version)"
 
 # --- cluster -----------------------------------------------------------------------------------
-started_cluster=0
+running_clusters=() # started by this run and not torn down yet
+# Tears down (or, with RC_KEEP_CLUSTER=1, leaves running) the clusters this run started.
+stop_clusters() {
+  local c
+  for c in "${running_clusters[@]}"; do
+    if [ "${RC_KEEP_CLUSTER:-}" = 1 ]; then
+      rc_say "RC_KEEP_CLUSTER=1: leaving cluster '$c' running; stop it with: bash tests/cluster/down.sh $c"
+      rc_say "  export KUBECONFIG=$(rc_kubeconfig "$c")"
+    else
+      section "tearing down cluster '$c'"
+      bash "$repo/tests/cluster/down.sh" "$c" || rc_say "WARNING: down.sh failed"
+    fi
+  done
+  running_clusters=()
+}
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  if [ "$started_cluster" = 1 ]; then
-    if [ "${RC_KEEP_CLUSTER:-}" = 1 ]; then
-      rc_say "RC_KEEP_CLUSTER=1: leaving cluster '$RC_CLUSTER_NAME' running; stop it with: bash tests/cluster/down.sh $RC_CLUSTER_NAME"
-      rc_say "  export KUBECONFIG=$kubeconfig"
-    else
-      section "tearing down cluster '$RC_CLUSTER_NAME'"
-      bash "$repo/tests/cluster/down.sh" "$RC_CLUSTER_NAME" || rc_say "WARNING: down.sh failed"
-    fi
-  fi
+  stop_clusters
   if [ "$rc" = 0 ]; then
     printf '\n==== [%4ss total] PASSED\n' "$(( $(date +%s) - RC_T0 ))" >&2
   else
@@ -105,12 +126,13 @@ if [ -n "${RC_KUBECONFIG:-}" ]; then
   fi
   done_section
 else
-  section "building the local control plane (cached after the first run; ~9-20 min cold)"
+  section "building the local control plane, Kubernetes $K8S_VERSION, Helm $HELM4_VERSION and $HELM3_VERSION (cached after the first run)"
   bash "$repo/tests/cluster/build.sh"
+  RC_HELM_MAJOR=3 bash "$repo/tests/cluster/build.sh" # adds Helm 3 only
   done_section
-  section "starting local cluster '$RC_CLUSTER_NAME'"
+  section "starting local cluster '$RC_CLUSTER_NAME' (Kubernetes $K8S_VERSION)"
   kubeconfig=$(rc_kubeconfig "$RC_CLUSTER_NAME")
-  started_cluster=1 # from here on, the trap tears it down (also when up.sh fails half-way)
+  running_clusters+=("$RC_CLUSTER_NAME") # from here on, the trap tears it down (also when up.sh fails half-way)
   bash "$repo/tests/cluster/up.sh" "$RC_CLUSTER_NAME" >/dev/null
   done_section
 fi
@@ -139,12 +161,25 @@ for b in "$RC_HELM" "$RC_KUBECTL"; do
 done
 export PATH
 
-section "chart: helm lint, install, RBAC proven with kubectl auth can-i (tests/chart/check.sh)"
-bash "$repo/tests/chart/check.sh"
-done_section
+# tests/chart/check.sh with each Helm major built here (with RC_KUBECONFIG: with RC_HELM only).
+chart_checks() {
+  local helms=("$RC_HELM") h
+  [ -n "${RC_KUBECONFIG:-}" ] || helms=("$RC_HELM4" "$RC_HELM3")
+  for h in "${helms[@]}"; do
+    section "chart: helm lint, install, RBAC proven with kubectl auth can-i (tests/chart/check.sh; $h)"
+    RC_HELM=$h bash "$repo/tests/chart/check.sh"
+    done_section
+  done
+}
+chart_checks
+
+# The e2e tests' make-before-break figures (tests/e2e/support.rs), summed up after each e2e run.
+safety_log=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")/e2e-logs/safety.jsonl
 
 # Every integration test target (tests/*.rs, or [[test]] in Cargo.toml), by name.
 test_args=()
+restart_test=0
 if meta=$(cargo metadata --no-deps --format-version 1 2>/dev/null); then
   if command -v python3 >/dev/null; then
     names=$(python3 -c 'import json,sys
@@ -157,11 +192,17 @@ for p in json.load(sys.stdin)["packages"]:
     names=__all__
   fi
   if [ "$names" = __all__ ]; then test_args=(--tests)
-  else for n in $names; do test_args+=(--test "$n"); done; fi
+  else
+    for n in $names; do
+      # tests/restart.rs stops and starts its cluster: it runs on a cluster of its own, below.
+      if [ "$n" = restart ]; then restart_test=1; else test_args+=(--test "$n"); fi
+    done
+  fi
 else
   test_args=(--tests)
 fi
 
+rm -f "$safety_log"
 if [ ${#test_args[@]} -eq 0 ]; then
   section "integration tests: none found under tests/"
 else
@@ -169,12 +210,58 @@ else
   rc_say "RC_E2E_KUBECONFIG=$RC_E2E_KUBECONFIG"
   rc_say "RC_KUBECTL=$RC_KUBECTL ($("$RC_KUBECTL" version --client 2>/dev/null | head -1))"
   rc_say "RC_HELM=$RC_HELM"
-  safety_log=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")/e2e-logs/safety.jsonl
-  rm -f "$safety_log"
   cargo test "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
   done_section
-  section "safety summary (from the e2e run: $safety_log)"
+fi
+if [ "$restart_test" = 1 ]; then
+  if [ -n "${RC_KUBECONFIG:-}" ]; then
+    rc_say "skipping tests/restart.rs: it stops and starts its cluster, and RC_KUBECONFIG names yours"
+  else
+    stop_clusters # one cluster at a time on the 2 cores
+    restart_cluster="$RC_CLUSTER_NAME-restart"
+    section "starting local cluster '$restart_cluster' for tests/restart.rs, which stops and starts it (Kubernetes $K8S_VERSION)"
+    running_clusters+=("$restart_cluster")
+    bash "$repo/tests/cluster/up.sh" "$restart_cluster" >/dev/null
+    done_section
+    section "integration test: cargo test --test restart"
+    RC_RESTART_CLUSTER=$restart_cluster RC_KWOKCTL=$RC_KWOKCTL RC_E2E_KUBECONFIG=$(rc_kubeconfig "$restart_cluster") \
+      KUBECONFIG=$(rc_kubeconfig "$restart_cluster") cargo test --test restart -- --test-threads="${RC_TEST_THREADS:-2}"
+    done_section
+  fi
+fi
+if [ ${#test_args[@]} -gt 0 ] || [ -s "$safety_log" ]; then
+  section "safety summary (from the e2e run on Kubernetes $K8S_VERSION: $safety_log)"
   python3 "$repo/tests/safety_summary.py" "$safety_log"
   done_section
+fi
+
+# --- the further Kubernetes versions: the core user flow ----------------------------------------
+if [ -z "${RC_KUBECONFIG:-}" ]; then
+  for v in "${k8s_versions[@]:1}"; do
+    stop_clusters # one cluster at a time on the 2 cores
+    export RC_K8S_VERSION=$v
+    # shellcheck source=cluster/lib.sh
+    source "$repo/tests/cluster/lib.sh" # the binaries of this version
+    name="$RC_CLUSTER_NAME-v${v//./}"
+    section "building the local control plane, Kubernetes $K8S_VERSION (cached after the first run)"
+    bash "$repo/tests/cluster/build.sh"
+    done_section
+    section "starting local cluster '$name' (Kubernetes $K8S_VERSION)"
+    kubeconfig=$(rc_kubeconfig "$name")
+    running_clusters+=("$name")
+    bash "$repo/tests/cluster/up.sh" "$name" >/dev/null
+    done_section
+    export RC_E2E_KUBECONFIG=$kubeconfig KUBECONFIG=$kubeconfig RC_KUBECTL
+    PATH="$(rc_path):$base_path"
+    chart_checks
+    # The e2e chart tests with Helm 3 here (the first pass ran them with Helm 4).
+    export RC_HELM=$RC_HELM3
+    section "core user flow on Kubernetes $K8S_VERSION with Helm $HELM3_VERSION: cargo test --test e2e -- ${core_tests[*]}"
+    rm -f "$safety_log"
+    cargo test --test e2e -- --test-threads="${RC_TEST_THREADS:-2}" "${core_tests[@]}"
+    done_section
+    section "safety summary (from the e2e run on Kubernetes $K8S_VERSION: $safety_log)"
+    python3 "$repo/tests/safety_summary.py" "$safety_log"
+    done_section
+  done
 fi

@@ -38,7 +38,7 @@ if [ "${1:-}" = "--down" ]; then
   exit 0
 fi
 
-rc_say "1/6 local control plane (first run builds it from Go modules: ~10-20 min; then ~10 s)"
+rc_say "1/6 local control plane, Kubernetes $K8S_VERSION (first run builds it from Go modules: ~20-35 min; then ~10 s)"
 bash "$repo/tests/cluster/up.sh" "$RC_CLUSTER_NAME"
 KUBECONFIG=$(rc_kubeconfig "$RC_CLUSTER_NAME"); export KUBECONFIG
 k() { "$RC_KUBECTL" "$@"; }
@@ -53,11 +53,16 @@ k rollout status -n "$ns" deployment/frontend --timeout=120s
 
 rc_say "4/6 controller (log: $log), and the chart's stable-label admission policy"
 # The policy that labels the target's new pods at admission, rendered from the chart as
-# `helm install` would on this cluster (it serves the MutatingAdmissionPolicy beta).
+# `helm install` would on this cluster: MutatingAdmissionPolicy v1 (GA, Kubernetes 1.36+) where
+# served, else the v1beta1 of 1.34-1.35 (the local control plane switches it on there).
 policy=demo-recording-canary-stable-label
+policy_api=v1beta1
+if k get --raw /apis/admissionregistration.k8s.io/v1 2>/dev/null | grep -q '"mutatingadmissionpolicies"'; then
+  policy_api=v1
+fi
 "$RC_HELM" template demo charts/recording-canary --show-only templates/stable-label-policy.yaml \
   --set rbac.create=false \
-  --api-versions admissionregistration.k8s.io/v1beta1/MutatingAdmissionPolicy | k apply -f - >/dev/null
+  --api-versions "admissionregistration.k8s.io/$policy_api/MutatingAdmissionPolicy" | k apply -f - >/dev/null
 stop_controller
 RUST_LOG=${RUST_LOG:-info} nohup "$repo/target/debug/recording-canary" run --leader-elect=false \
   --admin-addr 127.0.0.1:9090 --stable-label-policy "$policy" >"$log" 2>&1 &

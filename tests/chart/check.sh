@@ -7,10 +7,10 @@
 # Env:
 #   KUBECONFIG   kubeconfig of the cluster (its user must be allowed to impersonate)
 #   RC_KUBECTL   kubectl binary (default: kubectl)
-#   RC_HELM      helm binary (default: helm)
+#   RC_HELM      helm binary (default: helm); Helm 3 and Helm 4 both work (tests/run.sh runs it with each)
 #   RC_CHART_NAMESPACE  release namespace (default: recording-canary-system)
 #   RC_CHART     chart directory (default: charts/recording-canary of this repo)
-# The image need not be pullable: the install does not wait for pods (--wait=false).
+# The image need not be pullable: the install does not wait for pods.
 # Prints one line per check and exits non-zero if any check failed.
 set -uo pipefail
 
@@ -60,8 +60,10 @@ can() {
 
 install() { # extra helm args
   local out
+  # No --wait: neither Helm 3 (default false) nor Helm 4 (default hookOnly) waits for the pods then,
+  # and Helm 4 warns about the boolean --wait=false.
   if out=$("$helm" install "$release" "$chart" -n "$ns" --create-namespace \
-      --set replicaCount=1 --wait=false "$@" 2>&1); then
+      --set replicaCount=1 "$@" 2>&1); then
     ok "helm install $*"
     return 0
   fi
@@ -115,12 +117,20 @@ lease_rights() {
 # by the controller, named in its args. <namespace-selector-expected: yes|no>
 policy=$release-stable-label
 stable_label_policy() {
-  local scoped=$1 api args sel
-  if ! "$kubectl" get --raw /apis/admissionregistration.k8s.io/v1beta1 2>/dev/null | grep -q '"mutatingadmissionpolicies"' &&
-     ! "$kubectl" get --raw /apis/admissionregistration.k8s.io/v1 2>/dev/null | grep -q '"mutatingadmissionpolicies"'; then
+  local scoped=$1 api args sel served="" rendered
+  for api in v1 v1beta1; do
+    if "$kubectl" get --raw "/apis/admissionregistration.k8s.io/$api" 2>/dev/null | grep -q '"mutatingadmissionpolicies"'; then
+      served=$api; break
+    fi
+  done
+  if [ -z "$served" ]; then
     bad "the cluster serves no MutatingAdmissionPolicy API (tests/cluster/up.sh enables it)"
     return
   fi
+  # The chart installs the policy with the newest version the cluster serves (v1 from Kubernetes 1.36).
+  rendered=$("$helm" get manifest "$release" -n "$ns" 2>/dev/null | grep -B1 '^kind: MutatingAdmissionPolicy$' | sed -n 's#^apiVersion: admissionregistration.k8s.io/##p')
+  if [ "$rendered" = "$served" ]; then ok "policy installed as admissionregistration.k8s.io/$served"
+  else bad "policy installed as admissionregistration.k8s.io/${rendered:-?}, the cluster serves $served"; fi
   for api in mutatingadmissionpolicy mutatingadmissionpolicybinding; do
     if "$kubectl" get "$api" "$policy" >/dev/null 2>&1; then ok "$api $policy installed"
     else bad "$api $policy not installed"; fi
@@ -142,7 +152,9 @@ stable_label_policy() {
   esac
 }
 
-step "helm lint"
+helm_version=$("$helm" version --short 2>/dev/null) || helm_version="$helm: no version"
+kube_version=$("$kubectl" get --raw /version 2>/dev/null | sed -n 's/.*"gitVersion": *"\(v[^"]*\)".*/\1/p' | head -1)
+step "helm lint (Helm $helm_version, Kubernetes ${kube_version:-?})"
 if out=$("$helm" lint "$chart" 2>&1); then ok "helm lint"; else bad "helm lint"; printf '%s\n' "$out"; fi
 for api in v1 v1beta1; do
   if out=$("$helm" template "$release" "$chart" --api-versions "admissionregistration.k8s.io/$api/MutatingAdmissionPolicy" 2>&1) &&
@@ -151,6 +163,13 @@ for api in v1 v1beta1; do
 done
 if out=$("$helm" lint "$chart" --set "watchNamespaces={a,b}" 2>&1); then ok "helm lint (namespaced)"
 else bad "helm lint (namespaced)"; printf '%s\n' "$out"; fi
+
+# A namespace that an earlier run (the other Helm major's, say) deleted may still be terminating.
+for n in "$ns" "$watched" "$other"; do
+  if [ "$("$kubectl" get namespace "$n" -o jsonpath='{.status.phase}' 2>/dev/null)" = Terminating ]; then
+    "$kubectl" wait --for=delete "namespace/$n" --timeout=120s >/dev/null 2>&1 || true
+  fi
+done
 
 step "cluster-wide mode"
 "$kubectl" get namespace "$ns" >/dev/null 2>&1 || created_ns+=("$ns")

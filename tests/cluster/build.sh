@@ -2,8 +2,12 @@
 # Builds the local control plane from Go modules into a per-user cache, keyed by version:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl, helm,
 #   and the Istio CRDs from the istio.io/api module.
+# Versions: tests/cluster/versions.sh. RC_K8S_VERSION=1.37|1.35 picks Kubernetes (default 1.37),
+# RC_HELM_MAJOR=4|3 picks Helm (default 4); each version has its own cache dir, so building the
+# other one later (e.g. RC_K8S_VERSION=1.35 bash tests/cluster/build.sh) adds only what is missing.
 # Each component is built once; a second run only checks that the binaries are there (about a second).
-# Cold, on 2 cores: about 9 minutes measured (16-20 on slower disks/networks) and ~6 GB of Go caches (GOMODCACHE, GOCACHE), all outside the work tree.
+# Cold, on 2 cores: see the README's set-up table (Kubernetes is most of it); a few GB of Go caches
+# per Kubernetes version (GOMODCACHE, GOCACHE), all outside the work tree.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
@@ -14,16 +18,27 @@ export GOFLAGS=-mod=mod CGO_ENABLED=0 GOTOOLCHAIN=local
 start=$(date +%s)
 say() { printf '[build %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
 
+# CPU seconds (user + sys) used so far by this script's finished child processes (from /proc).
+cpu_seconds() {
+  local stat
+  stat=$(cat "/proc/$$/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) } # fields from the 3rd on; cutime and cstime are the 16th and 17th
+  # shellcheck disable=SC2086 # split into fields
+  set -- $stat
+  echo $(( (${14} + ${15}) / $(getconf CLK_TCK) ))
+}
+
 # $1: final dir; the rest: a command that fills "$tmp". The dir appears only when the build succeeded.
 build_into() {
   local dest=$1; shift
   if [ -f "$dest/.complete" ]; then say "cached: $dest"; return 0; fi
-  local tmp="$dest.tmp.$$"
+  local tmp="$dest.tmp.$$" t0 cpu0
+  t0=$(date +%s) cpu0=$(cpu_seconds)
   rm -rf "$tmp"; mkdir -p "$tmp"
   "$@" "$tmp"
   touch "$tmp/.complete"
   rm -rf "$dest"; mv "$tmp" "$dest"
-  say "built: $dest"
+  say "built: $dest ($(( $(date +%s) - t0 ))s, $(( $(cpu_seconds) - cpu0 )) CPU s)"
 }
 
 wrapper_module() { # $1 dir, $2 name
@@ -49,7 +64,7 @@ build_kubernetes() {
   local ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   local c
   for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
-    say "kubernetes $K8S_VERSION: building $c (kube-apiserver takes about 6 minutes cold)"
+    say "kubernetes $K8S_VERSION: building $c$([ "$c" = kube-apiserver ] && echo ' (the longest: 8-17 minutes cold on 2 cores)')"
     go build -trimpath -ldflags "$ld" -o "$out/$c" "k8s.io/kubernetes/cmd/$c"
   done
 }
@@ -70,10 +85,10 @@ build_kwok() {
 }
 
 build_helm() {
-  local out=$1
+  local out=$1 major=${HELM_VERSION%%.*}
   say "helm $HELM_VERSION: building"
   GOFLAGS='' GOBIN="$out" go install -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    -ldflags "-s -w -X helm.sh/helm/$major/internal/version.version=$HELM_VERSION" "helm.sh/helm/$major/cmd/helm@$HELM_VERSION"
 }
 
 fetch_istio_crds() {

@@ -1,4 +1,5 @@
-# Shared helpers for up.sh, down.sh and tests/run.sh. Source it; it sources versions.sh.
+# Shared helpers for up.sh, down.sh and tests/run.sh. Source it; it sources versions.sh
+# (RC_K8S_VERSION=1.37|1.35 and RC_HELM_MAJOR=4|3 pick the versions; see there).
 # shellcheck shell=bash disable=SC2034
 # shellcheck source=versions.sh
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/versions.sh"
@@ -16,6 +17,9 @@ export KWOK_KUBECTL_BINARY=$K8S_BIN/kubectl
 RC_KWOKCTL=$KWOK_BIN/kwokctl
 RC_KUBECTL=$K8S_BIN/kubectl
 RC_HELM=$HELM_BIN/helm
+# Both Helm majors (RC_HELM is the one RC_HELM_MAJOR picks; build each with RC_HELM_MAJOR=3|4 build.sh).
+RC_HELM3=$HELM3_BIN/helm
+RC_HELM4=$HELM4_BIN/helm
 
 # The kubeconfig of cluster <name> (written by up.sh): $RC_CACHE_DIR/clusters/<name>/kubeconfig
 rc_kubeconfig() { printf '%s\n' "$RC_CACHE_DIR/clusters/${1:-$RC_CLUSTER_NAME}/kubeconfig"; }

@@ -5,11 +5,15 @@
 # No containers, no Docker, nothing downloaded at run time (every binary comes from the build.sh cache).
 #
 # Usage: tests/cluster/up.sh [NAME]        (default NAME: rcanary)
+#        RC_K8S_VERSION=1.35 tests/cluster/up.sh NAME   (Kubernetes 1.37 by default; see versions.sh)
 # Then:  export KUBECONFIG=$RC_CACHE_DIR/clusters/NAME/kubeconfig   (printed at the end)
 #
 # Idempotent: a healthy cluster of that name is reused; a stale one (e.g. after a reboot) is deleted and recreated.
 # After start: Istio CRDs (istio.io/api) and this repo's crds/*.yaml are applied server-side and waited for.
 # Env: RC_SMOKE=0 skips the Deployment smoke check done on a freshly created cluster.
+#      RC_NODE_LEASE_SECONDS (default 8, times kwokctl's heartbeat factor 5 = 40 s, a kubelet's): the fake
+#      nodes' leases. kwokctl's default (200 s) would keep a kwok-controller restarted with the control
+#      plane (tests/restart.rs) from taking its nodes over, and so from running new pods, for minutes.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -35,12 +39,25 @@ healthy() {
   # All 5 component processes of this cluster must still be alive (pid files are kept by kwokctl).
   [ "$(rc_prune_pidfiles "$name")" -ge 5 ] || return 1
   # A cluster created before the MutatingAdmissionPolicy switches were added lacks the API: recreate it.
-  k --request-timeout=5s get --raw /apis/admissionregistration.k8s.io/v1beta1 2>/dev/null |
-    grep -q '"mutatingadmissionpolicies"'
+  # GA (v1) from 1.36; beta (v1beta1, switched on by versions.sh) in 1.34-1.35.
+  local v
+  for v in v1 v1beta1; do
+    k --request-timeout=5s get --raw "/apis/admissionregistration.k8s.io/$v" 2>/dev/null |
+      grep -q '"mutatingadmissionpolicies"' && return 0
+  done
+  return 1
+}
+# The Kubernetes version a running cluster reports (empty when it does not answer).
+server_version() {
+  k --request-timeout=5s get --raw /version 2>/dev/null | sed -n 's/.*"gitVersion": *"\(v[^"]*\)".*/\1/p' | head -1
 }
 
 fresh=0
 if healthy; then
+  running=$(server_version)
+  # Never replace a healthy cluster of another version behind its user's back (RC_K8S_VERSION picks ours).
+  [ "$running" = "$K8S_VERSION" ] ||
+    rc_die "cluster '$name' runs Kubernetes ${running:-?}, this checkout wants $K8S_VERSION (RC_K8S_VERSION=${RC_K8S_VERSION}): stop it with tests/cluster/down.sh $name, or pick another name"
   rc_say "cluster '$name' is already running and healthy; reusing it"
 else
   if [ -e "$kwok_dir" ]; then
@@ -56,6 +73,7 @@ else
       --runtime binary \
       --kubeconfig "$kubeconfig" \
       --wait 120s \
+      --node-lease-duration-seconds "${RC_NODE_LEASE_SECONDS:-8}" \
       --kube-feature-gates "$K8S_FEATURE_GATES" \
       --kube-runtime-config "$K8S_RUNTIME_CONFIG" \
       --etcd-binary "$ETCD_BIN/etcd" \
@@ -77,8 +95,8 @@ rc_say "scaling fake nodes to $nodes"
 kwokctl scale node --replicas "$nodes" >&2
 k wait --for=condition=Ready node --all --timeout=60s >/dev/null
 
-server_version=$(k version -o json | sed -n 's/^ *"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1)
-[ "$server_version" = "$K8S_VERSION" ] || rc_die "apiserver reports '$server_version', expected $K8S_VERSION"
+running=$(server_version)
+[ "$running" = "$K8S_VERSION" ] || rc_die "apiserver reports '$running', expected $K8S_VERSION"
 
 # Our CRDs first, Istio's second: the GC probe below uses an Istio kind, so once the garbage collector
 # watches that kind it also watches every CRD created before it.
