@@ -221,7 +221,7 @@ if [ "$restart_test" = 1 ]; then
     restart_cluster="$RC_CLUSTER_NAME-restart"
     section "starting local cluster '$restart_cluster' for tests/restart.rs, which stops and starts it (Kubernetes $K8S_VERSION)"
     running_clusters+=("$restart_cluster")
-    bash "$repo/tests/cluster/up.sh" "$restart_cluster" >/dev/null
+    RC_NODE_LEASE_SECONDS=8 bash "$repo/tests/cluster/up.sh" "$restart_cluster" >/dev/null
     done_section
     section "integration test: cargo test --test restart"
     RC_RESTART_CLUSTER=$restart_cluster RC_KWOKCTL=$RC_KWOKCTL RC_E2E_KUBECONFIG=$(rc_kubeconfig "$restart_cluster") \

@@ -11,9 +11,10 @@
 # Idempotent: a healthy cluster of that name is reused; a stale one (e.g. after a reboot) is deleted and recreated.
 # After start: Istio CRDs (istio.io/api) and this repo's crds/*.yaml are applied server-side and waited for.
 # Env: RC_SMOKE=0 skips the Deployment smoke check done on a freshly created cluster.
-#      RC_NODE_LEASE_SECONDS (default 8, times kwokctl's heartbeat factor 5 = 40 s, a kubelet's): the fake
-#      nodes' leases. kwokctl's default (200 s) would keep a kwok-controller restarted with the control
-#      plane (tests/restart.rs) from taking its nodes over, and so from running new pods, for minutes.
+#      RC_NODE_LEASE_SECONDS=N: the fake nodes' leases last N times kwokctl's heartbeat factor (5) seconds
+#      (default: kwokctl's, 200 s). tests/run.sh sets 8 (40 s, a kubelet's) for tests/restart.rs: with
+#      200 s, a kwok-controller restarted with the control plane cannot take its nodes over, and so
+#      runs no new pod, for minutes.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -73,7 +74,7 @@ else
       --runtime binary \
       --kubeconfig "$kubeconfig" \
       --wait 120s \
-      --node-lease-duration-seconds "${RC_NODE_LEASE_SECONDS:-8}" \
+      ${RC_NODE_LEASE_SECONDS:+--node-lease-duration-seconds "$RC_NODE_LEASE_SECONDS"} \
       --kube-feature-gates "$K8S_FEATURE_GATES" \
       --kube-runtime-config "$K8S_RUNTIME_CONFIG" \
       --etcd-binary "$ETCD_BIN/etcd" \
