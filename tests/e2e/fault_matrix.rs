@@ -42,8 +42,8 @@ use tokio::task::JoinHandle;
 use crate::mbb::Kind;
 use crate::support::{
     CLONE, ControllerProcess, Harness, OWNED, RECORDING_SUBSET, ROLE_LABEL, SIDECAR_ANNOTATION,
-    STABLE_SUBSET, WAIT, example, http_destinations, labels, pod_name, pod_of, pod_ready,
-    split_weights,
+    STABLE_SUBSET, WAIT, controller_args, example, http_destinations, labels, pod_name, pod_of,
+    pod_ready, split_weights,
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -1305,20 +1305,6 @@ fn uid_of(o: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn controller_args(ns: &str) -> Vec<String> {
-    [
-        "run",
-        "--namespace",
-        ns,
-        "--leader-elect=false",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
 }
 
 /// Waits until the canary is Blocked with Ready reason `reason`.

@@ -5,28 +5,14 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{CLONE, Harness, OWNED, WAIT, split_weights};
-
-fn args(ns: &str) -> Vec<String> {
-    [
-        "run",
-        "--namespace",
-        ns,
-        "--leader-elect=false",
-        "--admin-addr",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+use crate::support::{CLONE, Harness, OWNED, WAIT, controller_args, split_weights};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_controller_killed_mid_setup_and_mid_rollback_is_resumed_by_the_next_one() {
     let mut h = Harness::start_without_controller("faults").await;
     let ns = h.ns.clone();
     let kubeconfig = h.env.kubeconfig.clone();
-    let a: Vec<String> = args(&ns);
+    let a: Vec<String> = controller_args(&ns);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
 
     // Setup, killed as soon as the DestinationRule has its subsets (before the VS may use them).

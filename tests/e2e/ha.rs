@@ -6,7 +6,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use serde_json::json;
 
-use crate::support::{Harness, OWNED, split_weights};
+use crate::support::{Harness, OWNED, elected_controller_args, split_weights};
 
 const LEASE: &str = "rc-e2e-ha";
 
@@ -33,18 +33,8 @@ async fn wait_for_holder(h: &Harness, who: &str, id_suffix: &str, timeout: Durat
 async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     let mut h = Harness::start_without_controller("ha").await;
     let ns = h.ns.clone();
-    let args = [
-        "run",
-        "--namespace",
-        &ns,
-        "--leader-elect=true",
-        "--lease-namespace",
-        &ns,
-        "--lease-name",
-        LEASE,
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
+    let args = elected_controller_args(&ns, LEASE);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let kubeconfig = h.env.kubeconfig.clone();
     let mut a = h.spawn_controller("a", &args, &kubeconfig);
     let a_id = format!("-{}", a.pid());
@@ -115,18 +105,8 @@ fn takeover_to_first_write(log: &str) -> Option<Duration> {
 async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
     let mut h = Harness::start_without_controller("pause").await;
     let ns = h.ns.clone();
-    let args = [
-        "run",
-        "--namespace",
-        &ns,
-        "--leader-elect=true",
-        "--lease-namespace",
-        &ns,
-        "--lease-name",
-        LEASE,
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
+    let args = elected_controller_args(&ns, LEASE);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let kubeconfig = h.env.kubeconfig.clone();
     let mut a = h.spawn_controller("a", &args, &kubeconfig);
     let a_id = format!("-{}", a.pid());

@@ -215,18 +215,46 @@ pub struct Harness {
     faults: std::sync::atomic::AtomicUsize,
 }
 
+/// The arguments of a controller that watches only `ns`, without leader election.
+pub fn controller_args(ns: &str) -> Vec<String> {
+    [
+        "run",
+        "--namespace",
+        ns,
+        "--leader-elect=false",
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The arguments of a controller that watches only `ns` and leads through Lease `lease` there.
+pub fn elected_controller_args(ns: &str, lease: &str) -> Vec<String> {
+    [
+        "run",
+        "--namespace",
+        ns,
+        "--leader-elect=true",
+        "--lease-namespace",
+        ns,
+        "--lease-name",
+        lease,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 impl Harness {
     /// Creates namespace `rc-<short>-<random>`, starts the watcher and then the controller.
     pub async fn start(short: &str) -> Self {
         let mut h = Self::start_without_controller(short).await;
-        let args = [
-            "run",
-            "--namespace",
-            &h.ns,
-            "--leader-elect=false",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ];
+        let args = controller_args(&h.ns);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let kubeconfig = h.env.kubeconfig.clone();
         let child = h.spawn_controller("", &args, &kubeconfig);
         h.controller = Some(child);
