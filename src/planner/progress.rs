@@ -27,7 +27,7 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
         Err(waiting) => return *waiting,
     };
     if !routes.is_split {
-        b = match wait_before_split(b, k, propagated_at) {
+        b = match wait_before_split(b, propagated_at) {
             Ok(b) => b,
             Err(waiting) => return *waiting,
         };
@@ -223,19 +223,12 @@ fn last_writer(v: &Value, field: &str) -> Option<String> {
 /// the target must be in the stable subset. `Err` is the plan while something is still awaited.
 fn wait_before_split<'a>(
     mut b: Builder<'a>,
-    k: &Checked,
     propagated_at: Timestamp,
 ) -> Result<Builder<'a>, Box<Plan>> {
     let o = b.o;
     let target_name = &o.canary.spec.target_ref.name;
-    let subsets_ready =
-        k.dr.object()
-            .is_some_and(|d| istio::has_our_subsets(spec_of(d)));
-    let wait = if subsets_ready {
-        remaining(o.now, propagated_at)
-    } else {
-        Some(k.spec.propagation_delay)
-    };
+    // Subsets added by this very plan propagate from now: the same wait.
+    let wait = remaining(o.now, propagated_at);
     b.status.current_percent = 0;
     if let Some(wait) = wait {
         b.requeue(wait);
