@@ -1712,20 +1712,12 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
     let t = Instant::now();
     h.faults_injected(1);
     h.k(&["delete", "deployment", CLONE]).await;
-    back_at_10(&h, "(a) clone deleted").await;
-    let took = t.elapsed();
-    let new_clone = h.deployment(CLONE).await.expect("the re-created clone");
-    assert_ne!(
-        new_clone.metadata.uid.clone().unwrap_or_default(),
-        old_uid,
-        "the clone was not re-created"
-    );
-    // The first revision of the new clone with a Ready replica, and the VirtualService after
-    // the deletion: drained to 0, and back to 10 only after that revision (etcd revisions order
-    // writes across kinds).
+    // Until the controller has reacted, the VirtualService is still at 90/10: first the
+    // re-created clone with a Ready replica (the first revision of it, from the clone watch),
+    // then 90/10 again.
     let ready_rv = h
         .until(
-            "(a) the clone watch to see the new clone with a Ready replica",
+            "(a) the clone watch to see the re-created clone with a Ready replica",
             WAIT,
             || async {
                 clones
@@ -1742,6 +1734,16 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
             },
         )
         .await;
+    back_at_10(&h, "(a) clone deleted").await;
+    let took = t.elapsed();
+    let new_clone = h.deployment(CLONE).await.expect("the re-created clone");
+    assert_ne!(
+        new_clone.metadata.uid.clone().unwrap_or_default(),
+        old_uid,
+        "the clone was not re-created"
+    );
+    // The VirtualService after the deletion: drained to 0, and back to 10 only after the new
+    // clone's first Ready revision (etcd revisions order writes across kinds).
     h.mbb.catch_up(&h.vs_api(), &h.dr_api()).await;
     let after_delete = vs_revisions_since(t);
     let weights_a: Vec<String> = after_delete
