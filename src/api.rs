@@ -33,6 +33,10 @@ pub const RESTORE_ANNOTATION: &str = "recordingcanary.dev/restore";
 pub const STABLE_SUBSET: &str = "rcanary-stable";
 /// DestinationRule subset for the clone's pods.
 pub const RECORDING_SUBSET: &str = "rcanary-recording";
+/// Annotation on the clone that makes the Speedscale operator inject its sidecar (`Sidecar` capture).
+pub const SIDECAR_INJECT_ANNOTATION: &str = "sidecar.speedscale.com/inject";
+/// Annotation on the clone that makes Speedscale's eBPF collector capture it (`EBPF` capture).
+pub const EBPF_CAPTURE_ANNOTATION: &str = "capture.speedscale.com/enabled";
 /// Field manager used for every write.
 pub const FIELD_MANAGER: &str = "recording-canary";
 
@@ -51,7 +55,9 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentPercent"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"Stable-Labels","type":"string","priority":1,"jsonPath":".status.stableLabelling"}"#
+    printcolumn = r#"{"name":"Stable-Labels","type":"string","priority":1,"jsonPath":".status.stableLabelling"}"#,
+    printcolumn = r#"{"name":"Mode","type":"string","priority":1,"jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Capture","type":"string","priority":1,"jsonPath":".spec.capture"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RecordingCanarySpec {
@@ -65,12 +71,36 @@ pub struct RecordingCanarySpec {
     /// Mesh traffic is always split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<String>,
-    /// Share of requests, 0 to 100, sent to the recording clone.
+    /// Share of requests, 0 to 100, sent to the recording clone (copied to it, in mode Mirror).
     pub percent: i32,
+    /// `Split` (the default): `percent` of the requests are served by the clone. `Mirror`: every
+    /// response comes from the stable pods, and `percent` of the requests are copied to the clone
+    /// (Istio's `mirrors`); needs `acknowledgeMirrorSideEffects: true`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Mirrored requests are served twice: their writes downstream happen twice (the clone's
+    /// answer is discarded, not its side effects). Required to be `true` for mode Mirror.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acknowledge_mirror_side_effects: bool,
+    /// Requests always sent to the recording clone (mirrored to it, in mode Mirror), whatever
+    /// `percent` says: Istio `HTTPMatchRequest`s (headers, uri, method, queryParams), any of
+    /// which matches. `percent: 0` with `always` records only these requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub always: Vec<RequestMatch>,
+    /// Requests never sent (nor mirrored) to the recording clone: health checks, admin calls,
+    /// requests carrying data that must not be recorded. Wins over `always`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub never: Vec<RequestMatch>,
     /// Raise the weight step by step instead of moving straight to `percent`. Decreases apply at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ramp: Option<Ramp>,
-    /// What the clone carries to get the recording sidecar injected.
+    /// How the clone's traffic is captured: `Sidecar` (the default) puts
+    /// `sidecar.speedscale.com/inject: "true"` on the clone, `EBPF` puts
+    /// `capture.speedscale.com/enabled: "true"` (Speedscale's eBPF collector) and never the
+    /// inject annotation, `None` puts neither (bring your own recorder through `sidecar`).
+    #[serde(default)]
+    pub capture: Capture,
+    /// Extra metadata for the clone and its pods (a recorder's settings, say).
     #[serde(default)]
     pub sidecar: Sidecar,
     /// Name of an existing VirtualService, in this namespace, to adopt. When unset, an existing mesh
@@ -108,14 +138,120 @@ pub struct Ramp {
     pub interval: String,
 }
 
-/// Metadata given to the clone so that the recording sidecar is injected into it.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+/// How the recording clone gets its requests.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Mode {
+    /// A weighted split: the clone serves `percent` of the requests.
+    #[default]
+    Split,
+    /// The stable pods serve every request; `percent` of them are copied to the clone.
+    Mirror,
+}
+
+/// A request condition, shaped like Istio's `HTTPMatchRequest` (the parts a canary may use).
+/// Every condition set must hold.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestMatch {
+    /// Request headers by lower-case name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// The request path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    /// The HTTP method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<StringMatch>,
+    /// Query parameters by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_params: BTreeMap<String, StringMatch>,
+}
+
+/// One of `exact`, `prefix` or `regex` (RE2), as in Istio's `StringMatch`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct StringMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+impl StringMatch {
+    fn set(&self) -> usize {
+        [&self.exact, &self.prefix, &self.regex]
+            .iter()
+            .filter(|v| v.is_some())
+            .count()
+    }
+}
+
+impl RequestMatch {
+    /// `Err` with what is wrong; `field` names the entry (`spec.always[0]`).
+    fn check(&self, field: &str) -> Result<(), InvalidSpec> {
+        let mut conditions = 0;
+        let named = self
+            .headers
+            .iter()
+            .map(|(k, m)| (format!("headers.{k}"), m))
+            .chain(
+                self.query_params
+                    .iter()
+                    .map(|(k, m)| (format!("queryParams.{k}"), m)),
+            )
+            .chain(self.uri.iter().map(|m| ("uri".to_string(), m)))
+            .chain(self.method.iter().map(|m| ("method".to_string(), m)));
+        for (name, m) in named {
+            conditions += 1;
+            if m.set() != 1 {
+                return Err(InvalidSpec(format!(
+                    "{field}.{name} must set exactly one of exact, prefix or regex"
+                )));
+            }
+        }
+        if conditions == 0 {
+            return Err(InvalidSpec(format!(
+                "{field} must set at least one condition (headers, uri, method or queryParams): an empty match is every request"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How the clone's traffic is recorded.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Capture {
+    /// The Speedscale sidecar: `sidecar.speedscale.com/inject: "true"` on the clone.
+    #[default]
+    Sidecar,
+    /// Speedscale's eBPF collector: `capture.speedscale.com/enabled: "true"` on the clone.
+    #[serde(rename = "EBPF")]
+    Ebpf,
+    /// No capture annotation: bring your own recorder through `sidecar.annotations`.
+    None,
+}
+
+impl Capture {
+    /// The annotation this mode puts on the clone, if any.
+    pub fn annotation(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Capture::Sidecar => Some((SIDECAR_INJECT_ANNOTATION, "true")),
+            Capture::Ebpf => Some((EBPF_CAPTURE_ANNOTATION, "true")),
+            Capture::None => None,
+        }
+    }
+}
+
+/// Metadata given to the clone and its pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Sidecar {
     /// Annotations on the clone Deployment's metadata, where the Speedscale operator reads them.
-    /// `sidecar.speedscale.com/inject: "true"` is added unless set here (to `"false"`, say), so
-    /// adding another Speedscale annotation keeps the sidecar injected.
-    #[serde(default = "default_sidecar_annotations")]
+    /// They are added to the annotation of `capture` and win over it (set
+    /// `sidecar.speedscale.com/inject: "false"` to turn the sidecar off, say), so adding another
+    /// Speedscale annotation keeps the capture on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// Extra labels for the clone's pod template.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -123,23 +259,6 @@ pub struct Sidecar {
     /// Extra annotations for the clone's pod template.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
-}
-
-impl Default for Sidecar {
-    fn default() -> Self {
-        Self {
-            annotations: default_sidecar_annotations(),
-            pod_labels: BTreeMap::new(),
-            pod_annotations: BTreeMap::new(),
-        }
-    }
-}
-
-fn default_sidecar_annotations() -> BTreeMap<String, String> {
-    BTreeMap::from([(
-        "sidecar.speedscale.com/inject".to_string(),
-        "true".to_string(),
-    )])
 }
 
 fn is_zero(n: &i32) -> bool {
@@ -215,11 +334,25 @@ impl RecordingCanarySpec {
         self.service.as_deref().unwrap_or(&self.target_ref.name)
     }
 
-    /// Annotations for the clone Deployment: the default inject annotation plus `sidecar.annotations`.
+    /// Annotations for the clone Deployment: the annotation of `capture` plus `sidecar.annotations`.
     pub fn clone_annotations(&self) -> BTreeMap<String, String> {
-        let mut a = default_sidecar_annotations();
+        let mut a = BTreeMap::new();
+        if let Some((k, v)) = self.capture.annotation() {
+            a.insert(k.to_string(), v.to_string());
+        }
         a.extend(self.sidecar.annotations.clone());
         a
+    }
+
+    /// The capture annotations that the clone must not carry: those of the other modes, unless
+    /// `sidecar.annotations` sets them. A live clone loses them when it is updated (a switch
+    /// from `Sidecar` to `EBPF`, say).
+    pub fn unwanted_capture_annotations(&self) -> Vec<&'static str> {
+        let want = self.clone_annotations();
+        [SIDECAR_INJECT_ANNOTATION, EBPF_CAPTURE_ANNOTATION]
+            .into_iter()
+            .filter(|k| !want.contains_key(*k))
+            .collect()
     }
 
     /// Name of the clone Deployment.
@@ -237,6 +370,11 @@ pub struct InvalidSpec(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidSpec {
     pub percent: i32,
+    pub mode: Mode,
+    /// `spec.always` as Istio match entries.
+    pub always: Vec<Value>,
+    /// `spec.never` as Istio match entries.
+    pub never: Vec<Value>,
     pub ramp: Option<(i32, Duration)>,
     pub propagation_delay: Duration,
     pub max_replicas: Option<i32>,
@@ -276,6 +414,25 @@ impl RecordingCanarySpec {
                 Some((r.step_percent, interval))
             }
         };
+        if self.mode == Mode::Mirror && !self.acknowledge_mirror_side_effects {
+            return Err(InvalidSpec(MIRROR_ACK.into()));
+        }
+        let matches = |field: &str, list: &[RequestMatch]| {
+            list.iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    m.check(&format!("{field}[{i}]"))?;
+                    serde_json::to_value(m).map_err(|e| InvalidSpec(format!("{field}[{i}]: {e}")))
+                })
+                .collect::<Result<Vec<Value>, InvalidSpec>>()
+        };
+        let always = matches("spec.always", &self.always)?;
+        let never = matches("spec.never", &self.never)?;
+        let a = self.clone_annotations();
+        let on = |k: &str| a.get(k).map(String::as_str) == Some("true");
+        if on(SIDECAR_INJECT_ANNOTATION) && on(EBPF_CAPTURE_ANNOTATION) {
+            return Err(InvalidSpec(BOTH_CAPTURES.into()));
+        }
         if let Some(m) = self.max_replicas
             && m < 1
         {
@@ -285,6 +442,9 @@ impl RecordingCanarySpec {
         }
         Ok(ValidSpec {
             percent: self.percent,
+            mode: self.mode,
+            always,
+            never,
             ramp,
             propagation_delay,
             max_replicas: self.max_replicas,
@@ -303,6 +463,14 @@ fn parse_duration(field: &str, s: &str) -> Result<Duration, InvalidSpec> {
 /// A CEL expression that accepts the durations `humantime` parses in practice: one or more
 /// `<number><unit>` groups, e.g. `30s`, `1m30s`, `500ms`.
 const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
+
+const MIRROR_ACK: &str = "spec.mode Mirror copies requests to the clone, so their writes downstream happen twice: set spec.acknowledgeMirrorSideEffects: true to accept that";
+
+/// CEL: the clone's effective capture annotations (`sidecar.annotations` win over `capture`)
+/// are not both "true". Mirrors [`RecordingCanarySpec::validate`].
+const BOTH_CAPTURES_RULE: &str = "!((has(self.sidecar) && has(self.sidecar.annotations) && 'sidecar.speedscale.com/inject' in self.sidecar.annotations ? self.sidecar.annotations['sidecar.speedscale.com/inject'] == 'true' : (!has(self.capture) || self.capture == 'Sidecar')) && (has(self.sidecar) && has(self.sidecar.annotations) && 'capture.speedscale.com/enabled' in self.sidecar.annotations ? self.sidecar.annotations['capture.speedscale.com/enabled'] == 'true' : (has(self.capture) && self.capture == 'EBPF')))";
+
+const BOTH_CAPTURES: &str = "the clone would carry both sidecar.speedscale.com/inject: \"true\" and capture.speedscale.com/enabled: \"true\", which the Speedscale operator refuses: choose one with spec.capture (Sidecar or EBPF) and remove the other from spec.sidecar.annotations";
 
 /// A DNS-1123 subdomain: what Kubernetes object names must be.
 const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
@@ -390,6 +558,9 @@ fn harden_schema(root: &mut Value) {
         json!({"maxLength": 63, "pattern": LABEL_VALUE}),
     );
     set(spec, "/properties/maxReplicas", json!({"minimum": 1}));
+    for field in ["always", "never"] {
+        harden_matches(spec, field);
+    }
     // Bounds keep the CEL immutability rules within the apiserver's cost budget.
     set(spec, "/properties/gateways", json!({"maxItems": 32}));
     set(
@@ -439,6 +610,8 @@ fn harden_schema(root: &mut Value) {
         "",
         json!({"x-kubernetes-validations": [
             {"rule": "self.targetRef.name.trim() != ''", "message": "spec.targetRef.name must not be empty"},
+            {"rule": BOTH_CAPTURES_RULE, "message": BOTH_CAPTURES},
+            {"rule": "!has(self.mode) || self.mode != 'Mirror' || (has(self.acknowledgeMirrorSideEffects) && self.acknowledgeMirrorSideEffects)", "message": MIRROR_ACK},
             {"rule": "self.targetRef.name == oldSelf.targetRef.name", "message": "spec.targetRef is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
             {"rule": "has(self.service) == has(oldSelf.service) && (!has(self.service) || self.service == oldSelf.service)", "message": "spec.service is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
             {"rule": "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)", "message": "spec.virtualService is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
@@ -446,6 +619,51 @@ fn harden_schema(root: &mut Value) {
             {"rule": "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)", "message": "spec.destinationRule is immutable: delete this RecordingCanary (it rolls back) and create a new one"}
         ]}),
     );
+}
+
+/// Bounds and rules of `spec.always` / `spec.never`: a few entries, each with at least one
+/// condition, each condition exactly one of exact/prefix/regex.
+fn harden_matches(spec: &mut Value, field: &str) {
+    let entry = format!("/properties/{field}/items");
+    set(
+        spec,
+        &format!("/properties/{field}"),
+        json!({"maxItems": 16}),
+    );
+    set(
+        spec,
+        &entry,
+        json!({"x-kubernetes-validations": [{
+            "rule": "has(self.headers) || has(self.uri) || has(self.method) || has(self.queryParams)",
+            "message": format!("each spec.{field} entry must set at least one condition (headers, uri, method or queryParams): an empty match is every request")
+        }]}),
+    );
+    let one_of = json!({
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1",
+            "message": format!("each condition of spec.{field} must set exactly one of exact, prefix or regex")
+        }]
+    });
+    let text = json!({"maxLength": 1024});
+    for string_match in ["uri", "method"] {
+        let p = format!("{entry}/properties/{string_match}");
+        set(spec, &p, one_of.clone());
+        for k in ["exact", "prefix", "regex"] {
+            set(spec, &format!("{p}/properties/{k}"), text.clone());
+        }
+    }
+    for map in ["headers", "queryParams"] {
+        let p = format!("{entry}/properties/{map}");
+        set(spec, &p, json!({"maxProperties": 16}));
+        set(spec, &format!("{p}/additionalProperties"), one_of.clone());
+        for k in ["exact", "prefix", "regex"] {
+            set(
+                spec,
+                &format!("{p}/additionalProperties/properties/{k}"),
+                text.clone(),
+            );
+        }
+    }
 }
 
 /// Merges `extra` into the object at `path` below `node`.

@@ -6,6 +6,8 @@
 use kube::api::ApiResource;
 use serde_json::{Map, Value, json};
 
+pub mod matches;
+
 use crate::api::{
     RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET,
 };
@@ -190,55 +192,181 @@ pub fn recording_share(w: i64, percent: i32) -> i64 {
     (w * p + 50) / 100
 }
 
+/// Name (or name suffix, after the split route's own name and a `-`) of a route a canary
+/// inserts ahead of a split route for its `spec.always` matches.
+pub const ALWAYS_ROUTE: &str = "rcanary-always";
+/// The same for `spec.never`.
+pub const NEVER_ROUTE: &str = "rcanary-never";
+
+/// What a split should look like.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Shape<'a> {
+    /// Share of the requests to the recording subset (mirrored, with `mirror`).
+    pub percent: i32,
+    /// Mirror mode: every response comes from the stable subset; `percent` of the requests are
+    /// copied to the recording subset (the route's `mirrors`).
+    pub mirror: bool,
+    /// Requests always sent (mirrored) to the recording subset. Empty while the clone may get
+    /// no traffic.
+    pub always: &'a [Value],
+    /// Requests never sent (nor mirrored) to it; wins over `always`.
+    pub never: &'a [Value],
+}
+
+impl Shape<'static> {
+    /// A plain weighted split at `percent`, without forced or excluded requests.
+    pub fn weights(percent: i32) -> Self {
+        Shape {
+            percent,
+            mirror: false,
+            always: &[],
+            never: &[],
+        }
+    }
+}
+
 /// What the split of one VirtualService looks like now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SplitState {
-    /// Number of stable/recording destination pairs found.
+    /// Number of split destinations found: stable/recording pairs, or stable destinations of a
+    /// route that mirrors to the recording subset.
     pub pairs: usize,
     /// Destinations to the host without a subset, which a split would replace.
     pub unsplit: usize,
-    /// The share routed to the recording subset by the first pair, in percent of that pair.
+    /// The share sent (or mirrored) to the recording subset by the first split route, in percent.
     pub percent: Option<i32>,
     /// Whether any route refers to one of our subsets at all.
     pub references_subsets: bool,
+    /// Whether the split mirrors (Mirror mode) rather than weighs.
+    pub mirrored: bool,
+    /// Routes inserted for `spec.always`.
+    pub always_routes: usize,
+    /// Routes inserted for `spec.never`.
+    pub never_routes: usize,
+}
+
+/// One route's walk over its destinations to the host: a visitor of the split's building blocks.
+enum Dest<'a> {
+    /// Our stable destination followed by our recording one.
+    Pair(&'a Value, &'a Value),
+    /// Our stable destination alone (Mirror mode, or a half-restored pair).
+    Stable(&'a Value),
+    /// Our recording destination alone.
+    Recording(&'a Value),
+    /// A destination to the host without a subset.
+    Unsplit(&'a Value),
+    /// Anything else (another host, a user's subset).
+    Other(&'a Value),
+}
+
+/// The destinations of a route, grouped as the split sees them. The one route walk.
+fn walk<'a>(route: &'a Value, host: &ServiceHost, obj_ns: &str) -> Vec<Dest<'a>> {
+    let ds = destinations(route);
+    let ours = |d: &Value| dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
+    let mut out = Vec::with_capacity(ds.len());
+    let mut i = 0;
+    while i < ds.len() {
+        let d = ds[i];
+        let next_rec = ds
+            .get(i + 1)
+            .is_some_and(|n| ours(n) && dest_subset(n) == Some(RECORDING_SUBSET));
+        out.push(match (ours(d), dest_subset(d)) {
+            (true, Some(STABLE_SUBSET)) if next_rec => {
+                i += 1;
+                Dest::Pair(d, ds[i])
+            }
+            (true, Some(STABLE_SUBSET)) => Dest::Stable(d),
+            (true, Some(RECORDING_SUBSET)) => Dest::Recording(d),
+            (true, None) => Dest::Unsplit(d),
+            _ => Dest::Other(d),
+        });
+        i += 1;
+    }
+    out
+}
+
+/// Our entry in a route's `mirrors`: to the recording subset of the host.
+fn is_our_mirror(m: &Value, host: &ServiceHost, obj_ns: &str) -> bool {
+    dest_host(m).is_some_and(|h| host.matches(h, obj_ns))
+        && dest_subset(m) == Some(RECORDING_SUBSET)
+}
+
+fn our_mirror<'a>(route: &'a Value, host: &ServiceHost, obj_ns: &str) -> Option<&'a Value> {
+    route
+        .get("mirrors")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|m| is_our_mirror(m, host, obj_ns))
+}
+
+/// Whether a route was inserted by a canary for `always` (`Some(true)`) or `never`
+/// (`Some(false)`): named so, and sending only to our subsets of the host.
+fn inserted(route: &Value, host: &ServiceHost, obj_ns: &str) -> Option<bool> {
+    let name = route.get("name").and_then(Value::as_str)?;
+    let always = if name == ALWAYS_ROUTE || name.ends_with(&format!("-{ALWAYS_ROUTE}")) {
+        true
+    } else if name == NEVER_ROUTE || name.ends_with(&format!("-{NEVER_ROUTE}")) {
+        false
+    } else {
+        return None;
+    };
+    let ds = walk(route, host, obj_ns);
+    let only_ours = !ds.is_empty()
+        && ds
+            .iter()
+            .all(|d| matches!(d, Dest::Stable(_) | Dest::Recording(_)));
+    only_ours.then_some(always)
+}
+
+/// The percent in a mirror's `percentage.value` (a number, 0 to 100).
+fn mirror_percent(m: &Value) -> i32 {
+    m.pointer("/percentage/value")
+        .and_then(Value::as_f64)
+        .map(|p| p.clamp(0.0, 100.0).round() as i32)
+        .unwrap_or(100)
 }
 
 /// Reads the split back from a VirtualService's spec.
 pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState {
     let mut st = SplitState::default();
     for r in http_routes(spec) {
-        let ds = destinations(r);
-        let mut i = 0;
-        while i < ds.len() {
-            let d = ds[i];
-            let ours = dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
-            if ours && matches!(dest_subset(d), Some(STABLE_SUBSET) | Some(RECORDING_SUBSET)) {
-                st.references_subsets = true;
-            }
-            if ours
-                && dest_subset(d) == Some(STABLE_SUBSET)
-                && ds
-                    .get(i + 1)
-                    .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET))
-            {
-                let s = dest_weight(d).unwrap_or(0).max(0);
-                let rec = dest_weight(ds[i + 1]).unwrap_or(0).max(0);
-                if st.percent.is_none() {
+        match inserted(r, host, obj_ns) {
+            Some(true) => st.always_routes += 1,
+            Some(false) => st.never_routes += 1,
+            None => {}
+        }
+        if inserted(r, host, obj_ns).is_some() {
+            st.references_subsets = true;
+            continue;
+        }
+        let mirror = our_mirror(r, host, obj_ns);
+        if mirror.is_some() {
+            st.references_subsets = true;
+        }
+        for d in walk(r, host, obj_ns) {
+            match d {
+                Dest::Pair(s, rec) => {
+                    st.references_subsets = true;
+                    let s = dest_weight(s).unwrap_or(0).max(0);
+                    let rec = dest_weight(rec).unwrap_or(0).max(0);
                     let w = s + rec;
-                    st.percent = Some(if w == 0 {
+                    st.percent.get_or_insert(if w == 0 {
                         0
                     } else {
                         ((rec * 100 + w / 2) / w) as i32
                     });
+                    st.pairs += 1;
                 }
-                st.pairs += 1;
-                i += 2;
-                continue;
+                Dest::Stable(_) if mirror.is_some() => {
+                    st.mirrored = true;
+                    st.percent
+                        .get_or_insert(mirror.map(mirror_percent).unwrap_or(0));
+                    st.pairs += 1;
+                }
+                Dest::Stable(_) | Dest::Recording(_) => st.references_subsets = true,
+                Dest::Unsplit(_) => st.unsplit += 1,
+                Dest::Other(_) => {}
             }
-            if ours && dest_subset(d).is_none() {
-                st.unsplit += 1;
-            }
-            i += 1;
         }
     }
     st
@@ -286,75 +414,223 @@ pub struct Split {
     pub note: String,
 }
 
-/// Splits every route destination to the host (without a subset) into the stable/recording pair
-/// at `percent`, and re-weights pairs already there. Everything else is left as it is.
-/// `previous_note` carries the original weights of pairs split earlier.
+/// Why a VirtualService cannot take a shape: a route mirrors with the deprecated `mirror`
+/// field (Mirror mode), or its `match` cannot be ANDed exactly with `always`/`never`.
+pub fn shape_problem(
+    spec: &Value,
+    host: &ServiceHost,
+    obj_ns: &str,
+    shape: &Shape,
+) -> Option<String> {
+    for (i, r) in http_routes(spec).into_iter().enumerate() {
+        if inserted(r, host, obj_ns).is_some() {
+            continue;
+        }
+        let splits = walk(r, host, obj_ns)
+            .iter()
+            .any(|d| !matches!(d, Dest::Other(_)));
+        if !splits {
+            continue;
+        }
+        let name = r
+            .get("name")
+            .and_then(Value::as_str)
+            .map(|n| format!("http route {i} ({n})"))
+            .unwrap_or_else(|| format!("http route {i}"));
+        if shape.mirror && r.get("mirror").is_some() {
+            return Some(format!(
+                "{name} mirrors with the field `mirror`, which Istio does not allow together with `mirrors`: move it to `mirrors` to use mode Mirror"
+            ));
+        }
+        for (field, ours) in [("never", shape.never), ("always", shape.always)] {
+            if ours.is_empty() {
+                continue;
+            }
+            if let Err(e) = matches::and(r.get("match"), ours) {
+                return Some(format!(
+                    "{name}: spec.{field} cannot be combined with its match: {e}"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Splits every route to the host into the shape: each destination to the host (without a
+/// subset) becomes the stable/recording pair at `percent` (or, mirroring, the stable destination
+/// with the route mirroring `percent` to the recording subset), and the `never` and `always`
+/// routes go in ahead of each such route. Everything else is left as it is. `previous_note`
+/// carries the original weights of pairs split earlier. Splitting a split spec re-shapes it:
+/// the result depends only on the original routes and the shape.
 pub fn split_http(
     spec: &Value,
     host: &ServiceHost,
     obj_ns: &str,
-    percent: i32,
+    shape: &Shape,
     previous_note: Option<&str>,
     canary: &str,
 ) -> Split {
-    let (_, mut originals) = parse_restore_note(previous_note);
-    let mut pair_index = 0usize;
-    let mut http = spec.get("http").cloned().unwrap_or_else(|| json!([]));
-    if let Some(routes) = http.as_array_mut() {
-        for r in routes.iter_mut() {
-            let Some(ds) = r.get_mut("route").and_then(Value::as_array_mut) else {
-                continue;
-            };
-            let single = ds.len() == 1;
-            let mut out: Vec<Value> = Vec::with_capacity(ds.len() + 1);
-            let mut i = 0;
-            while i < ds.len() {
-                let d = &ds[i];
-                let ours = dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
-                let is_pair = ours
-                    && dest_subset(d) == Some(STABLE_SUBSET)
-                    && ds
-                        .get(i + 1)
-                        .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
-                if is_pair {
-                    let w = dest_weight(d).unwrap_or(0).max(0)
-                        + dest_weight(&ds[i + 1]).unwrap_or(0).max(0);
-                    out.extend(pair(d, w, percent));
-                    if originals.len() <= pair_index {
-                        originals.push(Some(w));
-                    }
-                    pair_index += 1;
-                    i += 2;
-                    continue;
-                }
-                if ours && dest_subset(d).is_none() {
-                    let original = dest_weight(d);
-                    let w = match original {
-                        Some(w) => w.max(0),
-                        None if single => 100,
-                        None => 0,
-                    };
-                    out.extend(pair(d, w, percent));
-                    if originals.len() <= pair_index {
-                        originals.push(original);
-                    } else {
-                        originals[pair_index] = original;
-                    }
-                    pair_index += 1;
-                    i += 1;
-                    continue;
-                }
-                out.push(d.clone());
-                i += 1;
-            }
-            *ds = out;
+    let (_, previous) = parse_restore_note(previous_note);
+    let base = unsplit_http(spec, host, obj_ns, previous_note);
+    let mut originals: Vec<Option<i64>> = Vec::new();
+    let mut http = Vec::new();
+    for r in base.as_array().into_iter().flatten() {
+        let before = originals.len();
+        let split = split_route(r, host, obj_ns, shape, &mut originals);
+        if originals.len() > before {
+            http.extend(forced_routes(r, &split, host, obj_ns, shape));
+        }
+        http.push(split);
+    }
+    // A destination that had no weight before the first split keeps that in the note.
+    for (o, p) in originals.iter_mut().zip(previous) {
+        if p.is_none() {
+            *o = None;
         }
     }
-    originals.truncate(pair_index);
+    let http = if spec.get("http").is_none() && http.is_empty() {
+        json!([])
+    } else {
+        Value::Array(http)
+    };
     Split {
         http,
         note: restore_note(&originals, canary),
     }
+}
+
+/// One original route, split. Pushes the original weight of every destination it splits.
+fn split_route(
+    r: &Value,
+    host: &ServiceHost,
+    obj_ns: &str,
+    shape: &Shape,
+    originals: &mut Vec<Option<i64>>,
+) -> Value {
+    let ds = walk(r, host, obj_ns);
+    let single = ds.len() == 1;
+    let mut out: Vec<Value> = Vec::with_capacity(ds.len() + 1);
+    let mut mirror_dest: Option<Value> = None;
+    for d in ds {
+        let Dest::Unsplit(d) = d else {
+            out.push(match d {
+                Dest::Pair(..) | Dest::Unsplit(_) => continue, // none after unsplit_http
+                Dest::Stable(d) | Dest::Recording(d) | Dest::Other(d) => d.clone(),
+            });
+            continue;
+        };
+        let original = dest_weight(d);
+        originals.push(original);
+        if shape.mirror {
+            let mut stable = d.clone();
+            set_subset(&mut stable, STABLE_SUBSET, original);
+            out.push(stable);
+            mirror_dest.get_or_insert_with(|| d.clone());
+        } else {
+            let w = match original {
+                Some(w) => w.max(0),
+                None if single => 100,
+                None => 0,
+            };
+            out.extend(pair(d, w, shape.percent));
+        }
+    }
+    let mut r = r.clone();
+    if let Some(o) = r.as_object_mut() {
+        o.insert("route".into(), Value::Array(out));
+    }
+    if let Some(d) = mirror_dest
+        && r.get("mirror").is_none()
+    {
+        add_our_mirror(&mut r, &d, shape.percent);
+    }
+    r
+}
+
+/// Adds our entry (to the recording subset of destination `d`'s host, at `percent`) to a
+/// route's `mirrors`.
+fn add_our_mirror(r: &mut Value, d: &Value, percent: i32) {
+    let mut dest = d.get("destination").cloned().unwrap_or_else(|| json!({}));
+    if let Some(o) = dest.as_object_mut() {
+        o.insert("subset".into(), Value::String(RECORDING_SUBSET.into()));
+    }
+    let entry = json!({"destination": dest, "percentage": {"value": percent.clamp(0, 100)}});
+    let Some(o) = r.as_object_mut() else { return };
+    match o.get_mut("mirrors").and_then(Value::as_array_mut) {
+        Some(ms) => ms.push(entry),
+        None => {
+            o.insert("mirrors".into(), json!([entry]));
+        }
+    }
+}
+
+/// Removes our entries from a route's `mirrors` (and the field, if nothing else is left).
+fn remove_our_mirrors(r: &mut Value, host: &ServiceHost, obj_ns: &str) {
+    let Some(o) = r.as_object_mut() else { return };
+    let Some(ms) = o.get_mut("mirrors").and_then(Value::as_array_mut) else {
+        return;
+    };
+    let before = ms.len();
+    ms.retain(|m| !is_our_mirror(m, host, obj_ns));
+    if ms.is_empty() && before > 0 {
+        o.remove("mirrors");
+    }
+}
+
+/// The routes that go in ahead of `split` (the split of the original route `original`): first
+/// `never` to the stable subset, then `always` to the recording subset (mirrored at 100 %, in
+/// Mirror mode), each a copy of the split route with the original match ANDed with ours.
+fn forced_routes(
+    original: &Value,
+    split: &Value,
+    host: &ServiceHost,
+    obj_ns: &str,
+    shape: &Shape,
+) -> Vec<Value> {
+    let Some(d) = walk(original, host, obj_ns)
+        .into_iter()
+        .find_map(|d| match d {
+            Dest::Unsplit(d) => Some(d),
+            _ => None,
+        })
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (ours, always) in [(shape.never, false), (shape.always, true)] {
+        if ours.is_empty() {
+            continue;
+        }
+        let matches = match matches::and(original.get("match"), ours) {
+            Ok(m) if !m.is_empty() => m,
+            // Nothing can match both, or it cannot be said exactly (blocked before a write).
+            _ => continue,
+        };
+        let mut r = split.clone();
+        remove_our_mirrors(&mut r, host, obj_ns);
+        let mut dest = d.clone();
+        let subset = if always && !shape.mirror {
+            RECORDING_SUBSET
+        } else {
+            STABLE_SUBSET
+        };
+        set_subset(&mut dest, subset, None);
+        let suffix = if always { ALWAYS_ROUTE } else { NEVER_ROUTE };
+        let name = match original.get("name").and_then(Value::as_str) {
+            Some(n) => format!("{n}-{suffix}"),
+            None => suffix.to_string(),
+        };
+        if let Some(o) = r.as_object_mut() {
+            o.insert("name".into(), Value::String(name));
+            o.insert("match".into(), Value::Array(matches));
+            o.insert("route".into(), json!([dest]));
+        }
+        if always && shape.mirror {
+            add_our_mirror(&mut r, d, 100);
+        }
+        out.push(r);
+    }
+    out
 }
 
 /// The stable/recording pair replacing destination `d` of weight `w`.
@@ -362,101 +638,94 @@ fn pair(d: &Value, w: i64, percent: i32) -> [Value; 2] {
     let rec = recording_share(w, percent);
     let mut stable = d.clone();
     let mut recording = d.clone();
-    set_subset(&mut stable, STABLE_SUBSET, w - rec);
-    set_subset(&mut recording, RECORDING_SUBSET, rec);
+    set_subset(&mut stable, STABLE_SUBSET, Some(w - rec));
+    set_subset(&mut recording, RECORDING_SUBSET, Some(rec));
     [stable, recording]
 }
 
-fn set_subset(d: &mut Value, subset: &str, weight: i64) {
+/// Points `d` at `subset`, with `weight` (none: no `weight` field).
+fn set_subset(d: &mut Value, subset: &str, weight: Option<i64>) {
     if let Some(dest) = d.get_mut("destination").and_then(Value::as_object_mut) {
         dest.insert("subset".into(), Value::String(subset.into()));
     }
     if let Some(o) = d.as_object_mut() {
-        o.insert("weight".into(), json!(weight));
+        match weight {
+            Some(w) => o.insert("weight".into(), json!(w)),
+            None => o.remove("weight"),
+        };
     }
 }
 
-/// Undoes [`split_http`]: each pair becomes one destination again, with its original weight
-/// (or no weight, if it had none). Fields changed by others since the split are kept.
+/// Undoes [`split_http`]: the inserted routes go, our mirrors go, and each pair (or lone stable
+/// destination) becomes one destination again, with its original weight (or no weight, if it
+/// had none). Fields changed by others since the split are kept.
 pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option<&str>) -> Value {
     let (_, originals) = parse_restore_note(note);
     let mut pair_index = 0usize;
-    let mut http = spec.get("http").cloned().unwrap_or_else(|| json!([]));
-    if let Some(routes) = http.as_array_mut() {
-        for r in routes.iter_mut() {
-            let Some(ds) = r.get_mut("route").and_then(Value::as_array_mut) else {
-                continue;
-            };
-            let mut out: Vec<Value> = Vec::with_capacity(ds.len());
-            // Destinations that had no `weight` before the split (by the note).
-            let mut weightless: Vec<usize> = Vec::new();
-            let mut i = 0;
-            while i < ds.len() {
-                let d = &ds[i];
-                let ours = dest_host(d).is_some_and(|h| host.matches(h, obj_ns));
-                if ours && dest_subset(d) == Some(STABLE_SUBSET) {
-                    let next_is_rec = ds
-                        .get(i + 1)
-                        .is_some_and(|n| dest_subset(n) == Some(RECORDING_SUBSET));
-                    let w = dest_weight(d).unwrap_or(0).max(0)
-                        + if next_is_rec {
-                            dest_weight(&ds[i + 1]).unwrap_or(0).max(0)
-                        } else {
-                            0
-                        };
-                    let mut restored = d.clone();
-                    if let Some(dest) = restored
-                        .get_mut("destination")
-                        .and_then(Value::as_object_mut)
-                    {
-                        dest.remove("subset");
-                    }
-                    if let Some(o) = restored.as_object_mut() {
-                        o.insert("weight".into(), json!(w));
-                    }
-                    if originals
-                        .get(pair_index)
-                        .copied()
-                        .unwrap_or(Some(w))
-                        .is_none()
-                    {
-                        weightless.push(out.len());
-                    }
-                    out.push(restored);
-                    pair_index += 1;
-                    i += if next_is_rec { 2 } else { 1 };
-                    continue;
-                }
-                if ours && dest_subset(d) == Some(RECORDING_SUBSET) {
-                    // A lone recording destination: its weight goes back to the host.
-                    let mut restored = d.clone();
-                    if let Some(dest) = restored
-                        .get_mut("destination")
-                        .and_then(Value::as_object_mut)
-                    {
-                        dest.remove("subset");
-                    }
-                    out.push(restored);
-                    i += 1;
-                    continue;
-                }
-                out.push(d.clone());
-                i += 1;
-            }
-            // A weight is dropped only where it means nothing: a route's single destination.
-            // (The note is by position; if routes were removed meanwhile, a weight it calls
-            // absent may belong to a route that splits, and is then kept.)
-            if out.len() == 1 {
-                for k in weightless {
-                    if let Some(o) = out[k].as_object_mut() {
-                        o.remove("weight");
-                    }
-                }
-            }
-            *ds = out;
+    let mut http = Vec::new();
+    for r in http_routes(spec) {
+        if inserted(r, host, obj_ns).is_some() {
+            continue;
         }
+        let mut out: Vec<Value> = Vec::new();
+        // Destinations that had no `weight` before the split (by the note).
+        let mut weightless: Vec<usize> = Vec::new();
+        for d in walk(r, host, obj_ns) {
+            let (d, w) = match d {
+                Dest::Pair(s, rec) => (
+                    s,
+                    Some(dest_weight(s).unwrap_or(0).max(0) + dest_weight(rec).unwrap_or(0).max(0)),
+                ),
+                Dest::Stable(s) => (s, dest_weight(s).map(|w| w.max(0))),
+                Dest::Recording(rec) => {
+                    // A lone recording destination: its weight goes back to the host.
+                    let mut restored = rec.clone();
+                    unset_subset(&mut restored);
+                    out.push(restored);
+                    continue;
+                }
+                Dest::Unsplit(d) | Dest::Other(d) => {
+                    out.push(d.clone());
+                    continue;
+                }
+            };
+            let mut restored = d.clone();
+            unset_subset(&mut restored);
+            if let (Some(o), Some(w)) = (restored.as_object_mut(), w) {
+                o.insert("weight".into(), json!(w));
+            }
+            if originals.get(pair_index).copied().unwrap_or(w).is_none() {
+                weightless.push(out.len());
+            }
+            out.push(restored);
+            pair_index += 1;
+        }
+        // A weight is dropped only where it means nothing: a route's single destination.
+        // (The note is by position; if routes were removed meanwhile, a weight it calls
+        // absent may belong to a route that splits, and is then kept.)
+        if out.len() == 1 {
+            for k in weightless {
+                if let Some(o) = out[k].as_object_mut() {
+                    o.remove("weight");
+                }
+            }
+        }
+        let mut r = r.clone();
+        remove_our_mirrors(&mut r, host, obj_ns);
+        if let Some(o) = r.as_object_mut()
+            && o.contains_key("route")
+        {
+            o.insert("route".into(), Value::Array(out));
+        }
+        http.push(r);
     }
-    http
+    Value::Array(http)
+}
+
+fn unset_subset(d: &mut Value) {
+    if let Some(dest) = d.get_mut("destination").and_then(Value::as_object_mut) {
+        dest.remove("subset");
+    }
 }
 
 /// The two subsets this controller adds.
@@ -647,7 +916,7 @@ mod tests {
                 ]}
             ]
         });
-        let s = split_http(&spec, &host(), "shop", 10, None, "c");
+        let s = split_http(&spec, &host(), "shop", &Shape::weights(10), None, "c");
         let mut after = spec.clone();
         after["http"] = s.http.clone();
         let r0 = &after["http"][0]["route"];
@@ -674,10 +943,17 @@ mod tests {
     #[test]
     fn reweighting_a_split_route_keeps_the_original_weights_in_the_note() {
         let spec = json!({"http": [{"route": [{"destination": {"host": "frontend"}}]}]});
-        let s1 = split_http(&spec, &host(), "shop", 10, None, "c");
+        let s1 = split_http(&spec, &host(), "shop", &Shape::weights(10), None, "c");
         let mut v = spec.clone();
         v["http"] = s1.http;
-        let s2 = split_http(&v, &host(), "shop", 25, Some(&s1.note), "c");
+        let s2 = split_http(
+            &v,
+            &host(),
+            "shop",
+            &Shape::weights(25),
+            Some(&s1.note),
+            "c",
+        );
         v["http"] = s2.http;
         assert_eq!(v["http"][0]["route"][0]["weight"], 75);
         assert_eq!(v["http"][0]["route"][1]["weight"], 25);
@@ -694,7 +970,7 @@ mod tests {
             {"route": [{"destination": {"host": "frontend"}, "weight": 80},
                        {"destination": {"host": "legacy"}, "weight": 20}]}
         ]});
-        let s = split_http(&spec, &host(), "shop", 10, None, "c");
+        let s = split_http(&spec, &host(), "shop", &Shape::weights(10), None, "c");
         let mut v = spec.clone();
         v["http"] = s.http;
         if let Some(a) = v["http"].as_array_mut() {
@@ -712,7 +988,7 @@ mod tests {
     fn destinations_with_a_user_subset_are_left_alone() {
         let spec =
             json!({"http": [{"route": [{"destination": {"host": "frontend", "subset": "v1"}}]}]});
-        let s = split_http(&spec, &host(), "shop", 10, None, "c");
+        let s = split_http(&spec, &host(), "shop", &Shape::weights(10), None, "c");
         assert_eq!(s.http, spec["http"]);
         assert_eq!(read_split(&spec, &host(), "shop").unsplit, 0);
     }
@@ -755,6 +1031,136 @@ mod tests {
             &["public".into()],
             "shop"
         ));
+    }
+
+    #[test]
+    fn never_and_always_routes_go_ahead_of_the_split_route_with_its_fields_and_match() {
+        let spec = json!({"http": [{
+            "name": "api",
+            "match": [{"uri": {"prefix": "/api"}}],
+            "timeout": "3s",
+            "retries": {"attempts": 2},
+            "route": [{"destination": {"host": "frontend", "port": {"number": 80}}}],
+        }]});
+        let always = [json!({"headers": {"x-record": {"exact": "1"}}})];
+        let never = [json!({"uri": {"prefix": "/api/admin"}})];
+        let shape = Shape {
+            percent: 10,
+            mirror: false,
+            always: &always,
+            never: &never,
+        };
+        let s = split_http(&spec, &host(), "shop", &shape, None, "c");
+        let dest =
+            |subset: &str| json!({"host": "frontend", "port": {"number": 80}, "subset": subset});
+        assert_eq!(
+            s.http,
+            json!([
+                {"name": "api-rcanary-never", "match": [{"uri": {"prefix": "/api/admin"}}],
+                 "timeout": "3s", "retries": {"attempts": 2},
+                 "route": [{"destination": dest(STABLE_SUBSET)}]},
+                {"name": "api-rcanary-always",
+                 "match": [{"uri": {"prefix": "/api"}, "headers": {"x-record": {"exact": "1"}}}],
+                 "timeout": "3s", "retries": {"attempts": 2},
+                 "route": [{"destination": dest(RECORDING_SUBSET)}]},
+                {"name": "api", "match": [{"uri": {"prefix": "/api"}}], "timeout": "3s",
+                 "retries": {"attempts": 2},
+                 "route": [{"destination": dest(STABLE_SUBSET), "weight": 90},
+                           {"destination": dest(RECORDING_SUBSET), "weight": 10}]},
+            ])
+        );
+        let v = json!({"http": s.http});
+        let st = read_split(&v, &host(), "shop");
+        assert_eq!((st.always_routes, st.never_routes, st.pairs), (1, 1, 1));
+        assert_eq!(
+            unsplit_http(&v, &host(), "shop", Some(&s.note)),
+            spec["http"]
+        );
+        // Without forced requests (a drained clone), the always route goes, never stays.
+        let drained = Shape {
+            always: &[],
+            percent: 0,
+            ..shape
+        };
+        let d = split_http(&v, &host(), "shop", &drained, Some(&s.note), "c");
+        let names: Vec<&str> = d
+            .http
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        assert_eq!(names, ["api-rcanary-never", "api"]);
+    }
+
+    #[test]
+    fn mirror_mode_serves_from_stable_and_mirrors_the_percent_next_to_the_users_mirrors() {
+        let spec = json!({"http": [{
+            "route": [{"destination": {"host": "frontend"}}],
+            "mirrors": [{"destination": {"host": "audit"}}],
+        }]});
+        let always = [json!({"headers": {"x-record": {"exact": "1"}}})];
+        let shape = Shape {
+            percent: 25,
+            mirror: true,
+            always: &always,
+            never: &[],
+        };
+        let s = split_http(&spec, &host(), "shop", &shape, None, "c");
+        assert_eq!(
+            s.http,
+            json!([
+                {"name": "rcanary-always", "match": [{"headers": {"x-record": {"exact": "1"}}}],
+                 "route": [{"destination": {"host": "frontend", "subset": STABLE_SUBSET}}],
+                 "mirrors": [{"destination": {"host": "audit"}},
+                             {"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "percentage": {"value": 100}}]},
+                {"route": [{"destination": {"host": "frontend", "subset": STABLE_SUBSET}}],
+                 "mirrors": [{"destination": {"host": "audit"}},
+                             {"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "percentage": {"value": 25}}]},
+            ])
+        );
+        let v = json!({"http": s.http});
+        let st = read_split(&v, &host(), "shop");
+        assert!(st.mirrored);
+        assert_eq!((st.pairs, st.percent), (1, Some(25)));
+        assert_eq!(
+            unsplit_http(&v, &host(), "shop", Some(&s.note)),
+            spec["http"]
+        );
+        // Back to a weighted split, live: the mirror goes, the pair comes.
+        let back = split_http(&v, &host(), "shop", &Shape::weights(25), Some(&s.note), "c");
+        assert_eq!(
+            back.http,
+            json!([{"route": [{"destination": {"host": "frontend", "subset": STABLE_SUBSET}, "weight": 75},
+                              {"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "weight": 25}],
+                    "mirrors": [{"destination": {"host": "audit"}}]}])
+        );
+    }
+
+    #[test]
+    fn shapes_a_route_cannot_take_are_named() {
+        let legacy = json!({"http": [{"route": [{"destination": {"host": "frontend"}}], "mirror": {"host": "audit"}}]});
+        let mirror = Shape {
+            mirror: true,
+            ..Shape::weights(10)
+        };
+        let p = shape_problem(&legacy, &host(), "shop", &mirror).expect("a problem");
+        assert!(p.contains("`mirror`"), "{p}");
+        assert_eq!(
+            shape_problem(&legacy, &host(), "shop", &Shape::weights(10)),
+            None
+        );
+        let regex = json!({"http": [{"match": [{"uri": {"regex": "/a.*"}}], "route": [{"destination": {"host": "frontend"}}]}]});
+        let never = [json!({"uri": {"prefix": "/a/health"}})];
+        let sh = Shape {
+            never: &never,
+            ..Shape::weights(10)
+        };
+        let p = shape_problem(&regex, &host(), "shop", &sh).expect("a problem");
+        assert!(p.contains("spec.never"), "{p}");
+        // A route to another host is none of our business.
+        let other = json!({"http": [{"match": [{"uri": {"regex": "/a.*"}}], "route": [{"destination": {"host": "backend"}}]}]});
+        assert_eq!(shape_problem(&other, &host(), "shop", &sh), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Property tests of the split and its restore, on generated VirtualServices: whatever the user's
-//! routes look like, splitting then restoring gives back exactly the original, every split route's
-//! weights sum to 100, what is not split stays byte-equal, and splitting twice equals once.
+//! routes look like and whatever the shape (percent, Split or Mirror, forced and excluded
+//! requests), splitting then restoring gives back exactly the original (also after a live change
+//! of shape), every split route's weights sum to 100 (or stay as they were, mirroring), what is
+//! not split stays byte-equal, and splitting twice equals once.
 
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -119,54 +121,145 @@ fn with_http(spec: &Value, http: Value) -> Value {
     s
 }
 
+/// A shape's owned parts: percent, mirror, `always`, `never`.
+type ShapeParts = (i32, bool, Vec<Value>, Vec<Value>);
+
+fn shape_parts() -> impl Strategy<Value = ShapeParts> {
+    let always = prop_oneof![
+        Just(vec![]),
+        Just(vec![json!({"headers": {"x-record": {"exact": "1"}}})]),
+        Just(vec![
+            json!({"uri": {"prefix": "/api/v2"}}),
+            json!({"method": {"exact": "POST"}})
+        ]),
+    ];
+    let never = prop_oneof![
+        Just(vec![]),
+        Just(vec![json!({"uri": {"prefix": "/health"}})]),
+        Just(vec![
+            json!({"uri": {"exact": "/api/admin"}}),
+            json!({"headers": {"x-pii": {"regex": ".+"}}})
+        ]),
+    ];
+    (0i32..=100, any::<bool>(), always, never)
+}
+
+fn shape(p: &ShapeParts) -> Shape<'_> {
+    Shape {
+        percent: p.0,
+        mirror: p.1,
+        always: &p.2,
+        never: &p.3,
+    }
+}
+
+fn is_inserted_route(r: &Value) -> bool {
+    r.get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| n.ends_with(ALWAYS_ROUTE) || n.ends_with(NEVER_ROUTE))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn split_then_restore_gives_back_exactly_the_original(spec in vs_spec(), percent in 0i32..=100) {
-        let split = split_http(&spec, &host(), NS, percent, None, "c");
+    fn split_then_restore_gives_back_exactly_the_original(spec in vs_spec(), parts in shape_parts()) {
+        let split = split_http(&spec, &host(), NS, &shape(&parts), None, "c");
         let restored = unsplit_http(&with_http(&spec, split.http.clone()), &host(), NS, Some(&split.note));
         prop_assert_eq!(&restored, &spec["http"]);
     }
 
     #[test]
-    fn every_split_route_weighs_100_and_other_routes_stay_byte_equal(spec in vs_spec(), percent in 0i32..=100) {
-        let split = split_http(&spec, &host(), NS, percent, None, "c");
+    fn a_live_change_of_shape_still_restores_exactly(spec in vs_spec(), a in shape_parts(), b in shape_parts()) {
+        let first = split_http(&spec, &host(), NS, &shape(&a), None, "c");
+        let second = split_http(&with_http(&spec, first.http.clone()), &host(), NS, &shape(&b), Some(&first.note), "c");
+        let restored = unsplit_http(&with_http(&spec, second.http.clone()), &host(), NS, Some(&second.note));
+        prop_assert_eq!(&restored, &spec["http"]);
+    }
+
+    #[test]
+    fn every_split_route_weighs_100_and_other_routes_stay_byte_equal(spec in vs_spec(), parts in shape_parts()) {
+        let sh = shape(&parts);
+        let split = split_http(&spec, &host(), NS, &sh, None, "c");
         let before = spec["http"].as_array().cloned().unwrap_or_default();
-        let after = split.http.as_array().cloned().unwrap_or_default();
+        let after: Vec<Value> = split.http.as_array().cloned().unwrap_or_default()
+            .into_iter().filter(|r| !is_inserted_route(r)).collect();
         prop_assert_eq!(before.len(), after.len());
         for (b, a) in before.iter().zip(&after) {
             if !touches_host(b) {
                 prop_assert_eq!(b.to_string(), a.to_string());
                 continue;
             }
-            let sum: i64 = a["route"].as_array().into_iter().flatten()
-                .map(|d| d.get("weight").and_then(Value::as_i64).unwrap_or(0))
-                .sum();
-            prop_assert_eq!(sum, 100, "route {}", a);
-            // Everything but the destinations is untouched.
-            let strip = |r: &Value| { let mut r = r.clone(); r["route"] = Value::Null; r };
+            let weights = |r: &Value| -> Vec<i64> { r["route"].as_array().into_iter().flatten()
+                .map(|d| d.get("weight").and_then(Value::as_i64).unwrap_or(0)).collect() };
+            let sum: i64 = weights(a).iter().sum();
+            if sh.mirror {
+                // Mirroring moves no weight: the same destinations, the same weights.
+                prop_assert_eq!(weights(a), weights(b), "route {}", a);
+                let ours: Vec<&Value> = a["mirrors"].as_array().into_iter().flatten()
+                    .filter(|m| m.pointer("/destination/subset") == Some(&json!(RECORDING_SUBSET))).collect();
+                prop_assert_eq!(ours.len(), 1, "route {}", a);
+                prop_assert_eq!(&ours[0]["percentage"]["value"], &json!(sh.percent));
+            } else {
+                prop_assert_eq!(sum, 100, "route {}", a);
+            }
+            // Everything but the destinations and the mirrors is untouched.
+            let strip = |r: &Value| { let mut r = r.clone(); r["route"] = Value::Null; r["mirrors"] = Value::Null; r };
             prop_assert_eq!(strip(b), strip(a));
         }
     }
 
     #[test]
-    fn after_a_split_no_destination_to_the_host_is_left_unsplit(spec in vs_spec(), percent in 0i32..=100) {
-        let split = split_http(&spec, &host(), NS, percent, None, "c");
+    fn forced_and_excluded_routes_go_ahead_of_their_route_never_first(spec in vs_spec(), parts in shape_parts()) {
+        let sh = shape(&parts);
+        let split = split_http(&spec, &host(), NS, &sh, None, "c");
+        let after = split.http.as_array().cloned().unwrap_or_default();
+        let mut pending: Vec<&str> = Vec::new();
+        for r in &after {
+            if is_inserted_route(r) {
+                let kind = if r["name"].as_str().unwrap_or_default().ends_with(NEVER_ROUTE) { "never" } else { "always" };
+                // never before always, and both straight ahead of the route they copy.
+                prop_assert!(!(kind == "never" && pending.contains(&"always")), "{:#?}", after);
+                pending.push(kind);
+                let dests = r["route"].as_array().cloned().unwrap_or_default();
+                prop_assert_eq!(dests.len(), 1);
+                let want = if kind == "always" && !sh.mirror { RECORDING_SUBSET } else { STABLE_SUBSET };
+                prop_assert_eq!(&dests[0]["destination"]["subset"], &json!(want));
+                prop_assert!(r["match"].as_array().is_some_and(|m| !m.is_empty()));
+                let mirrors_ours = r["mirrors"].as_array().into_iter().flatten()
+                    .any(|m| m.pointer("/destination/subset") == Some(&json!(RECORDING_SUBSET)));
+                // An excluded request is never recorded, not even by a mirror.
+                prop_assert_eq!(mirrors_ours, kind == "always" && sh.mirror);
+            } else {
+                prop_assert!(pending.is_empty() || touches_host(&unsplit_http(&json!({"http": [r]}), &host(), NS, None)[0]),
+                    "inserted routes ahead of a route that is not split: {:#?}", after);
+                pending.clear();
+            }
+        }
         let st = read_split(&with_http(&spec, split.http.clone()), &host(), NS);
-        prop_assert!(st.pairs > 0 || !spec["http"].as_array().into_iter().flatten().any(touches_host));
-        prop_assert_eq!(st.unsplit, 0);
+        prop_assert_eq!(st.mirrored, sh.mirror && st.pairs > 0);
     }
 
     #[test]
-    fn splitting_twice_equals_splitting_once(spec in vs_spec(), p1 in 0i32..=100, p2 in 0i32..=100) {
-        let once = split_http(&spec, &host(), NS, p2, None, "c");
-        let first = split_http(&spec, &host(), NS, p1, None, "c");
-        let twice = split_http(&with_http(&spec, first.http.clone()), &host(), NS, p2, Some(&first.note), "c");
+    fn after_a_split_no_destination_to_the_host_is_left_unsplit(spec in vs_spec(), parts in shape_parts()) {
+        let split = split_http(&spec, &host(), NS, &shape(&parts), None, "c");
+        let st = read_split(&with_http(&spec, split.http.clone()), &host(), NS);
+        prop_assert!(st.pairs > 0 || !spec["http"].as_array().into_iter().flatten().any(touches_host));
+        prop_assert_eq!(st.unsplit, 0);
+        if st.pairs > 0 {
+            prop_assert_eq!(st.percent, Some(parts.0).filter(|_| parts.1).or(st.percent));
+        }
+    }
+
+    #[test]
+    fn splitting_twice_equals_splitting_once(spec in vs_spec(), a in shape_parts(), b in shape_parts()) {
+        let once = split_http(&spec, &host(), NS, &shape(&b), None, "c");
+        let first = split_http(&spec, &host(), NS, &shape(&a), None, "c");
+        let twice = split_http(&with_http(&spec, first.http.clone()), &host(), NS, &shape(&b), Some(&first.note), "c");
         prop_assert_eq!(&twice.http, &once.http);
         prop_assert_eq!(&twice.note, &once.note);
         // And the same split again changes nothing.
-        let again = split_http(&with_http(&spec, twice.http.clone()), &host(), NS, p2, Some(&twice.note), "c");
+        let again = split_http(&with_http(&spec, twice.http.clone()), &host(), NS, &shape(&b), Some(&twice.note), "c");
         prop_assert_eq!(&again.http, &twice.http);
     }
 }

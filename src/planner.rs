@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 
 use crate::admission::StableLabelling;
 use crate::api::{
-    CANARY_LABEL, FINALIZER, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
-    RecordingCanaryStatus, SOURCE_HASH_ANNOTATION,
+    CANARY_LABEL, FINALIZER, Mode, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
+    RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
 };
 use crate::istio::{self, ServiceHost};
 
@@ -546,18 +546,35 @@ fn clone_stalled(d: &Deployment) -> bool {
 }
 
 /// Whether the VirtualService's routes are exactly its split at `percent`.
-fn splits_at(v: &Value, host: &ServiceHost, percent: i32, canary: &str) -> bool {
+fn splits_at(v: &Value, host: &ServiceHost, shape: &istio::Shape, canary: &str) -> bool {
     let note = istio::restore_note_of(v);
-    let s = istio::split_http(spec_of(v), host, meta_ns(v), percent, note, canary);
+    let s = istio::split_http(spec_of(v), host, meta_ns(v), shape, note, canary);
     spec_of(v).get("http") == Some(&s.http)
 }
 
+/// The split's shape at `percent`: the spec's mode and excluded requests, and its forced ones
+/// only while the clone may get traffic (`clone_serves`).
+fn shape(spec: &ValidSpec, percent: i32, clone_serves: bool) -> istio::Shape<'_> {
+    istio::Shape {
+        percent,
+        mirror: spec.mode == Mode::Mirror,
+        always: if clone_serves { &spec.always } else { &[] },
+        never: &spec.never,
+    }
+}
+
+/// Whether the clone's capture and sidecar annotations are not what the spec asks for: one
+/// missing or different, or the annotation of another capture mode still there.
 fn sidecar_annotations_differ(c: &RecordingCanary, clone: &Deployment) -> bool {
     let have = clone.annotations();
     c.spec
         .clone_annotations()
         .iter()
         .any(|(k, v)| have.get(k) != Some(v))
+        || c.spec
+            .unwanted_capture_annotations()
+            .iter()
+            .any(|k| have.contains_key(*k))
 }
 
 /// Name of a VirtualService or DestinationRule the canary creates: never the name a user's

@@ -871,6 +871,124 @@ fn changed_sidecar_annotations_replace_the_clone() {
     );
 }
 
+const EBPF: &str = "capture.speedscale.com/enabled";
+
+fn clone_annotations_of(c: &RecordingCanary) -> BTreeMap<String, String> {
+    build_clone(c, &target(4), 1)
+        .metadata
+        .annotations
+        .unwrap_or_default()
+}
+
+#[test]
+fn ebpf_capture_puts_the_collector_annotation_on_the_clone_and_never_the_inject_one() {
+    let ann = clone_annotations_of(&canary().spec("capture", json!("EBPF")).build());
+    assert_eq!(ann.get(EBPF).map(String::as_str), Some("true"));
+    assert!(!ann.contains_key(INJECT), "{ann:?}");
+    // The pods keep the documented role label, the one to target with eBPF capture.
+    let c = canary().spec("capture", json!("EBPF")).build();
+    let d = build_clone(&c, &target(4), 1);
+    let pod_labels = d.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert_eq!(
+        pod_labels.get(ROLE_LABEL).map(String::as_str),
+        Some(ROLE_RECORDING)
+    );
+}
+
+#[test]
+fn no_capture_puts_only_the_users_annotations_on_the_clone() {
+    let ann = clone_annotations_of(
+        &canary()
+            .spec("capture", json!("None"))
+            .spec(
+                "sidecar",
+                json!({"annotations": {"recorder.example.com/on": "yes"}}),
+            )
+            .build(),
+    );
+    assert!(
+        !ann.contains_key(INJECT) && !ann.contains_key(EBPF),
+        "{ann:?}"
+    );
+    assert_eq!(
+        ann.get("recorder.example.com/on").map(String::as_str),
+        Some("yes")
+    );
+}
+
+#[test]
+fn a_spec_that_would_put_both_capture_annotations_on_the_clone_is_invalid() {
+    for (capture, annotations) in [
+        ("Sidecar", json!({EBPF: "true"})),
+        ("EBPF", json!({INJECT: "true"})),
+        ("None", json!({INJECT: "true", EBPF: "true"})),
+    ] {
+        let c = canary()
+            .spec("capture", json!(capture))
+            .spec("sidecar", json!({ "annotations": annotations }))
+            .build();
+        let err = c.spec.validate().expect_err(capture);
+        assert!(err.0.contains("spec.capture"), "{capture}: {err}");
+    }
+    // Turning the other one off explicitly is fine.
+    for (capture, annotations) in [
+        ("Sidecar", json!({EBPF: "false"})),
+        ("EBPF", json!({INJECT: "false"})),
+        ("Sidecar", json!({INJECT: "false", EBPF: "true"})),
+    ] {
+        let c = canary()
+            .spec("capture", json!(capture))
+            .spec("sidecar", json!({ "annotations": annotations }))
+            .build();
+        assert!(c.spec.validate().is_ok(), "{capture} {annotations}");
+    }
+}
+
+#[test]
+fn switching_a_live_clone_from_sidecar_to_ebpf_removes_the_inject_annotation() {
+    // serving_world's clone was built for the default (Sidecar) capture, and carries what a
+    // webhook added since.
+    let mut w = serving_world(10).with_canary(
+        canary()
+            .spec("capture", json!("EBPF"))
+            .status(status(phase::READY, "TargetReached", 10)),
+    );
+    if let Some(cl) = w.clone.as_mut() {
+        cl.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert("webhook.example.com/seen".into(), "1".into());
+    }
+    let p = w.plan();
+    let replaced = p
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ReplaceClone(d) => Some(d.as_ref()),
+            _ => None,
+        })
+        .expect("ReplaceClone");
+    let ann = replaced.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(ann.get(EBPF).map(String::as_str), Some("true"));
+    assert!(!ann.contains_key(INJECT), "{ann:?}");
+    assert_eq!(
+        ann.get("webhook.example.com/seen").map(String::as_str),
+        Some("1"),
+        "what others put on the clone stays"
+    );
+    // Once switched, nothing more to do.
+    let mut w2 = w;
+    w2.clone = Some(replaced.clone());
+    let p2 = w2.plan();
+    assert!(
+        !p2.actions
+            .iter()
+            .any(|a| matches!(a, Action::ReplaceClone(_))),
+        "{:#?}",
+        p2.actions
+    );
+}
+
 #[test]
 fn the_target_deployment_is_never_written() {
     let mut w = serving_world(10);
@@ -2229,6 +2347,9 @@ fn invalid_specs_block_and_only_label_the_targets_pods() {
         canary().max_replicas(0),
         canary().spec("targetRef", json!({"name": " "})),
         canary().spec("service", json!("")),
+        canary()
+            .spec("capture", json!("EBPF"))
+            .spec("sidecar", json!({"annotations": {INJECT: "true"}})),
     ];
     for c in cases {
         let mut w = serving_world(10).with_canary(c.clone());
@@ -3602,4 +3723,191 @@ fn a_deployment_of_another_kind_named_as_the_target_is_not_found() {
         "{:#?}",
         p.status.conditions
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modes: forced and excluded requests, Mirror
+// ---------------------------------------------------------------------------------------------
+
+fn always_qa() -> Value {
+    json!([{"headers": {"x-team": {"exact": "qa"}}}])
+}
+
+fn never_health() -> Value {
+    json!([{"uri": {"prefix": "/healthz"}}])
+}
+
+/// The user's VS after the planner's own write for canary `c`, from serving_world(pct).
+fn planned_vs(c: CanaryB, pct: i32) -> (World, Value) {
+    let w = serving_world(pct).with_canary(c);
+    let p = w.plan();
+    let ops = patch_of(&p, MeshKind::VirtualService, "frontend")
+        .unwrap_or_else(|| panic!("a VirtualService write: {:#?}", p.actions));
+    let v = apply_ops(&w.vss[0], ops);
+    (w, v)
+}
+
+fn route_names(v: &Value) -> Vec<String> {
+    v["spec"]["http"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["name"].as_str().unwrap_or("-").to_string())
+        .collect()
+}
+
+#[test]
+fn forced_and_excluded_requests_are_routed_ahead_of_the_split_once_the_clone_is_ready() {
+    let c = canary()
+        .spec("always", always_qa())
+        .spec("never", never_health())
+        .status(status(phase::READY, "TargetReached", 10));
+    let (mut w, v) = planned_vs(c.clone(), 10);
+    assert_eq!(route_names(&v), ["rcanary-never", "rcanary-always", "-"]);
+    assert_eq!(subsets_of_route(&v, 0), [Some(STABLE_SUBSET.to_string())]);
+    assert_eq!(
+        subsets_of_route(&v, 1),
+        [Some(RECORDING_SUBSET.to_string())]
+    );
+    assert_eq!(weights(&v, 2), [90, 10]);
+    // Written once: the next plan over the result changes nothing.
+    w.vss = vec![v.clone()];
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    // Rollback takes both routes out and restores the user's VS exactly.
+    let mut d = w.with_canary(c.deleting());
+    d.vss = vec![v];
+    let p = d.plan();
+    let restored = apply_ops(
+        &d.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("restore"),
+    );
+    assert_eq!(restored, user_vs());
+}
+
+#[test]
+fn percent_zero_with_always_records_only_the_forced_requests_on_one_replica() {
+    let c = canary()
+        .percent(0)
+        .spec("always", always_qa())
+        .status(status(phase::READY, "TargetReached", 0));
+    let mut w = serving_world(0).with_canary(c);
+    // serving_world(0) has no clone replica: it is sized to one, and nothing is forced yet.
+    w.clone = w.clone.map(|mut cl| {
+        cl.status = Some(DeploymentStatus::default());
+        cl
+    });
+    let p = w.plan();
+    assert_eq!(p.status.clone_replicas, 1, "{:#?}", p.actions);
+    let forced = patch_of(&p, MeshKind::VirtualService, "frontend")
+        .map(|ops| route_names(&apply_ops(&w.vss[0], ops)))
+        .unwrap_or_else(|| route_names(&w.vss[0]));
+    assert!(!forced.iter().any(|n| n == "rcanary-always"), "{forced:?}");
+    // With a Ready replica, the forced route goes in; the weight stays 0.
+    let w = w.clone_ready(1);
+    let p = w.plan();
+    let v = apply_ops(
+        &w.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("a VS write"),
+    );
+    assert_eq!(route_names(&v), ["rcanary-always", "-"]);
+    assert_eq!(weights(&v, 1), [100, 0]);
+    assert_eq!(p.status.current_percent, 0);
+}
+
+#[test]
+fn a_sick_clone_loses_its_forced_requests_too() {
+    let c = canary()
+        .spec("always", always_qa())
+        .spec("never", never_health())
+        .status(status(phase::READY, "TargetReached", 10));
+    let (mut w, v) = planned_vs(c, 10);
+    w.vss = vec![v];
+    w.pods = vec![
+        target_pod("frontend-7d9f-a").stable().build(),
+        clone_pod("frontend-recording-5c4b-a")
+            .crash_looping()
+            .build(),
+    ];
+    let w = w.clone_ready(0);
+    let p = w.plan();
+    let drained = apply_ops(
+        &w.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("a drain"),
+    );
+    assert!(
+        !route_names(&drained).iter().any(|n| n == "rcanary-always"),
+        "{drained:#}"
+    );
+    assert!(
+        !drained
+            .to_string()
+            .contains(&format!("\"{RECORDING_SUBSET}\",\"weight\":1")),
+        "{drained:#}"
+    );
+    assert!(
+        event_reasons(&p).contains(&"TrafficDrained")
+            || p.status.phase.as_deref() == Some(phase::DEGRADED)
+    );
+}
+
+#[test]
+fn mirror_mode_needs_the_side_effects_acknowledged() {
+    let c = canary().spec("mode", json!("Mirror")).build();
+    let err = c.spec.validate().expect_err("not acknowledged");
+    assert!(err.0.contains("acknowledgeMirrorSideEffects"), "{err}");
+    let c = canary()
+        .spec("mode", json!("Mirror"))
+        .spec("acknowledgeMirrorSideEffects", json!(true))
+        .build();
+    assert!(c.spec.validate().is_ok());
+}
+
+#[test]
+fn switching_a_live_split_to_mirror_is_one_write_that_keeps_the_subsets() {
+    let c = canary()
+        .spec("mode", json!("Mirror"))
+        .spec("acknowledgeMirrorSideEffects", json!(true))
+        .status(status(phase::READY, "TargetReached", 10));
+    let w = serving_world(10).with_canary(c);
+    let p = w.plan();
+    let vs_writes = p.actions.iter().filter(|a| is_vs_write(a)).count();
+    assert_eq!(vs_writes, 1, "{:#?}", p.actions);
+    assert!(!has(&p, is_dr_write), "{:#?}", p.actions);
+    let v = apply_ops(
+        &w.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("VS write"),
+    );
+    assert_eq!(subsets_of_route(&v, 0), [Some(STABLE_SUBSET.to_string())]);
+    assert_eq!(
+        v["spec"]["http"][0]["mirrors"],
+        json!([{"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "percentage": {"value": 10}}])
+    );
+    assert!(
+        event_reasons(&p).contains(&"RoutesReshaped"),
+        "{:?}",
+        p.events
+    );
+    assert_eq!(p.status.current_percent, 10);
+}
+
+#[test]
+fn a_route_that_cannot_take_the_shape_blocks_with_its_reason() {
+    let mut legacy = user_vs();
+    legacy["spec"]["http"][0]["mirror"] = json!({"host": "audit"});
+    let c = canary()
+        .spec("mode", json!("Mirror"))
+        .spec("acknowledgeMirrorSideEffects", json!(true));
+    let mut w = fresh_world().with_canary(c);
+    w.vss = vec![legacy];
+    let p = w.plan();
+    assert_blocked(&p, "UnsupportedRoute");
+    assert!(!has(&p, is_mesh_write), "{:#?}", p.actions);
+
+    let mut regex = user_vs();
+    regex["spec"]["http"][0]["match"] = json!([{"uri": {"regex": "/api/.*"}}]);
+    let mut w = fresh_world().with_canary(canary().spec("never", never_health()));
+    w.vss = vec![regex];
+    let p = w.plan();
+    assert_blocked(&p, "UnsupportedRoute");
 }

@@ -9,7 +9,7 @@ use super::{
     CANARY_LABEL, MeshKind, Observed, first_rival, is_root_namespace, meta_name, meta_ns, owned_by,
     pod_of_deployment, spec_of,
 };
-use crate::api::ValidSpec;
+use crate::api::{Mode, ValidSpec};
 use crate::istio::{self, ServiceHost};
 
 /// Why a canary makes no progress. Safety actions still run (see `safety`).
@@ -95,6 +95,11 @@ pub enum Block {
         target: String,
         pods: Vec<String>,
     },
+    /// A route of the VirtualService cannot take the spec's mode or `always`/`never` exactly.
+    UnsupportedRoute {
+        virtual_service: String,
+        problem: String,
+    },
 }
 
 impl Block {
@@ -117,6 +122,7 @@ impl Block {
             Block::SubsetNameTaken { .. } => "SubsetNameTaken".into(),
             Block::GatewayRouteNotFound { .. } => "GatewayRouteNotFound".into(),
             Block::ServiceSelectsOtherPods { .. } => "ServiceSelectsOtherPods".into(),
+            Block::UnsupportedRoute { .. } => "UnsupportedRoute".into(),
         }
     }
 
@@ -218,6 +224,10 @@ impl Block {
                 "Service {service} also selects pods that are not Deployment {target}'s ({}); they would get no mesh traffic while split",
                 pods.join(", ")
             ),
+            Block::UnsupportedRoute {
+                virtual_service,
+                problem,
+            } => format!("VirtualService {virtual_service}: {problem}"),
         }
     }
 }
@@ -291,6 +301,20 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
     let dr = choose_dr(o, &host, &uid)?;
     check_adopted(o, &host, vs, dr)?;
     let gateway_vss = gateway_routes(o, &host, vs)?;
+    let shape = istio::Shape {
+        percent: spec.percent,
+        mirror: spec.mode == Mode::Mirror,
+        always: &spec.always,
+        never: &spec.never,
+    };
+    for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
+        if let Some(problem) = istio::shape_problem(spec_of(v), &host, meta_ns(v), &shape) {
+            return Err(Block::UnsupportedRoute {
+                virtual_service: format!("{}/{}", meta_ns(v), meta_name(v)),
+                problem,
+            });
+        }
+    }
     check_service_selects_only_ours(o)?;
     Ok(Checked {
         spec,

@@ -14,7 +14,7 @@ use super::{
     Action, Builder, MeshKind, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
     meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
-    remaining, sidecar_annotations_differ, source_hash, spec_of, splits_at,
+    remaining, shape, sidecar_annotations_differ, source_hash, spec_of, splits_at,
 };
 use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
 use crate::istio;
@@ -33,7 +33,9 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
         };
     }
     let w = weight(&mut b, k, health, routes.current);
-    write_weights(&mut b, k, &routes, w.desired);
+    // Forced requests go to the clone only while it is healthy and has a Ready replica.
+    let serves = health.healthy() && w.clone_ready > 0;
+    write_weights(&mut b, k, &routes, &shape(&k.spec, w.desired, serves));
     sync_clone(&mut b, k, w.replicas);
     report(b, k, health, &w)
 }
@@ -105,7 +107,15 @@ fn read_routes<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
     // The percent read back from rounded weights is ambiguous on a shared route (80 at 7% and at
     // 8% both give 74/6): when the VS is exactly the split at the last reported percent, that is it.
     let current = match vs {
-        Some(v) if is_split && splits_at(v, &k.host, b.prev.current_percent, &c.name_any()) => {
+        Some(v)
+            if is_split
+                && splits_at(
+                    v,
+                    &k.host,
+                    &shape(&k.spec, b.prev.current_percent, split.always_routes > 0),
+                    &c.name_any(),
+                ) =>
+        {
             b.prev.current_percent
         }
         _ if is_split => split.percent.unwrap_or(0),
@@ -343,10 +353,12 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
     {
         b.actions.push(Action::RecordRampStep(t));
     }
+    // With `always`, the clone has a replica at `percent: 0` too.
+    let floor = i32::from(!spec.always.is_empty());
     let replicas = clone_replicas(
         target_replicas,
-        sizing.max(desired),
-        spec.percent,
+        sizing.max(desired).max(floor),
+        spec.percent.max(floor),
         spec.max_replicas,
     );
     b.status.clone_replicas = replicas;
@@ -361,7 +373,8 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
 
 /// Step 4: splits the VirtualServices (ours, the adopted one, the gateways') at `desired`, with
 /// one Event when the clone first gets traffic and one per weight change after that.
-fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, desired: i32) {
+fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, shape: &istio::Shape) {
+    let desired = shape.percent;
     let c = b.o.canary;
     let ns = c.namespace().unwrap_or_default();
     let mut targets: Vec<(Option<&Value>, bool)> =
@@ -371,7 +384,7 @@ fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, desired: i32) {
     for (v, own) in targets {
         let Some(v) = v else {
             let mut obj = owned_vs(c, &k.host);
-            let s = istio::split_http(spec_of(&obj), &k.host, &ns, desired, None, &c.name_any());
+            let s = istio::split_http(spec_of(&obj), &k.host, &ns, shape, None, &c.name_any());
             obj["spec"]["http"] = s.http;
             b.actions.push(Action::CreateMesh {
                 kind: MeshKind::VirtualService,
@@ -381,18 +394,11 @@ fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, desired: i32) {
             continue;
         };
         let st = istio::read_split(spec_of(v), &k.host, meta_ns(v));
-        if st.pairs > 0 && st.unsplit == 0 && splits_at(v, &k.host, desired, &c.name_any()) {
+        if st.pairs > 0 && st.unsplit == 0 && splits_at(v, &k.host, shape, &c.name_any()) {
             continue;
         }
         let note = istio::restore_note_of(v);
-        let s = istio::split_http(
-            spec_of(v),
-            &k.host,
-            meta_ns(v),
-            desired,
-            note,
-            &c.name_any(),
-        );
+        let s = istio::split_http(spec_of(v), &k.host, meta_ns(v), shape, note, &c.name_any());
         let mut ops = istio::rv_test(v);
         let op = if spec_of(v).get("http").is_some() {
             "replace"
@@ -429,6 +435,18 @@ fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, desired: i32) {
                 k.host.fqdn()
             ),
         );
+    } else if wrote && routes.is_split {
+        b.event(
+            false,
+            "RoutesReshaped",
+            format!(
+                "Routes to {} now {}: {desired}%, {} forced and {} excluded request matches",
+                k.host.fqdn(),
+                if shape.mirror { "mirror" } else { "split" },
+                shape.always.len(),
+                shape.never.len()
+            ),
+        );
     }
     b.status.current_percent = desired;
 }
@@ -461,6 +479,9 @@ fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
         desired.metadata.resource_version = cl.resource_version();
         // Keep what others (e.g. an injecting webhook) put on the clone's metadata.
         let mut ann = cl.annotations().clone();
+        for k in c.spec.unwanted_capture_annotations() {
+            ann.remove(k);
+        }
         ann.extend(desired.metadata.annotations.take().unwrap_or_default());
         desired.metadata.annotations = Some(ann);
         let mut labels = cl.labels().clone();

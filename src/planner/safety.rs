@@ -165,10 +165,15 @@ fn drain(b: &mut Builder) -> usize {
             continue;
         }
         let st = istio::read_split(spec_of(v), &host, meta_ns(v));
-        if st.pairs == 0 || st.percent.unwrap_or(0) == 0 {
+        if (st.pairs == 0 || st.percent.unwrap_or(0) == 0) && st.always_routes == 0 {
             continue;
         }
-        let s = istio::split_http(spec_of(v), &host, meta_ns(v), 0, note, &me);
+        // Nothing to the clone: weight (or mirror) 0, no forced requests, the mode kept.
+        let shape = istio::Shape {
+            mirror: st.mirrored,
+            ..istio::Shape::weights(0)
+        };
+        let s = istio::split_http(spec_of(v), &host, meta_ns(v), &shape, note, &me);
         let mut ops = istio::rv_test(v);
         ops.push(json!({"op": "replace", "path": "/spec/http", "value": s.http}));
         if !own {

@@ -101,6 +101,21 @@ async fn invalid_specs_are_rejected_with_a_readable_message() {
             "spec.sidecar.podAnnotations",
         ),
         ("unknown-field", json!({"weight": 10}), "weight"),
+        (
+            "capture-mode-unknown",
+            json!({"capture": "Tcpdump"}),
+            "spec.capture",
+        ),
+        (
+            "both-capture-annotations",
+            json!({"capture": "EBPF", "sidecar": {"annotations": {"sidecar.speedscale.com/inject": "true"}}}),
+            "spec.capture",
+        ),
+        (
+            "both-capture-annotations-by-default-mode",
+            json!({"sidecar": {"annotations": {"capture.speedscale.com/enabled": "true"}}}),
+            "spec.capture",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, change, field) in cases {
