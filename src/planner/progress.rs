@@ -519,7 +519,8 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
     let clone_name = o.canary.spec.clone_name();
     let percent = k.spec.percent;
     let desired = w.desired;
-    if percent > 0 && !health.healthy() {
+    // With `always`, the clone records at `percent: 0` too.
+    if (percent > 0 || !k.spec.always.is_empty()) && !health.healthy() {
         let was_serving = w.current > 0 || b.prev.phase.as_deref() == Some(phase::DEGRADED);
         let (phase, reason, message) = if health == CloneHealth::CrashLooping {
             (

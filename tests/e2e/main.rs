@@ -14,6 +14,7 @@ mod faults;
 mod flows;
 mod ha;
 mod mbb;
+mod modes;
 mod stable_labels;
 mod support;
 mod validation;

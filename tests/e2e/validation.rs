@@ -102,6 +102,21 @@ async fn invalid_specs_are_rejected_with_a_readable_message() {
         ),
         ("unknown-field", json!({"weight": 10}), "weight"),
         (
+            "mirror-without-acknowledgement",
+            json!({"mode": "Mirror"}),
+            "acknowledgeMirrorSideEffects",
+        ),
+        (
+            "always-with-an-empty-match",
+            json!({"always": [{}]}),
+            "spec.always",
+        ),
+        (
+            "never-with-two-kinds-of-match",
+            json!({"never": [{"uri": {"exact": "/a", "prefix": "/a"}}]}),
+            "spec.never",
+        ),
+        (
             "capture-mode-unknown",
             json!({"capture": "Tcpdump"}),
             "spec.capture",
