@@ -171,7 +171,7 @@ fn pod_of(deploy: &str, hash: &str, name: &str) -> PodB {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": name, "namespace": NS,
-                "labels": {"app": "frontend", "pod-template-hash": hash},
+                "labels": {"app": "frontend", "pod-template-hash": hash, "security.istio.io/tlsMode": "istio"},
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs,
                                       "uid": format!("uid-{rs}"), "controller": true}],
             },
@@ -3910,4 +3910,58 @@ fn a_route_that_cannot_take_the_shape_blocks_with_its_reason() {
     w.vss = vec![regex];
     let p = w.plan();
     assert_blocked(&p, "UnsupportedRoute");
+}
+
+#[test]
+fn target_pods_without_istio_sidecars_are_reported_once_without_stopping_progress() {
+    let mut w = serving_world(10);
+    for p in &mut w.pods {
+        p.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .remove("security.istio.io/tlsMode");
+    }
+    let p = w.plan();
+    let cond = p
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SidecarInjected")
+        .expect("the SidecarInjected condition");
+    assert_eq!(
+        (cond.status.as_str(), cond.reason.as_str()),
+        ("False", "NoIstioSidecar")
+    );
+    assert!(
+        cond.message.contains("sidecar injection"),
+        "{}",
+        cond.message
+    );
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.warning && e.reason == "NoIstioSidecar")
+    );
+    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert!(!has(&p, is_mesh_write), "{:#?}", p.actions);
+    // Said once: the next plan, with that status, keeps the condition and sends no Event.
+    let mut again = w;
+    let mut c = again.canary.clone();
+    c.status = Some(p.status.clone());
+    again.canary = c;
+    let p2 = again.plan();
+    assert!(
+        !p2.events.iter().any(|e| e.reason == "NoIstioSidecar"),
+        "{:?}",
+        p2.events
+    );
+    // With the sidecar, the condition is True.
+    let p3 = serving_world(10).plan();
+    let cond = p3
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SidecarInjected")
+        .expect("condition");
+    assert_eq!(cond.status, "True");
 }

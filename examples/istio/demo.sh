@@ -48,6 +48,7 @@ cargo build --quiet --bin recording-canary
 
 rc_say "3/6 example app in namespace $ns"
 k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
+k label namespace "$ns" istio-injection=enabled --overwrite >/dev/null # the cluster's stand-in injector labels its pods
 k apply -n "$ns" -f examples/istio/app.yaml
 k rollout status -n "$ns" deployment/frontend --timeout=120s
 

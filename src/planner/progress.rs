@@ -513,8 +513,63 @@ fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
     }
 }
 
+/// The label Istio's sidecar injector puts on every pod it injects.
+pub const ISTIO_SIDECAR_LABEL: (&str, &str) = ("security.istio.io/tlsMode", "istio");
+
+/// The `SidecarInjected` condition: whether the target's Ready pods carry Istio's sidecar. The
+/// split is done by the clients' sidecars, so a namespace without injection usually means that
+/// nothing follows it; a warning Event when that becomes so. Progress does not depend on it.
+fn report_sidecars(b: &mut Builder, k: &Checked) {
+    let target = &b.o.canary.spec.target_ref.name;
+    let ready: Vec<_> =
+        b.o.pods
+            .iter()
+            .filter(|p| {
+                pod_of_deployment(p, target)
+                    && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
+                    && pod_ready(p)
+            })
+            .collect();
+    if ready.is_empty() {
+        return;
+    }
+    let (key, value) = ISTIO_SIDECAR_LABEL;
+    let injected = ready
+        .iter()
+        .filter(|p| p.labels().get(key).map(String::as_str) == Some(value))
+        .count();
+    if injected > 0 {
+        b.condition(
+            "SidecarInjected",
+            true,
+            "IstioSidecar",
+            &format!(
+                "{injected} of {} Ready pods of Deployment {target} carry Istio's sidecar",
+                ready.len()
+            ),
+        );
+        return;
+    }
+    let message = format!(
+        "No Ready pod of Deployment {target} carries Istio's sidecar (label {key}={value}): is sidecar injection on in namespace {}? The split is applied by the sidecars of the clients of {} (and the listed gateways); clients without one ignore it, and with none no request reaches the clone",
+        k.host.namespace,
+        k.host.fqdn()
+    );
+    let was = b
+        .prev
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SidecarInjected")
+        .map(|c| c.status == "False");
+    b.condition("SidecarInjected", false, "NoIstioSidecar", &message);
+    if was != Some(true) {
+        b.event(true, "NoIstioSidecar", message);
+    }
+}
+
 /// Step 6: what to report.
 fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan {
+    report_sidecars(&mut b, k);
     let o = b.o;
     let clone_name = o.canary.spec.clone_name();
     let percent = k.spec.percent;

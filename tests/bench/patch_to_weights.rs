@@ -124,7 +124,10 @@ async fn main() {
     Api::<Namespace>::all(client.clone())
         .create(
             &pp,
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).expect("ns"),
+            &serde_json::from_value(
+                json!({"metadata": {"name": ns, "labels": {"istio-injection": "enabled"}}}),
+            )
+            .expect("ns"),
         )
         .await
         .expect("create namespace");

@@ -451,8 +451,10 @@ impl Ctx {
 
     async fn namespace(&self, tool: &str, rcanary_finalizers: bool) -> Res<(String, NsGuard)> {
         let ns = format!("rc-side-{tool}-{}", self.run_id);
-        let obj: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": ns}})).map_err(|e| e.to_string())?;
+        let obj: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": ns, "labels": {"istio-injection": "enabled"}}}),
+        )
+        .map_err(|e| e.to_string())?;
         Api::<Namespace>::all(self.client.clone())
             .create(&PostParams::default(), &obj)
             .await

@@ -110,6 +110,13 @@ k apply --server-side --force-conflicts -f "$ISTIO_DIR/crds.yaml" >/dev/null
 k wait --for condition=established crd --all --timeout=60s >/dev/null
 rc_say "all CRDs established ($(k get crd --no-headers | wc -l) CRDs)"
 
+# No istiod here: a MutatingAdmissionPolicy plays its sidecar injector (tests/cluster/istio-injector.yaml),
+# labelling the pods of namespaces labelled istio-injection=enabled as injected pods are.
+map_api=v1beta1
+if k get --raw /apis/admissionregistration.k8s.io/v1 | grep -q '"mutatingadmissionpolicies"'; then map_api=v1; fi
+rc_say "applying the stand-in for Istio's sidecar injector (MutatingAdmissionPolicy $map_api)"
+sed "s/API_VERSION/$map_api/" "$repo/tests/cluster/istio-injector.yaml" | k apply --server-side --force-conflicts -f - >/dev/null
+
 # kube-controller-manager's garbage collector picks up new resource types only on its discovery
 # resync, every 30 s (hard-coded). Until then, objects owned by a custom resource (e.g. the clone
 # Deployment owned by a RecordingCanary) are NOT deleted with their owner. Wait until it watches them:

@@ -272,7 +272,8 @@ impl Harness {
         let nsobj: Namespace = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1",
             "kind": "Namespace",
-            "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "recording-canary-e2e"}},
+            // istio-injection: the cluster's stand-in for Istio's injector labels the pods.
+            "metadata": {"name": ns, "labels": {"app.kubernetes.io/part-of": "recording-canary-e2e", "istio-injection": "enabled"}},
         }))
         .expect("namespace object");
         namespaces

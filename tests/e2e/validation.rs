@@ -181,3 +181,41 @@ async fn invalid_specs_are_rejected_with_a_readable_message() {
 
     h.finish(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_in_a_namespace_without_sidecar_injection_says_so_once_and_still_works() {
+    let mut h = Harness::start("noinject").await;
+    // The namespace loses its injection label before the app's pods are created.
+    let ns = h.ns.clone();
+    h.k(&["label", "namespace", &ns, "istio-injection-"]).await;
+    h.app_and_canary("canary.yaml").await;
+    h.wait_ready("frontend").await;
+    let c = h.wait_status("frontend", "Ready", 10).await;
+    let cond = c["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "SidecarInjected")
+        .cloned()
+        .unwrap_or_else(|| panic!("no SidecarInjected condition: {}", c["status"]));
+    assert_eq!(cond["status"], "False", "{cond}");
+    assert_eq!(cond["reason"], "NoIstioSidecar", "{cond}");
+    let events = h
+        .k(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.kind=RecordingCanary,reason=NoIstioSidecar",
+            "-o",
+            // events.k8s.io: a repeated Event is one object with a `series`; none here.
+            "jsonpath={range .items[*]}{.type}|{.series.count}|{.message}{\"\\n\"}{end}",
+        ])
+        .await;
+    let lines: Vec<&str> = events.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one NoIstioSidecar Event: {events}");
+    assert!(
+        lines[0].starts_with("Warning||") && lines[0].contains("sidecar injection"),
+        "{events}"
+    );
+    h.finish(true).await;
+}

@@ -940,7 +940,8 @@ impl Fleet {
             let obj: Namespace = serde_json::from_value(json!({
                 "apiVersion": "v1", "kind": "Namespace",
                 "metadata": {"name": ns, "labels": {
-                    "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id}}
+                    "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id,
+                    "istio-injection": "enabled"}}
             }))
             .map_err(|e| format!("namespace object: {e}"))?;
             create(&api, &obj).await?;
