@@ -192,6 +192,11 @@ pub struct RecordingCanaryStatus {
     /// leave the DestinationRule only `propagationDelay` later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_removed_time: Option<String>,
+    /// What ended the last wait before a dependent write: `IstioReconciled` (Istio's
+    /// `Reconciled` condition on the DestinationRule, or on the VirtualServices on rollback,
+    /// for the generation written) or `PropagationDelay` (the delay ran out first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_propagation_wait: Option<String>,
     /// How many times in a row someone else put the VirtualService's routes back (a GitOps
     /// tool's self-heal, say) after this canary split them; 0 once a split stays.
     #[serde(default, skip_serializing_if = "is_zero")]
