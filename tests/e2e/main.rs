@@ -14,6 +14,7 @@ mod faults;
 mod flows;
 mod ha;
 mod mbb;
+mod propagation;
 mod stable_labels;
 mod support;
 mod validation;
