@@ -192,9 +192,10 @@ pub struct RecordingCanaryStatus {
     /// leave the DestinationRule only `propagationDelay` later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_removed_time: Option<String>,
-    /// What ended the last wait before a dependent write: `IstioReconciled` (Istio's
-    /// `Reconciled` condition on the DestinationRule, or on the VirtualServices on rollback,
-    /// for the generation written) or `PropagationDelay` (the delay ran out first).
+    /// What ended the last wait before the split: `IstioReconciled` (Istio reported the
+    /// DestinationRule holding the subsets `Reconciled` for its generation) or `PropagationDelay`
+    /// (the delay ran out first, or Istio does not report). On rollback the `RolledBack` Event
+    /// says what ended the wait before the subsets left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_propagation_wait: Option<String>,
     /// How many times in a row someone else put the VirtualService's routes back (a GitOps
