@@ -311,6 +311,12 @@ pub struct RecordingCanaryStatus {
     /// leave the DestinationRule only `propagationDelay` later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes_removed_time: Option<String>,
+    /// What ended the last wait before the split: `IstioReconciled` (Istio reported the
+    /// DestinationRule holding the subsets `Reconciled` for its generation) or `PropagationDelay`
+    /// (the delay ran out first, or Istio does not report). On rollback the `RolledBack` Event
+    /// says what ended the wait before the subsets left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_propagation_wait: Option<String>,
     /// How many times in a row someone else put the VirtualService's routes back (a GitOps
     /// tool's self-heal, say) after this canary split them; 0 once a split stays.
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -39,12 +39,12 @@ use crate::api::RecordingCanary;
 use crate::cache::Selective;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
-use crate::istio;
 use crate::lease::Fence;
 use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
 use crate::shard::Shard;
 use crate::writers;
+use crate::{istio, istio_status};
 
 /// The caches and index of one watched scope (a namespace, or the whole cluster).
 pub struct Scope {
@@ -332,8 +332,16 @@ pub fn strip_pod(p: &mut Pod) {
 }
 
 /// Keeps of a VirtualService's or DestinationRule's managedFields only who wrote its routes or
-/// subsets, and when (to name whoever undoes a split), without the field sets themselves.
+/// subsets, and when (to name whoever undoes a split), without the field sets themselves; and of
+/// its status only what says whether Istio has distributed its current generation (see
+/// [`istio_status::compact`]).
 pub fn strip_mesh(o: &mut DynamicObject) {
+    if let Some(data) = o.data.as_object_mut()
+        && let Some(status) = data.remove("status")
+        && let Some(kept) = istio_status::compact(&status)
+    {
+        data.insert("status".into(), kept);
+    }
     o.metadata.managed_fields = o
         .metadata
         .managed_fields
@@ -538,12 +546,26 @@ pub async fn run(
             },
             strip_mesh,
             move |ev: &Event<DynamicObject>| {
+                // A revision that differs from the cached one only in what the caches drop
+                // (istiod's progress messages, say) changes nothing the planner reads.
+                let unchanged = match ev {
+                    Event::Apply(o) => s
+                        .mesh_store(vs)
+                        .get(&ObjectRef::from_obj_with(o, mesh_resource(vs)))
+                        .is_some_and(|old| same_but_revision(&old, o)),
+                    _ => false,
+                };
                 writer.apply_watcher_event(ev);
                 if matches!(ev, Event::InitDone) && !listed {
                     listed = true;
                     s.mesh_listed.done();
                 }
-                on_mesh_event(&c, &s, vs, ev)
+                match ev {
+                    Event::Apply(o) if unchanged => {
+                        with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
+                    }
+                    _ => on_mesh_event(&c, &s, vs, ev),
+                }
             },
         )
     };
@@ -807,12 +829,23 @@ fn on_mesh_event(
             }
         }
     }
-    let kind = if vs {
+    with_echo(ctx, mesh_kind(vs), &obj.metadata, deleted, || mine)
+}
+
+fn mesh_kind(vs: bool) -> Kind {
+    if vs {
         Kind::VirtualService
     } else {
         Kind::DestinationRule
-    };
-    with_echo(ctx, kind, &obj.metadata, deleted, || mine)
+    }
+}
+
+/// Whether two (stripped) revisions of a VirtualService or DestinationRule differ in nothing
+/// but their resourceVersion.
+pub fn same_but_revision(a: &DynamicObject, b: &DynamicObject) -> bool {
+    let mut am = a.metadata.clone();
+    am.resource_version = b.metadata.resource_version.clone();
+    am == b.metadata && a.data == b.data && a.types == b.types
 }
 
 /// What the planner looks at, taken from the caches.
@@ -1201,4 +1234,81 @@ fn error_policy(canary: Arc<RecordingCanary>, error: &Error, ctx: Arc<Context>) 
         })
         .unwrap_or(Duration::from_secs(5));
     Requeue::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn dr(rv: &str, status: Value) -> DynamicObject {
+        let mut o: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "d", "namespace": "shop", "generation": 2, "resourceVersion": rv,
+                         "managedFields": [{"manager": "istio", "operation": "Update",
+                                            "subresource": "status", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"host": "frontend", "subsets": [{"name": "rcanary-stable"}]},
+            "status": status,
+        }))
+        .unwrap();
+        strip_mesh(&mut o);
+        o
+    }
+
+    fn istiod(acked: i64, observed: &str, cond: &str) -> Value {
+        json!({
+            "observedGeneration": observed,
+            "conditions": [
+                {"type": "Reconciled", "status": cond, "message": format!("{acked}/3 proxies up to date."),
+                 "lastProbeTime": format!("2026-01-01T00:00:0{acked}Z")},
+                {"type": "PassedAnalysis", "status": "True"},
+            ],
+            "validationMessages": [],
+        })
+    }
+
+    #[test]
+    fn the_cache_keeps_of_an_istio_status_only_the_reconciled_condition_and_its_generation() {
+        let o = dr("5", istiod(3, "2", "True"));
+        assert_eq!(
+            o.data["status"],
+            json!({"observedGeneration": "2", "conditions": [{"type": "Reconciled", "status": "True"}]})
+        );
+        assert!(
+            o.metadata.managed_fields.is_none(),
+            "status writers dropped"
+        );
+        let v = serde_json::to_value(&o).unwrap();
+        assert!(istio_status::reconciled(&v), "{v}");
+        assert!(
+            dr("5", json!({"validationMessages": []}))
+                .data
+                .get("status")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn only_a_change_the_planner_reads_makes_a_mesh_revision_new() {
+        // istiod's progress messages: a new revision, nothing new to plan from.
+        assert!(same_but_revision(
+            &dr("5", istiod(1, "2", "False")),
+            &dr("6", istiod(2, "2", "False"))
+        ));
+        // The condition turning True, or speaking of another generation: new.
+        assert!(!same_but_revision(
+            &dr("6", istiod(2, "2", "False")),
+            &dr("7", istiod(3, "2", "True"))
+        ));
+        assert!(!same_but_revision(
+            &dr("6", istiod(3, "1", "True")),
+            &dr("7", istiod(3, "2", "True"))
+        ));
+        let mut spec_changed = dr("8", istiod(3, "2", "True"));
+        spec_changed.data["spec"]["subsets"] = json!([]);
+        assert!(!same_but_revision(
+            &dr("7", istiod(3, "2", "True")),
+            &spec_changed
+        ));
+    }
 }

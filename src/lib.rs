@@ -4,6 +4,8 @@
 //! The crate is a library with a thin binary. One module per concern:
 //! - [`api`]: the `RecordingCanary` custom resource and its CRD;
 //! - [`istio`]: VirtualService and DestinationRule handling on plain JSON;
+//! - [`istio_status`]: whether Istio reports a VirtualService or DestinationRule generation
+//!   as reached every proxy (its `Reconciled` condition);
 //! - [`planner`]: the pure function from observed objects to ordered actions;
 //! - [`writers`]: the thin layer that carries the actions out;
 //! - [`cache`], [`index`], [`freshness`]: selective watch caches, the map from each watched
@@ -22,6 +24,7 @@ pub mod controller;
 pub mod freshness;
 pub mod index;
 pub mod istio;
+pub mod istio_status;
 pub mod lease;
 pub mod metrics;
 pub mod planner;

@@ -156,6 +156,15 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
+/// What ended a wait before a dependent write, as `status.lastPropagationWait` reports it.
+pub mod wait {
+    /// Istio reported the object written before (the DestinationRule with the subsets, or the
+    /// VirtualServices without the routes) `Reconciled` for its current generation.
+    pub const ISTIO_RECONCILED: &str = "IstioReconciled";
+    /// `spec.propagationDelay` ran out first (or Istio does not report).
+    pub const PROPAGATION_DELAY: &str = "PropagationDelay";
+}
+
 /// Phases shown in `kubectl get rcanary`.
 pub mod phase {
     pub const PROGRESSING: &str = "Progressing";

@@ -1638,6 +1638,230 @@ fn missing_subsets_are_added_back_before_the_vs_moves() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4b. Observed propagation: Istio's Reconciled condition ends the wait early
+// ---------------------------------------------------------------------------------------------
+
+/// `obj` at `generation`, with the status istiod writes: `observedGeneration` (a string, as
+/// protojson writes an int64, or a number) and a `Reconciled` condition.
+fn istio_reported(mut obj: Value, generation: i64, observed: Value, cond: &str) -> Value {
+    obj["metadata"]["generation"] = json!(generation);
+    obj["status"] = json!({
+        "observedGeneration": observed,
+        "conditions": [{"type": "Reconciled", "status": cond, "message": "3/3 proxies up to date."}],
+    });
+    obj
+}
+
+/// Subsets added at 0 with `propagationDelay` `delay`, pods labelled, VS not split; now is 1 s.
+fn waiting_world(delay: &str) -> World {
+    let mut w = subsets_world();
+    w.canary = canary()
+        .delay(delay)
+        .status(RecordingCanaryStatus {
+            subsets_added_time: Some(rfc(at(0))),
+            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+        })
+        .build();
+    w.now = at(1);
+    w
+}
+
+#[test]
+fn without_istio_status_the_split_waits_the_full_propagation_delay() {
+    let mut w = waiting_world("60s");
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(59)));
+    assert_eq!(ready_reason(&p), "AddingSubsets");
+    assert_eq!(p.status.last_propagation_wait, None);
+    w.now = at(60);
+    let p = w.plan();
+    assert!(has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(
+        p.status.last_propagation_wait.as_deref(),
+        Some(wait::PROPAGATION_DELAY)
+    );
+}
+
+#[test]
+fn the_split_goes_in_as_soon_as_istio_reports_the_destination_rule_reconciled_for_its_generation() {
+    for observed in [json!("2"), json!(2)] {
+        let mut w = waiting_world("60s");
+        w.drs = vec![istio_reported(split_dr(), 2, observed.clone(), "True")];
+        let p = w.plan();
+        assert!(
+            patch_of(&p, MeshKind::VirtualService, "frontend").is_some(),
+            "observedGeneration {observed}: {:#?}",
+            p.actions
+        );
+        assert_eq!(
+            p.status.last_propagation_wait.as_deref(),
+            Some(wait::ISTIO_RECONCILED)
+        );
+        assert_ne!(ready_reason(&p), "AddingSubsets");
+    }
+}
+
+#[test]
+fn an_older_generation_or_a_condition_not_true_does_not_end_the_wait() {
+    for dr in [
+        istio_reported(split_dr(), 3, json!("2"), "True"),
+        istio_reported(split_dr(), 3, json!(2), "True"),
+        istio_reported(split_dr(), 2, json!("2"), "False"),
+        istio_reported(split_dr(), 2, json!("2"), "Unknown"),
+    ] {
+        let mut w = waiting_world("60s");
+        w.drs = vec![dr.clone()];
+        let p = w.plan();
+        assert!(!has(&p, is_vs_write), "{}: {:#?}", dr["status"], p.actions);
+        assert_eq!(p.requeue_after, Some(Duration::from_secs(59)));
+        assert_eq!(ready_reason(&p), "AddingSubsets");
+    }
+}
+
+#[test]
+fn the_condition_of_a_destination_rule_without_our_subsets_never_counts() {
+    // The user's DR, reported Reconciled before the subsets go in: this plan adds them, and the
+    // revision that will hold them is reported on by nobody yet.
+    let mut w = fresh_world();
+    w.pods = subsets_world().pods;
+    w.drs = vec![istio_reported(user_dr(), 1, json!("1"), "True")];
+    let p = w.plan();
+    assert!(has(&p, is_dr_write), "{:#?}", p.actions);
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(ready_reason(&p), "AddingSubsets");
+}
+
+#[test]
+fn istio_reconciled_also_ends_the_wait_of_a_restarted_controller() {
+    let mut w = waiting_world("3s");
+    w.started = at(1);
+    assert!(!has(&w.plan(), is_vs_write));
+    w.drs = vec![istio_reported(split_dr(), 2, json!("2"), "True")];
+    assert!(has(&w.plan(), is_vs_write));
+}
+
+#[test]
+fn a_status_only_change_of_the_destination_rule_after_the_split_changes_nothing() {
+    let mut prev = status(phase::READY, "TargetReached", 10);
+    prev.last_propagation_wait = Some(wait::ISTIO_RECONCILED.into());
+    let mut w = serving_world(10);
+    w.canary = canary().status(prev).build();
+    let quiet = w.plan();
+    for dr in [
+        istio_reported(split_dr(), 2, json!("2"), "True"),
+        istio_reported(split_dr(), 3, json!("2"), "False"),
+    ] {
+        w.drs = vec![dr];
+        let p = w.plan();
+        assert!(p.actions.is_empty(), "{:#?}", p.actions);
+        assert!(p.events.is_empty(), "{:?}", p.events);
+        assert_eq!(p.status, quiet.status, "no status write");
+        assert_eq!(
+            p.status.last_propagation_wait.as_deref(),
+            Some(wait::ISTIO_RECONCILED)
+        );
+    }
+}
+
+/// Rolling back: the user's VS restored at 0 (routes gone), with `propagationDelay` 60s, now 1s.
+fn routes_removed_world() -> World {
+    let mut w = deleting_world();
+    w.canary = canary()
+        .deleting()
+        .delay("60s")
+        .status(RecordingCanaryStatus {
+            routes_removed_time: Some(rfc(at(0))),
+            virtual_services: vec!["shop/frontend".into()],
+            ..status(phase::TERMINATING, "TargetReached", 0)
+        })
+        .build();
+    w.vss = vec![user_vs()];
+    w.now = at(1);
+    w
+}
+
+#[test]
+fn rollback_removes_the_subsets_once_istio_reports_the_restored_virtual_service_reconciled() {
+    let mut w = routes_removed_world();
+    let p = w.plan();
+    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(59)));
+    for observed in [json!("7"), json!(7)] {
+        w.vss = vec![istio_reported(user_vs(), 7, observed, "True")];
+        let p = w.plan();
+        assert!(has(&p, is_dr_write), "{:#?}", p.actions);
+        assert_eq!(p.actions.last(), Some(&Action::RemoveFinalizer));
+        assert_eq!(
+            p.status.last_propagation_wait.as_deref(),
+            Some(wait::ISTIO_RECONCILED)
+        );
+        let note = &p
+            .events
+            .iter()
+            .find(|e| e.reason == "RolledBack")
+            .unwrap()
+            .note;
+        assert!(note.contains("Istio reported"), "{note}");
+    }
+}
+
+#[test]
+fn rollback_keeps_the_subsets_while_istio_reports_an_older_generation_or_routes_to_them() {
+    for v in [
+        istio_reported(user_vs(), 8, json!("7"), "True"),
+        istio_reported(user_vs(), 7, json!("7"), "False"),
+        // Still routing to the subsets (another writer put the split back): never early.
+        istio_reported(split_vs(10), 7, json!("7"), "True"),
+    ] {
+        let mut w = routes_removed_world();
+        w.vss = vec![v.clone()];
+        let p = w.plan();
+        assert!(!has(&p, is_dr_write), "{}: {:#?}", v["status"], p.actions);
+    }
+}
+
+#[test]
+fn rollback_after_deleting_our_own_virtual_service_waits_the_propagation_delay() {
+    // A deleted VirtualService has no status to report: only the delay tells.
+    let mut w = routes_removed_world();
+    w.vss = vec![];
+    w.drs = vec![owned(dr_in(
+        NS,
+        "rec-recording",
+        json!({"host": "frontend", "subsets": istio::our_subsets()}),
+    ))];
+    w.canary.status.as_mut().unwrap().virtual_services = vec!["shop/rec-recording".into()];
+    let p = w.plan();
+    assert!(p.actions.is_empty(), "{:#?}", p.actions);
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(59)));
+    w.now = at(60);
+    let p = w.plan();
+    assert!(
+        has(&p, |a| matches!(
+            a,
+            Action::DeleteMesh {
+                kind: MeshKind::DestinationRule,
+                ..
+            }
+        )),
+        "{:#?}",
+        p.actions
+    );
+    assert_eq!(
+        p.status.last_propagation_wait.as_deref(),
+        Some(wait::PROPAGATION_DELAY)
+    );
+    let note = &p
+        .events
+        .iter()
+        .find(|e| e.reason == "RolledBack")
+        .unwrap()
+        .note;
+    assert!(note.contains("propagationDelay (1m)"), "{note}");
+}
+
+// ---------------------------------------------------------------------------------------------
 // 5. Ramp
 // ---------------------------------------------------------------------------------------------
 

@@ -14,20 +14,20 @@ use super::{
     Action, Builder, MeshKind, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
     meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
-    remaining, shape, sidecar_annotations_differ, source_hash, spec_of, splits_at,
+    remaining, shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
 };
 use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
-use crate::istio;
+use crate::{istio, istio_status};
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
-    let propagated_at = subsets(&mut b, k);
+    let propagated = subsets(&mut b, k);
     let routes = read_routes(&mut b, k);
     b = match after_revert(b, k, &routes) {
         Ok(b) => b,
         Err(waiting) => return *waiting,
     };
     if !routes.is_split {
-        b = match wait_before_split(b, propagated_at) {
+        b = match wait_before_split(b, k, &propagated) {
             Ok(b) => b,
             Err(waiting) => return *waiting,
         };
@@ -40,8 +40,17 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
     report(b, k, health, &w)
 }
 
+/// When the subsets in the DestinationRule will have reached the sidecars.
+struct Propagation {
+    /// `propagationDelay` after they were added: the fallback, and the upper bound.
+    until: Timestamp,
+    /// Istio reports the DestinationRule, with the subsets in it, `Reconciled` for its current
+    /// generation: they reached every proxy, whatever the delay says.
+    reconciled: bool,
+}
+
 /// Step 1: our subsets in the DestinationRule. Returns when they will have reached the sidecars.
-fn subsets(b: &mut Builder, k: &Checked) -> Timestamp {
+fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
     let c = b.o.canary;
     let ns = c.namespace().unwrap_or_default();
     b.status.destination_rule = Some(match k.dr.object() {
@@ -85,7 +94,12 @@ fn subsets(b: &mut Builder, k: &Checked) -> Timestamp {
     let since = parse_time(b.status.subsets_added_time.as_deref())
         .unwrap_or(b.o.started)
         .max(b.o.started);
-    after(since, k.spec.propagation_delay)
+    Propagation {
+        until: after(since, k.spec.propagation_delay),
+        // The cached object is one revision: its status speaks of its own generation, which
+        // holds the subsets (subsets added by this very plan are in no revision yet).
+        reconciled: present && k.dr.object().is_some_and(istio_status::reconciled),
+    }
 }
 
 /// The VirtualService as it is: split or not, at which percent.
@@ -229,23 +243,34 @@ fn last_writer(v: &Value, field: &str) -> Option<String> {
         .map(String::from)
 }
 
-/// Before the first split: the subsets must have reached the sidecars, and every Ready pod of
-/// the target must be in the stable subset. `Err` is the plan while something is still awaited.
+/// Before the first split: the subsets must have reached the sidecars (Istio reports the
+/// DestinationRule `Reconciled`, or `propagationDelay` ran out, whichever comes first), and every
+/// Ready pod of the target must be in the stable subset. `Err` is the plan while something is
+/// still awaited.
 fn wait_before_split<'a>(
     mut b: Builder<'a>,
-    propagated_at: Timestamp,
+    k: &Checked,
+    propagated: &Propagation,
 ) -> Result<Builder<'a>, Box<Plan>> {
     let o = b.o;
     let target_name = &o.canary.spec.target_ref.name;
     // Subsets added by this very plan propagate from now: the same wait.
-    let wait = remaining(o.now, propagated_at);
+    let wait = if propagated.reconciled {
+        None
+    } else {
+        remaining(o.now, propagated.until)
+    };
     b.status.current_percent = 0;
     if let Some(wait) = wait {
         b.requeue(wait);
+        let dr = b.status.destination_rule.clone().unwrap_or_default();
         b.report(
             phase::PROGRESSING,
             "AddingSubsets",
-            "Waiting for the DestinationRule subsets to reach the sidecars",
+            &format!(
+                "Waiting for the DestinationRule subsets to reach the sidecars: until Istio reports DestinationRule {dr} Reconciled, at most propagationDelay ({})",
+                humantime::format_duration(k.spec.propagation_delay)
+            ),
         );
         return Err(Box::new(b.finish()));
     }
@@ -263,6 +288,15 @@ fn wait_before_split<'a>(
         .filter(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE))
         .count();
     if !ready.is_empty() && labelled == ready.len() {
+        // This plan makes the dependent write: say what ended its wait.
+        b.status.last_propagation_wait = Some(
+            if propagated.reconciled {
+                wait::ISTIO_RECONCILED
+            } else {
+                wait::PROPAGATION_DELAY
+            }
+            .into(),
+        );
         return Ok(b);
     }
     b.report(

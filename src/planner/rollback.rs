@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use super::{
     Action, Builder, CANARY_LABEL, MeshKind, Plan, ROLE_LABEL, ROLE_STABLE, after, first_rival,
     fmt_time, meta_name, meta_ns, meta_uid, owned_by, parse_time, phase, pod_of_deployment,
-    remaining, spec_of,
+    remaining, spec_of, wait,
 };
 use crate::istio::{self, ServiceHost};
+use crate::istio_status;
 
 /// Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
 /// finalizer off. Every step tolerates objects that are already gone.
@@ -62,14 +63,26 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     }
     b.status.current_percent = 0;
 
-    // 2. Wait for the routes to reach the sidecars.
+    // 2. Wait for the routes to reach the sidecars: until Istio reports every VirtualService
+    // this canary split Reconciled without them, at most propagationDelay.
+    let reconciled = routes_reconciled(&b, &host);
     let since = parse_time(b.prev.routes_removed_time.as_deref())
         .unwrap_or(o.started)
         .max(o.started);
-    if let Some(wait) = remaining(now, after(since, delay)) {
+    if !reconciled && let Some(wait) = remaining(now, after(since, delay)) {
         b.requeue(wait);
         return b.finish();
     }
+    let waited = if reconciled {
+        b.status.last_propagation_wait = Some(wait::ISTIO_RECONCILED.into());
+        "once Istio reported the VirtualServices Reconciled without the routes".to_string()
+    } else {
+        b.status.last_propagation_wait = Some(wait::PROPAGATION_DELAY.into());
+        format!(
+            "propagationDelay ({}) after the routes went",
+            humantime::format_duration(delay)
+        )
+    };
 
     // 3. Subsets out of the DestinationRule.
     remove_subsets(&mut b, &host);
@@ -101,11 +114,32 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
         false,
         "RolledBack",
         format!(
-            "Traffic, subsets, clone and labels of {} removed",
+            "Traffic, subsets, clone and labels of {} removed; the subsets left the DestinationRule {waited}",
             c.spec.target_ref.name
         ),
     );
     b.finish()
+}
+
+/// Whether Istio reports that the routes' removal reached every proxy: each VirtualService this
+/// canary split (`status.virtualServices`) is still there, no longer routes to our subsets, and
+/// is `Reconciled` for its current generation. A deleted VirtualService (our own) has no status
+/// to tell, so its removal is waited for with `propagationDelay`.
+fn routes_reconciled(b: &Builder, host: &ServiceHost) -> bool {
+    let split = &b.prev.virtual_services;
+    !split.is_empty()
+        && split.iter().all(|key| {
+            let Some((ns, name)) = key.split_once('/') else {
+                return false;
+            };
+            b.o.virtual_services
+                .iter()
+                .find(|v| meta_ns(v) == ns && meta_name(v) == name)
+                .is_some_and(|v| {
+                    !istio::read_split(spec_of(v), host, ns).references_subsets
+                        && istio_status::reconciled(v)
+                })
+        })
 }
 
 /// The writes that take every route of this canary's split back to the stable pods: our own

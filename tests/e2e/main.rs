@@ -15,6 +15,7 @@ mod flows;
 mod ha;
 mod mbb;
 mod modes;
+mod propagation;
 mod stable_labels;
 mod support;
 mod validation;

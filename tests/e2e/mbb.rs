@@ -12,6 +12,9 @@
 //!   appeared in a DestinationRule, and leaves the DestinationRule at least [`MIN_GAP`] after the
 //!   last route to it went (the tests run with `propagationDelay` of 1 s or more; the margin
 //!   covers watch delivery).
+//!
+//! Tests that play istiod also check [`MakeBeforeBreak::istio_order`]: each dependent write comes
+//! after Istio's `Reconciled` report on the revision it depends on.
 
 /// Live VirtualServices: name → (revision, (host, subset) routed to).
 type Routes = BTreeMap<String, (u64, BTreeSet<(String, String)>)>;
@@ -444,6 +447,116 @@ impl MakeBeforeBreak {
             violations,
             timeline,
         }
+    }
+}
+
+/// Whether Istio reports this revision's own generation as distributed to every proxy: its
+/// `Reconciled` condition is `True` and `observedGeneration` (the condition's, else the status's;
+/// a number or a string) equals `metadata.generation`. The watcher's own reading of Istio's
+/// contract, written apart from the controller's.
+fn istio_reconciled(obj: &Value) -> bool {
+    let int = |v: &Value| {
+        v.as_i64()
+            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+    };
+    let generation = obj.pointer("/metadata/generation").and_then(int);
+    let status = &obj["status"];
+    let Some(cond) = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Reconciled"))
+    else {
+        return false;
+    };
+    let observed = int(&cond["observedGeneration"]).or_else(|| int(&status["observedGeneration"]));
+    cond["status"] == "True" && generation.is_some() && observed == generation
+}
+
+impl MakeBeforeBreak {
+    /// The order when Istio reports propagation (a test that plays istiod), replayed in
+    /// resourceVersion order: a VirtualService starts routing to a subset only after a
+    /// DestinationRule revision defining it was reported `Reconciled` for its generation, and a
+    /// subset leaves the DestinationRules only after every VirtualService that routed to it was
+    /// reported `Reconciled` at a revision without that route (a deleted VirtualService never
+    /// is). Returns how many dependent writes were checked, and the violations.
+    pub fn istio_order(&self) -> (usize, Vec<String>) {
+        let ns = &self.ns;
+        let mut drs: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+        let mut vss: BTreeMap<String, BTreeSet<(String, String)>> = BTreeMap::new();
+        // Subsets some DestinationRule revision defining them was reported distributed with.
+        let mut distributed: BTreeSet<(String, String)> = BTreeSet::new();
+        // VirtualServices that routed to each subset, and those reported distributed without.
+        let mut routed_by: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        let mut cleared: BTreeSet<(String, (String, String))> = BTreeSet::new();
+        let defined = |drs: &BTreeMap<String, (String, BTreeSet<String>)>| {
+            drs.values()
+                .flat_map(|(h, ss)| ss.iter().map(|s| (h.clone(), s.clone())))
+                .collect::<BTreeSet<_>>()
+        };
+        let (mut checked, mut violations) = (0, Vec::new());
+        for r in self.revisions() {
+            match r.kind {
+                Kind::DestinationRule => {
+                    let before = defined(&drs);
+                    if r.deleted {
+                        drs.remove(&r.name);
+                    } else {
+                        drs.insert(r.name.clone(), r.dr_subsets(ns));
+                    }
+                    let now = defined(&drs);
+                    for key in before.difference(&now) {
+                        checked += 1;
+                        for vs in routed_by.remove(key).unwrap_or_default() {
+                            if !cleared.contains(&(vs.clone(), key.clone())) {
+                                violations.push(format!(
+                                    "DestinationRule {} revision {} took away subset {} of {} before Istio reported VirtualService {vs} distributed without a route to it",
+                                    r.name, r.rv, key.1, key.0
+                                ));
+                            }
+                        }
+                        distributed.remove(key);
+                    }
+                    if !r.deleted && istio_reconciled(&r.object) {
+                        let (host, subsets) = r.dr_subsets(ns);
+                        distributed.extend(subsets.into_iter().map(|s| (host.clone(), s)));
+                    }
+                }
+                Kind::VirtualService => {
+                    let before = vss.remove(&r.name).unwrap_or_default();
+                    let now = if r.deleted {
+                        BTreeSet::new()
+                    } else {
+                        r.vs_refs(ns)
+                    };
+                    for key in now.difference(&before) {
+                        checked += 1;
+                        if !distributed.contains(key) {
+                            violations.push(format!(
+                                "VirtualService {} revision {} routes to subset {} of {} before Istio reported a DestinationRule with it distributed",
+                                r.name, r.rv, key.1, key.0
+                            ));
+                        }
+                    }
+                    for key in &now {
+                        routed_by
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(r.name.clone());
+                        cleared.remove(&(r.name.clone(), key.clone()));
+                    }
+                    if !r.deleted && istio_reconciled(&r.object) {
+                        for (key, by) in &routed_by {
+                            if by.contains(&r.name) && !now.contains(key) {
+                                cleared.insert((r.name.clone(), key.clone()));
+                            }
+                        }
+                    }
+                    if !r.deleted {
+                        vss.insert(r.name.clone(), now);
+                    }
+                }
+            }
+        }
+        (checked, violations)
     }
 }
 
