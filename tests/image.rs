@@ -1,7 +1,7 @@
 //! The container image: the OCI image layout that `cargo run --bin oci-image` writes.
 //!
 //! With `RC_OCI_LAYOUT=DIR` the tests inspect that layout (tests/run.sh builds it first);
-//! otherwise they run the `oci-image` binary, which builds the static binary (12–15 min cold on
+//! otherwise they run the `oci-image` binary, which builds the static binary (about 15 min cold on
 //! 2 cores) and writes a layout under the cargo target dir's tmp/.
 //!
 //! The tar reader and the ELF check here are written independently of src/bin/oci-image.rs, so
@@ -38,7 +38,7 @@ fn layout() -> &'static Path {
         }
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oci-image-test");
         eprintln!(
-            "RC_OCI_LAYOUT is not set: running oci-image --out {} (the static build takes 12–15 min cold)",
+            "RC_OCI_LAYOUT is not set: running oci-image --out {} (the static build takes about 15 min cold)",
             out.display()
         );
         let run = Command::new(env!("CARGO_BIN_EXE_oci-image"))

@@ -155,7 +155,7 @@ target_dir=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")
 
 # --- the container image -----------------------------------------------------------------------
-# The static release build (a build of its own: about 12 min cold on 2 cores, seconds warm) and the
+# The static release build (a build of its own: about 15 min cold on 2 cores, seconds warm) and the
 # OCI image layout (src/bin/oci-image.rs); tests/image.rs, among the integration tests below,
 # inspects this layout.
 section "image: static build and OCI layout (cargo run --bin oci-image)"

@@ -128,8 +128,14 @@ fn run() -> Result<()> {
         None if args.no_build => static_binary_path(target_dir()?),
         None => build_static(repo, target_dir()?)?,
     };
-    let contents = fs::read(&binary)
-        .map_err(|e| format!("cannot read the binary {}: {e}", binary.display()))?;
+    let contents = fs::read(&binary).map_err(|e| {
+        let hint = if args.no_build && args.binary.is_none() {
+            " (--no-build packages an earlier static build: run without it once)"
+        } else {
+            ""
+        };
+        format!("cannot read the binary {}: {e}{hint}", binary.display())
+    })?;
     check_static_x86_64(&contents).map_err(|e| {
         format!(
             "refusing to package {}: {e}; build it with: {}",
@@ -253,7 +259,7 @@ fn static_rustflags(repo: &Path, target_dir: &Path, cargo_home: Option<&Path>) -
 fn build_static(repo: &Path, target_dir: &Path) -> Result<PathBuf> {
     let flags = static_rustflags(repo, target_dir, cargo_home().as_deref());
     say(format_args!(
-        "building the static binary (cold: 12–15 min on 2 cores; warm: seconds)…\n    \
+        "building the static binary (cold: about 15 min on 2 cores; warm: seconds)…\n    \
          RUSTFLAGS=\"{}\" cargo build --release --locked --target {RUST_TARGET} --bin {BIN_NAME}",
         flags.join(" ")
     ));
