@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, unit tests, then the integration/end-to-end tests under tests/
+# The test command: formatting, lints, unit tests, the container image (a static build and an OCI
+# image layout, inspected by tests/image.rs), then the integration/end-to-end tests under tests/
 # against a real Kubernetes control plane.
 #
 #   bash tests/run.sh
@@ -150,6 +151,18 @@ section "unit tests: cargo test --lib --bins"
 cargo test --lib --bins
 done_section
 
+target_dir=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")
+
+# --- the container image -----------------------------------------------------------------------
+# The static release build (a build of its own: about 15 min cold on 2 cores, seconds warm) and the
+# OCI image layout (src/bin/oci-image.rs); tests/image.rs, among the integration tests below,
+# inspects this layout.
+section "image: static build and OCI layout (cargo run --bin oci-image)"
+export RC_OCI_LAYOUT=$target_dir/oci/recording-canary
+cargo run --bin oci-image -- --out "$RC_OCI_LAYOUT"
+done_section
+
 # --- integration / end-to-end tests ------------------------------------------------------------
 export RC_E2E_KUBECONFIG=$kubeconfig
 export KUBECONFIG=$kubeconfig
@@ -174,8 +187,7 @@ chart_checks() {
 chart_checks
 
 # The e2e tests' make-before-break figures (tests/e2e/support.rs), summed up after each e2e run.
-safety_log=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")/e2e-logs/safety.jsonl
+safety_log=$target_dir/e2e-logs/safety.jsonl
 
 # Every integration test target (tests/*.rs, or [[test]] in Cargo.toml), by name.
 test_args=()
