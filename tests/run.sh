@@ -157,10 +157,12 @@ target_dir=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
 # --- the container image -----------------------------------------------------------------------
 # The static release build (a build of its own: about 15 min cold on 2 cores, seconds warm) and the
 # OCI image layout (src/bin/oci-image.rs); tests/image.rs, among the integration tests below,
-# inspects this layout.
+# inspects this layout. The static build's target directory is cached outside the work tree, like
+# the control plane (a fresh clone then rebuilds only this crate); RC_STATIC_TARGET_DIR overrides it.
 section "image: static build and OCI layout (cargo run --bin oci-image)"
 export RC_OCI_LAYOUT=$target_dir/oci/recording-canary
-cargo run --bin oci-image -- --out "$RC_OCI_LAYOUT"
+cargo build --quiet --bin oci-image
+CARGO_TARGET_DIR=${RC_STATIC_TARGET_DIR:-$RC_CACHE_DIR/cargo-static} "$target_dir/debug/oci-image" --out "$RC_OCI_LAYOUT"
 done_section
 
 # --- integration / end-to-end tests ------------------------------------------------------------
