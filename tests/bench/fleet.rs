@@ -9,8 +9,11 @@
 //! Env: RC_FLEET_CANARIES (default 100), RC_FLEET_NAMESPACES (default 10), RC_FLEET_CLIENTS
 //! (default 16), RC_FLEET_TIMEOUT_SECS (default 900, per phase), RC_FLEET_REPLICAS (replicas per
 //! target; default 2, 1 from 1000 canaries on), RC_FLEET_CLUSTER_WIDE=1 (run the controller
-//! without --namespace). Progress goes to stderr, the Markdown tables to stdout. The namespaces
-//! `rc-fleet-<run>-<j>` are deleted at the end; the controller's log stays in target/fleet-logs/.
+//! without --namespace), RC_FLEET_SHARDS (default 1: one process, no leader election; N > 1: N
+//! processes with `--leader-elect=true --shards N` and the same scope, each leading one shard
+//! Lease, reported one by one and summed). Progress goes to stderr, the Markdown tables to stdout.
+//! The namespaces `rc-fleet-<run>-<j>` are deleted at the end; the controllers' logs stay in
+//! target/fleet-logs/.
 
 #[path = "../fleet/driver.rs"]
 mod driver;
@@ -32,6 +35,7 @@ async fn main() {
     cfg.clients = driver::env_usize("RC_FLEET_CLIENTS", 16).max(1);
     cfg.phase_timeout = Duration::from_secs(driver::env_usize("RC_FLEET_TIMEOUT_SECS", 900) as u64);
     cfg.replicas = driver::env_usize("RC_FLEET_REPLICAS", cfg.replicas as usize) as i32;
+    cfg.shards = driver::env_usize("RC_FLEET_SHARDS", 1).max(1);
     cfg.tag = "bench".into();
 
     let report = driver::run(cfg).await;

@@ -18,7 +18,12 @@
 //! Measured per phase: wall time; the controller's API requests by verb and resource, from its
 //! `/metrics` (`recording_canary_api_requests_total`); the Events about RecordingCanaries, from the
 //! cluster; `apiserver_request_total` by verb (every client, for context); the controller's RSS,
-//! peak RSS and CPU time from /proc.
+//! peak RSS and CPU time from /proc. Lease requests (leader election) are counted apart.
+//!
+//! With `shards` N > 1, N controller processes run with `--leader-elect=true --shards N` and the
+//! same scope; the driver waits until each leads one shard Lease (kept in the first fleet
+//! namespace), reports each process's figures and their sums, and prints how many namespaces and
+//! canaries each shard got.
 //!
 //! The driver asserts nothing: a phase that does not finish is recorded as unfinished (with what
 //! was still missing) and the later phases are skipped. The namespaces are always deleted.
@@ -40,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams, PostParams,
@@ -88,6 +94,12 @@ pub struct FleetConfig {
     pub steady: Duration,
     /// Run the controller cluster-wide instead of with one `--namespace` per fleet namespace.
     pub cluster_wide: bool,
+    /// Controller processes. 1: one process, `--leader-elect=false`. N > 1: N processes with
+    /// `--leader-elect=true --shards N` and the same scope (cluster-wide or the same
+    /// `--namespace` list), each leading one shard Lease; the run id (which names the fleet
+    /// namespaces) is picked so that the namespaces split between the shards as evenly as the
+    /// hash allows.
+    pub shards: usize,
     /// Goes into the log file's name (`bench`, `test`).
     pub tag: String,
 }
@@ -106,6 +118,7 @@ impl FleetConfig {
             phase_timeout: Duration::from_secs(900),
             steady: Duration::from_secs(10),
             cluster_wide: env_flag("RC_FLEET_CLUSTER_WIDE"),
+            shards: 1,
             tag: "fleet".into(),
         }
     }
@@ -165,21 +178,38 @@ pub struct PhaseReport {
     pub events: u64,
     /// `apiserver_request_total` by verb in the phase (every client of the apiserver).
     pub apiserver: BTreeMap<String, u64>,
-    /// Controller RSS at the end of the phase, and its peak so far (VmHWM), KiB.
+    /// Controller RSS at the end of the phase, and its peak so far (VmHWM), KiB; with several
+    /// processes, the sums of theirs.
     pub rss_kib: u64,
     pub hwm_kib: u64,
-    /// Controller CPU time (user + system) spent in the phase.
+    /// Controller CPU time (user + system) spent in the phase (all processes).
     pub cpu_s: f64,
     /// What was missing when the phase did not finish.
     pub detail: String,
+    /// With several controller processes, each one's own figures (calls, RSS, CPU), in the
+    /// order of `FleetReport::processes`; empty with one.
+    pub processes: Vec<PhaseReport>,
 }
 
+/// Resources whose requests are not the canaries' work: Events (counted apart, from the cluster)
+/// and Leases (leader election: a few per process every 5 s, whatever the canaries do).
+const NOT_CALLS: [&str; 2] = ["events", "leases"];
+
 impl PhaseReport {
-    /// The controller's requests, Events excluded.
+    /// The controller's requests, Events and Leases excluded.
     pub fn calls_total(&self) -> u64 {
         self.calls
             .iter()
-            .filter(|((_, r), _)| r != "events")
+            .filter(|((_, r), _)| !NOT_CALLS.contains(&r.as_str()))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// The controller's requests on `leases` (leader election).
+    pub fn lease_calls(&self) -> u64 {
+        self.calls
+            .iter()
+            .filter(|((_, r), _)| r == "leases")
             .map(|(_, n)| n)
             .sum()
     }
@@ -193,24 +223,40 @@ impl PhaseReport {
             .sum()
     }
 
-    /// Write requests of the controller, Events included.
+    /// Write requests of the controller, Events included, Leases (leader election) not.
     pub fn writes(&self) -> u64 {
         self.calls
             .iter()
-            .filter(|((v, _), _)| WRITE_VERBS.contains(&v.as_str()))
+            .filter(|((v, r), _)| WRITE_VERBS.contains(&v.as_str()) && r != "leases")
             .map(|(_, n)| n)
             .sum()
     }
 
-    /// The write requests as `N verb resource` items.
+    /// The write requests (Leases excluded) as `N verb resource` items.
     pub fn writes_breakdown(&self) -> String {
         self.calls
             .iter()
-            .filter(|((v, _), n)| WRITE_VERBS.contains(&v.as_str()) && **n > 0)
+            .filter(|((v, r), n)| WRITE_VERBS.contains(&v.as_str()) && r != "leases" && **n > 0)
             .map(|((v, r), n)| format!("{n} {v} {r}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// One controller process of a run.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    /// Its identity in the shard Leases (`POD_NAME-pid`); empty with one process.
+    pub identity: String,
+    /// The shard whose Lease it leads (0 with one process).
+    pub shard: u32,
+    /// Fleet namespaces, and canaries, of its shard.
+    pub namespaces: usize,
+    pub canaries: usize,
+    /// Its /metrics port.
+    pub admin_port: u16,
+    pub log: PathBuf,
 }
 
 /// Everything one run measured.
@@ -218,8 +264,10 @@ impl PhaseReport {
 pub struct FleetReport {
     pub config: FleetConfig,
     pub run_id: String,
-    /// The controller's log.
+    /// The (first) controller's log.
     pub log: PathBuf,
+    /// The controller processes, once started (one, or one per shard).
+    pub processes: Vec<ProcessInfo>,
     /// N plain Deployments Ready, without the controller.
     pub floor: Option<Duration>,
     /// The targets and Services, created before the canaries, until all targets are Ready.
@@ -268,11 +316,18 @@ impl FleetReport {
     pub fn markdown(&self) -> String {
         let c = &self.config;
         let mut s = String::new();
-        let scope = if c.cluster_wide {
+        let mut scope = if c.cluster_wide {
             "controller cluster-wide".to_string()
         } else {
             format!("controller scoped to the {} namespaces", c.namespaces)
         };
+        if c.shards > 1 {
+            let _ = write!(
+                scope,
+                ", {} controller processes (`--shards {}`, one shard Lease each)",
+                c.shards, c.shards
+            );
+        }
         let _ = writeln!(
             s,
             "### Fleet: {} RecordingCanaries in {} namespaces, {} parallel clients, {} replica(s) per target, {scope} (run {})\n",
@@ -348,6 +403,20 @@ impl FleetReport {
         for p in self.phases.iter().filter(|p| !p.detail.is_empty()) {
             let _ = writeln!(s, "\n**{} did not finish**: {}", p.name, p.detail);
         }
+        if self.phases.iter().any(|p| p.lease_calls() > 0) {
+            let _ = writeln!(
+                s,
+                "\nLease calls (leader election; not in calls/canary nor in the steady writes): {}.",
+                self.phases
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.lease_calls()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if self.processes.len() > 1 {
+            self.per_process_markdown(&mut s);
+        }
 
         if let Some(p) = self.phase("converge") {
             let _ = writeln!(
@@ -415,8 +484,63 @@ impl FleetReport {
         for n in &self.notes {
             let _ = writeln!(s, "\nnote: {n}");
         }
-        let _ = writeln!(s, "\ncontroller log: {}", self.log.display());
+        if self.processes.len() > 1 {
+            for p in &self.processes {
+                let _ = writeln!(
+                    s,
+                    "\ncontroller log (shard {}): {}",
+                    p.shard,
+                    p.log.display()
+                );
+            }
+        } else {
+            let _ = writeln!(s, "\ncontroller log: {}", self.log.display());
+        }
         s
+    }
+
+    /// The split of the namespaces between the shards, and each process's figures per phase.
+    fn per_process_markdown(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n#### Per controller process (the table above sums them; peak RSS is the sum of each one's peak)\n"
+        );
+        let _ = writeln!(
+            s,
+            "split: {}.\n",
+            self.processes
+                .iter()
+                .map(|p| format!(
+                    "shard {} (pid {}): {} namespaces, {} canaries",
+                    p.shard, p.pid, p.namespaces, p.canaries
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        let _ = writeln!(
+            s,
+            "| phase | shard | canaries | calls | calls/canary of its shard | Lease calls | writes | RSS MiB (peak) | CPU s |"
+        );
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mib = |k: u64| k as f64 / 1024.0;
+        for p in &self.phases {
+            for (info, pp) in self.processes.iter().zip(&p.processes) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {:.2} | {} | {} | {:.1} ({:.1}) | {:.2} |",
+                    p.name,
+                    info.shard,
+                    info.canaries,
+                    pp.calls_total(),
+                    pp.calls_total() as f64 / info.canaries.max(1) as f64,
+                    pp.lease_calls(),
+                    pp.writes(),
+                    mib(pp.rss_kib),
+                    mib(pp.hwm_kib),
+                    pp.cpu_s
+                );
+            }
+        }
     }
 }
 
@@ -429,13 +553,23 @@ fn secs(d: Duration) -> String {
 
 /// Runs the phases and always cleans up (the controller is killed, the namespaces deleted).
 pub async fn run(cfg: FleetConfig) -> FleetReport {
-    let run_id = random_suffix();
+    let run_id = if cfg.shards > 1 {
+        pick_run_id(
+            (0..RUN_ID_CANDIDATES).map(|_| random_suffix()),
+            cfg.namespaces,
+            cfg.canaries,
+            cfg.shards,
+        )
+    } else {
+        random_suffix()
+    };
     let logs = target_dir().join("fleet-logs");
-    let log = logs.join(format!("rc-fleet-{run_id}-{}.log", cfg.tag));
+    let log = log_path(&logs, &run_id, &cfg.tag, 0, cfg.shards);
     let mut report = FleetReport {
         config: cfg.clone(),
         run_id: run_id.clone(),
         log: log.clone(),
+        processes: Vec::new(),
         floor: None,
         apps: None,
         floor_cleanup: None,
@@ -457,7 +591,7 @@ pub async fn run(cfg: FleetConfig) -> FleetReport {
     };
     if let Err(e) = fleet.phases(&mut report).await {
         fleet.say(&format!("FAILED: {e}"));
-        if let Some(c) = &fleet.controller {
+        for c in &fleet.controllers {
             fleet.say(&format!(
                 "last lines of the controller log ({}):\n{}",
                 c.log.display(),
@@ -473,6 +607,92 @@ pub async fn run(cfg: FleetConfig) -> FleetReport {
 /// Canary i's namespace index.
 fn ns_index(i: usize, namespaces: usize) -> usize {
     i % namespaces
+}
+
+/// The fleet namespaces of a run.
+fn fleet_namespaces(run_id: &str, namespaces: usize) -> Vec<String> {
+    (0..namespaces)
+        .map(|j| format!("rc-fleet-{run_id}-{j}"))
+        .collect()
+}
+
+/// Controller process k's log (of `shards` processes).
+fn log_path(dir: &Path, run_id: &str, tag: &str, k: usize, shards: usize) -> PathBuf {
+    if shards > 1 {
+        dir.join(format!("rc-fleet-{run_id}-{tag}-shard{k}.log"))
+    } else {
+        dir.join(format!("rc-fleet-{run_id}-{tag}.log"))
+    }
+}
+
+/// Per shard (of `shards`), its (namespaces, canaries), canary i being in namespace i mod M and
+/// a namespace in the shard the controller's own hash puts it in.
+pub fn shard_split(namespaces: &[String], canaries: usize, shards: usize) -> Vec<(usize, usize)> {
+    let shards = shards.max(1);
+    let mut split = vec![(0, 0); shards];
+    for (j, ns) in namespaces.iter().enumerate() {
+        let s = recording_canary::shard::Shard::of(ns, shards as u32) as usize;
+        split[s].0 += 1;
+        // Canaries j, j + M, j + 2M, … (ns_index).
+        split[s].1 += canaries / namespaces.len() + usize::from(j < canaries % namespaces.len());
+    }
+    split
+}
+
+/// Most canaries in a shard minus fewest.
+fn imbalance(split: &[(usize, usize)]) -> usize {
+    let most = split.iter().map(|s| s.1).max().unwrap_or(0);
+    let fewest = split.iter().map(|s| s.1).min().unwrap_or(0);
+    most - fewest
+}
+
+/// Random run ids tried for an even split.
+const RUN_ID_CANDIDATES: usize = 256;
+
+/// Among `candidates`, the first run id whose fleet namespaces split the canaries evenly between
+/// the shards, else the most even one. The run id names the namespaces, and the namespace decides
+/// the shard: a sharding benchmark should measure the shards, not the luck of the hash.
+pub fn pick_run_id(
+    candidates: impl IntoIterator<Item = String>,
+    namespaces: usize,
+    canaries: usize,
+    shards: usize,
+) -> String {
+    let mut best: Option<(usize, String)> = None;
+    for id in candidates {
+        let d = imbalance(&shard_split(
+            &fleet_namespaces(&id, namespaces),
+            canaries,
+            shards,
+        ));
+        if d == 0 {
+            return id;
+        }
+        if best.as_ref().is_none_or(|(b, _)| d < *b) {
+            best = Some((d, id));
+        }
+    }
+    best.map(|(_, id)| id).unwrap_or_default()
+}
+
+/// The shard each process leads, from the holders of the shard Leases (index: shard) and the
+/// processes' identities: Ok when every process holds exactly one Lease; else what is missing.
+pub fn shards_led(holders: &[Option<String>], identities: &[String]) -> Result<Vec<u32>, String> {
+    let mut led = Vec::with_capacity(identities.len());
+    for id in identities {
+        let mine: Vec<u32> = holders
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.as_deref() == Some(id.as_str()))
+            .map(|(s, _)| s as u32)
+            .collect();
+        match mine.as_slice() {
+            [s] => led.push(*s),
+            [] => return Err(format!("{id} leads no shard yet")),
+            more => return Err(format!("{id} leads {} shards: {more:?}", more.len())),
+        }
+    }
+    Ok(led)
 }
 
 fn app(i: usize) -> String {
@@ -503,7 +723,8 @@ struct Fleet {
     deployments: Tracker<i32>,
     floor_pods: Tracker<()>,
     ns_tracker: Tracker<()>,
-    controller: Option<Controller>,
+    /// One, or one per shard.
+    controllers: Vec<Controller>,
     clk_tck: f64,
     t0: Instant,
 }
@@ -519,9 +740,7 @@ impl Fleet {
         let clients = (0..cfg.clients.max(1))
             .map(|_| Client::try_from(config.clone()).map_err(|e| format!("kube client: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let namespaces: Vec<String> = (0..cfg.namespaces)
-            .map(|j| format!("rc-fleet-{run_id}-{j}"))
-            .collect();
+        let namespaces = fleet_namespaces(&run_id, cfg.namespaces);
         let set: Arc<HashSet<String>> = Arc::new(namespaces.iter().cloned().collect());
         let changed = Arc::new(Notify::new());
         let all = watcher::Config::default();
@@ -590,7 +809,7 @@ impl Fleet {
             deployments,
             floor_pods,
             ns_tracker,
-            controller: None,
+            controllers: Vec::new(),
             clk_tck,
             t0: Instant::now(),
         };
@@ -691,8 +910,8 @@ impl Fleet {
         .await?;
         report.floor_cleanup = Some(t.elapsed());
 
-        // --- the controller.
-        self.controller = Some(self.start_controller(&report.log).await?);
+        // --- the controller(s).
+        self.start_controllers(report).await?;
         self.settle().await;
         let s0 = self.snapshot().await?;
         report.metric_present = s0.calls.is_some();
@@ -919,6 +1138,30 @@ impl Fleet {
             (Some(x), Some(y)) => delta(x, y),
             _ => BTreeMap::new(),
         };
+        let cpu_s = |a: &ProcStat, b: &ProcStat| {
+            b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / self.clk_tck
+        };
+        let processes = if self.controllers.len() > 1 {
+            a.processes
+                .iter()
+                .zip(&b.processes)
+                .map(|((ca, pa), (cb, pb))| PhaseReport {
+                    name: name.to_string(),
+                    finished,
+                    wall,
+                    calls: match (ca, cb) {
+                        (Some(x), Some(y)) => delta(x, y),
+                        _ => BTreeMap::new(),
+                    },
+                    rss_kib: pb.rss_kib,
+                    hwm_kib: pb.hwm_kib,
+                    cpu_s: cpu_s(pa, pb),
+                    ..PhaseReport::default()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         PhaseReport {
             name: name.to_string(),
             finished,
@@ -928,8 +1171,9 @@ impl Fleet {
             apiserver: delta(&a.apiserver, &b.apiserver),
             rss_kib: b.proc.rss_kib,
             hwm_kib: b.proc.hwm_kib,
-            cpu_s: b.proc.cpu_ticks.saturating_sub(a.proc.cpu_ticks) as f64 / self.clk_tck,
+            cpu_s: cpu_s(&a.proc, &b.proc),
             detail: String::new(),
+            processes,
         }
     }
 
@@ -1070,21 +1314,141 @@ impl Fleet {
         }
     }
 
-    async fn start_controller(&self, log: &Path) -> Result<Controller, String> {
+    /// Starts the controller process(es); with several, waits until each leads one shard Lease
+    /// and records the split of the fleet between them.
+    async fn start_controllers(&mut self, report: &mut FleetReport) -> Result<(), String> {
+        let n = self.cfg.shards.max(1);
+        let logs = report
+            .log
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        for k in 0..n {
+            let log = log_path(&logs, &self.run_id, &self.cfg.tag, k, n);
+            // Pushed at once: a later failure still stops the ones started.
+            let c = self.start_controller(k, &log).await?;
+            self.controllers.push(c);
+        }
+        if n > 1 {
+            self.wait_for_shard_leases().await?;
+        }
+        let split = shard_split(&self.namespaces, self.cfg.canaries, n);
+        report.processes = self
+            .controllers
+            .iter()
+            .map(|c| {
+                let (namespaces, canaries) =
+                    split.get(c.shard as usize).copied().unwrap_or_default();
+                ProcessInfo {
+                    pid: c.pid,
+                    identity: c.identity.clone(),
+                    shard: c.shard,
+                    namespaces,
+                    canaries,
+                    admin_port: c.port,
+                    log: c.log.clone(),
+                }
+            })
+            .collect();
+        if n > 1 {
+            let line = report
+                .processes
+                .iter()
+                .map(|p| {
+                    format!(
+                        "shard {} (pid {}): {} namespaces, {} canaries",
+                        p.shard, p.pid, p.namespaces, p.canaries
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.say(&format!("split: {line}"));
+            if imbalance(&split) > self.cfg.canaries / n / 5 {
+                let msg = format!(
+                    "the namespaces split unevenly between the shards ({line}): with {} namespaces no run id tried did better",
+                    self.cfg.namespaces
+                );
+                self.say(&format!("WARNING: {msg}"));
+                report.notes.push(msg);
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard Leases' base name and namespace (the first fleet namespace: they go with it).
+    fn shard_lease(&self) -> (&'static str, &str) {
+        ("rc-fleet", &self.namespaces[0])
+    }
+
+    /// Until every controller process holds one shard Lease (at most 60 s); records which.
+    async fn wait_for_shard_leases(&mut self) -> Result<(), String> {
+        let n = self.controllers.len();
+        let (base, ns) = self.shard_lease();
+        let ns = ns.to_string();
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
+        let names: Vec<String> = (0..n)
+            .map(|i| recording_canary::shard::Shard::lease_name(base, i as u32, n as u32))
+            .collect();
+        let identities: Vec<String> = self
+            .controllers
+            .iter()
+            .map(|c| c.identity.clone())
+            .collect();
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(60);
+        loop {
+            let mut holders = Vec::with_capacity(n);
+            for name in &names {
+                let lease = retry(&format!("get Lease {ns}/{name}"), || api.get_opt(name)).await?;
+                holders.push(lease.and_then(|l| l.spec).and_then(|s| s.holder_identity));
+            }
+            let why = match shards_led(&holders, &identities) {
+                Ok(led) => {
+                    for (c, s) in self.controllers.iter_mut().zip(led) {
+                        c.shard = s;
+                    }
+                    self.say(&format!(
+                        "each of the {n} controllers leads one shard Lease ({ns}/{base}-shard-*) after {}",
+                        secs(t.elapsed())
+                    ));
+                    return Ok(());
+                }
+                Err(why) => why,
+            };
+            self.check_controller()?;
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the {n} controllers did not each lead one shard Lease within 60 s: {why}; holders {holders:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Starts controller process k (of `cfg.shards`).
+    async fn start_controller(&self, k: usize, log: &Path) -> Result<Controller, String> {
         let file =
             File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
         let out = file
             .try_clone()
             .map_err(|e| format!("cannot clone a log handle: {e}"))?;
+        let shards = self.cfg.shards.max(1);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-canary"));
-        cmd.args(["run", "--leader-elect=false", "--admin-addr", "127.0.0.1:0"]);
+        cmd.args(["run", "--admin-addr", "127.0.0.1:0"]);
+        if shards > 1 {
+            let (base, ns) = self.shard_lease();
+            cmd.args(["--leader-elect=true", "--shards", &shards.to_string()]);
+            cmd.args(["--lease-name", base, "--lease-namespace", ns]);
+        } else {
+            cmd.arg("--leader-elect=false");
+        }
+        // Every process gets the same scope, as every replica of the chart does.
         if !self.cfg.cluster_wide {
             for ns in self.namespaces.iter() {
                 cmd.args(["--namespace", ns]);
             }
         }
-        let child = cmd
-            .env("KUBECONFIG", &self.cfg.kubeconfig)
+        cmd.env("KUBECONFIG", &self.cfg.kubeconfig)
             // Warnings only, plus the one info line that has an `addr` field: "admin server
             // listening … addr=127.0.0.1:PORT", which gives the /metrics port.
             .env("RUST_LOG", "warn,[{addr}]=info")
@@ -1094,21 +1458,40 @@ impl Fleet {
             .env_remove("RC_ADMIN_ADDR")
             .env_remove("RC_LOG_FORMAT")
             .env_remove("RC_SHARDS")
+            .env_remove("RC_LEASE_NAME")
             .env_remove("POD_NAME")
-            .env_remove("POD_NAMESPACE")
+            .env_remove("POD_NAMESPACE");
+        // The Lease identity is POD_NAME-pid: distinct, and recognisable in the Leases.
+        let pod_name = format!("rc-fleet-{}-p{k}", self.run_id);
+        if shards > 1 {
+            cmd.env("POD_NAME", &pod_name);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(file))
             .spawn()
             .map_err(|e| format!("cannot start the controller binary: {e}"))?;
+        let pid = child.id();
         let mut c = Controller {
-            pid: child.id(),
+            pid,
             child,
             port: 0,
             log: log.to_path_buf(),
+            identity: if shards > 1 {
+                format!("{pod_name}-{pid}")
+            } else {
+                String::new()
+            },
+            shard: 0,
         };
         self.say(&format!(
-            "controller pid {} ({}); log {}",
+            "controller {}pid {} ({}); log {}",
+            if shards > 1 {
+                format!("{}/{shards} ", k + 1)
+            } else {
+                String::new()
+            },
             c.pid,
             if self.cfg.cluster_wide {
                 "cluster-wide".to_string()
@@ -1142,47 +1525,63 @@ impl Fleet {
         }
     }
 
-    /// Until the controller's request counters have not moved for 1 s (at most 20 s): its start-up
-    /// lists and watches are not the fleet's.
+    /// Until the controllers' request counters (Leases aside: leader election renews them every
+    /// 5 s) have not moved for 1 s (at most 20 s): their start-up lists and watches are not the
+    /// fleet's.
     async fn settle(&self) {
-        let Some(c) = &self.controller else { return };
+        if self.controllers.is_empty() {
+            return;
+        }
         let t = Instant::now();
-        let mut last: Option<Option<BTreeMap<Key, f64>>> = None;
+        let mut last: Option<Vec<Option<BTreeMap<Key, f64>>>> = None;
         let mut since = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if let Ok(text) = controller_metrics(c.port).await {
-                let calls = parse_api_requests(&text);
-                if last.as_ref() == Some(&calls) {
-                    if since.elapsed() >= Duration::from_secs(1) {
-                        break;
+        'wait: while t.elapsed() < Duration::from_secs(20) {
+            let mut now = Vec::with_capacity(self.controllers.len());
+            for c in &self.controllers {
+                match controller_metrics(c.port).await {
+                    Ok(text) => now.push(parse_api_requests(&text).map(without_leases)),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        continue 'wait;
                     }
-                } else {
-                    last = Some(calls);
-                    since = Instant::now();
                 }
+            }
+            if last.as_ref() == Some(&now) {
+                if since.elapsed() >= Duration::from_secs(1) {
+                    break;
+                }
+            } else {
+                last = Some(now);
+                since = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+        let ports: Vec<String> = self
+            .controllers
+            .iter()
+            .map(|c| c.port.to_string())
+            .collect();
         self.say(&format!(
-            "controller settled after {} (admin port {})",
+            "controller{} settled after {} (admin port{} {})",
+            if ports.len() > 1 { "s" } else { "" },
             secs(t.elapsed()),
-            c.port
+            if ports.len() > 1 { "s" } else { "" },
+            ports.join(", ")
         ));
     }
 
     fn check_controller(&self) -> Result<(), String> {
-        let Some(c) = &self.controller else {
-            return Ok(());
-        };
-        match proc_stat(c.pid) {
-            Some(_) => Ok(()),
-            None => Err(format!(
-                "the controller (pid {}) is gone; log {}:\n{}",
-                c.pid,
-                c.log.display(),
-                log_tail(&c.log, 40)
-            )),
+        for c in &self.controllers {
+            if proc_stat(c.pid).is_none() {
+                return Err(format!(
+                    "the controller (pid {}) is gone; log {}:\n{}",
+                    c.pid,
+                    c.log.display(),
+                    log_tail(&c.log, 40)
+                ));
+            }
         }
+        Ok(())
     }
 
     /// The snapshot at the end of a phase; when it cannot be taken (the controller is gone),
@@ -1212,25 +1611,30 @@ impl Fleet {
     }
 
     async fn snapshot(&self) -> Result<Snapshot, String> {
-        let (calls, calls_at, proc_) = match &self.controller {
-            Some(c) => {
-                let text = controller_metrics(c.port).await.map_err(|e| {
-                    format!(
-                        "cannot read the controller's metrics on 127.0.0.1:{}: {e}; log {}:\n{}",
-                        c.port,
-                        c.log.display(),
-                        log_tail(&c.log, 40)
-                    )
-                })?;
-                let at = Instant::now();
-                (
-                    parse_api_requests(&text),
-                    at,
-                    proc_stat(c.pid).unwrap_or_default(),
+        let mut processes = Vec::with_capacity(self.controllers.len());
+        for c in &self.controllers {
+            let text = controller_metrics(c.port).await.map_err(|e| {
+                format!(
+                    "cannot read the controller's metrics on 127.0.0.1:{}: {e}; log {}:\n{}",
+                    c.port,
+                    c.log.display(),
+                    log_tail(&c.log, 40)
                 )
-            }
-            None => (None, Instant::now(), ProcStat::default()),
+            })?;
+            processes.push((
+                parse_api_requests(&text),
+                proc_stat(c.pid).unwrap_or_default(),
+            ));
+        }
+        let calls_at = Instant::now();
+        let calls = if processes.is_empty() {
+            None
+        } else {
+            sum_calls(processes.iter().map(|(c, _)| c.as_ref()))
         };
+        let proc_ = processes
+            .iter()
+            .fold(ProcStat::default(), |a, (_, p)| a.plus(p));
         let events = self.count_events().await?;
         let apiserver = match self
             .client
@@ -1253,6 +1657,7 @@ impl Fleet {
             events,
             apiserver,
             proc: proc_,
+            processes,
         })
     }
 
@@ -1284,9 +1689,14 @@ impl Fleet {
     }
 
     async fn cleanup(&mut self, report: &mut FleetReport) {
-        if let Some(c) = self.controller.take() {
-            drop(c);
-            self.say("controller stopped");
+        if !self.controllers.is_empty() {
+            let n = self.controllers.len();
+            self.controllers.clear();
+            self.say(if n > 1 {
+                "controllers stopped"
+            } else {
+                "controller stopped"
+            });
         }
         if !self.created_namespaces {
             return;
@@ -1678,7 +2088,10 @@ struct Snapshot {
     calls_at: Instant,
     events: u64,
     apiserver: BTreeMap<String, f64>,
+    /// The sums over the controller processes.
     proc: ProcStat,
+    /// Each controller process's calls and /proc figures.
+    processes: Vec<(Option<BTreeMap<Key, f64>>, ProcStat)>,
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -1686,6 +2099,35 @@ pub struct ProcStat {
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub cpu_ticks: u64,
+}
+
+impl ProcStat {
+    /// Both processes' figures added (the peak: the sum of the peaks).
+    fn plus(self, o: &ProcStat) -> ProcStat {
+        ProcStat {
+            rss_kib: self.rss_kib + o.rss_kib,
+            hwm_kib: self.hwm_kib + o.hwm_kib,
+            cpu_ticks: self.cpu_ticks + o.cpu_ticks,
+        }
+    }
+}
+
+/// The processes' request counters added; None when one of them lacks the metric.
+fn sum_calls<'a>(
+    each: impl IntoIterator<Item = Option<&'a BTreeMap<Key, f64>>>,
+) -> Option<BTreeMap<Key, f64>> {
+    let mut out = BTreeMap::new();
+    for m in each {
+        for (k, v) in m? {
+            *out.entry(k.clone()).or_insert(0.0) += v;
+        }
+    }
+    Some(out)
+}
+
+/// The request counters without the Leases' (leader election).
+fn without_leases(m: BTreeMap<Key, f64>) -> BTreeMap<Key, f64> {
+    m.into_iter().filter(|((_, r), _)| r != "leases").collect()
 }
 
 fn delta<K: Ord + Clone>(a: &BTreeMap<K, f64>, b: &BTreeMap<K, f64>) -> BTreeMap<K, u64> {
@@ -1890,6 +2332,10 @@ struct Controller {
     pid: u32,
     port: u16,
     log: PathBuf,
+    /// Its identity in the shard Leases (empty with one process).
+    identity: String,
+    /// The shard it leads (0 with one process).
+    shard: u32,
 }
 
 impl Drop for Controller {
@@ -1999,6 +2445,95 @@ mod tests {
         let colored = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m admin server listening \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:8080\n";
         assert_eq!(admin_port(colored), Some(8080));
         assert_eq!(admin_port("nothing here\n"), None);
+    }
+
+    #[test]
+    fn lease_calls_are_neither_calls_nor_steady_writes() {
+        let mut p = PhaseReport::default();
+        for (v, r, n) in [
+            ("get", "leases", 2),
+            ("update", "leases", 2),
+            ("patch", "virtualservices", 1),
+        ] {
+            p.calls.insert((v.into(), r.into()), n);
+        }
+        assert_eq!(p.calls_total(), 1);
+        assert_eq!(p.lease_calls(), 4);
+        assert_eq!(p.writes(), 1);
+        assert_eq!(p.writes_breakdown(), "1 patch virtualservices");
+    }
+
+    #[test]
+    fn the_split_counts_every_namespace_and_canary_once() {
+        let ns = fleet_namespaces("abcde", 10);
+        for shards in 1..=4 {
+            let split = shard_split(&ns, 105, shards);
+            assert_eq!(split.len(), shards);
+            assert_eq!(split.iter().map(|s| s.0).sum::<usize>(), 10);
+            assert_eq!(split.iter().map(|s| s.1).sum::<usize>(), 105);
+        }
+        // Each namespace is where the controller's hash puts it.
+        let split = shard_split(&ns, 100, 2);
+        let in_0 = ns
+            .iter()
+            .filter(|n| recording_canary::shard::Shard::of(n, 2) == 0)
+            .count();
+        assert_eq!(split[0], (in_0, in_0 * 10));
+        // One shard: everything.
+        assert_eq!(shard_split(&ns, 100, 1), vec![(10, 100)]);
+    }
+
+    #[test]
+    fn the_run_id_is_picked_for_an_even_split() {
+        let ids: Vec<String> = (0..64).map(|i| format!("r{i:03}")).collect();
+        let id = pick_run_id(ids.clone(), 10, 100, 2);
+        assert!(ids.contains(&id));
+        assert_eq!(
+            imbalance(&shard_split(&fleet_namespaces(&id, 10), 100, 2)),
+            0
+        );
+        // No candidate is even (one namespace): the least uneven, the first of equals.
+        assert_eq!(pick_run_id(ids.clone(), 1, 100, 2), "r000");
+        assert_eq!(pick_run_id(Vec::<String>::new(), 10, 100, 2), "");
+    }
+
+    #[test]
+    fn each_process_must_lead_exactly_one_shard() {
+        let ids = vec!["a-1".to_string(), "b-2".to_string()];
+        let h = |v: &[Option<&str>]| -> Vec<Option<String>> {
+            v.iter().map(|o| o.map(str::to_string)).collect()
+        };
+        assert_eq!(
+            shards_led(&h(&[Some("b-2"), Some("a-1")]), &ids),
+            Ok(vec![1, 0])
+        );
+        assert!(shards_led(&h(&[Some("a-1"), None]), &ids).is_err());
+        assert!(shards_led(&h(&[Some("a-1"), Some("a-1")]), &ids).is_err());
+        assert!(shards_led(&h(&[Some("a-1"), Some("old-9")]), &ids).is_err());
+    }
+
+    #[test]
+    fn several_processes_add_up_and_one_without_the_metric_voids_the_sum() {
+        let m = |n: f64| -> BTreeMap<Key, f64> {
+            [(("get".to_string(), "pods".to_string()), n)].into()
+        };
+        let (a, b) = (m(2.0), m(3.0));
+        assert_eq!(sum_calls([Some(&a), Some(&b)]), Some(m(5.0)));
+        assert_eq!(sum_calls([Some(&a), None]), None);
+        let p = ProcStat {
+            rss_kib: 10,
+            hwm_kib: 12,
+            cpu_ticks: 3,
+        }
+        .plus(&ProcStat {
+            rss_kib: 1,
+            hwm_kib: 2,
+            cpu_ticks: 4,
+        });
+        assert_eq!((p.rss_kib, p.hwm_kib, p.cpu_ticks), (11, 14, 7));
+        let mut l = m(1.0);
+        l.insert(("update".into(), "leases".into()), 9.0);
+        assert_eq!(without_leases(l), m(1.0));
     }
 
     #[test]
