@@ -1035,6 +1035,11 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let Some(scope) = ctx.scope_for(ns) else {
         return Ok(Requeue::await_change());
     };
+    // Another shard's canary: its own process plans it (the canary watch sees every canary).
+    if !ctx.shard.owns(ns) {
+        debug!("another shard's canary");
+        return Ok(Requeue::await_change());
+    }
     // Plan nothing before every cache has listed once; bounded, so that a shutdown never waits
     // on a watch that cannot list.
     if !scope.ready()

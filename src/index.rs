@@ -133,6 +133,14 @@ impl MeshRefs {
     }
 }
 
+/// The canary named by our label on an object the controller created.
+fn labelled_owner(meta: &ObjectMeta) -> Option<&str> {
+    meta.labels
+        .as_ref()
+        .and_then(|l| l.get(CANARY_LABEL))
+        .map(String::as_str)
+}
+
 fn key(ns: &str, name: &str) -> CanaryKey {
     (ns.to_string(), name.to_string())
 }
@@ -342,7 +350,8 @@ impl Index {
         names.into_iter().map(|n| key(ns, &n)).collect()
     }
 
-    /// Canaries a Deployment concerns: as target, as clone, or by our label.
+    /// Canaries a Deployment concerns: as target, as clone, or by our label; only canaries of
+    /// this index (another shard's canary, or one that is gone, is not woken).
     pub fn for_deployment(&self, meta: &ObjectMeta) -> Vec<CanaryKey> {
         let ns = meta.namespace.as_deref().unwrap_or_default();
         let name = meta.name.as_deref().unwrap_or_default();
@@ -353,15 +362,18 @@ impl Index {
             .flatten()
             .map(|n| key(ns, n))
             .collect();
-        if let Some(owner) = meta.labels.as_ref().and_then(|l| l.get(CANARY_LABEL)) {
-            out.insert(key(ns, owner));
+        if let Some(owner) = labelled_owner(meta) {
+            let k = key(ns, owner);
+            if self.canaries.contains_key(&k) {
+                out.insert(k);
+            }
         }
         out.into_iter().collect()
     }
 
     /// Whether the cache keeps this Deployment: a canary's target or clone, or one we created.
     pub fn wants_deployment(&self, meta: &ObjectMeta) -> bool {
-        !self.for_deployment(meta).is_empty()
+        labelled_owner(meta).is_some() || !self.for_deployment(meta).is_empty()
     }
 
     /// Canaries a pod concerns: its Deployment's, and those whose Service selects it.
@@ -617,7 +629,12 @@ mod tests {
         assert!(!i.wants_deployment(&meta("shop", "unrelated")));
         let mut labelled = meta("shop", "leftover-recording");
         labelled.labels = Some(BTreeMap::from([(CANARY_LABEL.into(), "gone".into())]));
-        assert_eq!(i.for_deployment(&labelled), vec![k("shop", "gone")]);
+        // Ours by its label: kept in the cache, but it wakes only a canary of this index (not
+        // one that is gone, nor another shard's, whose process owns it).
+        assert!(i.wants_deployment(&labelled));
+        assert!(i.for_deployment(&labelled).is_empty());
+        labelled.labels = Some(BTreeMap::from([(CANARY_LABEL.into(), "front".into())]));
+        assert_eq!(i.for_deployment(&labelled), vec![k("shop", "front")]);
     }
 
     #[test]
