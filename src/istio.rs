@@ -330,12 +330,12 @@ fn mirror_percent(m: &Value) -> i32 {
 pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState {
     let mut st = SplitState::default();
     for r in http_routes(spec) {
-        match inserted(r, host, obj_ns) {
-            Some(true) => st.always_routes += 1,
-            Some(false) => st.never_routes += 1,
-            None => {}
-        }
-        if inserted(r, host, obj_ns).is_some() {
+        if let Some(always) = inserted(r, host, obj_ns) {
+            if always {
+                st.always_routes += 1;
+            } else {
+                st.never_routes += 1;
+            }
             st.references_subsets = true;
             continue;
         }

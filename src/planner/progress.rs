@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -11,7 +12,7 @@ use serde_json::{Value, json};
 use super::block::{Checked, Choice};
 use super::safety::CloneHealth;
 use super::{
-    Action, Builder, MeshKind, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
+    Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
     meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
     remaining, shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
@@ -274,15 +275,7 @@ fn wait_before_split<'a>(
         );
         return Err(Box::new(b.finish()));
     }
-    let ready: Vec<_> = o
-        .pods
-        .iter()
-        .filter(|p| {
-            pod_of_deployment(p, target_name)
-                && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
-                && pod_ready(p)
-        })
-        .collect();
+    let ready = ready_target_pods(o);
     let labelled = ready
         .iter()
         .filter(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE))
@@ -547,6 +540,19 @@ fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
     }
 }
 
+/// The Ready pods of the target (not the clone's, which share its template's labels).
+fn ready_target_pods<'o>(o: &'o Observed) -> Vec<&'o Pod> {
+    let target = &o.canary.spec.target_ref.name;
+    o.pods
+        .iter()
+        .filter(|p| {
+            pod_of_deployment(p, target)
+                && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
+                && pod_ready(p)
+        })
+        .collect()
+}
+
 /// The label Istio's sidecar injector puts on every pod it injects.
 pub const ISTIO_SIDECAR_LABEL: (&str, &str) = ("security.istio.io/tlsMode", "istio");
 
@@ -555,15 +561,7 @@ pub const ISTIO_SIDECAR_LABEL: (&str, &str) = ("security.istio.io/tlsMode", "ist
 /// nothing follows it; a warning Event when that becomes so. Progress does not depend on it.
 fn report_sidecars(b: &mut Builder, k: &Checked) {
     let target = &b.o.canary.spec.target_ref.name;
-    let ready: Vec<_> =
-        b.o.pods
-            .iter()
-            .filter(|p| {
-                pod_of_deployment(p, target)
-                    && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
-                    && pod_ready(p)
-            })
-            .collect();
+    let ready = ready_target_pods(b.o);
     if ready.is_empty() {
         return;
     }
