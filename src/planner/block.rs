@@ -7,9 +7,9 @@ use serde_json::Value;
 
 use super::{
     CANARY_LABEL, MeshKind, Observed, first_rival, is_root_namespace, meta_name, meta_ns, owned_by,
-    pod_of_deployment, spec_of,
+    pod_of_deployment, shape, spec_of,
 };
-use crate::api::{Mode, ValidSpec};
+use crate::api::ValidSpec;
 use crate::istio::{self, ServiceHost};
 
 /// Why a canary makes no progress. Safety actions still run (see `safety`).
@@ -301,12 +301,8 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
     let dr = choose_dr(o, &host, &uid)?;
     check_adopted(o, &host, vs, dr)?;
     let gateway_vss = gateway_routes(o, &host, vs)?;
-    let shape = istio::Shape {
-        percent: spec.percent,
-        mirror: spec.mode == Mode::Mirror,
-        always: &spec.always,
-        never: &spec.never,
-    };
+    // Every part of the spec's shape, the forced requests included.
+    let shape = shape(&spec, spec.percent, true);
     for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
         if let Some(problem) = istio::shape_problem(spec_of(v), &host, meta_ns(v), &shape) {
             return Err(Block::UnsupportedRoute {
