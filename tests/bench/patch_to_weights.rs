@@ -2,6 +2,12 @@
 //! scaling a target to its clone's new replica count, and how the controller's memory responds to
 //! unrelated Deployments and pods. Prints figures; asserts none.
 //!
+//! Each sample starts on a settled canary, as a user's patch or an HPA's scale (at most one
+//! every 15 s by default) meets it: the previous change's last write (the canary's status) seen,
+//! and for a scale the target's new pods Ready. The scale is also timed back to back, each
+//! scale sent as soon as the clone asks for the previous one's replicas, while the controller is
+//! still labelling the target's new pods and reporting the clone's.
+//!
 //!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench patch_to_weights
 //!
 //! Env: RC_BENCH_CANARIES (default 20), RC_BENCH_ROUNDS (default 10), RC_BENCH_UNRELATED
@@ -76,19 +82,47 @@ fn recording_weight(vs: &Value) -> Option<i64> {
         })
 }
 
-/// When the clone `scaled-recording` was seen asking for `want` replicas (60 s at most).
-async fn wait_clone(
-    want: i32,
-    rx: &mut mpsc::UnboundedReceiver<(String, i32, Instant)>,
-) -> Option<Instant> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio::time::timeout_at(deadline.into(), rx.recv()).await {
-            Ok(Some((n, r, at))) if n == "scaled-recording" && r == want => return Some(at),
-            Ok(Some(_)) => {}
-            _ => return None,
+/// The latest state a watch reported of each object, by name.
+struct Latest<T> {
+    rx: mpsc::UnboundedReceiver<(String, T, Instant)>,
+    seen: HashMap<String, T>,
+}
+
+impl<T> Latest<T> {
+    fn new(rx: mpsc::UnboundedReceiver<(String, T, Instant)>) -> Self {
+        Self {
+            rx,
+            seen: HashMap::new(),
         }
     }
+
+    /// When `name` was seen with `pred` true: at once if its latest state already is, else when
+    /// the watch reports it so (60 s at most).
+    async fn wait(&mut self, name: &str, pred: impl Fn(&T) -> bool) -> Option<Instant> {
+        if self.seen.get(name).is_some_and(&pred) {
+            return Some(Instant::now());
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let Ok(Some((n, v, at))) =
+                tokio::time::timeout_at(deadline.into(), self.rx.recv()).await
+            else {
+                return None;
+            };
+            let hit = n == name && pred(&v);
+            self.seen.insert(n, v);
+            if hit {
+                return Some(at);
+            }
+        }
+    }
+}
+
+/// A Deployment as the scale samples read it: spec replicas and Ready replicas.
+#[derive(Clone, Copy)]
+struct Scale {
+    replicas: i32,
+    ready: i32,
 }
 
 fn deployment(name: &str, replicas: i32) -> Deployment {
@@ -172,6 +206,26 @@ async fn main() {
         }
     });
 
+    // Every canary status, as (name, status, when seen).
+    let (stx, status_rx) = mpsc::unbounded_channel::<(String, Value, Instant)>();
+    let mut status = Latest::new(status_rx);
+    let status_api = rcs.clone();
+    tokio::spawn(async move {
+        let mut s = watcher(status_api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(ev) = s.next().await {
+            let Ok(c) = ev else { continue };
+            let status = serde_json::to_value(&c.status).unwrap_or_default();
+            let _ = stx.send((
+                c.metadata.name.clone().unwrap_or_default(),
+                status,
+                Instant::now(),
+            ));
+        }
+    });
+
     let setup = Instant::now();
     for i in 0..canaries {
         let name = format!("app-{i}");
@@ -237,6 +291,17 @@ async fn main() {
                     break;
                 }
             }
+            // Settled: the status, the reconcile's last write, shows the new weight.
+            if status
+                .wait(&name, |s| s["currentPercent"].as_i64() == Some(target))
+                .await
+                .is_none()
+            {
+                bail(
+                    controller,
+                    &format!("{name}'s status did not show {target}% within 60 s"),
+                );
+            }
         }
     }
     lat.sort();
@@ -250,27 +315,31 @@ async fn main() {
     );
 
     // Target scale → clone replicas: a canary at 50% sizes its clone to half the target.
-    let deploy_events = {
-        let (tx, rx) = mpsc::unbounded_channel::<(String, i32, Instant)>();
-        let api = deploys.clone();
-        tokio::spawn(async move {
-            let mut s = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-                .boxed();
-            while let Some(ev) = s.next().await {
-                let Ok(d) = ev else { continue };
-                let r = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0);
-                let _ = tx.send((
-                    d.metadata.name.clone().unwrap_or_default(),
-                    r,
-                    Instant::now(),
-                ));
-            }
-        });
-        rx
-    };
-    let mut deploy_events = deploy_events;
+    let (dtx, drx) = mpsc::unbounded_channel::<(String, Scale, Instant)>();
+    let api = deploys.clone();
+    tokio::spawn(async move {
+        let mut s = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(ev) = s.next().await {
+            let Ok(d) = ev else { continue };
+            let scale = Scale {
+                replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                ready: d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0),
+            };
+            let _ = dtx.send((
+                d.metadata.name.clone().unwrap_or_default(),
+                scale,
+                Instant::now(),
+            ));
+        }
+    });
+    let mut deploy_events = Latest::new(drx);
     deploys
         .create(&pp, &deployment("scaled", 2))
         .await
@@ -293,43 +362,77 @@ async fn main() {
     )
     .await
     .expect("canary");
-    let mut scale_lat = Vec::new();
-    let mut want_clone = 1;
-    if wait_clone(want_clone, &mut deploy_events).await.is_none() {
-        bail(
-            controller,
-            "the clone of `scaled` did not appear with 1 replica within 60 s",
-        );
+    let scales = (rounds * 3).max(30);
+    let mut figures = Vec::new();
+    for settled in [true, false] {
+        let mut scale_lat = Vec::new();
+        for round in 0..scales {
+            let target_replicas = if round % 2 == 0 { 4 } else { 2 };
+            let want_clone = target_replicas / 2;
+            let previous = 6 - target_replicas;
+            if settled || round == 0 {
+                // The previous scale done with: the target's pods Ready, the clone's replicas
+                // Ready and reported in the canary's status.
+                let done = deploy_events
+                    .wait("scaled", |d| d.replicas == previous && d.ready == previous)
+                    .await
+                    .is_some()
+                    && deploy_events
+                        .wait("scaled-recording", |d| d.ready == previous / 2)
+                        .await
+                        .is_some()
+                    && status
+                        .wait("scaled", |s| {
+                            s["targetReplicas"].as_i64() == Some(i64::from(previous))
+                                && s["cloneReadyReplicas"].as_i64() == Some(i64::from(previous / 2))
+                        })
+                        .await
+                        .is_some();
+                if !done {
+                    bail(
+                        controller,
+                        &format!("`scaled` did not settle at {previous} replicas within 60 s"),
+                    );
+                }
+            }
+            let t0 = Instant::now();
+            deploys
+                .patch(
+                    "scaled",
+                    &ppatch,
+                    &Patch::Merge(json!({"spec": {"replicas": target_replicas}})),
+                )
+                .await
+                .expect("scale");
+            let Some(at) = deploy_events
+                .wait("scaled-recording", |d| d.replicas == want_clone)
+                .await
+            else {
+                bail(
+                    controller,
+                    &format!("the clone did not reach {want_clone} replicas within 60 s"),
+                );
+            };
+            scale_lat.push(at.duration_since(t0));
+        }
+        scale_lat.sort();
+        figures.push(format!(
+            "target-scale-to-clone-replicas over {} scales{}: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
+            scale_lat.len(),
+            if settled {
+                ", each on a settled canary"
+            } else {
+                ", back to back"
+            },
+            percentile(&scale_lat, 0.50),
+            percentile(&scale_lat, 0.90),
+            percentile(&scale_lat, 0.99),
+            scale_lat.last().copied().unwrap_or_default()
+        ));
     }
-    for round in 0..(rounds * 3).max(30) {
-        let target_replicas = if round % 2 == 0 { 4 } else { 2 };
-        want_clone = target_replicas / 2;
-        let t0 = Instant::now();
-        deploys
-            .patch(
-                "scaled",
-                &ppatch,
-                &Patch::Merge(json!({"spec": {"replicas": target_replicas}})),
-            )
-            .await
-            .expect("scale");
-        let Some(at) = wait_clone(want_clone, &mut deploy_events).await else {
-            bail(
-                controller,
-                &format!("the clone did not reach {want_clone} replicas within 60 s"),
-            );
-        };
-        scale_lat.push(at.duration_since(t0));
+    for f in figures {
+        println!("{f}");
     }
-    scale_lat.sort();
-    println!(
-        "target-scale-to-clone-replicas over {} scales: p50 {:?}  p90 {:?}  p99 {:?}  max {:?}",
-        scale_lat.len(),
-        percentile(&scale_lat, 0.50),
-        percentile(&scale_lat, 0.90),
-        percentile(&scale_lat, 0.99),
-        scale_lat.last().copied().unwrap_or_default()
-    );
 
     // Memory among unrelated Deployments and pods (pods never scheduled, to measure the
     // controller, not the cluster).
