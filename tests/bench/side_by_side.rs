@@ -7,14 +7,16 @@
 //!   RC_E2E_KUBECONFIG=~/.cache/recording-canary/clusters/rcanary-side/kubeconfig \
 //!     cargo bench --bench side_by_side
 //!
-//! Env: RC_SIDE_SAMPLES (samples for recording-canary and the naive watcher, default 10),
+//! Env: RC_SIDE_SAMPLES (samples for recording-canary and the naive watcher, default 30),
 //! RC_SIDE_FLAGGER_SAMPLES (default 3: each Flagger sample is a whole canary analysis, over a
 //! minute), RC_SIDE_TOOLS (default `recording-canary,naive,flagger`), RC_KUBECTL (default: the
 //! kubectl of tests/cluster/build.sh's cache), RC_SIDE_CONTROLLER (another recording-canary
 //! binary to measure instead of this tree's, e.g. an older release), RC_SIDE_KEEP_LOGS=1 (keep
 //! the tools' logs, which are otherwise kept only on failure), RC_SIDE_IDLE_SECS (default 30: how
-//! long each tool is left alone after its samples, for the last column). Flagger comes from
-//! tests/cluster/build-flagger.sh (built on first use, cached afterwards).
+//! long each tool is left alone after its samples, for the last column), RC_SIDE_RUST_LOG (the
+//! controller's RUST_LOG, default `info`; progress lines carry the Unix time, to line up with its
+//! log). Flagger comes from tests/cluster/build-flagger.sh (built on first use, cached
+//! afterwards).
 //!
 //! The three tools, each in a namespace of its own:
 //! - recording-canary: `run --namespace NS`; the action is `patch rcanary app percent 5 → 10`
@@ -82,7 +84,14 @@ fn idle_window() -> Duration {
 }
 
 fn say(msg: &str) {
-    eprintln!("[side-by-side] {msg}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    eprintln!(
+        "[side-by-side {}.{:06}] {msg}",
+        now.as_secs(),
+        now.subsec_micros()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -738,11 +747,15 @@ impl Row {
 }
 
 /// Percent 5 → 10 (measured), then back to 5, `row.wanted` times, on RecordingCanary `app`.
+/// With `status` (the canary's `status.currentPercent`, watched), each sample starts once the
+/// status shows 5 % again: the controller's last write for the way back. The naive watcher's
+/// last write is its PUT, which `rx` sees.
 async fn percent_samples(
     ctx: &Ctx,
     ns: &str,
     rx: &mut mpsc::UnboundedReceiver<(i64, Instant)>,
     row: &mut Row,
+    mut status: Option<&mut mpsc::UnboundedReceiver<(i64, Instant)>>,
 ) -> Res<()> {
     let rcs: Api<DynamicObject> =
         Api::namespaced_with(ctx.client.clone(), ns, &recording_canary_resource());
@@ -760,6 +773,9 @@ async fn percent_samples(
     };
     for i in 0..row.wanted {
         drain(rx);
+        if let Some(s) = status.as_deref_mut() {
+            drain(s);
+        }
         let t0 = Instant::now();
         set(10).await?;
         let at = wait_weight(rx, 10, Duration::from_secs(60)).await?;
@@ -773,8 +789,17 @@ async fn percent_samples(
         ));
         set(BASE_PERCENT).await?;
         wait_weight(rx, BASE_PERCENT, Duration::from_secs(60)).await?;
+        if let Some(s) = status.as_deref_mut() {
+            wait_weight(s, BASE_PERCENT, Duration::from_secs(60))
+                .await
+                .map_err(|e| format!("the canary's status.currentPercent: {e}"))?;
+        }
     }
     Ok(())
+}
+
+fn current_percent(v: &Value) -> Option<i64> {
+    v.pointer("/status/currentPercent").and_then(Value::as_i64)
 }
 
 async fn run_recording_canary(ctx: &Ctx, row: &mut Row) -> Res<()> {
@@ -802,7 +827,10 @@ async fn run_recording_canary(ctx: &Ctx, row: &mut Row) -> Res<()> {
             "127.0.0.1:0",
         ])
         .env("KUBECONFIG", &ctx.kubeconfig)
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("RC_SIDE_RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out)
@@ -877,8 +905,12 @@ async fn recording_canary_phase(
                     .any(|c| c["type"] == "Ready" && c["status"] == "True")
             })
     };
+    // One watch for the whole run: a watch per sample would close its connection when dropped,
+    // and the next patch would wait on a new TLS handshake.
+    let mut status = watch_weights(rcs.clone(), "app", current_percent, &mut tasks);
     wait_object(rcs, "app", Duration::from_secs(120), ready, |_| None).await?;
     wait_weight(&mut rx, BASE_PERCENT, Duration::from_secs(60)).await?;
+    wait_weight(&mut status, BASE_PERCENT, Duration::from_secs(60)).await?;
     say(&format!(
         "recording-canary: canary app is Ready at {BASE_PERCENT} %"
     ));
@@ -892,7 +924,7 @@ async fn recording_canary_phase(
         ))
     };
     let before = metrics(admin)?;
-    percent_samples(ctx, ns, &mut rx, row).await?;
+    percent_samples(ctx, ns, &mut rx, row, Some(&mut status)).await?;
     let after = metrics(admin)?;
     tokio::time::sleep(idle_window()).await;
     let idle = metrics(admin)?;
@@ -1002,7 +1034,7 @@ async fn run_naive(ctx: &Ctx, row: &mut Row) -> Res<()> {
     let proxy_before = counter.snapshot();
     say("naive: watcher running");
 
-    let res = percent_samples(ctx, &ns, &mut rx, row).await;
+    let res = percent_samples(ctx, &ns, &mut rx, row, None).await;
     let own_after = own_counts("USR1");
     let proxy_after = counter.snapshot();
     if res.is_ok() {
@@ -1281,9 +1313,9 @@ async fn flagger_phase(
 
 fn print_table(rows: &[Row]) {
     println!(
-        "| tool | user's action | samples | p50 | p90 | max | RSS MiB (VmHWM) | API requests, measured phase | per sample | idle, requests/min |"
+        "| tool | user's action | samples | p50 | p90 | p99 | max | RSS MiB (VmHWM) | API requests, measured phase | per sample | idle, requests/min |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         let mut s = r.samples.clone();
         s.sort();
@@ -1306,12 +1338,13 @@ fn print_table(rows: &[Row]) {
             format!("{} of {}", s.len(), r.wanted)
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.tool,
             r.action,
             samples,
             fmt_dur(percentile(&s, 0.5)),
             fmt_dur(percentile(&s, 0.9)),
+            fmt_dur(percentile(&s, 0.99)),
             fmt_dur(s.last().copied()),
             rss,
             req,
@@ -1368,7 +1401,7 @@ async fn main() {
 
 async fn run(kubeconfig: PathBuf) -> i32 {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let samples = env_usize("RC_SIDE_SAMPLES", 10);
+    let samples = env_usize("RC_SIDE_SAMPLES", 30);
     let flagger_samples = env_usize("RC_SIDE_FLAGGER_SAMPLES", 3);
     let tools =
         std::env::var("RC_SIDE_TOOLS").unwrap_or_else(|_| "recording-canary,naive,flagger".into());
