@@ -649,6 +649,7 @@ fn on_canary_event(
             Vec::new()
         }
         Event::Apply(c) | Event::InitApply(c) => {
+            debug!(name = %c.name_any(), rv = ?c.resource_version(), "canary event");
             scope.index_mut().upsert(c);
             let verdict = ctx.writes().on_event(
                 Kind::Canary,
