@@ -88,8 +88,27 @@ struct Latest<T> {
     seen: HashMap<String, T>,
 }
 
-impl<T> Latest<T> {
-    fn new(rx: mpsc::UnboundedReceiver<(String, T, Instant)>) -> Self {
+impl<T: Send + 'static> Latest<T> {
+    /// Watches `api`, keeping of each object what `read` takes from it.
+    fn watch<K>(api: Api<K>, read: fn(&K) -> T) -> Self
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut s = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(ev) = s.next().await {
+                let Ok(o) = ev else { continue };
+                let _ = tx.send((
+                    o.meta().name.clone().unwrap_or_default(),
+                    read(&o),
+                    Instant::now(),
+                ));
+            }
+        });
         Self {
             rx,
             seen: HashMap::new(),
@@ -207,23 +226,8 @@ async fn main() {
     });
 
     // Every canary status, as (name, status, when seen).
-    let (stx, status_rx) = mpsc::unbounded_channel::<(String, Value, Instant)>();
-    let mut status = Latest::new(status_rx);
-    let status_api = rcs.clone();
-    tokio::spawn(async move {
-        let mut s = watcher(status_api, watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        while let Some(ev) = s.next().await {
-            let Ok(c) = ev else { continue };
-            let status = serde_json::to_value(&c.status).unwrap_or_default();
-            let _ = stx.send((
-                c.metadata.name.clone().unwrap_or_default(),
-                status,
-                Instant::now(),
-            ));
-        }
+    let mut status = Latest::watch(rcs.clone(), |c: &RecordingCanary| {
+        serde_json::to_value(&c.status).unwrap_or_default()
     });
 
     let setup = Instant::now();
@@ -315,31 +319,14 @@ async fn main() {
     );
 
     // Target scale → clone replicas: a canary at 50% sizes its clone to half the target.
-    let (dtx, drx) = mpsc::unbounded_channel::<(String, Scale, Instant)>();
-    let api = deploys.clone();
-    tokio::spawn(async move {
-        let mut s = watcher(api, watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        while let Some(ev) = s.next().await {
-            let Ok(d) = ev else { continue };
-            let scale = Scale {
-                replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
-                ready: d
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.ready_replicas)
-                    .unwrap_or(0),
-            };
-            let _ = dtx.send((
-                d.metadata.name.clone().unwrap_or_default(),
-                scale,
-                Instant::now(),
-            ));
-        }
+    let mut deploy_events = Latest::watch(deploys.clone(), |d: &Deployment| Scale {
+        replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+        ready: d
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0),
     });
-    let mut deploy_events = Latest::new(drx);
     deploys
         .create(&pp, &deployment("scaled", 2))
         .await
