@@ -239,6 +239,20 @@ impl Context {
             .get(&ObjectRef::new_with(name, ar).within(ns))
     }
 
+    /// Whether the caches still lack one of `key`'s writes (see [`Writes::stale`]); writes given
+    /// up on are counted in the metrics.
+    fn stale(&self, scope: &Scope, key: &CanaryKey) -> bool {
+        let (stale, expired) = {
+            let mut w = self.writes();
+            let stale = w.stale(key, Instant::now(), |k, n, o| self.seen(scope, k, n, o));
+            (stale, w.take_expired())
+        };
+        for kind in expired {
+            self.metrics.echo_expired(kind.name());
+        }
+        stale
+    }
+
     /// What the caches hold of an object the controller wrote: (resourceVersion, UID).
     fn seen(&self, scope: &Scope, kind: Kind, ns: &str, name: &str) -> freshness::Seen {
         fn rv_uid<K: Resource>(o: &K) -> (String, String) {
@@ -402,6 +416,9 @@ fn with_echo(
         meta.uid.as_deref().unwrap_or_default(),
         deleted,
     );
+    if let Some(after) = verdict.after {
+        ctx.metrics.echo(kind.name(), after);
+    }
     let mut out: Vec<CanaryKey> = if verdict.echo { Vec::new() } else { mapped() };
     out.extend(verdict.wake);
     out.sort();
@@ -455,6 +472,7 @@ pub async fn run(
     let canary_stream = watcher(canary_api, watcher::Config::default().any_semantic())
         .default_backoff()
         .map_ok(move |mut ev| {
+            observe_lag(&c, "RecordingCanary", &ev);
             modify(&mut ev, |c: &mut RecordingCanary| {
                 c.metadata.managed_fields = None
             });
@@ -491,6 +509,7 @@ pub async fn run(
         }
     };
     let deployments = triggers_of(
+        &ctx,
         gated(
             canaries_known(),
             scoped::<Deployment>(&client, &namespace),
@@ -504,6 +523,7 @@ pub async fn run(
         },
     );
     let services = triggers_of(
+        &ctx,
         gated(
             canaries_known(),
             scoped::<Service>(&client, &namespace),
@@ -517,6 +537,7 @@ pub async fn run(
         },
     );
     let pods = triggers_of(
+        &ctx,
         gated(
             selectors_known(),
             scoped::<Pod>(&client, &namespace),
@@ -534,6 +555,7 @@ pub async fn run(
         let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
         let mut listed = false;
         triggers_of(
+            &c.clone(),
             gated(
                 canaries_known(),
                 api,
@@ -602,16 +624,19 @@ pub async fn run(
 
 /// The canaries to reconcile for each event of a watch: `strip` trims each object, `handle`
 /// updates the caches and maps the event through the index.
-fn triggers_of<K: Send + 'static>(
+fn triggers_of<K: Resource + Send + 'static>(
+    ctx: &Arc<Context>,
     events: BoxStream<'static, Result<Event<K>, watcher::Error>>,
     kind: &'static str,
     strip: fn(&mut K),
     mut handle: impl FnMut(&Event<K>) -> Vec<ObjectRef<RecordingCanary>> + Send + 'static,
 ) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
+    let ctx = ctx.clone();
     events
         .flat_map(move |r| {
             stream::iter(match r {
                 Ok(mut ev) => {
+                    observe_lag(&ctx, kind, &ev);
                     modify(&mut ev, strip);
                     handle(&ev)
                 }
@@ -622,6 +647,25 @@ fn triggers_of<K: Send + 'static>(
             })
         })
         .boxed()
+}
+
+/// Measures how old a change was when its watch event arrived, from the newest managedFields
+/// time (before the caches strip it). Only live changes count, not the objects of a (re)list.
+fn observe_lag<K: Resource>(ctx: &Context, kind: &str, ev: &Event<K>) {
+    let Event::Apply(o) = ev else { return };
+    let newest = o
+        .meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.time.as_ref())
+        .map(|t| t.0)
+        .max();
+    if let Some(t) = newest
+        && let Ok(age) = Duration::try_from(Timestamp::now().duration_since(t))
+    {
+        ctx.metrics.watch_lag(kind, age);
+    }
 }
 
 fn modify<K>(ev: &mut Event<K>, f: impl Fn(&mut K)) {
@@ -659,6 +703,9 @@ fn on_canary_event(
                 c.uid().as_deref().unwrap_or_default(),
                 false,
             );
+            if let Some(after) = verdict.after {
+                ctx.metrics.echo(Kind::Canary.name(), after);
+            }
             if verdict.echo && verdict.wake.is_none() {
                 Vec::new()
             } else {
@@ -1053,9 +1100,7 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     }
     let key: CanaryKey = (ns.to_string(), name.to_string());
     // Plan only from caches that show this controller's own last writes.
-    let stale = ctx
-        .writes()
-        .stale(&key, Instant::now(), |k, n, o| ctx.seen(&scope, k, n, o));
+    let stale = ctx.stale(&scope, &key);
     if stale {
         debug!("waiting for the watches to show this controller's last writes");
         return Ok(Requeue::requeue(freshness::EXPIRY + Duration::from_secs(1)));
@@ -1161,8 +1206,7 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     );
     if wrote {
         // Plan again once the watches show these writes: their echo wakes this canary.
-        ctx.writes()
-            .stale(&key, Instant::now(), |k, n, o| ctx.seen(&scope, k, n, o));
+        ctx.stale(&scope, &key);
     }
     let fallback = wrote.then_some(freshness::EXPIRY + Duration::from_secs(1));
     Ok(match plan.requeue_after.into_iter().chain(fallback).min() {

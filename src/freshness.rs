@@ -32,6 +32,19 @@ pub enum Kind {
     DestinationRule,
 }
 
+impl Kind {
+    /// The kind's name, as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Canary => "RecordingCanary",
+            Kind::Deployment => "Deployment",
+            Kind::Pod => "Pod",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+        }
+    }
+}
+
 /// What a write left behind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -68,6 +81,8 @@ pub struct EventVerdict {
     pub echo: bool,
     /// A canary that was waiting for this event and may now be planned.
     pub wake: Option<CanaryKey>,
+    /// For the event that showed one of our writes: how long after the write it came.
+    pub after: Option<Duration>,
 }
 
 /// The writes not yet seen in the caches, and when each canary last wrote its mesh objects.
@@ -76,6 +91,7 @@ pub struct Writes {
     pending: HashMap<ObjKey, Pending>,
     waiting: HashSet<CanaryKey>,
     mesh_written: HashMap<CanaryKey, Timestamp>,
+    expired: Vec<Kind>,
 }
 
 impl Writes {
@@ -125,12 +141,13 @@ impl Writes {
             return EventVerdict::default();
         }
         let canary = p.canary.clone();
+        let after = Some(p.at.elapsed());
         self.pending.remove(&k);
         let wake = (self.waiting.contains(&canary) && !self.has_pending(&canary)).then(|| {
             self.waiting.remove(&canary);
             canary
         });
-        EventVerdict { echo, wake }
+        EventVerdict { echo, wake, after }
     }
 
     fn has_pending(&self, canary: &CanaryKey) -> bool {
@@ -146,13 +163,10 @@ impl Writes {
         now: Instant,
         seen: impl Fn(Kind, &str, &str) -> Seen,
     ) -> bool {
+        let expired = &mut self.expired;
         self.pending.retain(|(kind, ns, name), p| {
             if &p.canary != canary {
                 return true;
-            }
-            if now.duration_since(p.at) > EXPIRY {
-                tracing::debug!(?kind, %ns, %name, "a write's watch event never came; planning without it");
-                return false;
             }
             let have = seen(*kind, ns, name);
             let visible = match (&p.expect, have) {
@@ -161,6 +175,11 @@ impl Writes {
                 (Expect::Gone(uid), Some((_, have_uid))) => &have_uid != uid,
                 (Expect::Gone(_), None) => true,
             };
+            if !visible && now.duration_since(p.at) > EXPIRY {
+                tracing::debug!(?kind, %ns, %name, "a write's watch event never came; planning without it");
+                expired.push(*kind);
+                return false;
+            }
             !visible
         });
         let stale = self.has_pending(canary);
@@ -177,6 +196,11 @@ impl Writes {
         self.pending.retain(|_, p| &p.canary != canary);
         self.waiting.remove(canary);
         self.mesh_written.remove(canary);
+    }
+
+    /// The kinds of the writes given up on since the last call (for metrics).
+    pub fn take_expired(&mut self) -> Vec<Kind> {
+        std::mem::take(&mut self.expired)
     }
 
     /// Writes not yet seen (for tests and metrics).
@@ -212,11 +236,13 @@ mod tests {
             t,
         );
         let v = w.on_event(Kind::Deployment, "shop", "x", "10", "u", false);
+        assert!(v.after.is_some(), "the delay since the write is measured");
         assert_eq!(
             v,
             EventVerdict {
                 echo: true,
-                wake: None
+                wake: None,
+                after: v.after,
             }
         );
         // The next change is someone else's.
@@ -246,11 +272,13 @@ mod tests {
         let v = w.on_event(Kind::Canary, "shop", "front", "5", "uid-c", false);
         assert_eq!(v.wake, None, "the VS delete is still missing");
         let v = w.on_event(Kind::VirtualService, "shop", "vs", "8", "uid-vs", true);
+        assert!(v.after.is_some(), "the delay since the write is measured");
         assert_eq!(
             v,
             EventVerdict {
                 echo: true,
-                wake: Some(c())
+                wake: Some(c()),
+                after: v.after,
             }
         );
         assert!(!w.stale(&c(), t, |_, _, _| None));
@@ -289,7 +317,26 @@ mod tests {
             t,
         );
         assert!(w.stale(&c(), t, |_, _, _| None));
+        assert!(w.take_expired().is_empty());
         assert!(!w.stale(&c(), t + EXPIRY + Duration::from_secs(1), |_, _, _| None));
+        assert_eq!(w.take_expired(), vec![Kind::Deployment], "counted once");
+        assert!(w.take_expired().is_empty());
+    }
+
+    #[test]
+    fn a_write_the_cache_shows_is_not_counted_as_expired_however_late_the_check() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        w.record(
+            &c(),
+            "shop",
+            vec![wrote(Kind::Pod, "p", Expect::AtLeast("10".into()))],
+            t,
+        );
+        let late = t + EXPIRY + Duration::from_secs(5);
+        assert!(!w.stale(&c(), late, |_, _, _| Some(("10".into(), "u".into()))));
+        assert!(w.take_expired().is_empty());
+        assert_eq!(w.pending(), 0);
     }
 
     #[test]
@@ -304,11 +351,13 @@ mod tests {
         );
         assert!(w.stale(&c(), t, |_, _, _| None));
         let v = w.on_event(Kind::Pod, "shop", "p", "11", "u", true);
+        assert!(v.after.is_some(), "the delay since the write is measured");
         assert_eq!(
             v,
             EventVerdict {
                 echo: false,
-                wake: Some(c())
+                wake: Some(c()),
+                after: v.after,
             }
         );
         assert!(!w.stale(&c(), t, |_, _, _| None));

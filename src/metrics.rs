@@ -85,6 +85,21 @@ pub struct Metrics {
     pub shard: Gauge,
     pub api_requests: Family<RequestLabels, Counter>,
     pub cached_objects: Family<KindLabels, Gauge>,
+    /// How long after one of its writes the controller's watch showed it, by kind.
+    pub echo_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// Writes whose watch event did not come within the wait, by kind.
+    pub echo_expired: Family<KindLabels, Counter>,
+    /// How old a watch event was when it arrived (from the object's newest managedFields time,
+    /// whole seconds), by kind.
+    pub watch_lag_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
+}
+
+fn echo_histogram() -> Histogram {
+    Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+fn lag_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0])
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,6 +136,24 @@ impl Default for Metrics {
             "cached_objects",
             "Objects held in the selective watch caches (Deployments, Services, pods), by kind",
             cached_objects.clone(),
+        );
+        let echo_seconds = Family::new_with_constructor(echo_histogram as fn() -> Histogram);
+        let echo_expired = Family::<KindLabels, Counter>::default();
+        let watch_lag_seconds = Family::new_with_constructor(lag_histogram as fn() -> Histogram);
+        registry.register(
+            "write_echo_seconds",
+            "Time from one of this process's writes to its watch event, by kind",
+            echo_seconds.clone(),
+        );
+        registry.register(
+            "write_echo_expired",
+            "Writes whose watch event did not come within 10 s (planned without it), by kind",
+            echo_expired.clone(),
+        );
+        registry.register(
+            "watch_lag_seconds",
+            "Age of a watch event on arrival, from the object's newest managedFields time (whole seconds), by kind",
+            watch_lag_seconds.clone(),
         );
         registry.register(
             "reconciles",
@@ -169,6 +202,9 @@ impl Default for Metrics {
             shard,
             api_requests,
             cached_objects,
+            echo_seconds,
+            echo_expired,
+            watch_lag_seconds,
         }
     }
 }
@@ -216,6 +252,27 @@ impl Metrics {
         self.cached_objects
             .get_or_create(&KindLabels { kind: kind.into() })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One write of `kind` seen by its watch `after` the write.
+    pub fn echo(&self, kind: &str, after: Duration) {
+        self.echo_seconds
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .observe(after.as_secs_f64());
+    }
+
+    /// One write of `kind` given up on.
+    pub fn echo_expired(&self, kind: &str) {
+        self.echo_expired
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// A watch event of `kind` that arrived `age` after its object's last recorded change.
+    pub fn watch_lag(&self, kind: &str, age: Duration) {
+        self.watch_lag_seconds
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .observe(age.as_secs_f64());
     }
 
     /// Counts one request to the Kubernetes API.

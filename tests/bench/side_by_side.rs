@@ -722,6 +722,8 @@ struct Row {
     action: &'static str,
     samples: Vec<Duration>,
     wanted: usize,
+    /// How long the user's own PATCH took to return, per sample (part of each sample).
+    acks: Vec<Duration>,
     rss_kib: Option<u64>,
     requests: Option<u64>,
     /// Requests while idle after the samples, over `idle_window()`.
@@ -736,6 +738,7 @@ impl Row {
             tool: tool.into(),
             action,
             samples: Vec::new(),
+            acks: Vec::new(),
             wanted,
             rss_kib: None,
             requests: None,
@@ -778,6 +781,7 @@ async fn percent_samples(
         }
         let t0 = Instant::now();
         set(10).await?;
+        row.acks.push(t0.elapsed());
         let at = wait_weight(rx, 10, Duration::from_secs(60)).await?;
         row.samples.push(at.duration_since(t0));
         say(&format!(
@@ -1353,6 +1357,16 @@ fn print_table(rows: &[Row]) {
         );
     }
     println!();
+    for r in rows.iter().filter(|r| !r.acks.is_empty()) {
+        let mut a = r.acks.clone();
+        a.sort();
+        println!(
+            "- {}: of each sample, the user's own PATCH took p50 {} / p99 {} to return",
+            r.tool,
+            fmt_dur(percentile(&a, 0.5)),
+            fmt_dur(percentile(&a, 0.99)),
+        );
+    }
     for r in rows {
         for n in &r.notes {
             println!("- {n}");

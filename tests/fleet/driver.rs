@@ -1621,6 +1621,9 @@ impl Fleet {
                     log_tail(&c.log, 40)
                 )
             })?;
+            // The whole exposition, beside the log, for what the report does not show
+            // (write echoes, watch lag): the last reading wins.
+            let _ = std::fs::write(c.log.with_extension("metrics.txt"), &text);
             processes.push((
                 parse_api_requests(&text),
                 proc_stat(c.pid).unwrap_or_default(),
