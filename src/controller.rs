@@ -24,7 +24,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntr
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::runtime::{WatchStreamExt, reflector};
@@ -37,6 +36,7 @@ use crate::Error;
 use crate::admission::StableLabelling;
 use crate::api::RecordingCanary;
 use crate::cache::Selective;
+use crate::events::Publisher;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
 use crate::lease::Fence;
@@ -142,7 +142,7 @@ impl Scope {
 /// Shared state of all reconciles.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub cluster_domain: String,
     /// Start of this process: waits are measured from no earlier than this.
@@ -164,12 +164,8 @@ impl Context {
         cluster_domain: &str,
         instance: Option<String>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "recording-canary".into(),
-            instance,
-        };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Publisher::new(client.clone(), "recording-canary", instance),
             client,
             metrics,
             cluster_domain: cluster_domain.into(),
@@ -650,9 +646,14 @@ fn triggers_of<K: Resource + Send + 'static>(
 }
 
 /// Measures how old a change was when its watch event arrived, from the newest managedFields
-/// time (before the caches strip it). Only live changes count, not the objects of a (re)list.
+/// time (before the caches strip it). Only live changes count, not the objects of a (re)list nor
+/// objects being deleted.
 fn observe_lag<K: Resource>(ctx: &Context, kind: &str, ev: &Event<K>) {
     let Event::Apply(o) = ev else { return };
+    // Marking an object deleted records no managedFields time: its age would be the last write's.
+    if o.meta().deletion_timestamp.is_some() {
+        return;
+    }
     let newest = o
         .meta()
         .managed_fields
@@ -754,6 +755,7 @@ fn rivals_of(scope: &Scope, c: &RecordingCanary) -> Vec<RecordingCanary> {
 fn forget_canary(ctx: &Context, scope: &Scope, k: &CanaryKey) {
     scope.index_mut().remove(&k.0, &k.1);
     ctx.writes().forget(k);
+    ctx.events.forget(k);
     scope.evict();
     ctx.metrics.forget_canary(&k.0, &k.1);
     if let Ok(mut b) = ctx.backoff.lock() {
@@ -1216,22 +1218,8 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
 }
 
 async fn publish_events(ctx: &Context, canary: &RecordingCanary, events: &[planner::EventNote]) {
-    let reference = canary.object_ref(&());
     for e in events {
-        let ev = KubeEvent {
-            type_: if e.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: e.reason.clone(),
-            note: Some(e.note.clone()),
-            // Events are aggregated by (reason, action): an action naming what was done keeps
-            // "weight 10 -> 25" and "weight 25 -> 50" apart.
-            action: e.note.chars().take(128).collect(),
-            secondary: None,
-        };
-        match ctx.recorder.publish(&ev, &reference).await {
+        match ctx.events.publish(canary, e).await {
             Ok(()) => {}
             // A namespace being deleted refuses new objects, Events included: expected then.
             Err(kube::Error::Api(s))

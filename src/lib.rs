@@ -21,6 +21,7 @@ pub mod api;
 pub mod cache;
 pub mod client;
 pub mod controller;
+pub mod events;
 pub mod freshness;
 pub mod index;
 pub mod istio;

@@ -90,7 +90,8 @@ pub struct Metrics {
     /// Writes whose watch event did not come within the wait, by kind.
     pub echo_expired: Family<KindLabels, Counter>,
     /// How old a watch event was when it arrived (from the object's newest managedFields time,
-    /// whole seconds), by kind.
+    /// whole seconds), by kind. An estimate: a write that removes all of one manager's fields
+    /// leaves no newer time.
     pub watch_lag_seconds: Family<KindLabels, Histogram, fn() -> Histogram>,
 }
 
@@ -152,7 +153,7 @@ impl Default for Metrics {
         );
         registry.register(
             "watch_lag_seconds",
-            "Age of a watch event on arrival, from the object's newest managedFields time (whole seconds), by kind",
+            "Age of a watch event on arrival, estimated from the object's newest managedFields time (whole seconds), by kind",
             watch_lag_seconds.clone(),
         );
         registry.register(
