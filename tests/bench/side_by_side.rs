@@ -802,8 +802,18 @@ async fn percent_samples(
     Ok(())
 }
 
-fn current_percent(v: &Value) -> Option<i64> {
-    v.pointer("/status/currentPercent").and_then(Value::as_i64)
+/// The canary's `status.currentPercent` once the status speaks for the current spec
+/// (`observedGeneration` = `generation`). Before that check, a revision made by the user's own
+/// patch, which still shows the old status, satisfied the wait for the way back: samples started
+/// while the controller was still writing the status of the previous change.
+fn settled_percent(v: &Value) -> Option<i64> {
+    let generation = v.pointer("/metadata/generation").and_then(Value::as_i64)?;
+    let observed = v
+        .pointer("/status/observedGeneration")
+        .and_then(Value::as_i64)?;
+    (observed == generation)
+        .then(|| v.pointer("/status/currentPercent").and_then(Value::as_i64))
+        .flatten()
 }
 
 async fn run_recording_canary(ctx: &Ctx, row: &mut Row) -> Res<()> {
@@ -911,7 +921,7 @@ async fn recording_canary_phase(
     };
     // One watch for the whole run: a watch per sample would close its connection when dropped,
     // and the next patch would wait on a new TLS handshake.
-    let mut status = watch_weights(rcs.clone(), "app", current_percent, &mut tasks);
+    let mut status = watch_weights(rcs.clone(), "app", settled_percent, &mut tasks);
     wait_object(rcs, "app", Duration::from_secs(120), ready, |_| None).await?;
     wait_weight(&mut rx, BASE_PERCENT, Duration::from_secs(60)).await?;
     wait_weight(&mut status, BASE_PERCENT, Duration::from_secs(60)).await?;
