@@ -551,7 +551,7 @@ pub async fn run(
         let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
         let mut listed = false;
         triggers_of(
-            &c.clone(),
+            &ctx,
             gated(
                 canaries_known(),
                 api,

@@ -148,41 +148,36 @@ impl Publisher {
         let ns = canary.namespace().unwrap_or_default();
         let key: CanaryKey = (ns.clone(), canary.name_any());
         let now = Timestamp::now();
-        let send = self.series().next(&key, fingerprint(e), now, || {
-            format!("{}.{:x}", canary.name_any(), now.as_nanosecond())
-        });
+        let fp = fingerprint(e);
+        let fresh = || format!("{}.{:x}", canary.name_any(), now.as_nanosecond());
         let events: Api<Event> = Api::namespaced(self.client.clone(), &ns);
-        match send {
-            Send::Create { name } => {
-                let ev = self.event(canary, e, name, now);
-                events.create(&PostParams::default(), &ev).await.map(drop)
-            }
-            Send::Repeat { name, count } => {
-                let series =
-                    json!({"series": {"count": count, "lastObservedTime": MicroTime(now)}});
-                match events
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&series))
-                    .await
-                {
-                    Ok(_) => Ok(()),
-                    // Expired on the API server (Events live an hour): a new one.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {
-                        let name = {
-                            let mut series = self.series();
-                            series.lost(&key, &name);
-                            match series.next(&key, fingerprint(e), now, || {
-                                format!("{}.{:x}", canary.name_any(), now.as_nanosecond())
-                            }) {
-                                Send::Create { name } | Send::Repeat { name, .. } => name,
-                            }
-                        };
-                        let ev = self.event(canary, e, name, now);
-                        events.create(&PostParams::default(), &ev).await.map(drop)
-                    }
-                    Err(err) => Err(err),
-                }
+        let (name, count) = match self.series().next(&key, fp, now, fresh) {
+            Send::Create { name } => (name, None),
+            Send::Repeat { name, count } => (name, Some(count)),
+        };
+        if let Some(count) = count {
+            let series = json!({"series": {"count": count, "lastObservedTime": MicroTime(now)}});
+            match events
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&series))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Expired on the API server (Events live an hour): a new one, below.
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(err) => return Err(err),
             }
         }
+        let name = if count.is_some() {
+            let mut series = self.series();
+            series.lost(&key, &name);
+            match series.next(&key, fp, now, fresh) {
+                Send::Create { name } | Send::Repeat { name, .. } => name,
+            }
+        } else {
+            name
+        };
+        let ev = self.event(canary, e, name, now);
+        events.create(&PostParams::default(), &ev).await.map(drop)
     }
 
     fn event(

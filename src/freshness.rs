@@ -217,6 +217,12 @@ mod tests {
         ("shop".into(), "front".into())
     }
 
+    /// `v` is the event that showed a write: echo or not, whom it wakes, and the delay measured.
+    fn assert_seen(v: &EventVerdict, echo: bool, wake: Option<CanaryKey>) {
+        assert!(v.after.is_some(), "the delay since the write is measured");
+        assert_eq!((v.echo, &v.wake), (echo, &wake), "{v:?}");
+    }
+
     fn wrote(kind: Kind, name: &str, expect: Expect) -> Written {
         Written {
             kind,
@@ -236,15 +242,7 @@ mod tests {
             t,
         );
         let v = w.on_event(Kind::Deployment, "shop", "x", "10", "u", false);
-        assert!(v.after.is_some(), "the delay since the write is measured");
-        assert_eq!(
-            v,
-            EventVerdict {
-                echo: true,
-                wake: None,
-                after: v.after,
-            }
-        );
+        assert_seen(&v, true, None);
         // The next change is someone else's.
         let v = w.on_event(Kind::Deployment, "shop", "x", "11", "u", false);
         assert_eq!(v, EventVerdict::default());
@@ -272,15 +270,7 @@ mod tests {
         let v = w.on_event(Kind::Canary, "shop", "front", "5", "uid-c", false);
         assert_eq!(v.wake, None, "the VS delete is still missing");
         let v = w.on_event(Kind::VirtualService, "shop", "vs", "8", "uid-vs", true);
-        assert!(v.after.is_some(), "the delay since the write is measured");
-        assert_eq!(
-            v,
-            EventVerdict {
-                echo: true,
-                wake: Some(c()),
-                after: v.after,
-            }
-        );
+        assert_seen(&v, true, Some(c()));
         assert!(!w.stale(&c(), t, |_, _, _| None));
     }
 
@@ -351,15 +341,7 @@ mod tests {
         );
         assert!(w.stale(&c(), t, |_, _, _| None));
         let v = w.on_event(Kind::Pod, "shop", "p", "11", "u", true);
-        assert!(v.after.is_some(), "the delay since the write is measured");
-        assert_eq!(
-            v,
-            EventVerdict {
-                echo: false,
-                wake: Some(c()),
-                after: v.after,
-            }
-        );
+        assert_seen(&v, false, Some(c()));
         assert!(!w.stale(&c(), t, |_, _, _| None));
     }
 
