@@ -15,6 +15,14 @@
 #      (default: kwokctl's, 200 s). tests/run.sh sets 8 (40 s, a kubelet's) for tests/restart.rs: with
 #      200 s, a kwok-controller restarted with the control plane cannot take its nodes over, and so
 #      runs no new pod, for minutes.
+#      RC_UNLIMITED_QPS=1: kwokctl's --disable-qps-limits, on a newly created cluster only. The
+#      controller-manager and scheduler then call the apiserver as fast as it answers, instead of at
+#      their default client rate (20 requests/s for the controller-manager: about 4 new single-pod
+#      Deployments a second). For fleet benchmarks of thousands of canaries; a running cluster keeps
+#      the setting it was created with.
+#      RC_ETCD_NO_FSYNC=1: etcd's --unsafe-no-fsync, on a newly created cluster only (data lost on a
+#      crash of the machine; fine for a throw-away cluster). Takes the disk's fsync time out of every
+#      write, so that latency benchmarks time the tools rather than this machine's disk.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -75,6 +83,8 @@ else
       --kubeconfig "$kubeconfig" \
       --wait 120s \
       ${RC_NODE_LEASE_SECONDS:+--node-lease-duration-seconds "$RC_NODE_LEASE_SECONDS"} \
+      $([ "${RC_UNLIMITED_QPS:-0}" = 1 ] && echo --disable-qps-limits) \
+      $([ "${RC_ETCD_NO_FSYNC:-0}" = 1 ] && echo --extra-args etcd=unsafe-no-fsync=true) \
       --kube-feature-gates "$K8S_FEATURE_GATES" \
       --kube-runtime-config "$K8S_RUNTIME_CONFIG" \
       --etcd-binary "$ETCD_BIN/etcd" \
