@@ -40,6 +40,8 @@ struct Inner<K> {
     objects: HashMap<Key, Arc<K>>,
     /// Keys seen since the last `Init` of a re-list; `None` outside a re-list.
     relisting: Option<HashSet<Key>>,
+    /// The newest resourceVersion the watch has delivered, kept or not.
+    newest: Option<String>,
 }
 
 /// A store of the objects of one kind that some canary is interested in.
@@ -54,6 +56,7 @@ impl<K> Default for Selective<K> {
             inner: RwLock::new(Inner {
                 objects: HashMap::new(),
                 relisting: None,
+                newest: None,
             }),
             ready_tx: watch::channel(false).0,
         }
@@ -100,6 +103,12 @@ impl<K: Resource + Clone> Selective<K> {
         let Ok(mut g) = self.inner.write() else {
             return;
         };
+        if let Event::Apply(o) | Event::InitApply(o) | Event::Delete(o) = event
+            && let Some(rv) = o.resource_version()
+            && g.newest.as_deref().is_none_or(|n| !rv_at_least(n, &rv))
+        {
+            g.newest = Some(rv);
+        }
         match event {
             Event::Apply(o) | Event::InitApply(o) => {
                 let k = key_of(o);
@@ -153,6 +162,13 @@ impl<K: Resource + Clone> Selective<K> {
         }
     }
 
+    /// The newest resourceVersion this store's watch has delivered (of any object, kept or
+    /// not). A list "not older than" it holds every change the watch passed by, and is served
+    /// from the apiserver's watch cache without waiting for it to catch up with etcd.
+    pub fn newest_seen(&self) -> Option<String> {
+        self.inner.read().ok()?.newest.clone()
+    }
+
     /// Whether the first list has completed.
     pub fn is_ready(&self) -> bool {
         *self.ready_tx.borrow()
@@ -181,6 +197,20 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn remembers_the_newest_revision_the_watch_delivered_kept_or_not() {
+        let s = Selective::default();
+        assert_eq!(s.newest_seen(), None);
+        s.apply(&Event::InitApply(cm("a", "x", "12")), |_| false);
+        s.apply(&Event::InitApply(cm("a", "y", "7")), |_| true);
+        assert_eq!(s.newest_seen().as_deref(), Some("12"));
+        s.apply(&Event::Delete(cm("a", "y", "15")), |_| true);
+        assert_eq!(s.newest_seen().as_deref(), Some("15"));
+        // An object read outside the watch says nothing about what the watch delivered.
+        s.insert_newer(cm("a", "z", "30"));
+        assert_eq!(s.newest_seen().as_deref(), Some("15"));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, VersionMatch};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event, watcher};
@@ -1039,7 +1039,17 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
                 .collect::<Vec<_>>()
                 .join(",");
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-            let listed = pods.list(&ListParams::default().labels(&labels)).await?;
+            // Not older than what the pod watch has delivered: every change it passed by (before
+            // the canary was indexed) is in the list, and the apiserver answers from its watch
+            // cache at once. A consistent read (no resourceVersion) would wait for that cache to
+            // catch up with etcd, seconds under load, and then read etcd instead.
+            let params = ListParams::default().labels(&labels);
+            let params = match scope.pods.newest_seen() {
+                Some(rv) => params.at(&rv).matching(VersionMatch::NotOlderThan),
+                // The pod watch has delivered nothing: its first list is still to come.
+                None => params.match_any(),
+            };
+            let listed = pods.list(&params).await?;
             let idx = scope.index();
             for mut p in listed.items {
                 if !idx.for_pod(&p.metadata).is_empty() {
