@@ -155,7 +155,12 @@ pub struct Context {
     writes: Mutex<Writes>,
     stable_labelling: RwLock<StableLabelling>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
+    /// Reconciles running at once, across every scope (see [`Context::with_max_reconciles`]).
+    reconciles: Arc<tokio::sync::Semaphore>,
 }
+
+/// The default of `--max-concurrent-reconciles`.
+pub const DEFAULT_MAX_RECONCILES: u16 = 32;
 
 impl Context {
     pub fn new(
@@ -176,7 +181,19 @@ impl Context {
             writes: Mutex::new(Writes::default()),
             stable_labelling: RwLock::new(StableLabelling::default()),
             backoff: Mutex::new(HashMap::new()),
+            reconciles: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                DEFAULT_MAX_RECONCILES,
+            ))),
         }
+    }
+
+    /// At most `n` canaries (at least 1) observed, planned and applied at once, across every
+    /// scope. kube-runtime starts a reconcile for every canary with a trigger; when thousands
+    /// arrive together (a GitOps sync), unbounded, each would hold its observed objects while
+    /// waiting for the apiserver. The others wait their turn here, holding nothing.
+    pub fn with_max_reconciles(mut self, n: usize) -> Self {
+        self.reconciles = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// Writes only while `fence` allows it; before that, reconciles wait (the caches fill).
@@ -1075,6 +1092,8 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     let ns = trigger.namespace().ok_or(Error::MissingNamespace)?;
     let name = trigger.name_any();
     let span = info_span!("reconcile", namespace = %ns, name = %name);
+    // Never closed, so never an error; without a permit it would only run unbounded.
+    let _turn = ctx.reconciles.clone().acquire_owned().await.ok();
     let started = Instant::now();
     let result = reconcile_inner(&ns, &name, &ctx).instrument(span).await;
     ctx.metrics.observe(

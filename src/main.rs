@@ -63,6 +63,11 @@ struct RunArgs {
     /// The cluster's DNS domain, for Service host names.
     #[arg(long, env = "RC_CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
+    /// At most this many canaries reconciled at once, and at most this many API requests
+    /// waiting for their answer at once (watches and the Lease apart; each is one HTTP/1.1
+    /// connection to the apiserver); the others wait their turn.
+    #[arg(long, env = "RC_MAX_CONCURRENT_RECONCILES", default_value_t = recording_canary::controller::DEFAULT_MAX_RECONCILES, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
     /// Split the canaries between this many shards (by a stable hash of the namespace); each
     /// process leads one shard, through the Lease `<lease-name>-shard-<i>`. Needs leader election.
     #[arg(long, env = "RC_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -124,9 +129,12 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
-    let client = recording_canary::client::counted(metrics.clone())
-        .await
-        .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
+    let client = recording_canary::client::counted(
+        metrics.clone(),
+        usize::from(args.max_concurrent_reconciles),
+    )
+    .await
+    .map_err(|e| format!("cannot reach Kubernetes (KUBECONFIG or in-cluster config): {e}"))?;
     let health = Arc::new(Health::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -213,7 +221,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
             Some(identity.clone()),
         )
         .with_shard(shard)
-        .with_fence(fence.clone()),
+        .with_fence(fence.clone())
+        .with_max_reconciles(usize::from(args.max_concurrent_reconciles)),
     );
     if let Some(policy) = args.stable_label_policy.clone() {
         // Known before the first status is written; then checked again now and then.
