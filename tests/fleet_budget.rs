@@ -1,7 +1,8 @@
 //! The fleet budget: what the controller may spend on 50 RecordingCanaries created at once over 5
 //! namespaces (8 parallel clients). Counts its API calls from its own `/metrics`
 //! (`recording_canary_api_requests_total`), the Events about the canaries from the cluster, and
-//! its writes in a 10 s steady state. Needs a cluster (RC_E2E_KUBECONFIG, set by tests/run.sh);
+//! its writes in a 10 s steady state, and fails if a canary ever leaves Ready with no change of its
+//! spec (a flap). Needs a cluster (RC_E2E_KUBECONFIG, set by tests/run.sh);
 //! fails, never skips, without one. The figures are printed in every failure message;
 //! `cargo bench --bench fleet` runs the same driver at larger scale.
 
@@ -80,6 +81,12 @@ async fn fifty_canaries_converge_within_the_call_and_event_budget() {
                 p.writes_breakdown()
             )),
             _ => {}
+        }
+        let flaps: u64 = report.phases.iter().map(|p| p.left_ready).sum();
+        if flaps > 0 {
+            broken.push(format!(
+                "{flaps} time(s) a canary left Ready with no change of its spec (a flap; by phase in the line under the table); the budget is 0"
+            ));
         }
         if report.finished("ramp") && !report.finished("rollback") {
             broken.push(format!(

@@ -2,7 +2,8 @@
 //! ramp, 10 s steady state, rollback), the wall time against the floor (N plain Deployments
 //! Ready), the controller's API calls and Events per canary, its writes in the steady state, its
 //! RSS and CPU; then its calls by verb and resource to converge, and the apiserver's requests by
-//! verb. Asserts nothing but that every phase finished. See tests/fleet/driver.rs.
+//! verb. Asserts nothing but that every phase finished and that no canary flapped (left Ready
+//! with no change of its spec). See tests/fleet/driver.rs.
 //!
 //!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench fleet
 //!
@@ -49,6 +50,12 @@ async fn main() {
         if !report.finished(phase) {
             problems.push(format!("phase {phase} did not finish"));
         }
+    }
+    let flaps: u64 = report.phases.iter().map(|p| p.left_ready).sum();
+    if flaps > 0 {
+        problems.push(format!(
+            "{flaps} time(s) a canary left Ready with no change of its spec (flaps)"
+        ));
     }
     if !report.metric_present {
         eprintln!(

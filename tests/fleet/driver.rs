@@ -39,7 +39,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -176,6 +176,8 @@ pub struct PhaseReport {
     pub calls: BTreeMap<(String, String), u64>,
     /// Occurrences of Events about RecordingCanaries in the fleet namespaces, new in the phase.
     pub events: u64,
+    /// Canaries that left Ready in the phase with no change of their spec (flaps).
+    pub left_ready: u64,
     /// `apiserver_request_total` by verb in the phase (every client of the apiserver).
     pub apiserver: BTreeMap<String, u64>,
     /// Controller RSS at the end of the phase, and its peak so far (VmHWM), KiB; with several
@@ -398,6 +400,17 @@ impl FleetReport {
                 "apps: the {} targets (and their Services) were created and Ready in {} before the canaries were applied.",
                 c.canaries,
                 secs(a)
+            );
+        }
+        if !self.phases.is_empty() {
+            let _ = writeln!(
+                s,
+                "flaps: canaries that left Ready with no change of their spec: {}.",
+                self.phases
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.left_ready))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         for p in self.phases.iter().filter(|p| !p.detail.is_empty()) {
@@ -744,12 +757,13 @@ impl Fleet {
         let set: Arc<HashSet<String>> = Arc::new(namespaces.iter().cloned().collect());
         let changed = Arc::new(Notify::new());
         let all = watcher::Config::default();
-        let canaries = Tracker::start(
+        let canaries = Tracker::start_counting(
             Api::<DynamicObject>::all_with(client.clone(), &canary_resource()),
             all.clone(),
             Some(set.clone()),
             changed.clone(),
             CanarySum::of,
+            CanarySum::left_ready,
         );
         let vss = Tracker::start(
             Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
@@ -1168,6 +1182,7 @@ impl Fleet {
             wall,
             calls,
             events: b.events.saturating_sub(a.events),
+            left_ready: b.left_ready.saturating_sub(a.left_ready),
             apiserver: delta(&a.apiserver, &b.apiserver),
             rss_kib: b.proc.rss_kib,
             hwm_kib: b.proc.hwm_kib,
@@ -1658,6 +1673,7 @@ impl Fleet {
             calls,
             calls_at,
             events,
+            left_ready: self.canaries.counted(),
             apiserver,
             proc: proc_,
             processes,
@@ -1791,6 +1807,8 @@ impl Progress {
 struct Tracker<T> {
     map: Arc<Mutex<HashMap<Key, T>>>,
     synced: Arc<AtomicBool>,
+    /// Updates that `start_counting`'s predicate counted (old summary, new summary).
+    counted: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -1816,9 +1834,26 @@ impl<T: Send + 'static> Tracker<T> {
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> T + Send + 'static,
     {
+        Self::start_counting(api, config, namespaces, changed, summarize, |_, _| false)
+    }
+
+    /// `start`, also counting the updates of an object for which `counts(old, new)` holds.
+    fn start_counting<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+        counts: fn(&T, &T) -> bool,
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
         let map: Arc<Mutex<HashMap<Key, T>>> = Arc::default();
         let synced = Arc::new(AtomicBool::new(false));
-        let (m, s) = (map.clone(), synced.clone());
+        let counted = Arc::new(AtomicU64::new(0));
+        let (m, s, n) = (map.clone(), synced.clone(), counted.clone());
         let task = tokio::spawn(async move {
             let key = |k: &K| -> Option<Key> {
                 let meta = k.meta();
@@ -1849,7 +1884,13 @@ impl<T: Send + 'static> Tracker<T> {
                     }
                     watcher::Event::Apply(o) => {
                         if let Some(k) = key(&o) {
-                            lock(&m).insert(k, summarize(&o));
+                            let new = summarize(&o);
+                            let mut map = lock(&m);
+                            if map.get(&k).is_some_and(|old| counts(old, &new)) {
+                                n.fetch_add(1, Ordering::Relaxed);
+                            }
+                            map.insert(k, new);
+                            drop(map);
                             changed.notify_one();
                         }
                     }
@@ -1862,7 +1903,12 @@ impl<T: Send + 'static> Tracker<T> {
                 }
             }
         });
-        Self { map, synced, task }
+        Self {
+            map,
+            synced,
+            counted,
+            task,
+        }
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<Key, T>> {
@@ -1871,6 +1917,11 @@ impl<T: Send + 'static> Tracker<T> {
 
     fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// How many updates the predicate of `start_counting` counted so far.
+    fn counted(&self) -> u64 {
+        self.counted.load(Ordering::Relaxed)
     }
 }
 
@@ -1882,6 +1933,7 @@ struct CanarySum {
     generation: Option<i64>,
     observed: Option<i64>,
     ready_message: String,
+    deleting: bool,
 }
 
 impl CanarySum {
@@ -1910,7 +1962,18 @@ impl CanarySum {
             generation: o.metadata.generation,
             observed: field("observedGeneration").and_then(Value::as_i64),
             ready_message,
+            deleting: o.metadata.deletion_timestamp.is_some(),
         }
+    }
+
+    /// A flap: the canary was Ready for its current spec and is no longer, though neither the
+    /// spec changed nor the canary is being deleted.
+    fn left_ready(old: &Self, new: &Self) -> bool {
+        old.phase == "Ready"
+            && old.observed == old.generation
+            && new.phase != "Ready"
+            && new.generation == old.generation
+            && !new.deleting
     }
 
     /// Ready at `percent`, for its current generation.
@@ -2090,6 +2153,8 @@ struct Snapshot {
     /// When the controller's metrics were read.
     calls_at: Instant,
     events: u64,
+    /// Canaries seen leaving Ready with no change of spec (`CanarySum::left_ready`), so far.
+    left_ready: u64,
     apiserver: BTreeMap<String, f64>,
     /// The sums over the controller processes.
     proc: ProcStat,
