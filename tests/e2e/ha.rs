@@ -164,43 +164,57 @@ async fn holder_of(h: &Harness, lease: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// The arguments of a process of a two-shard fleet scoped to `ns`, its leases named after `base`.
+fn shard_args<'a>(ns: &'a str, base: &'a str) -> [&'a str; 12] {
+    [
+        "run",
+        "--namespace",
+        ns,
+        "--leader-elect=true",
+        "--shards",
+        "2",
+        "--lease-namespace",
+        ns,
+        "--lease-name",
+        base,
+        "--admin-addr",
+        "127.0.0.1:0",
+    ]
+}
+
+/// Waits until two different processes hold the leases of shards 0 and 1; their identities.
+async fn wait_for_shard_holders(h: &Harness, base: &str) -> [String; 2] {
+    h.until(
+        "each shard lease to have its own leader",
+        Duration::from_secs(60),
+        || async {
+            let s0 = holder_of(h, &format!("{base}-shard-0")).await;
+            let s1 = holder_of(h, &format!("{base}-shard-1")).await;
+            match (s0, s1) {
+                (Some(x), Some(y)) if x != y => Ok([x, y]),
+                other => Err(format!("holders {other:?}")),
+            }
+        },
+    )
+    .await
+}
+
+/// A controller's log in this test (`tag` as given to `spawn_controller`).
+fn controller_log(h: &Harness, tag: &str) -> String {
+    std::fs::read_to_string(h.log.with_file_name(format!("{}-{tag}.log", h.ns))).unwrap_or_default()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles_it() {
     let mut h = Harness::start_without_controller("shard").await;
     let ns = h.ns.clone();
     let base = "rc-e2e-shard";
-    let args = [
-        "run",
-        "--namespace",
-        &ns,
-        "--leader-elect=true",
-        "--shards",
-        "2",
-        "--lease-namespace",
-        &ns,
-        "--lease-name",
-        base,
-        "--admin-addr",
-        "127.0.0.1:0",
-    ];
+    let args = shard_args(&ns, base);
     let kubeconfig = h.env.kubeconfig.clone();
     let a = h.spawn_controller("a", &args, &kubeconfig);
     let b = h.spawn_controller("b", &args, &kubeconfig);
     let ids = [format!("-{}", a.pid()), format!("-{}", b.pid())];
-    let holders = h
-        .until(
-            "each process to lead one of the two shard leases",
-            Duration::from_secs(60),
-            || async {
-                let s0 = holder_of(&h, &format!("{base}-shard-0")).await;
-                let s1 = holder_of(&h, &format!("{base}-shard-1")).await;
-                match (s0, s1) {
-                    (Some(x), Some(y)) if x != y => Ok([x, y]),
-                    other => Err(format!("holders {other:?}")),
-                }
-            },
-        )
-        .await;
+    let holders = wait_for_shard_holders(&h, base).await;
     assert!(
         holders
             .iter()
@@ -220,11 +234,8 @@ async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles
     } else {
         "b"
     };
-    let log = |tag: &str| {
-        std::fs::read_to_string(h.log.with_file_name(format!("{ns}-{tag}.log"))).unwrap_or_default()
-    };
     for tag in ["a", "b"] {
-        let acted = log(tag).contains("applying plan");
+        let acted = controller_log(&h, tag).contains("applying plan");
         assert_eq!(
             acted,
             tag == owner,
@@ -233,5 +244,96 @@ async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles
         );
     }
     drop((a, b));
+    h.finish(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader() {
+    let mut h = Harness::start_without_controller("shard-standby").await;
+    let ns = h.ns.clone();
+    let base = "rc-e2e-shard-standby";
+    let args = shard_args(&ns, base);
+    let kubeconfig = h.env.kubeconfig.clone();
+    let mut leaders = vec![
+        ("a", h.spawn_controller("a", &args, &kubeconfig)),
+        ("b", h.spawn_controller("b", &args, &kubeconfig)),
+    ];
+    let holders = wait_for_shard_holders(&h, base).await;
+    // Both shards are led: the third process can only wait.
+    let c = h.spawn_controller("c", &args, &kubeconfig);
+    let c_id = format!("-{}", c.pid());
+    h.until(
+        "the third process to wait for a shard",
+        Duration::from_secs(30),
+        || async {
+            let log = controller_log(&h, "c");
+            if log.contains("waiting to lead a shard") {
+                Ok(())
+            } else {
+                Err(format!("its log so far:\n{log}"))
+            }
+        },
+    )
+    .await;
+
+    h.app_and_canary("canary.yaml").await;
+    h.wait_ready("frontend").await;
+    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let other = 1 - shard;
+    let owner = leaders
+        .iter()
+        .position(|(_, p)| holders[shard].ends_with(&format!("-{}", p.pid())))
+        .unwrap_or_else(|| panic!("shard {shard} is led by {}, not by a or b", holders[shard]));
+    let (owner_tag, mut owner_process) = leaders.swap_remove(owner);
+    assert!(
+        !controller_log(&h, "c").contains("applying plan"),
+        "the standby wrote while both shards had a leader"
+    );
+
+    // SIGKILL the leader of the canary's shard: it cannot release its lease.
+    owner_process.kill();
+    h.faults_injected(1);
+    let killed = Instant::now();
+    let lease = format!("{base}-shard-{shard}");
+    h.until(
+        "the standby to take the killed leader's shard",
+        Duration::from_secs(45),
+        || async {
+            match holder_of(&h, &lease).await {
+                Some(id) if id.ends_with(&c_id) => Ok(()),
+                other => Err(format!("{lease} held by {other:?}")),
+            }
+        },
+    )
+    .await;
+    let takeover = killed.elapsed();
+    assert_eq!(
+        holder_of(&h, &format!("{base}-shard-{other}"))
+            .await
+            .as_deref(),
+        Some(holders[other].as_str()),
+        "the other shard must keep its leader"
+    );
+
+    // The standby serves the shard it took: the user's next patch goes through it.
+    h.patch_canary("frontend", &json!({"spec": {"percent": 20}}))
+        .await;
+    h.wait_status("frontend", "Ready", 20).await;
+    let vs = h.vs(OWNED).await.expect("the VirtualService");
+    assert_eq!(split_weights(&vs), Some((80, 20)), "{vs:#}");
+    let c_log = controller_log(&h, "c");
+    assert!(
+        c_log.contains(&format!("shard={shard}")) && c_log.contains("applying plan"),
+        "the standby did not lead shard {shard} and write:\n{c_log}"
+    );
+    let (survivor, _) = &leaders[0];
+    assert!(
+        !controller_log(&h, survivor).contains("applying plan"),
+        "controller {survivor} (shard {other}) wrote for a namespace of shard {shard}"
+    );
+    eprintln!(
+        "[e2e] {ns}: {owner_tag} (shard {shard}) killed; the standby took its lease {takeover:?} later"
+    );
+    drop((leaders, c));
     h.finish(true).await;
 }
