@@ -10,17 +10,13 @@ use crate::support::{Harness, OWNED, elected_controller_args, split_weights};
 
 const LEASE: &str = "rc-e2e-ha";
 
-async fn holder(h: &Harness) -> Option<String> {
-    holder_of(h, LEASE).await
-}
-
-/// Waits until the lease holder's identity ends with `id_suffix` (`-<pid>`).
-async fn wait_for_holder(h: &Harness, who: &str, id_suffix: &str, timeout: Duration) {
+/// Waits until the identity holding Lease `lease` ends with `id_suffix` (`-<pid>`).
+async fn wait_for_holder(h: &Harness, lease: &str, who: &str, id_suffix: &str, timeout: Duration) {
     h.until(
-        &format!("controller {who} to hold the lease"),
+        &format!("controller {who} to hold the lease {lease}"),
         timeout,
         || async {
-            match holder(h).await {
+            match holder_of(h, lease).await {
                 Some(id) if id.ends_with(id_suffix) => Ok(()),
                 other => Err(format!("holder {other:?}")),
             }
@@ -38,7 +34,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     let kubeconfig = h.env.kubeconfig.clone();
     let mut a = h.spawn_controller("a", &args, &kubeconfig);
     let a_id = format!("-{}", a.pid());
-    wait_for_holder(&h, "a", &a_id, Duration::from_secs(30)).await;
+    wait_for_holder(&h, LEASE, "a", &a_id, Duration::from_secs(30)).await;
     let b = h.spawn_controller("b", &args, &kubeconfig);
     let b_id = format!("-{}", b.pid());
 
@@ -52,7 +48,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     .await;
     let at_kill = h.wait_ramp_under_way("frontend", 50).await;
     assert_eq!(
-        holder(&h).await.map(|id| id.ends_with(&a_id)),
+        holder_of(&h, LEASE).await.map(|id| id.ends_with(&a_id)),
         Some(true),
         "b must not lead while a lives"
     );
@@ -61,7 +57,7 @@ async fn standby_takes_over_when_the_leader_is_killed_and_finishes_the_ramp() {
     a.kill();
     h.faults_injected(1);
     let killed = Instant::now();
-    wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
+    wait_for_holder(&h, LEASE, "b", &b_id, Duration::from_secs(45)).await;
     let takeover = killed.elapsed();
     println!("leader killed at {at_kill}%; standby took the lease after {takeover:?}");
     assert!(
@@ -110,7 +106,7 @@ async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
     let kubeconfig = h.env.kubeconfig.clone();
     let mut a = h.spawn_controller("a", &args, &kubeconfig);
     let a_id = format!("-{}", a.pid());
-    wait_for_holder(&h, "a", &a_id, Duration::from_secs(30)).await;
+    wait_for_holder(&h, LEASE, "a", &a_id, Duration::from_secs(30)).await;
     let b = h.spawn_controller("b", &args, &kubeconfig);
     let b_id = format!("-{}", b.pid());
     h.apply_example("app.yaml").await;
@@ -125,7 +121,7 @@ async fn a_paused_leader_writes_nothing_once_its_renew_deadline_passed() {
     // The leader freezes (a stalled node, a long GC pause, a debugger): it renews nothing.
     a.signal("STOP");
     h.faults_injected(1);
-    wait_for_holder(&h, "b", &b_id, Duration::from_secs(45)).await;
+    wait_for_holder(&h, LEASE, "b", &b_id, Duration::from_secs(45)).await;
     let a_log = h.log.with_file_name(format!("{ns}-a.log"));
     let before = std::fs::read_to_string(&a_log).unwrap_or_default().len();
     // It wakes up after the standby took over: its timers and reconciles all fire at once.
@@ -295,15 +291,12 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     h.faults_injected(1);
     let killed = Instant::now();
     let lease = format!("{base}-shard-{shard}");
-    h.until(
-        "the standby to take the killed leader's shard",
+    wait_for_holder(
+        &h,
+        &lease,
+        "c (the standby)",
+        &c_id,
         Duration::from_secs(45),
-        || async {
-            match holder_of(&h, &lease).await {
-                Some(id) if id.ends_with(&c_id) => Ok(()),
-                other => Err(format!("{lease} held by {other:?}")),
-            }
-        },
     )
     .await;
     let takeover = killed.elapsed();
