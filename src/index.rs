@@ -12,6 +12,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::small_set::SmallSet;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::Value;
@@ -60,25 +62,25 @@ impl Prime {
 pub struct Index {
     canaries: HashMap<CanaryKey, Entry>,
     /// `(ns, deployment)` → canaries whose target or clone it is.
-    by_deployment: HashMap<(String, String), BTreeSet<String>>,
+    by_deployment: HashMap<(String, String), SmallSet<String>>,
     /// `(ns, service)` → canaries of that Service.
-    by_service: HashMap<(String, String), BTreeSet<String>>,
+    by_service: HashMap<(String, String), SmallSet<String>>,
     /// UID → canary.
     by_uid: HashMap<String, CanaryKey>,
     /// `(ns, name)` of a VirtualService or DestinationRule named in a spec → canaries.
-    by_named_mesh: HashMap<(String, String), BTreeSet<String>>,
+    by_named_mesh: HashMap<(String, String), SmallSet<String>>,
     /// Namespace → canaries whose Service has a selector.
-    selecting: HashMap<String, BTreeSet<String>>,
+    selecting: HashMap<String, SmallSet<String>>,
     /// The last canaries each VirtualService/DestinationRule concerned (so that an object that
     /// stops naming a canary's host still reaches it), and the reverse.
-    mesh_last: HashMap<MeshKey, BTreeSet<CanaryKey>>,
-    mesh_of: HashMap<CanaryKey, BTreeSet<MeshKey>>,
+    mesh_last: HashMap<MeshKey, SmallSet<CanaryKey>>,
+    mesh_of: HashMap<CanaryKey, SmallSet<MeshKey>>,
     /// What every VirtualService/DestinationRule refers to, whether or not a canary exists yet,
     /// and the reverse by Service and by the canary its restore note names: a new canary finds
     /// its objects here without a scan.
     mesh_refs: HashMap<MeshKey, MeshRefs>,
-    by_host: HashMap<(String, String), BTreeSet<MeshKey>>,
-    by_note: HashMap<(String, String), BTreeSet<MeshKey>>,
+    by_host: HashMap<(String, String), SmallSet<MeshKey>>,
+    by_note: HashMap<(String, String), SmallSet<MeshKey>>,
     /// Once set, canaries seen for the first time are primed (the watches have listed).
     watches_started: bool,
     /// Once set, pods newly selected by a Service are read (the pod watch has listed).
@@ -92,7 +94,7 @@ pub type MeshKey = (bool, String, String);
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MeshRefs {
     /// Services (`ns`, `name`) its hosts resolve to.
-    pub services: BTreeSet<(String, String)>,
+    pub services: SmallSet<(String, String)>,
     /// UIDs of its owners.
     pub owners: Vec<String>,
     /// The canary its restore note names (in its own namespace).
@@ -161,11 +163,11 @@ pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, St
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn add(map: &mut HashMap<(String, String), BTreeSet<String>>, k: (String, String), v: &str) {
+fn add(map: &mut HashMap<(String, String), SmallSet<String>>, k: (String, String), v: &str) {
     map.entry(k).or_default().insert(v.to_string());
 }
 
-fn del(map: &mut HashMap<(String, String), BTreeSet<String>>, k: (String, String), v: &str) {
+fn del(map: &mut HashMap<(String, String), SmallSet<String>>, k: (String, String), v: &str) {
     if let Some(set) = map.get_mut(&k) {
         set.remove(v);
         if set.is_empty() {
@@ -484,11 +486,13 @@ impl Index {
                 set.remove(&m);
             }
         }
-        let now: BTreeSet<CanaryKey> = now.into_iter().collect();
+        let now: SmallSet<CanaryKey> = now.into_iter().collect();
         for k in &now {
             self.mesh_of.entry(k.clone()).or_default().insert(m.clone());
         }
-        let all: Vec<CanaryKey> = before.union(&now).cloned().collect();
+        let mut all: Vec<CanaryKey> = before.iter().chain(&now).cloned().collect();
+        all.sort();
+        all.dedup();
         if !now.is_empty() {
             self.mesh_last.insert(m, now);
         }

@@ -4,12 +4,14 @@
 //! The crate is a library with a thin binary. One module per concern:
 //! - [`api`]: the `RecordingCanary` custom resource and its CRD;
 //! - [`istio`]: VirtualService and DestinationRule handling on plain JSON;
+//! - [`mesh_object`]: what the caches keep of a VirtualService or DestinationRule;
 //! - [`istio_status`]: whether Istio reports a VirtualService or DestinationRule generation
 //!   as reached every proxy (its `Reconciled` condition);
 //! - [`planner`]: the pure function from observed objects to ordered actions;
 //! - [`writers`]: the thin layer that carries the actions out;
-//! - [`cache`], [`index`], [`freshness`]: selective watch caches, the map from each watched
-//!   object to the canaries it concerns, and read-your-writes over the caches;
+//! - [`cache`], [`pods`], [`index`], [`freshness`]: selective watch caches, what they keep of a
+//!   pod, the map from each watched object to the canaries it concerns, and read-your-writes
+//!   over the caches; [`small_set`]: the index's sets of one or two;
 //! - [`controller`]: watches, observation and the reconcile loop;
 //! - [`client`]: the Kubernetes client, counting its requests;
 //! - [`metrics`], [`admin`], [`lease`], [`shard`]: Prometheus metrics, the admin server, leader
@@ -27,9 +29,12 @@ pub mod index;
 pub mod istio;
 pub mod istio_status;
 pub mod lease;
+pub mod mesh_object;
 pub mod metrics;
 pub mod planner;
+pub mod pods;
 pub mod shard;
+pub mod small_set;
 pub mod writers;
 
 /// Errors of a reconcile. Each is retried with backoff; none stops the controller.
