@@ -37,11 +37,34 @@ pub fn rv_at_least(a: &str, b: &str) -> bool {
 }
 
 struct Inner<K> {
-    objects: HashMap<Key, Arc<K>>,
-    /// Keys seen since the last `Init` of a re-list; `None` outside a re-list.
-    relisting: Option<HashSet<Key>>,
+    /// namespace → name → object: a canary's reads look in its own namespace only.
+    objects: HashMap<String, HashMap<String, Arc<K>>>,
+    /// Names seen (by namespace) since the last `Init` of a re-list; `None` outside a re-list.
+    relisting: Option<HashMap<String, HashSet<String>>>,
     /// The newest resourceVersion the watch has delivered, kept or not.
     newest: Option<String>,
+}
+
+impl<K> Inner<K> {
+    fn insert(&mut self, (ns, name): Key, o: Arc<K>) {
+        self.objects.entry(ns).or_default().insert(name, o);
+    }
+
+    fn remove(&mut self, (ns, name): &Key) {
+        if let Some(m) = self.objects.get_mut(ns) {
+            m.remove(name);
+            if m.is_empty() {
+                self.objects.remove(ns);
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&str, &str, &K) -> bool) {
+        self.objects.retain(|ns, m| {
+            m.retain(|name, o| keep(ns, name, o));
+            !m.is_empty()
+        });
+    }
 }
 
 /// A store of the objects of one kind that some canary is interested in.
@@ -66,12 +89,7 @@ impl<K> Default for Selective<K> {
 impl<K: Resource + Clone> Selective<K> {
     /// The object `ns/name`, if it is kept.
     pub fn get(&self, ns: &str, name: &str) -> Option<Arc<K>> {
-        self.inner
-            .read()
-            .ok()?
-            .objects
-            .get(&(ns.to_string(), name.to_string()))
-            .cloned()
+        self.inner.read().ok()?.objects.get(ns)?.get(name).cloned()
     }
 
     /// Every kept object of namespace `ns` for which `pick` holds.
@@ -80,9 +98,11 @@ impl<K: Resource + Clone> Selective<K> {
             .read()
             .map(|g| {
                 g.objects
-                    .iter()
-                    .filter(|((n, _), o)| n == ns && pick(o))
-                    .map(|(_, o)| o.clone())
+                    .get(ns)
+                    .into_iter()
+                    .flat_map(|m| m.values())
+                    .filter(|o| pick(o))
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default()
@@ -90,7 +110,10 @@ impl<K: Resource + Clone> Selective<K> {
 
     /// How many objects are kept.
     pub fn len(&self) -> usize {
-        self.inner.read().map(|g| g.objects.len()).unwrap_or(0)
+        self.inner
+            .read()
+            .map(|g| g.objects.values().map(HashMap::len).sum())
+            .unwrap_or(0)
     }
 
     /// Whether no object is kept.
@@ -113,22 +136,22 @@ impl<K: Resource + Clone> Selective<K> {
             Event::Apply(o) | Event::InitApply(o) => {
                 let k = key_of(o);
                 if let Some(seen) = g.relisting.as_mut() {
-                    seen.insert(k.clone());
+                    seen.entry(k.0.clone()).or_default().insert(k.1.clone());
                 }
                 if interested(o) {
-                    g.objects.insert(k, Arc::new(o.clone()));
+                    g.insert(k, Arc::new(o.clone()));
                 } else {
-                    g.objects.remove(&k);
+                    g.remove(&k);
                 }
             }
             Event::Delete(o) => {
-                g.objects.remove(&key_of(o));
+                g.remove(&key_of(o));
             }
-            Event::Init => g.relisting = Some(HashSet::new()),
+            Event::Init => g.relisting = Some(HashMap::new()),
             Event::InitDone => {
                 // Objects deleted while the watch was down are not in the re-list.
                 if let Some(seen) = g.relisting.take() {
-                    g.objects.retain(|k, _| seen.contains(k));
+                    g.retain(|ns, name, _| seen.get(ns).is_some_and(|s| s.contains(name)));
                 }
                 drop(g);
                 self.ready_tx.send_replace(true);
@@ -143,7 +166,7 @@ impl<K: Resource + Clone> Selective<K> {
             return;
         };
         let k = key_of(&o);
-        let newer = match g.objects.get(&k) {
+        let newer = match g.objects.get(&k.0).and_then(|m| m.get(&k.1)) {
             Some(have) => !rv_at_least(
                 have.resource_version().as_deref().unwrap_or_default(),
                 o.resource_version().as_deref().unwrap_or_default(),
@@ -151,14 +174,14 @@ impl<K: Resource + Clone> Selective<K> {
             None => true,
         };
         if newer {
-            g.objects.insert(k, Arc::new(o));
+            g.insert(k, Arc::new(o));
         }
     }
 
     /// Drops every kept object for which `keep` is false (a canary went away).
     pub fn retain(&self, keep: impl Fn(&K) -> bool) {
         if let Ok(mut g) = self.inner.write() {
-            g.objects.retain(|_, o| keep(o));
+            g.retain(|_, _, o| keep(o));
         }
     }
 

@@ -19,10 +19,10 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::stream::{self, BoxStream};
 use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, PodStatus, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ApiResource, DynamicObject, ListParams, VersionMatch};
+use kube::api::{ApiResource, ListParams, VersionMatch};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::watcher::{self, Event, watcher};
@@ -39,22 +39,24 @@ use crate::cache::Selective;
 use crate::events::Publisher;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
+use crate::istio;
 use crate::lease::Fence;
+use crate::mesh_object::MeshObject;
 use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
+use crate::pods::PodFacts;
 use crate::shard::Shard;
 use crate::writers;
-use crate::{istio, istio_status};
 
 /// The caches and index of one watched scope (a namespace, or the whole cluster).
 pub struct Scope {
     pub namespace: Option<String>,
     canaries: Store<RecordingCanary>,
-    virtual_services: Store<DynamicObject>,
-    destination_rules: Store<DynamicObject>,
+    virtual_services: Store<MeshObject>,
+    destination_rules: Store<MeshObject>,
     deployments: Selective<Deployment>,
     services: Selective<Service>,
-    pods: Selective<Pod>,
+    pods: Selective<PodFacts>,
     index: RwLock<Index>,
     /// Triggers from events seen in other scopes (a VirtualService elsewhere naming a host here).
     triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
@@ -103,7 +105,7 @@ impl Scope {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn mesh_store(&self, vs: bool) -> &Store<DynamicObject> {
+    fn mesh_store(&self, vs: bool) -> &Store<MeshObject> {
         if vs {
             &self.virtual_services
         } else {
@@ -245,7 +247,7 @@ impl Context {
     }
 
     /// A cached VirtualService (`vs`) or DestinationRule, from whichever scope holds it.
-    fn mesh_object(&self, vs: bool, ns: &str, name: &str) -> Option<Arc<DynamicObject>> {
+    fn mesh_object(&self, vs: bool, ns: &str, name: &str) -> Option<Arc<MeshObject>> {
         let ar = mesh_resource(vs);
         self.scope_for(ns)?
             .mesh_store(vs)
@@ -315,7 +317,7 @@ where
     }
 }
 
-fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<DynamicObject> {
+fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<MeshObject> {
     match ns {
         Some(ns) => Api::namespaced_with(client.clone(), ns, ar),
         None => Api::all_with(client.clone(), ar),
@@ -344,31 +346,11 @@ pub fn strip_service(s: &mut Service) {
     s.status = None;
 }
 
-/// What the caches keep of a pod: name, labels, owners, deletion, readiness and container
-/// states. The spec is dropped: a pod is the bulk of a cluster's objects.
-pub fn strip_pod(p: &mut Pod) {
-    p.metadata.managed_fields = None;
-    p.metadata.annotations = None;
-    p.spec = None;
-    p.status = p.status.take().map(|s| PodStatus {
-        conditions: s.conditions,
-        container_statuses: s.container_statuses,
-        phase: s.phase,
-        ..Default::default()
-    });
-}
-
 /// Keeps of a VirtualService's or DestinationRule's managedFields only who wrote its routes or
-/// subsets, and when (to name whoever undoes a split), without the field sets themselves; and of
-/// its status only what says whether Istio has distributed its current generation (see
-/// [`istio_status::compact`]).
-pub fn strip_mesh(o: &mut DynamicObject) {
-    if let Some(data) = o.data.as_object_mut()
-        && let Some(status) = data.remove("status")
-        && let Some(kept) = istio_status::compact(&status)
-    {
-        data.insert("status".into(), kept);
-    }
+/// subsets, and when (to name whoever undoes a split), without the field sets themselves. (Of
+/// its status, [`MeshObject`] keeps only what says whether Istio has distributed its current
+/// generation.)
+pub fn strip_mesh(o: &mut MeshObject) {
     o.metadata.managed_fields = o
         .metadata
         .managed_fields
@@ -459,8 +441,8 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let (canary_reader, mut canary_writer) = reflector::store::<RecordingCanary>();
-    let vs_writer = Writer::<DynamicObject>::new(istio::virtual_service_resource());
-    let dr_writer = Writer::<DynamicObject>::new(istio::destination_rule_resource());
+    let vs_writer = Writer::<MeshObject>::new(istio::virtual_service_resource());
+    let dr_writer = Writer::<MeshObject>::new(istio::destination_rule_resource());
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
     let scope = Arc::new(Scope {
         namespace: namespace.clone(),
@@ -553,17 +535,17 @@ pub async fn run(
         &ctx,
         gated(
             selectors_known(),
-            scoped::<Pod>(&client, &namespace),
+            scoped::<PodFacts>(&client, &namespace),
             watcher::Config::default(),
         ),
         "Pod",
-        strip_pod,
+        PodFacts::strip,
         {
             let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<Pod>| on_pod_event(&c, &s, ev)
+            move |ev: &Event<PodFacts>| on_pod_event(&c, &s, ev)
         },
     );
-    let mesh = |vs: bool, mut writer: Writer<DynamicObject>| {
+    let mesh = |vs: bool, mut writer: Writer<MeshObject>| {
         let (c, s) = (ctx.clone(), scope.clone());
         let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
         let mut listed = false;
@@ -580,14 +562,14 @@ pub async fn run(
                 "DestinationRule"
             },
             strip_mesh,
-            move |ev: &Event<DynamicObject>| {
+            move |ev: &Event<MeshObject>| {
                 // A revision that differs from the cached one only in what the caches drop
                 // (istiod's progress messages, say) changes nothing the planner reads.
                 let unchanged = match ev {
                     Event::Apply(o) => s
                         .mesh_store(vs)
                         .get(&ObjectRef::from_obj_with(o, mesh_resource(vs)))
-                        .is_some_and(|old| same_but_revision(&old, o)),
+                        .is_some_and(|old| old.same_but_revision(o)),
                     _ => false,
                 };
                 writer.apply_watcher_event(ev);
@@ -840,7 +822,11 @@ fn selector_of(svc: &Service) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn on_pod_event(ctx: &Context, scope: &Scope, ev: &Event<Pod>) -> Vec<ObjectRef<RecordingCanary>> {
+fn on_pod_event(
+    ctx: &Context,
+    scope: &Scope,
+    ev: &Event<PodFacts>,
+) -> Vec<ObjectRef<RecordingCanary>> {
     {
         let idx = scope.index();
         scope
@@ -863,7 +849,7 @@ fn on_mesh_event(
     ctx: &Context,
     scope: &Scope,
     vs: bool,
-    ev: &Event<DynamicObject>,
+    ev: &Event<MeshObject>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
     let Some((obj, deleted)) = event_object(ev) else {
         return if matches!(ev, Event::InitDone) {
@@ -873,8 +859,8 @@ fn on_mesh_event(
         };
     };
     let m: MeshKey = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
-    let spec = obj.data.get("spec").unwrap_or(&Value::Null);
-    let refs = MeshRefs::of(&obj.metadata, spec, vs, &ctx.cluster_domain);
+    let spec = obj.spec();
+    let refs = MeshRefs::of(&obj.metadata, &spec, vs, &ctx.cluster_domain);
     let mut mine = Vec::new();
     for other in ctx.scopes() {
         // Another scope keeps only objects that name a Service it covers (or that it knew).
@@ -907,20 +893,12 @@ fn mesh_kind(vs: bool) -> Kind {
     }
 }
 
-/// Whether two (stripped) revisions of a VirtualService or DestinationRule differ in nothing
-/// but their resourceVersion.
-pub fn same_but_revision(a: &DynamicObject, b: &DynamicObject) -> bool {
-    let mut am = a.metadata.clone();
-    am.resource_version = b.metadata.resource_version.clone();
-    am == b.metadata && a.data == b.data && a.types == b.types
-}
-
 /// What the planner looks at, taken from the caches.
 struct Snapshot {
     target: Option<Arc<Deployment>>,
     clone: Option<Arc<Deployment>>,
     service: Option<Arc<Service>>,
-    pods: Vec<Pod>,
+    pods: Vec<PodFacts>,
     virtual_services: Vec<Value>,
     destination_rules: Vec<Value>,
     rivals: Vec<Rival>,
@@ -958,9 +936,7 @@ impl Snapshot {
             let Some(obj) = ctx.mesh_object(vs, &mns, &mname) else {
                 continue;
             };
-            let Ok(v) = serde_json::to_value(obj.as_ref()) else {
-                continue;
-            };
+            let v = obj.to_value();
             if vs {
                 virtual_services.push(v);
             } else {
@@ -1055,7 +1031,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(",");
-            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+            let pods: Api<PodFacts> = Api::namespaced(ctx.client.clone(), &ns);
             // Not older than what the pod watch has delivered: every change it passed by (before
             // the canary was indexed) is in the list, and the apiserver answers from its watch
             // cache at once. A consistent read (no resourceVersion) would wait for that cache to
@@ -1070,7 +1046,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             let idx = scope.index();
             for mut p in listed.items {
                 if !idx.for_pod(&p.metadata).is_empty() {
-                    strip_pod(&mut p);
+                    p.strip();
                     scope.pods.insert_newer(p);
                 }
             }
@@ -1308,13 +1284,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn dr(rv: &str, status: Value) -> DynamicObject {
-        let mut o: DynamicObject = serde_json::from_value(json!({
+    fn dr(rv: &str, status: Value) -> MeshObject {
+        dr_with(rv, status, json!([{"name": "rcanary-stable"}]))
+    }
+
+    fn dr_with(rv: &str, status: Value, subsets: Value) -> MeshObject {
+        let mut o: MeshObject = serde_json::from_value(json!({
             "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "d", "namespace": "shop", "generation": 2, "resourceVersion": rv,
                          "managedFields": [{"manager": "istio", "operation": "Update",
                                             "subresource": "status", "fieldsV1": {"f:status": {}}}]},
-            "spec": {"host": "frontend", "subsets": [{"name": "rcanary-stable"}]},
+            "spec": {"host": "frontend", "subsets": subsets},
             "status": status,
         }))
         .unwrap();
@@ -1338,18 +1318,18 @@ mod tests {
     fn the_cache_keeps_of_an_istio_status_only_the_reconciled_condition_and_its_generation() {
         let o = dr("5", istiod(3, "2", "True"));
         assert_eq!(
-            o.data["status"],
+            o.to_value()["status"],
             json!({"observedGeneration": "2", "conditions": [{"type": "Reconciled", "status": "True"}]})
         );
         assert!(
             o.metadata.managed_fields.is_none(),
             "status writers dropped"
         );
-        let v = serde_json::to_value(&o).unwrap();
-        assert!(istio_status::reconciled(&v), "{v}");
+        let v = o.to_value();
+        assert!(crate::istio_status::reconciled(&v), "{v}");
         assert!(
             dr("5", json!({"validationMessages": []}))
-                .data
+                .to_value()
                 .get("status")
                 .is_none()
         );
@@ -1358,24 +1338,17 @@ mod tests {
     #[test]
     fn only_a_change_the_planner_reads_makes_a_mesh_revision_new() {
         // istiod's progress messages: a new revision, nothing new to plan from.
-        assert!(same_but_revision(
-            &dr("5", istiod(1, "2", "False")),
-            &dr("6", istiod(2, "2", "False"))
-        ));
+        assert!(
+            dr("5", istiod(1, "2", "False")).same_but_revision(&dr("6", istiod(2, "2", "False")))
+        );
         // The condition turning True, or speaking of another generation: new.
-        assert!(!same_but_revision(
-            &dr("6", istiod(2, "2", "False")),
-            &dr("7", istiod(3, "2", "True"))
-        ));
-        assert!(!same_but_revision(
-            &dr("6", istiod(3, "1", "True")),
-            &dr("7", istiod(3, "2", "True"))
-        ));
-        let mut spec_changed = dr("8", istiod(3, "2", "True"));
-        spec_changed.data["spec"]["subsets"] = json!([]);
-        assert!(!same_but_revision(
-            &dr("7", istiod(3, "2", "True")),
-            &spec_changed
-        ));
+        assert!(
+            !dr("6", istiod(2, "2", "False")).same_but_revision(&dr("7", istiod(3, "2", "True")))
+        );
+        assert!(
+            !dr("6", istiod(3, "1", "True")).same_but_revision(&dr("7", istiod(3, "2", "True")))
+        );
+        let spec_changed = dr_with("8", istiod(3, "2", "True"), json!([]));
+        assert!(!dr("7", istiod(3, "2", "True")).same_but_revision(&spec_changed));
     }
 }

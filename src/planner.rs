@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     Condition, LabelSelector, ObjectMeta, OwnerReference, Time,
 };
@@ -24,6 +24,7 @@ use crate::api::{
     RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
 };
 use crate::istio::{self, ServiceHost};
+use crate::pods::PodFacts;
 
 mod block;
 mod progress;
@@ -61,7 +62,7 @@ pub struct Observed<'a> {
     pub service_selector: BTreeMap<String, String>,
     pub clone: Option<&'a Deployment>,
     /// Pods that may belong to the target or the clone (the controller lists them by the target's selector).
-    pub pods: &'a [Pod],
+    pub pods: &'a [PodFacts],
     /// VirtualServices in the canary's namespace (full objects as JSON).
     pub virtual_services: &'a [Value],
     /// DestinationRules in the canary's namespace, and any elsewhere whose host is the Service's.

@@ -212,7 +212,7 @@ impl PodB {
         self.v["metadata"]["deletionTimestamp"] = json!(rfc(at(-5)));
         self
     }
-    fn build(&self) -> Pod {
+    fn build(&self) -> PodFacts {
         serde_json::from_value(self.v.clone()).expect("pod fixture")
     }
 }
@@ -287,7 +287,7 @@ struct World {
     target: Option<Deployment>,
     service: bool,
     clone: Option<Deployment>,
-    pods: Vec<Pod>,
+    pods: Vec<PodFacts>,
     vss: Vec<Value>,
     drs: Vec<Value>,
     rivals: Vec<Rival>,

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -14,10 +13,11 @@ use super::safety::CloneHealth;
 use super::{
     Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
-    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, pod_ready,
-    remaining, shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
+    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, remaining,
+    shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
 };
 use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
+use crate::pods::PodFacts;
 use crate::{istio, istio_status};
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
@@ -541,14 +541,14 @@ fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
 }
 
 /// The Ready pods of the target (not the clone's, which share its template's labels).
-fn ready_target_pods<'o>(o: &'o Observed) -> Vec<&'o Pod> {
+fn ready_target_pods<'o>(o: &'o Observed) -> Vec<&'o PodFacts> {
     let target = &o.canary.spec.target_ref.name;
     o.pods
         .iter()
         .filter(|p| {
             pod_of_deployment(p, target)
                 && p.labels().get(ROLE_LABEL).map(String::as_str) != Some(ROLE_RECORDING)
-                && pod_ready(p)
+                && p.serving()
         })
         .collect()
 }

@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::{
     Action, Builder, CANARY_LABEL, MeshKind, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
-    clone_replicas, clone_stalled, first_rival, meta_name, meta_ns, owned_by, pod_crash_looping,
-    pod_of_deployment, spec_of,
+    clone_replicas, clone_stalled, first_rival, meta_name, meta_ns, owned_by, pod_of_deployment,
+    spec_of,
 };
 use crate::api::ValidSpec;
 use crate::istio::{self, ServiceHost};
@@ -79,7 +79,7 @@ pub(super) fn clone_health(b: &Builder) -> CloneHealth {
     let clone_name = c.spec.clone_name();
     if o.pods
         .iter()
-        .any(|p| pod_of_deployment(p, &clone_name) && pod_crash_looping(p))
+        .any(|p| pod_of_deployment(p, &clone_name) && p.crash_looping)
     {
         return CloneHealth::CrashLooping;
     }
