@@ -326,11 +326,22 @@ fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<Mes
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-/// What the caches keep of a Deployment: all but managedFields and kubectl's copy of the spec.
+/// What the caches keep of a Deployment: all but managedFields and kubectl's copy of the spec;
+/// of a clone, not its pod template; of any other Deployment (a target), not its status. The
+/// planner reads of a clone its metadata (the source hash annotation says which template it
+/// runs), replicas, selector and status; of a target its metadata and spec. It builds the
+/// clone's template from the target, and never targets a clone (`TargetIsAClone`).
 pub fn strip_deployment(d: &mut Deployment) {
     d.metadata.managed_fields = None;
     if let Some(a) = d.metadata.annotations.as_mut() {
         a.remove(LAST_APPLIED);
+    }
+    if planner::clone_of(&d.metadata).is_some() {
+        if let Some(spec) = d.spec.as_mut() {
+            spec.template = Default::default();
+        }
+    } else {
+        d.status = None;
     }
 }
 

@@ -364,32 +364,18 @@ fn our_labels(c: &RecordingCanary) -> BTreeMap<String, String> {
     ])
 }
 
-fn pod_ready(p: &Pod) -> bool {
-    p.metadata.deletion_timestamp.is_none()
-        && p.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_crash_looping(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c.state
-                    .as_ref()
-                    .and_then(|s| s.waiting.as_ref())
-                    .and_then(|w| w.reason.as_deref())
-                    == Some("CrashLoopBackOff")
-            })
-        })
+/// The canary whose clone a Deployment is (by the labels every clone carries), if it is one.
+pub fn clone_of(meta: &ObjectMeta) -> Option<&str> {
+    let labels = meta.labels.as_ref()?;
+    if labels.get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1) {
+        return None;
+    }
+    labels.get(CANARY_LABEL).map(String::as_str)
 }
 
 /// Whether the pod's controlling ReplicaSet belongs to Deployment `deploy`
 /// (a Deployment names its ReplicaSets `<deployment>-<pod-template-hash>`).
-pub fn pod_of_deployment(p: &Pod, deploy: &str) -> bool {
+pub fn pod_of_deployment(p: &PodFacts, deploy: &str) -> bool {
     meta_of_deployment(&p.metadata, deploy)
 }
 

@@ -2605,6 +2605,85 @@ fn a_missing_target_blocks() {
     assert_only_pod_labels(&p);
 }
 
+/// The caches keep a clone without its pod template, and a target without its status
+/// (`controller::strip_deployment`): the planner must reach the same decisions as from the
+/// whole objects.
+#[test]
+fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
+    for pct in [0, 10, 50] {
+        let w = serving_world(pct);
+        let full = w.plan();
+        let mut stripped = w.clone();
+        let mut cl = stripped.clone.take().expect("a clone");
+        crate::controller::strip_deployment(&mut cl);
+        assert_eq!(
+            cl.spec.as_ref().map(|s| s.template.clone()),
+            Some(Default::default()),
+            "the cache drops a clone's template"
+        );
+        stripped.clone = Some(cl);
+        if let Some(t) = stripped.target.as_mut() {
+            t.status = Some(Default::default());
+            crate::controller::strip_deployment(t);
+            assert!(t.status.is_none(), "the cache drops a target's status");
+            assert!(t.spec.as_ref().is_some_and(|s| s.template.spec.is_some()));
+        }
+        assert_eq!(stripped.plan(), full, "at {pct} %");
+    }
+    // A new target template still replaces the clone with the whole template, built from the
+    // target.
+    let mut w = serving_world(10);
+    if let Some(cl) = w.clone.as_mut() {
+        crate::controller::strip_deployment(cl);
+    }
+    w.target = Some(target_with(4, "frontend:v2"));
+    let p = w.plan();
+    let replaced = p
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ReplaceClone(d) => Some(d.as_ref()),
+            _ => None,
+        })
+        .expect("ReplaceClone");
+    let template = &replaced.spec.as_ref().expect("spec").template;
+    assert_eq!(
+        template.spec.as_ref().expect("pod spec").containers[0]
+            .image
+            .as_deref(),
+        Some("frontend:v2")
+    );
+}
+
+#[test]
+fn a_canary_whose_target_is_another_canarys_clone_blocks() {
+    let mut w = fresh_world();
+    let other = canary().build();
+    let t = w.target.take().expect("a target");
+    let mut of_other = build_clone(&other, &t, 1);
+    if let Some(l) = of_other.metadata.labels.as_mut() {
+        l.insert(CANARY_LABEL.into(), "other".into());
+    }
+    w.target = Some(of_other);
+    let p = w.plan();
+    assert_blocked(&p, "TargetIsAClone");
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.note.contains("recording clone of RecordingCanary other")),
+        "{:?}",
+        p.events
+    );
+    assert!(
+        !has(&p, |a| matches!(
+            a,
+            Action::CreateClone(_) | Action::ReplaceClone(_) | Action::ScaleClone { .. }
+        )),
+        "{:#?}",
+        p.actions
+    );
+}
+
 #[test]
 fn a_missing_service_blocks() {
     let mut w = fresh_world();

@@ -6,8 +6,8 @@ use kube::ResourceExt;
 use serde_json::Value;
 
 use super::{
-    CANARY_LABEL, MeshKind, Observed, first_rival, is_root_namespace, meta_name, meta_ns, owned_by,
-    pod_of_deployment, shape, spec_of,
+    CANARY_LABEL, MeshKind, Observed, clone_of, first_rival, is_root_namespace, meta_name, meta_ns,
+    owned_by, pod_of_deployment, shape, spec_of,
 };
 use crate::api::ValidSpec;
 use crate::istio::{self, ServiceHost};
@@ -25,6 +25,11 @@ pub enum Block {
     TargetNotFound {
         name: String,
         namespace: String,
+    },
+    /// The target is another RecordingCanary's clone.
+    TargetIsAClone {
+        name: String,
+        canary: String,
     },
     ServiceNotFound {
         name: String,
@@ -109,6 +114,7 @@ impl Block {
             Block::InvalidSpec(_) => "InvalidSpec".into(),
             Block::Rival { .. } | Block::SplitByOther { .. } => "Conflict".into(),
             Block::TargetNotFound { .. } => "TargetNotFound".into(),
+            Block::TargetIsAClone { .. } => "TargetIsAClone".into(),
             Block::ServiceNotFound { .. } => "ServiceNotFound".into(),
             Block::ServiceWithoutSelector { .. } => "ServiceWithoutSelector".into(),
             Block::CloneNameTaken { .. } => "CloneNameTaken".into(),
@@ -140,6 +146,9 @@ impl Block {
             Block::TargetNotFound { name, namespace } => {
                 format!("Deployment {name} not found in namespace {namespace}")
             }
+            Block::TargetIsAClone { name, canary } => format!(
+                "Deployment {name} is the recording clone of RecordingCanary {canary}; target the Deployment it clones instead"
+            ),
             Block::ServiceNotFound { name, namespace } => {
                 format!("Service {name} not found in namespace {namespace}")
             }
@@ -277,6 +286,12 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         name: c.spec.target_ref.name.clone(),
         namespace: ns.clone(),
     })?;
+    if let Some(canary) = clone_of(&target.metadata) {
+        return Err(Block::TargetIsAClone {
+            name: c.spec.target_ref.name.clone(),
+            canary: canary.to_string(),
+        });
+    }
     if !o.service_exists {
         return Err(Block::ServiceNotFound {
             name: c.spec.service_name().into(),
