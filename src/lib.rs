@@ -14,6 +14,7 @@
 //!   over the caches; [`small_set`]: the index's sets of one or two;
 //! - [`controller`]: watches, observation and the reconcile loop;
 //! - [`client`]: the Kubernetes client, counting its requests;
+//! - [`memory`]: freed heap pages go back to the system;
 //! - [`metrics`], [`admin`], [`lease`], [`shard`]: Prometheus metrics, the admin server, leader
 //!   election, and the split of canaries between shards.
 
@@ -29,6 +30,7 @@ pub mod index;
 pub mod istio;
 pub mod istio_status;
 pub mod lease;
+pub mod memory;
 pub mod mesh_object;
 pub mod metrics;
 pub mod planner;

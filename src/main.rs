@@ -156,6 +156,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
         stopped(),
     ));
 
+    tokio::spawn(recording_canary::memory::trim_every(
+        recording_canary::memory::PERIOD,
+    ));
+
     // SIGTERM or Ctrl-C: stop gracefully.
     let signal_tx = stop_tx.clone();
     tokio::spawn(async move {
