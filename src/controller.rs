@@ -36,6 +36,7 @@ use crate::Error;
 use crate::admission::StableLabelling;
 use crate::api::RecordingCanary;
 use crate::cache::Selective;
+use crate::deployments::DeploymentFacts;
 use crate::events::Publisher;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
@@ -54,7 +55,7 @@ pub struct Scope {
     canaries: Store<RecordingCanary>,
     virtual_services: Store<MeshObject>,
     destination_rules: Store<MeshObject>,
-    deployments: Selective<Deployment>,
+    deployments: Selective<DeploymentFacts>,
     services: Selective<Service>,
     pods: Selective<PodFacts>,
     index: RwLock<Index>,
@@ -324,27 +325,6 @@ fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<Mes
     }
 }
 
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// What the caches keep of a Deployment: all but managedFields and kubectl's copy of the spec;
-/// of a clone, not its pod template; of any other Deployment (a target), not its status. The
-/// planner reads of a clone its metadata (the source hash annotation says which template it
-/// runs), replicas, selector and status; of a target its metadata and spec. It builds the
-/// clone's template from the target, and never targets a clone (`TargetIsAClone`).
-pub fn strip_deployment(d: &mut Deployment) {
-    d.metadata.managed_fields = None;
-    if let Some(a) = d.metadata.annotations.as_mut() {
-        a.remove(LAST_APPLIED);
-    }
-    if planner::clone_of(&d.metadata).is_some() {
-        if let Some(spec) = d.spec.as_mut() {
-            spec.template = Default::default();
-        }
-    } else {
-        d.status = None;
-    }
-}
-
 /// What the caches keep of a Service: its metadata (less managedFields) and selector.
 pub fn strip_service(s: &mut Service) {
     s.metadata.managed_fields = None;
@@ -518,14 +498,14 @@ pub async fn run(
         &ctx,
         gated(
             canaries_known(),
-            scoped::<Deployment>(&client, &namespace),
+            scoped::<DeploymentFacts>(&client, &namespace),
             watcher::Config::default(),
         ),
         "Deployment",
-        strip_deployment,
+        DeploymentFacts::strip_lag,
         {
             let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<Deployment>| on_deployment_event(&c, &s, ev)
+            move |ev: &Event<DeploymentFacts>| on_deployment_event(&c, &s, ev)
         },
     );
     let services = triggers_of(
@@ -776,7 +756,7 @@ fn forget_canary(ctx: &Context, scope: &Scope, k: &CanaryKey) {
 fn on_deployment_event(
     ctx: &Context,
     scope: &Scope,
-    ev: &Event<Deployment>,
+    ev: &Event<DeploymentFacts>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
     {
         let idx = scope.index();
@@ -906,8 +886,8 @@ fn mesh_kind(vs: bool) -> Kind {
 
 /// What the planner looks at, taken from the caches.
 struct Snapshot {
-    target: Option<Arc<Deployment>>,
-    clone: Option<Arc<Deployment>>,
+    target: Option<Deployment>,
+    clone: Option<Deployment>,
     service: Option<Arc<Service>>,
     pods: Vec<PodFacts>,
     virtual_services: Vec<Value>,
@@ -921,8 +901,14 @@ impl Snapshot {
         let name = c.name_any();
         let target_name = c.spec.target_ref.name.clone();
         let clone_name = c.spec.clone_name();
-        let target = scope.deployments.get(&ns, &target_name);
-        let clone = scope.deployments.get(&ns, &clone_name);
+        let target = scope
+            .deployments
+            .get(&ns, &target_name)
+            .map(|d| d.deployment());
+        let clone = scope
+            .deployments
+            .get(&ns, &clone_name)
+            .map(|d| d.deployment());
         let service = scope.services.get(&ns, c.spec.service_name());
         let selector = service.as_deref().map(selector_of).unwrap_or_default();
         let pods = scope
@@ -982,7 +968,7 @@ impl Snapshot {
 async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> Result<(), Error> {
     let ns = c.namespace().unwrap_or_default();
     let name = c.name_any();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let deployments: Api<DeploymentFacts> = Api::namespaced(ctx.client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     let target_name = c.spec.target_ref.name.clone();
     let service_name = c.spec.service_name().to_string();
@@ -997,7 +983,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             opt_if(p.clone, deployments.get_opt(&clone_name)),
         )?;
         for mut d in target.into_iter().chain(clone) {
-            strip_deployment(&mut d);
+            d.strip_lag();
             scope.deployments.insert_newer(d);
         }
         if p.objects {
@@ -1029,11 +1015,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             selector = scope
                 .deployments
                 .get(&ns, &target_name)
-                .and_then(|t| {
-                    t.spec
-                        .as_ref()
-                        .and_then(|s| s.selector.match_labels.clone())
-                })
+                .and_then(|t| t.deployment().spec?.selector.match_labels)
                 .unwrap_or_default();
         }
         if !selector.is_empty() {
@@ -1145,10 +1127,10 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         now: Timestamp::now(),
         started,
         cluster_domain: &ctx.cluster_domain,
-        target: snap.target.as_deref(),
+        target: snap.target.as_ref(),
         service_exists: snap.service.is_some(),
         service_selector: snap.service.as_deref().map(selector_of).unwrap_or_default(),
-        clone: snap.clone.as_deref(),
+        clone: snap.clone.as_ref(),
         pods: &snap.pods,
         virtual_services: &snap.virtual_services,
         destination_rules: &snap.destination_rules,

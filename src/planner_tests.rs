@@ -2606,7 +2606,7 @@ fn a_missing_target_blocks() {
 }
 
 /// The caches keep a clone without its pod template, and a target without its status
-/// (`controller::strip_deployment`): the planner must reach the same decisions as from the
+/// (`deployments::strip`): the planner must reach the same decisions as from the
 /// whole objects.
 #[test]
 fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
@@ -2615,7 +2615,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
         let full = w.plan();
         let mut stripped = w.clone();
         let mut cl = stripped.clone.take().expect("a clone");
-        crate::controller::strip_deployment(&mut cl);
+        crate::deployments::strip(&mut cl);
         assert_eq!(
             cl.spec.as_ref().map(|s| s.template.clone()),
             Some(Default::default()),
@@ -2624,7 +2624,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
         stripped.clone = Some(cl);
         if let Some(t) = stripped.target.as_mut() {
             t.status = Some(Default::default());
-            crate::controller::strip_deployment(t);
+            crate::deployments::strip(t);
             assert!(t.status.is_none(), "the cache drops a target's status");
             assert!(t.spec.as_ref().is_some_and(|s| s.template.spec.is_some()));
         }
@@ -2634,7 +2634,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
     // target.
     let mut w = serving_world(10);
     if let Some(cl) = w.clone.as_mut() {
-        crate::controller::strip_deployment(cl);
+        crate::deployments::strip(cl);
     }
     w.target = Some(target_with(4, "frontend:v2"));
     let p = w.plan();
