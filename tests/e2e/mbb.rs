@@ -195,6 +195,20 @@ pub struct Report {
 
 type Log = Arc<Mutex<Vec<Revision>>>;
 
+/// A watch retry after a fixed delay.
+struct Steady(Duration);
+
+impl Iterator for Steady {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0)
+    }
+}
+
+impl kube::runtime::utils::Backoff for Steady {
+    fn reset(&mut self) {}
+}
+
 pub struct MakeBeforeBreak {
     ns: String,
     log: Log,
@@ -217,8 +231,11 @@ impl MakeBeforeBreak {
             let log = log.clone();
             let ns = ns.to_string();
             tasks.push(tokio::spawn(async move {
+                // Retried every half second, not with kube's default backoff (up to 30 s): a
+                // watch still waiting to retry after a control-plane restart would resume only
+                // after a later deletion, with a re-list that does not show it (tests/restart.rs).
                 let mut stream = watcher(api, watcher::Config::default())
-                    .default_backoff()
+                    .backoff(Steady(Duration::from_millis(500)))
                     .boxed();
                 while let Some(ev) = stream.next().await {
                     let (obj, deleted) = match ev {
