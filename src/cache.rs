@@ -12,6 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
@@ -22,6 +23,22 @@ pub type Key = (String, String);
 /// The key of an object.
 pub fn key_of<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// Of an object's managedFields, only the time of the newest entry: what the watch's lag is
+/// measured from, until the object is stripped (for the compact kinds, `PodFacts` and
+/// `DeploymentFacts`, which drop the rest as they are read).
+pub fn newest_change_only(
+    fields: Option<Vec<ManagedFieldsEntry>>,
+) -> Option<Vec<ManagedFieldsEntry>> {
+    let newest = fields?
+        .into_iter()
+        .filter_map(|e| e.time)
+        .max_by_key(|t| t.0)?;
+    Some(vec![ManagedFieldsEntry {
+        time: Some(newest),
+        ..ManagedFieldsEntry::default()
+    }])
 }
 
 /// Whether resourceVersion `a` is at least `b`.

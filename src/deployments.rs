@@ -11,6 +11,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::cache::newest_change_only;
 use crate::planner;
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -56,22 +57,9 @@ impl DeploymentFacts {
     /// Keeps `d` as [`strip`] says; only the newest managedFields time stays, until
     /// [`DeploymentFacts::strip_lag`].
     pub fn new(mut d: Deployment) -> Self {
-        let changed = d
-            .metadata
-            .managed_fields
-            .iter()
-            .flatten()
-            .filter_map(|e| e.time.clone())
-            .max_by_key(|t| t.0);
+        let changed = newest_change_only(d.metadata.managed_fields.take());
         strip(&mut d);
-        d.metadata.managed_fields = changed.map(|t| {
-            vec![
-                k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry {
-                    time: Some(t),
-                    ..Default::default()
-                },
-            ]
-        });
+        d.metadata.managed_fields = changed;
         let body = Body {
             spec: d.spec,
             status: d.status,

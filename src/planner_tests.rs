@@ -466,6 +466,17 @@ fn created_clone(p: &Plan) -> Option<&Deployment> {
     })
 }
 
+/// The Deployment of the plan's `ReplaceClone`.
+fn replaced_clone(p: &Plan) -> &Deployment {
+    p.actions
+        .iter()
+        .find_map(|a| match a {
+            Action::ReplaceClone(d) => Some(d.as_ref()),
+            _ => None,
+        })
+        .expect("ReplaceClone")
+}
+
 fn ready_reason(p: &Plan) -> String {
     p.status
         .conditions
@@ -758,14 +769,7 @@ fn target_template_change_replaces_the_clone_keeping_its_selector_and_foreign_me
         .insert("legacy".into(), "x".into());
     w.target = Some(target_with(4, "frontend:v2"));
     let p = w.plan();
-    let replaced = p
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            Action::ReplaceClone(d) => Some(d.as_ref()),
-            _ => None,
-        })
-        .expect("ReplaceClone");
+    let replaced = replaced_clone(&p);
     assert!(!has(&p, |a| matches!(
         a,
         Action::ScaleClone { .. } | Action::CreateClone(_)
@@ -960,14 +964,7 @@ fn switching_a_live_clone_from_sidecar_to_ebpf_removes_the_inject_annotation() {
             .insert("webhook.example.com/seen".into(), "1".into());
     }
     let p = w.plan();
-    let replaced = p
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            Action::ReplaceClone(d) => Some(d.as_ref()),
-            _ => None,
-        })
-        .expect("ReplaceClone");
+    let replaced = replaced_clone(&p);
     let ann = replaced.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(ann.get(EBPF).map(String::as_str), Some("true"));
     assert!(!ann.contains_key(INJECT), "{ann:?}");
@@ -2638,14 +2635,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
     }
     w.target = Some(target_with(4, "frontend:v2"));
     let p = w.plan();
-    let replaced = p
-        .actions
-        .iter()
-        .find_map(|a| match a {
-            Action::ReplaceClone(d) => Some(d.as_ref()),
-            _ => None,
-        })
-        .expect("ReplaceClone");
+    let replaced = replaced_clone(&p);
     let template = &replaced.spec.as_ref().expect("spec").template;
     assert_eq!(
         template.spec.as_ref().expect("pod spec").containers[0]

@@ -7,8 +7,10 @@
 //! straight off the wire and skips the rest (the spec, most of the status) without building it.
 //! A kept pod costs about a tenth of a stripped `Pod` (see the README's memory section).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
+
+use crate::cache::newest_change_only;
 
 /// A pod as the controller keeps it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -100,12 +102,6 @@ struct WireWaiting {
 impl From<Wire> for PodFacts {
     fn from(w: Wire) -> Self {
         let m = w.metadata.unwrap_or_default();
-        let changed = m
-            .managed_fields
-            .iter()
-            .flatten()
-            .filter_map(|e| e.time.clone())
-            .max_by_key(|t| t.0);
         let status = w.status;
         let ready = status
             .as_ref()
@@ -132,12 +128,7 @@ impl From<Wire> for PodFacts {
                 deletion_timestamp: m.deletion_timestamp,
                 resource_version: m.resource_version,
                 uid: m.uid,
-                managed_fields: changed.map(|t| {
-                    vec![ManagedFieldsEntry {
-                        time: Some(t),
-                        ..ManagedFieldsEntry::default()
-                    }]
-                }),
+                managed_fields: newest_change_only(m.managed_fields),
                 ..ObjectMeta::default()
             },
             ready,
