@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntr
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, ListParams, VersionMatch};
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::runtime::{WatchStreamExt, reflector};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -53,8 +53,8 @@ use crate::writers;
 pub struct Scope {
     pub namespace: Option<String>,
     canaries: Store<RecordingCanary>,
-    virtual_services: Store<MeshObject>,
-    destination_rules: Store<MeshObject>,
+    virtual_services: Selective<MeshObject>,
+    destination_rules: Selective<MeshObject>,
     deployments: Selective<DeploymentFacts>,
     services: Selective<Service>,
     pods: Selective<PodFacts>,
@@ -106,7 +106,7 @@ impl Scope {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn mesh_store(&self, vs: bool) -> &Store<MeshObject> {
+    fn mesh_store(&self, vs: bool) -> &Selective<MeshObject> {
         if vs {
             &self.virtual_services
         } else {
@@ -249,10 +249,7 @@ impl Context {
 
     /// A cached VirtualService (`vs`) or DestinationRule, from whichever scope holds it.
     fn mesh_object(&self, vs: bool, ns: &str, name: &str) -> Option<Arc<MeshObject>> {
-        let ar = mesh_resource(vs);
-        self.scope_for(ns)?
-            .mesh_store(vs)
-            .get(&ObjectRef::new_with(name, ar).within(ns))
+        self.scope_for(ns)?.mesh_store(vs).get(ns, name)
     }
 
     /// Whether the caches still lack one of `key`'s writes (see [`Writes::stale`]); writes given
@@ -432,14 +429,12 @@ pub async fn run(
 ) {
     let client = ctx.client.clone();
     let (canary_reader, mut canary_writer) = reflector::store::<RecordingCanary>();
-    let vs_writer = Writer::<MeshObject>::new(istio::virtual_service_resource());
-    let dr_writer = Writer::<MeshObject>::new(istio::destination_rule_resource());
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
     let scope = Arc::new(Scope {
         namespace: namespace.clone(),
         canaries: canary_reader.clone(),
-        virtual_services: vs_writer.as_reader(),
-        destination_rules: dr_writer.as_reader(),
+        virtual_services: Selective::default(),
+        destination_rules: Selective::default(),
         deployments: Selective::default(),
         services: Selective::default(),
         pods: Selective::default(),
@@ -536,10 +531,15 @@ pub async fn run(
             move |ev: &Event<PodFacts>| on_pod_event(&c, &s, ev)
         },
     );
-    let mesh = |vs: bool, mut writer: Writer<MeshObject>| {
+    let mesh = |vs: bool| {
         let (c, s) = (ctx.clone(), scope.clone());
         let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
         let mut listed = false;
+        let kind = if vs {
+            "VirtualService"
+        } else {
+            "DestinationRule"
+        };
         triggers_of(
             &ctx,
             gated(
@@ -547,23 +547,20 @@ pub async fn run(
                 api,
                 watcher::Config::default().any_semantic(),
             ),
-            if vs {
-                "VirtualService"
-            } else {
-                "DestinationRule"
-            },
+            kind,
             strip_mesh,
             move |ev: &Event<MeshObject>| {
                 // A revision that differs from the cached one only in what the caches drop
                 // (istiod's progress messages, say) changes nothing the planner reads.
+                let store = s.mesh_store(vs);
                 let unchanged = match ev {
-                    Event::Apply(o) => s
-                        .mesh_store(vs)
-                        .get(&ObjectRef::from_obj_with(o, mesh_resource(vs)))
+                    Event::Apply(o) => store
+                        .get(&o.namespace().unwrap_or_default(), &o.name_any())
                         .is_some_and(|old| old.same_but_revision(o)),
                     _ => false,
                 };
-                writer.apply_watcher_event(ev);
+                store.apply(ev, |_| true);
+                c.metrics.cached(kind, store.len());
                 if matches!(ev, Event::InitDone) && !listed {
                     listed = true;
                     s.mesh_listed.done();
@@ -577,8 +574,8 @@ pub async fn run(
             },
         )
     };
-    let virtual_services = mesh(true, vs_writer);
-    let destination_rules = mesh(false, dr_writer);
+    let virtual_services = mesh(true);
+    let destination_rules = mesh(false);
     let from_other_scopes = stream::unfold(trigger_rx, |mut rx| async move {
         rx.recv().await.map(|t| (t, rx))
     });
