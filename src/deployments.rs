@@ -17,20 +17,23 @@ use crate::planner;
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// What the caches keep of a Deployment: all but managedFields and kubectl's copy of the spec;
-/// of a clone, not its pod template; of any other Deployment (a target), not its status. The
-/// planner reads of a clone its metadata (the source hash annotation says which template it
-/// runs), replicas, selector and status; of a target its metadata and spec. It builds the
-/// clone's template from the target, and never targets a clone (`TargetIsAClone`).
+/// of a clone, not its pod template; of any other Deployment (a target), neither its status nor
+/// its annotations. The planner reads of a clone its metadata (the source hash annotation says
+/// which template it runs), replicas, selector and status; of a target its labels, spec and the
+/// rest of its metadata, never its annotations. It builds the clone's template from the target,
+/// and never targets a clone (`TargetIsAClone`).
 pub fn strip(d: &mut Deployment) {
     d.metadata.managed_fields = None;
-    if let Some(a) = d.metadata.annotations.as_mut() {
-        a.remove(LAST_APPLIED);
-    }
     if planner::clone_of(&d.metadata).is_some() {
+        if let Some(a) = d.metadata.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
         if let Some(spec) = d.spec.as_mut() {
             spec.template = Default::default();
         }
     } else {
+        // Each annotation map costs a 544-byte B-tree node at least.
+        d.metadata.annotations = None;
         d.status = None;
     }
 }
@@ -147,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn a_target_comes_back_as_stripped_with_its_template_and_without_its_status() {
+    fn a_target_comes_back_as_stripped_with_its_template_and_without_its_status_or_annotations() {
         let v = wire(json!({"app": "web"}));
         let mut f: DeploymentFacts = serde_json::from_value(v.clone()).unwrap();
         let times: Vec<_> = f
@@ -168,11 +171,8 @@ mod tests {
                 .as_deref(),
             Some("web:v1")
         );
-        assert_eq!(
-            d.metadata.annotations.unwrap().len(),
-            1,
-            "kubectl's copy dropped"
-        );
+        assert_eq!(d.metadata.annotations, None);
+        assert_eq!(d.metadata.labels.unwrap().len(), 1);
     }
 
     #[test]
@@ -189,5 +189,10 @@ mod tests {
         assert_eq!(spec.template, Default::default());
         assert_eq!(spec.replicas, Some(3));
         assert_eq!(d.status.unwrap().ready_replicas, Some(2));
+        assert_eq!(
+            d.metadata.annotations.unwrap().keys().collect::<Vec<_>>(),
+            ["keep"],
+            "of a clone's annotations, only kubectl's copy dropped"
+        );
     }
 }
