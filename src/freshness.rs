@@ -86,9 +86,15 @@ pub struct EventVerdict {
 }
 
 /// The writes not yet seen in the caches, and when each canary last wrote its mesh objects.
+///
+/// Every lookup is by object or by canary, never a scan of all pending writes: at 10,000
+/// canaries converging, tens of thousands are pending at once, and every watch event and every
+/// reconcile asks.
 #[derive(Debug, Default)]
 pub struct Writes {
     pending: HashMap<ObjKey, Pending>,
+    /// The keys of `pending`, by the canary that wrote them.
+    by_canary: HashMap<CanaryKey, Vec<ObjKey>>,
     waiting: HashSet<CanaryKey>,
     mesh_written: HashMap<CanaryKey, Timestamp>,
     expired: Vec<Kind>,
@@ -101,14 +107,31 @@ impl Writes {
             if matches!(w.kind, Kind::VirtualService | Kind::DestinationRule) {
                 self.mesh_written.insert(canary.clone(), Timestamp::now());
             }
-            self.pending.insert(
-                (w.kind, ns.to_string(), w.name),
-                Pending {
-                    canary: canary.clone(),
-                    expect: w.expect,
-                    at: now,
-                },
-            );
+            let k = (w.kind, ns.to_string(), w.name);
+            let p = Pending {
+                canary: canary.clone(),
+                expect: w.expect,
+                at: now,
+            };
+            match self.pending.insert(k.clone(), p) {
+                Some(old) if &old.canary == canary => {}
+                old => {
+                    if let Some(old) = old {
+                        self.unlink(&old.canary, &k);
+                    }
+                    self.by_canary.entry(canary.clone()).or_default().push(k);
+                }
+            }
+        }
+    }
+
+    /// Drops `k` from `canary`'s list of pending writes.
+    fn unlink(&mut self, canary: &CanaryKey, k: &ObjKey) {
+        if let Some(keys) = self.by_canary.get_mut(canary) {
+            keys.retain(|x| x != k);
+            if keys.is_empty() {
+                self.by_canary.remove(canary);
+            }
         }
     }
 
@@ -143,6 +166,7 @@ impl Writes {
         let canary = p.canary.clone();
         let after = Some(p.at.elapsed());
         self.pending.remove(&k);
+        self.unlink(&canary, &k);
         let wake = (self.waiting.contains(&canary) && !self.has_pending(&canary)).then(|| {
             self.waiting.remove(&canary);
             canary
@@ -151,7 +175,7 @@ impl Writes {
     }
 
     fn has_pending(&self, canary: &CanaryKey) -> bool {
-        self.pending.values().any(|p| &p.canary == canary)
+        self.by_canary.contains_key(canary)
     }
 
     /// Whether the caches still lack a write of `canary`. `seen` tells what a cache holds of an
@@ -163,13 +187,14 @@ impl Writes {
         now: Instant,
         seen: impl Fn(Kind, &str, &str) -> Seen,
     ) -> bool {
-        let expired = &mut self.expired;
-        self.pending.retain(|(kind, ns, name), p| {
-            if &p.canary != canary {
-                return true;
-            }
-            let have = seen(*kind, ns, name);
-            let visible = match (&p.expect, have) {
+        let keys = self.by_canary.remove(canary).unwrap_or_default();
+        let mut left = Vec::with_capacity(keys.len());
+        for k in keys {
+            let Some(p) = self.pending.get(&k) else {
+                continue;
+            };
+            let (kind, ns, name) = &k;
+            let visible = match (&p.expect, seen(*kind, ns, name)) {
                 (Expect::AtLeast(want), Some((rv, _))) => rv_at_least(&rv, want),
                 (Expect::AtLeast(_), None) => false,
                 (Expect::Gone(uid), Some((_, have_uid))) => &have_uid != uid,
@@ -177,11 +202,17 @@ impl Writes {
             };
             if !visible && now.duration_since(p.at) > EXPIRY {
                 tracing::debug!(?kind, %ns, %name, "a write's watch event never came; planning without it");
-                expired.push(*kind);
-                return false;
+                self.expired.push(*kind);
             }
-            !visible
-        });
+            if visible || now.duration_since(p.at) > EXPIRY {
+                self.pending.remove(&k);
+            } else {
+                left.push(k);
+            }
+        }
+        if !left.is_empty() {
+            self.by_canary.insert(canary.clone(), left);
+        }
         let stale = self.has_pending(canary);
         if stale {
             self.waiting.insert(canary.clone());
@@ -193,7 +224,9 @@ impl Writes {
 
     /// Forgets a canary that went away.
     pub fn forget(&mut self, canary: &CanaryKey) {
-        self.pending.retain(|_, p| &p.canary != canary);
+        for k in self.by_canary.remove(canary).unwrap_or_default() {
+            self.pending.remove(&k);
+        }
         self.waiting.remove(canary);
         self.mesh_written.remove(canary);
     }
@@ -382,6 +415,40 @@ mod tests {
         assert!(w.mesh_written(&c()).is_some());
         w.forget(&c());
         assert!(w.mesh_written(&c()).is_none());
+        assert_eq!(w.pending(), 0);
+    }
+
+    #[test]
+    fn each_canary_waits_only_for_its_own_writes_and_a_rewrite_by_another_moves_the_wait() {
+        let mut w = Writes::default();
+        let t = Instant::now();
+        let other: CanaryKey = ("shop".into(), "back".into());
+        let pod = |rv: &str| vec![wrote(Kind::Pod, "p", Expect::AtLeast(rv.into()))];
+        w.record(&c(), "shop", pod("5"), t);
+        w.record(
+            &other,
+            "shop",
+            vec![wrote(Kind::Deployment, "b", Expect::AtLeast("6".into()))],
+            t,
+        );
+        let nothing_seen = |_: Kind, _: &str, _: &str| None;
+        assert!(w.stale(&c(), t, nothing_seen));
+        assert!(w.stale(&other, t, nothing_seen));
+        // The other canary labels the same pod: the write is now its to wait for.
+        w.record(&other, "shop", pod("7"), t);
+        assert!(!w.stale(&c(), t, nothing_seen), "no write of its own left");
+        assert_eq!(w.pending(), 2);
+        // Its Deployment's echo alone does not wake it: the pod is still awaited.
+        let v = w.on_event(Kind::Deployment, "shop", "b", "6", "u", false);
+        assert_seen(&v, true, None);
+        let v = w.on_event(Kind::Pod, "shop", "p", "7", "u", false);
+        assert_seen(&v, true, Some(other.clone()));
+        assert!(!w.stale(&other, t, nothing_seen));
+        assert_eq!(w.pending(), 0);
+        // Expired writes are dropped, and counted.
+        w.record(&c(), "shop", pod("9"), t);
+        assert!(!w.stale(&c(), t + EXPIRY + Duration::from_secs(1), nothing_seen));
+        assert_eq!(w.take_expired(), [Kind::Pod]);
         assert_eq!(w.pending(), 0);
     }
 }
