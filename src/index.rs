@@ -33,8 +33,9 @@ pub struct Entry {
     pub service: String,
     pub virtual_service: Option<String>,
     pub destination_rule: Option<String>,
-    /// The Service's pod selector, once the Service has been seen (empty: none).
-    pub selector: Option<BTreeMap<String, String>>,
+    /// The Service's pod selector, once the Service has been seen (empty: none), sorted by key.
+    /// (A slice: a `BTreeMap` of one entry takes a 544-byte node.)
+    pub selector: Option<Box<[(String, String)]>>,
     /// Objects of this canary that the caches may lack and must be read once.
     pub prime: Prime,
 }
@@ -159,8 +160,18 @@ pub fn deployment_of_pod(meta: &ObjectMeta) -> Option<&str> {
 }
 
 /// Whether a non-empty `selector` selects `labels`.
-pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+pub fn selects<'a>(
+    selector: impl IntoIterator<Item = (&'a String, &'a String)>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    let mut any = false;
+    for (k, v) in selector {
+        if labels.get(k) != Some(v) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 fn add(map: &mut HashMap<(String, String), SmallSet<String>>, k: (String, String), v: &str) {
@@ -329,7 +340,7 @@ impl Index {
             .get(&key(ns, name))
             .cloned()
             .unwrap_or_default();
-        let now = selector.unwrap_or_default();
+        let now: Box<[(String, String)]> = selector.unwrap_or_default().into_iter().collect();
         for n in &names {
             let Some(e) = self.canaries.get_mut(&key(ns, n)) else {
                 continue;
@@ -391,7 +402,7 @@ impl Index {
             for n in self.selecting.get(ns).into_iter().flatten() {
                 let k = key(ns, n);
                 let sel = self.canaries.get(&k).and_then(|e| e.selector.as_ref());
-                if sel.is_some_and(|s| selects(s, labels)) {
+                if sel.is_some_and(|s| selects(s.iter().map(|(k, v)| (k, v)), labels)) {
                     out.insert(k);
                 }
             }
