@@ -11,7 +11,7 @@
 //! own writes are tracked ([`freshness`]): a canary is planned again only once its caches show
 //! them, and their echoes wake nobody else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,6 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::stream::{self, BoxStream};
 use futures::{Future, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, ListParams, VersionMatch};
@@ -46,6 +45,7 @@ use crate::mesh_object::MeshObject;
 use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
 use crate::pods::PodFacts;
+use crate::services::ServiceFacts;
 use crate::shard::Shard;
 use crate::writers;
 
@@ -56,7 +56,7 @@ pub struct Scope {
     virtual_services: Selective<MeshObject>,
     destination_rules: Selective<MeshObject>,
     deployments: Selective<DeploymentFacts>,
-    services: Selective<Service>,
+    services: Selective<ServiceFacts>,
     pods: Selective<PodFacts>,
     index: RwLock<Index>,
     /// Triggers from events seen in other scopes (a VirtualService elsewhere naming a host here).
@@ -322,18 +322,6 @@ fn scoped_dyn(client: &Client, ns: &Option<String>, ar: &ApiResource) -> Api<Mes
     }
 }
 
-/// What the caches keep of a Service: its metadata (less managedFields) and selector.
-pub fn strip_service(s: &mut Service) {
-    s.metadata.managed_fields = None;
-    s.metadata.annotations = None;
-    let selector = s.spec.as_ref().and_then(|sp| sp.selector.clone());
-    s.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
-        selector,
-        ..Default::default()
-    });
-    s.status = None;
-}
-
 /// Keeps of a VirtualService's or DestinationRule's managedFields only who else wrote its routes
 /// or subsets, and when (to name whoever undoes a split), without the field sets themselves; this
 /// controller's own entries go (the planner never names itself, and each cost about 1.3 KB: two
@@ -509,14 +497,14 @@ pub async fn run(
         &ctx,
         gated(
             canaries_known(),
-            scoped::<Service>(&client, &namespace),
+            scoped::<ServiceFacts>(&client, &namespace),
             watcher::Config::default(),
         ),
         "Service",
-        strip_service,
+        ServiceFacts::strip,
         {
             let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<Service>| on_service_event(&c, &s, ev)
+            move |ev: &Event<ServiceFacts>| on_service_event(&c, &s, ev)
         },
     );
     let pods = triggers_of(
@@ -776,7 +764,7 @@ fn on_deployment_event(
 fn on_service_event(
     ctx: &Context,
     scope: &Scope,
-    ev: &Event<Service>,
+    ev: &Event<ServiceFacts>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
     {
         let idx = scope.index();
@@ -788,7 +776,7 @@ fn on_service_event(
     ctx.metrics.cached("Service", scope.services.len());
     match event_object(ev) {
         Some((svc, deleted)) => {
-            let selector = (!deleted).then(|| selector_of(svc));
+            let selector = (!deleted).then(|| svc.selector());
             scope
                 .index_mut()
                 .service_seen(
@@ -803,13 +791,6 @@ fn on_service_event(
         None if matches!(ev, Event::InitDone) => all_canaries(scope),
         None => Vec::new(),
     }
-}
-
-fn selector_of(svc: &Service) -> BTreeMap<String, String> {
-    svc.spec
-        .as_ref()
-        .and_then(|s| s.selector.clone())
-        .unwrap_or_default()
 }
 
 fn on_pod_event(
@@ -887,7 +868,7 @@ fn mesh_kind(vs: bool) -> Kind {
 struct Snapshot {
     target: Option<Deployment>,
     clone: Option<Deployment>,
-    service: Option<Arc<Service>>,
+    service: Option<Arc<ServiceFacts>>,
     pods: Vec<PodFacts>,
     virtual_services: Vec<Value>,
     destination_rules: Vec<Value>,
@@ -909,7 +890,10 @@ impl Snapshot {
             .get(&ns, &clone_name)
             .map(|d| d.deployment());
         let service = scope.services.get(&ns, c.spec.service_name());
-        let selector = service.as_deref().map(selector_of).unwrap_or_default();
+        let selector = service
+            .as_deref()
+            .map(ServiceFacts::selector)
+            .unwrap_or_default();
         let pods = scope
             .pods
             .in_namespace(&ns, |p| {
@@ -968,7 +952,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
     let ns = c.namespace().unwrap_or_default();
     let name = c.name_any();
     let deployments: Api<DeploymentFacts> = Api::namespaced(ctx.client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<ServiceFacts> = Api::namespaced(ctx.client.clone(), &ns);
     let target_name = c.spec.target_ref.name.clone();
     let service_name = c.spec.service_name().to_string();
     if p.objects || p.clone {
@@ -986,9 +970,9 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             scope.deployments.insert_newer(d);
         }
         if p.objects {
-            let selector = service.as_ref().map(selector_of);
+            let selector = service.as_ref().map(ServiceFacts::selector);
             if let Some(mut svc) = service {
-                strip_service(&mut svc);
+                svc.strip();
                 scope.services.insert_newer(svc);
             }
             scope.index_mut().service_seen(&ns, &service_name, selector);
@@ -1008,7 +992,7 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
         let mut selector = scope
             .services
             .get(&ns, &service_name)
-            .map(|s| selector_of(&s))
+            .map(|s| s.selector())
             .unwrap_or_default();
         if selector.is_empty() {
             selector = scope
@@ -1128,7 +1112,11 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         cluster_domain: &ctx.cluster_domain,
         target: snap.target.as_ref(),
         service_exists: snap.service.is_some(),
-        service_selector: snap.service.as_deref().map(selector_of).unwrap_or_default(),
+        service_selector: snap
+            .service
+            .as_deref()
+            .map(ServiceFacts::selector)
+            .unwrap_or_default(),
         clone: snap.clone.as_ref(),
         pods: &snap.pods,
         virtual_services: &snap.virtual_services,

@@ -9,8 +9,8 @@
 //!   as reached every proxy (its `Reconciled` condition);
 //! - [`planner`]: the pure function from observed objects to ordered actions;
 //! - [`writers`]: the thin layer that carries the actions out;
-//! - [`cache`], [`pods`], [`deployments`], [`index`], [`freshness`]: selective watch caches, what
-//!   they keep of a pod and of a Deployment, the map from each watched object to the canaries it concerns, and read-your-writes
+//! - [`cache`], [`pods`], [`deployments`], [`services`], [`index`], [`freshness`]: selective watch
+//!   caches, what they keep of a pod, a Deployment and a Service, the map from each watched object to the canaries it concerns, and read-your-writes
 //!   over the caches; [`small_set`]: the index's sets of one or two;
 //! - [`controller`]: watches, observation and the reconcile loop;
 //! - [`client`]: the Kubernetes client, counting its requests;
@@ -36,6 +36,7 @@ pub mod mesh_object;
 pub mod metrics;
 pub mod planner;
 pub mod pods;
+pub mod services;
 pub mod shard;
 pub mod small_set;
 pub mod writers;

@@ -15,7 +15,6 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use kube::api::DynamicObject;
 use kube::runtime::reflector;
@@ -23,13 +22,14 @@ use kube::runtime::watcher::Event;
 
 use recording_canary::api::RecordingCanary;
 use recording_canary::cache::Selective;
-use recording_canary::controller::{strip_mesh, strip_service};
+use recording_canary::controller::strip_mesh;
 use recording_canary::deployments::DeploymentFacts;
 use recording_canary::events::Series;
 use recording_canary::index::{Index, MeshRefs};
 use recording_canary::mesh_object::MeshObject;
 use recording_canary::metrics::Metrics;
 use recording_canary::pods::PodFacts;
+use recording_canary::services::ServiceFacts;
 
 struct Counting;
 
@@ -143,11 +143,11 @@ fn main() {
         })
         .collect();
     println!(
-        "inline sizes (bytes): ObjectMeta {}, RecordingCanary {}, DeploymentFacts {}, Service {}, PodFacts {}, MeshObject {}",
+        "inline sizes (bytes): ObjectMeta {}, RecordingCanary {}, DeploymentFacts {}, ServiceFacts {}, PodFacts {}, MeshObject {}",
         size_of::<kube::api::ObjectMeta>(),
         size_of::<RecordingCanary>(),
         size_of::<DeploymentFacts>(),
-        size_of::<Service>(),
+        size_of::<ServiceFacts>(),
         size_of::<PodFacts>(),
         size_of::<MeshObject>()
     );
@@ -192,8 +192,8 @@ fn main() {
                 index.upsert(&c);
             }
             for w in &wire {
-                let s: Service = parse(&w[3], "service");
-                let sel = s.spec.as_ref().and_then(|sp| sp.selector.clone());
+                let s: ServiceFacts = parse(&w[3], "service");
+                let sel = Some(s.selector());
                 index.service_seen(&s.namespace().unwrap_or_default(), &s.name_any(), sel);
                 for (vs, j) in [(true, 6), (false, 7)] {
                     let o: DynamicObject = parse(&w[j], "mesh object");
@@ -220,11 +220,11 @@ fn main() {
             }
         },
     );
-    let services = Selective::<Service>::default();
-    measure("Service (stripped)", &mut || {
+    let services = Selective::<ServiceFacts>::default();
+    measure("Service (ServiceFacts)", &mut || {
         for w in &wire {
-            let mut s: Service = parse(&w[3], "service");
-            strip_service(&mut s);
+            let mut s: ServiceFacts = parse(&w[3], "service");
+            s.strip();
             services.apply(&Event::Apply(s), |_| true);
         }
     });
