@@ -22,7 +22,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ApiResource, ListParams, VersionMatch};
-use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::controller::{Action as Requeue, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::runtime::{WatchStreamExt, reflector};
@@ -160,6 +160,8 @@ pub struct Context {
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
     /// Reconciles running at once, across every scope (see [`Context::with_max_reconciles`]).
     reconciles: Arc<tokio::sync::Semaphore>,
+    /// The same limit, given to each scope's kube-runtime controller.
+    max_reconciles: u16,
 }
 
 /// The default of `--max-concurrent-reconciles`.
@@ -187,15 +189,20 @@ impl Context {
             reconciles: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 DEFAULT_MAX_RECONCILES,
             ))),
+            max_reconciles: DEFAULT_MAX_RECONCILES,
         }
     }
 
     /// At most `n` canaries (at least 1) observed, planned and applied at once, across every
-    /// scope. kube-runtime starts a reconcile for every canary with a trigger; when thousands
-    /// arrive together (a GitOps sync), unbounded, each would hold its observed objects while
-    /// waiting for the apiserver. The others wait their turn here, holding nothing.
+    /// scope. Each scope's kube-runtime controller starts at most `n` reconciles at once (each
+    /// is a task that holds its whole future, about 15 KB, from the start); unbounded, it would
+    /// start one for every canary with a trigger, and when thousands arrive together (a GitOps
+    /// sync) they would wait for a turn here all at once: 150 MB at 10,000 canaries. The
+    /// semaphore bounds the reconciles of all scopes together.
     pub fn with_max_reconciles(mut self, n: usize) -> Self {
-        self.reconciles = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        let n = n.clamp(1, usize::from(u16::MAX));
+        self.reconciles = Arc::new(tokio::sync::Semaphore::new(n));
+        self.max_reconciles = u16::try_from(n).unwrap_or(u16::MAX);
         self
     }
 
@@ -579,6 +586,7 @@ pub async fn run(
     ]);
 
     Controller::for_stream(canary_stream, canary_reader)
+        .with_config(ControllerConfig::default().concurrency(ctx.max_reconciles))
         .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -1047,7 +1055,9 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     // Never closed, so never an error; without a permit it would only run unbounded.
     let _turn = ctx.reconciles.clone().acquire_owned().await.ok();
     let started = Instant::now();
-    let result = reconcile_inner(&ns, &name, &ctx).instrument(span).await;
+    // Boxed: the planning future is large, and a reconcile that waits for its turn above (one
+    // of another scope's, say) should not hold it meanwhile.
+    let result = Box::pin(reconcile_inner(&ns, &name, &ctx).instrument(span)).await;
     ctx.metrics.observe(
         started.elapsed(),
         result.as_ref().err().map(Error::metric_label),
@@ -1302,6 +1312,32 @@ mod tests {
             json!([{"manager": "argocd-controller", "operation": "Update",
                     "time": "2026-01-01T00:00:00Z", "fieldsV1": {"f:spec": {"f:http": {}}}}])
         );
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_waiting_for_its_turn_holds_a_small_future_not_the_planning_one() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = Client::try_from(config).unwrap();
+        let ctx = Arc::new(
+            Context::new(client, Arc::new(Metrics::default()), "cluster.local", None)
+                .with_max_reconciles(1),
+        );
+        let canary: RecordingCanary = serde_json::from_value(json!({
+            "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+            "metadata": {"name": "c", "namespace": "shop"},
+            "spec": {"targetRef": {"name": "web"}, "percent": 10},
+        }))
+        .unwrap();
+        // kube-runtime spawns each reconcile as a task holding this future; with thousands of
+        // canaries triggered at once, the ones waiting must stay small.
+        let waiting = std::mem::size_of_val(&reconcile(Arc::new(canary), ctx.clone()));
+        let planning = std::mem::size_of_val(&reconcile_inner("shop", "c", &ctx));
+        assert!(
+            waiting < 1024 && planning > 4 * waiting,
+            "waiting {waiting} bytes, planning {planning} bytes"
+        );
+        eprintln!("reconcile future: waiting {waiting} bytes, planning {planning} bytes");
+        assert_eq!(ctx.max_reconciles, 1);
     }
 
     fn istiod(acked: i64, observed: &str, cond: &str) -> Value {
