@@ -1,7 +1,9 @@
 //! Controller wiring: watch caches, the index, and the reconcile loop around the planner.
 //!
 //! Everything the planner needs is read from watch caches, never listed per reconcile:
-//! - RecordingCanaries, VirtualServices and DestinationRules: kube reflector stores;
+//! - RecordingCanaries: kube's reflector store (the controller's own);
+//! - VirtualServices and DestinationRules: [`Selective`] stores that keep every one of the
+//!   scope (a host may be configured by any of them), as [`MeshObject`]s;
 //! - Deployments, Services and Pods: [`Selective`] stores that keep only the objects some canary
 //!   is interested in (targets, clones, their pods, the canaries' Services), so that memory does
 //!   not grow with unrelated workloads.
