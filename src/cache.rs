@@ -25,6 +25,34 @@ pub fn key_of<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
 }
 
+/// Makes `$facts`, a compact form of the Kubernetes kind `$kind` with a `metadata: ObjectMeta`
+/// field, a k8s-openapi resource of that kind (its constants taken from `$kind`), so that
+/// `Api<$facts>` lists and watches the real kind and reads each object straight into `$facts`.
+#[macro_export]
+macro_rules! facts_of {
+    ($facts:ty, $kind:ty) => {
+        impl k8s_openapi::Resource for $facts {
+            const API_VERSION: &'static str = <$kind as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$kind as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$kind as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$kind as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str =
+                <$kind as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <$kind as k8s_openapi::Resource>::Scope;
+        }
+
+        impl k8s_openapi::Metadata for $facts {
+            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+            fn metadata(&self) -> &Self::Ty {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut Self::Ty {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 /// Of an object's managedFields, only the time of the newest entry: what the watch's lag is
 /// measured from, until the object is stripped (for the compact kinds, `PodFacts` and
 /// `DeploymentFacts`, which drop the rest as they are read).
@@ -224,6 +252,24 @@ impl<K: Resource + Clone> Selective<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_compact_forms_list_and_watch_the_real_kinds() {
+        use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, core::v1::Service};
+        use kube::Resource as _;
+        assert_eq!(
+            crate::pods::PodFacts::url_path(&(), Some("ns")),
+            Pod::url_path(&(), Some("ns"))
+        );
+        assert_eq!(
+            crate::services::ServiceFacts::url_path(&(), Some("ns")),
+            Service::url_path(&(), Some("ns"))
+        );
+        assert_eq!(
+            crate::deployments::DeploymentFacts::url_path(&(), None),
+            Deployment::url_path(&(), None)
+        );
+    }
     use k8s_openapi::api::core::v1::ConfigMap;
     use kube::api::ObjectMeta;
 

@@ -100,24 +100,7 @@ impl<'de> Deserialize<'de> for DeploymentFacts {
     }
 }
 
-impl k8s_openapi::Resource for DeploymentFacts {
-    const API_VERSION: &'static str = "apps/v1";
-    const GROUP: &'static str = "apps";
-    const KIND: &'static str = "Deployment";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "deployments";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for DeploymentFacts {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::facts_of!(DeploymentFacts, Deployment);
 
 #[cfg(test)]
 mod tests {

@@ -37,24 +37,7 @@ impl PodFacts {
     }
 }
 
-impl k8s_openapi::Resource for PodFacts {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Pod";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "pods";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for PodFacts {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::facts_of!(PodFacts, k8s_openapi::api::core::v1::Pod);
 
 /// The wire form: what serde reads of a pod. `null` and absent mean the same.
 #[derive(Deserialize)]

@@ -36,24 +36,7 @@ impl ServiceFacts {
     }
 }
 
-impl k8s_openapi::Resource for ServiceFacts {
-    const API_VERSION: &'static str = "v1";
-    const GROUP: &'static str = "";
-    const KIND: &'static str = "Service";
-    const VERSION: &'static str = "v1";
-    const URL_PATH_SEGMENT: &'static str = "services";
-    type Scope = k8s_openapi::NamespaceResourceScope;
-}
-
-impl k8s_openapi::Metadata for ServiceFacts {
-    type Ty = ObjectMeta;
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::facts_of!(ServiceFacts, k8s_openapi::api::core::v1::Service);
 
 /// The wire form: what serde reads of a Service. `null` and absent mean the same.
 #[derive(Deserialize)]
