@@ -1046,6 +1046,10 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
             },
         );
     }
+    // The watch handlers set these gauges; what a prime inserted counts as well.
+    ctx.metrics.cached("Deployment", scope.deployments.len());
+    ctx.metrics.cached("Service", scope.services.len());
+    ctx.metrics.cached("Pod", scope.pods.len());
     Ok(())
 }
 

@@ -8,7 +8,8 @@
 //!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench fleet
 //!
 //! Env: RC_FLEET_CANARIES (default 100), RC_FLEET_NAMESPACES (default 10), RC_FLEET_CLIENTS
-//! (default 16), RC_FLEET_TIMEOUT_SECS (default 900, per phase), RC_FLEET_REPLICAS (replicas per
+//! (default 16), RC_FLEET_TIMEOUT_SECS (default 900, per phase), RC_FLEET_ROLLBACK_TIMEOUT_SECS
+//! (the rollback's own, if set: the report then says how far it got), RC_FLEET_REPLICAS (replicas per
 //! target; default 2, 1 from 1000 canaries on), RC_FLEET_CLUSTER_WIDE=1 (run the controller
 //! without --namespace), RC_FLEET_SHARDS (default 1: one process, no leader election; N > 1: N
 //! processes with `--leader-elect=true --shards N` and the same scope, each leading one shard
@@ -35,6 +36,10 @@ async fn main() {
     let mut cfg = driver::FleetConfig::new(kubeconfig, canaries, namespaces);
     cfg.clients = driver::env_usize("RC_FLEET_CLIENTS", 16).max(1);
     cfg.phase_timeout = Duration::from_secs(driver::env_usize("RC_FLEET_TIMEOUT_SECS", 900) as u64);
+    cfg.rollback_timeout = std::env::var("RC_FLEET_ROLLBACK_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
     cfg.replicas = driver::env_usize("RC_FLEET_REPLICAS", cfg.replicas as usize) as i32;
     cfg.shards = driver::env_usize("RC_FLEET_SHARDS", 1).max(1);
     cfg.tag = "bench".into();

@@ -90,6 +90,9 @@ pub struct FleetConfig {
     pub replicas: i32,
     /// Deadline of each phase (floor, converge, ramp, rollback).
     pub phase_timeout: Duration,
+    /// Deadline of the rollback, when it should differ: a run that stops waiting reports how
+    /// far the rollback got, with the controller's calls and memory until then.
+    pub rollback_timeout: Option<Duration>,
     /// Length of the steady-state window.
     pub steady: Duration,
     /// Run the controller cluster-wide instead of with one `--namespace` per fleet namespace.
@@ -116,6 +119,7 @@ impl FleetConfig {
             clients: 16,
             replicas: if canaries >= 1000 { 1 } else { 2 },
             phase_timeout: Duration::from_secs(900),
+            rollback_timeout: None,
             steady: Duration::from_secs(10),
             cluster_wide: env_flag("RC_FLEET_CLUSTER_WIDE"),
             shards: 1,
@@ -1058,7 +1062,7 @@ impl Fleet {
         .await?;
         let canary_keys = self.keys(app);
         let clone_keys = self.keys(clone_of);
-        let deadline = self.deadline();
+        let deadline = Instant::now() + self.cfg.rollback_timeout.unwrap_or(self.cfg.phase_timeout);
         let r = self
             .wait_for("rollback", deadline, || {
                 let canaries = self.canaries.map();
@@ -1286,7 +1290,7 @@ impl Fleet {
             if now >= deadline {
                 return Err(format!(
                     "{what} did not finish within {}: {}/{} {}{}; still waiting for {} item(s), e.g.:\n  {}",
-                    secs(self.cfg.phase_timeout),
+                    secs(deadline.saturating_duration_since(t)),
                     p.done,
                     p.total,
                     p.unit,
