@@ -110,6 +110,15 @@ impl<K> Inner<K> {
             !m.is_empty()
         });
     }
+
+    fn retain_in(&mut self, ns: &str, keep: impl Fn(&K) -> bool) {
+        if let Some(m) = self.objects.get_mut(ns) {
+            m.retain(|_, o| keep(o));
+            if m.is_empty() {
+                self.objects.remove(ns);
+            }
+        }
+    }
 }
 
 /// A store of the objects of one kind that some canary is interested in.
@@ -223,10 +232,11 @@ impl<K: Resource + Clone> Selective<K> {
         }
     }
 
-    /// Drops every kept object for which `keep` is false (a canary went away).
-    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+    /// Drops the kept objects of namespace `ns` for which `keep` is false (a canary of that
+    /// namespace went away): the other namespaces are not looked at.
+    pub fn retain_in(&self, ns: &str, keep: impl Fn(&K) -> bool) {
         if let Ok(mut g) = self.inner.write() {
-            g.retain(|_, _, o| keep(o));
+            g.retain_in(ns, |o| keep(o));
         }
     }
 

@@ -249,11 +249,10 @@ impl Index {
     }
 
     /// Forgets a canary.
-    pub fn remove(&mut self, ns: &str, name: &str) {
+    /// Forgets canary `ns/name`; returns what the index knew of it.
+    pub fn remove(&mut self, ns: &str, name: &str) -> Option<Entry> {
         let k = key(ns, name);
-        let Some(e) = self.canaries.remove(&k) else {
-            return;
-        };
+        let e = self.canaries.remove(&k)?;
         del(&mut self.by_deployment, key(ns, &e.target), name);
         del(&mut self.by_deployment, key(ns, &e.clone), name);
         del(&mut self.by_service, key(ns, &e.service), name);
@@ -274,6 +273,7 @@ impl Index {
                 set.remove(&k);
             }
         }
+        Some(e)
     }
 
     pub fn get(&self, ns: &str, name: &str) -> Option<&Entry> {
@@ -399,11 +399,15 @@ impl Index {
             }
         }
         if let Some(labels) = meta.labels.as_ref() {
+            // One key, its name overwritten per canary: a pod event passes every canary of its
+            // namespace that selects pods, and most do not select this pod.
+            let mut k = key(ns, "");
             for n in self.selecting.get(ns).into_iter().flatten() {
-                let k = key(ns, n);
+                k.1.clear();
+                k.1.push_str(n);
                 let sel = self.canaries.get(&k).and_then(|e| e.selector.as_ref());
                 if sel.is_some_and(|s| selects(s.iter().map(|(k, v)| (k, v)), labels)) {
-                    out.insert(k);
+                    out.insert(k.clone());
                 }
             }
         }
