@@ -291,7 +291,7 @@ pub struct RecordingCanaryStatus {
     /// Replicas the clone Deployment asks for.
     #[serde(default)]
     pub clone_replicas: i32,
-    /// Ready replicas of the clone.
+    /// Ready replicas of the clone: its pods that are Ready and not being deleted.
     #[serde(default)]
     pub clone_ready_replicas: i32,
     /// The VirtualServices this canary splits (`namespace/name`).

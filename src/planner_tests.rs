@@ -181,6 +181,15 @@ fn pod_of(deploy: &str, hash: &str, name: &str) -> PodB {
     }
 }
 
+/// `a`, `b`, … for pod names.
+fn pod_suffix(i: i32) -> String {
+    u8::try_from(i)
+        .ok()
+        .filter(|i| *i < 26)
+        .map(|i| char::from(b'a' + i).to_string())
+        .unwrap_or_else(|| i.to_string())
+}
+
 fn target_pod(name: &str) -> PodB {
     pod_of(TARGET, "7d9f", name)
 }
@@ -319,11 +328,19 @@ impl World {
         self
     }
 
+    /// `ready` of the clone's pods Ready (what the planner counts), and its Deployment's
+    /// status saying the same. Clone pods that are not Ready (crash looping, say) stay.
     fn clone_ready(mut self, ready: i32) -> Self {
         if let Some(cl) = self.clone.as_mut() {
             cl.status
                 .get_or_insert_with(Default::default)
                 .ready_replicas = Some(ready);
+        }
+        self.pods
+            .retain(|p| !(pod_of_deployment(p, CLONE) && p.serving()));
+        for i in 0..ready {
+            self.pods
+                .push(clone_pod(&format!("frontend-recording-5c4b-{}", pod_suffix(i))).build());
         }
         self
     }
@@ -380,7 +397,7 @@ fn serving_world(pct: i32) -> World {
     let t = target(4);
     // Ready replicas enough for any weight of a 4-replica target.
     let clone = live_clone(&built, &t, clone_replicas(4, pct, pct, None), 4);
-    World {
+    let w = World {
         canary: built,
         now: at(0),
         started: at(-3600),
@@ -390,14 +407,14 @@ fn serving_world(pct: i32) -> World {
         pods: vec![
             target_pod("frontend-7d9f-a").stable().build(),
             target_pod("frontend-7d9f-b").stable().build(),
-            clone_pod("frontend-recording-5c4b-a").build(),
         ],
         vss: vec![split_vs(pct.into())],
         drs: vec![split_dr()],
         rivals: vec![],
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
-    }
+    };
+    w.clone_ready(4)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1593,7 +1610,6 @@ fn a_clone_without_a_ready_replica_gets_no_weight() {
         .status(status(phase::PROGRESSING, "WaitingForClone", 0))
         .build();
     w = w.clone_ready(0);
-    w.pods.pop();
     w.pods
         .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
     let p = w.plan();
@@ -1619,6 +1635,53 @@ fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
     assert_eq!(p.status.current_percent, 10);
     assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
     assert_eq!(event_reasons(&p), vec!["RoutesSplit", "TargetReached"]);
+}
+
+#[test]
+fn a_ready_clone_pod_gets_the_weight_before_its_deployment_status_says_so() {
+    // The kube-controller-manager's deployment controller writes `readyReplicas` a pass of its
+    // work queue after the pod is Ready: minutes, when thousands of Deployments change at once.
+    let mut w = serving_world(10);
+    w.vss = vec![split_vs(0)];
+    w.canary = canary()
+        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
+        .build();
+    w = w.clone_ready(1);
+    if let Some(st) = w.clone.as_mut().and_then(|c| c.status.as_mut()) {
+        st.ready_replicas = None;
+    }
+    let p = w.plan();
+    let after = apply_ops(
+        &w.vss[0],
+        patch_of(&p, MeshKind::VirtualService, "frontend").expect("the split"),
+    );
+    assert_eq!(weights(&after, 0), vec![90, 10]);
+    assert_eq!(p.status.clone_ready_replicas, 1);
+}
+
+#[test]
+fn a_clone_whose_status_still_says_ready_but_whose_pods_are_not_gets_no_weight() {
+    // The other way round: the pod stopped being Ready (or is being deleted) and the
+    // Deployment's status has not caught up. The weight drains at once.
+    for how in ["not-ready", "terminating", "gone"] {
+        let mut w = serving_world(10).clone_ready(0);
+        if let Some(st) = w.clone.as_mut().and_then(|c| c.status.as_mut()) {
+            st.ready_replicas = Some(4);
+        }
+        match how {
+            "not-ready" => w
+                .pods
+                .push(clone_pod("frontend-recording-5c4b-a").not_ready().build()),
+            "terminating" => w
+                .pods
+                .push(clone_pod("frontend-recording-5c4b-a").terminating().build()),
+            _ => {}
+        }
+        let p = w.plan();
+        assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]), "{how}");
+        assert_eq!(ready_reason(&p), "CloneNotReady", "{how}");
+        assert_eq!(p.status.clone_ready_replicas, 0, "{how}");
+    }
 }
 
 #[test]
@@ -3083,12 +3146,11 @@ impl Sim {
         if recording_weight(&self.w.vss) > 0 {
             let ready = self
                 .w
-                .clone
-                .as_ref()
-                .and_then(|c| c.status.as_ref())
-                .and_then(|s| s.ready_replicas)
-                .unwrap_or(0);
-            assert!(ready >= 1, "weight to a clone without a ready replica");
+                .pods
+                .iter()
+                .filter(|p| pod_of_deployment(p, CLONE) && p.serving())
+                .count();
+            assert!(ready >= 1, "weight to a clone without a ready pod");
         }
     }
 
@@ -3358,7 +3420,6 @@ fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
         .status(status(phase::PROGRESSING, "WaitingForClone", 0))
         .build();
     w = w.clone_ready(0);
-    w.pods.pop();
     if let Some(cl) = w.clone.as_mut()
         && let Some(st) = cl.status.as_mut()
     {
@@ -3986,6 +4047,7 @@ fn weights_that_do_not_sum_to_100_keep_their_sum_when_split() {
         .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
         .build();
     w.clone = Some(live_clone(&w.canary, &target(4), 1, 1));
+    let w = w.clone_ready(1);
     let p = w.plan();
     let after = apply_ops(
         w.vs_named("frontend"),
@@ -4086,10 +4148,7 @@ fn percent_zero_with_always_records_only_the_forced_requests_on_one_replica() {
         .status(status(phase::READY, "TargetReached", 0));
     let mut w = serving_world(0).with_canary(c);
     // serving_world(0) has no clone replica: it is sized to one, and nothing is forced yet.
-    w.clone = w.clone.map(|mut cl| {
-        cl.status = Some(DeploymentStatus::default());
-        cl
-    });
+    w = w.clone_ready(0);
     let p = w.plan();
     assert_eq!(p.status.clone_replicas, 1, "{:#?}", p.actions);
     let forced = patch_of(&p, MeshKind::VirtualService, "frontend")

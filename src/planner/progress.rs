@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 
 use super::block::{Checked, Choice};
-use super::safety::CloneHealth;
+use super::safety::{self, CloneHealth};
 use super::{
     Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
@@ -320,11 +320,11 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
     let spec = &k.spec;
     let target_replicas = k.target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
     b.status.target_replicas = target_replicas;
-    let clone_ready = o
-        .clone
-        .and_then(|d| d.status.as_ref())
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
+    let clone_ready = if o.clone.is_some() {
+        safety::clone_ready_pods(b)
+    } else {
+        0
+    };
     b.status.clone_ready_replicas = clone_ready;
     let prev_step = parse_time(b.prev.last_step_time.as_deref());
     let (desired, sizing) = if spec.percent == 0 || !health.healthy() {

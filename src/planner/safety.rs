@@ -70,12 +70,11 @@ pub(super) fn label_target_pods(b: &mut Builder) {
 pub(super) fn clone_health(b: &Builder) -> CloneHealth {
     let o = b.o;
     let c = o.canary;
-    let Some(clone) = o
-        .clone
-        .filter(|cl| cl.labels().get(CANARY_LABEL) == Some(&c.name_any()))
-    else {
+    if o.clone
+        .is_none_or(|cl| cl.labels().get(CANARY_LABEL) != Some(&c.name_any()))
+    {
         return CloneHealth::Missing;
-    };
+    }
     let clone_name = c.spec.clone_name();
     if o.pods
         .iter()
@@ -83,15 +82,25 @@ pub(super) fn clone_health(b: &Builder) -> CloneHealth {
     {
         return CloneHealth::CrashLooping;
     }
-    let ready = clone
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    if ready < 1 {
+    if clone_ready_pods(b) < 1 {
         return CloneHealth::NotReady;
     }
     CloneHealth::Healthy
+}
+
+/// The clone's Ready replicas: its pods in the watch cache that are Ready and not being deleted.
+/// Not the Deployment's `status.readyReplicas`, which the kube-controller-manager's deployment
+/// controller writes one pass of its work queue after the pods (minutes late when that queue is
+/// deep, as when thousands of Deployments change at once), and which stays stale the other way
+/// too: a clone pod that stops being Ready is seen here at once.
+pub(super) fn clone_ready_pods(b: &Builder) -> i32 {
+    let clone_name = b.o.canary.spec.clone_name();
+    let n =
+        b.o.pods
+            .iter()
+            .filter(|p| p.serving() && pod_of_deployment(p, &clone_name))
+            .count();
+    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// While progress is blocked: a sick clone's weight goes to 0 in every VirtualService this
