@@ -1691,10 +1691,11 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
         watcher::Config::default().fields("metadata.name=frontend"),
     )
     .await;
-    let clones = Tape::start(
+    // The clone's pods: the controller counts a clone's Ready replicas from them.
+    let clone_pods = Tape::start(
         &h,
-        h.deployments(),
-        watcher::Config::default().fields(&format!("metadata.name={CLONE}")),
+        h.pods_api(),
+        watcher::Config::default().labels("recordingcanary.dev/role=recording"),
     )
     .await;
     let vs_revisions_since = |t: Instant| -> Vec<(u64, Value)> {
@@ -1709,28 +1710,36 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
     // (a) The clone: re-created. While it is missing or not Ready it gets no traffic.
     let old_clone = h.deployment(CLONE).await.expect("the clone");
     let old_uid = old_clone.metadata.uid.clone().unwrap_or_default();
+    let old_pods: BTreeSet<String> = clone_pods
+        .seen()
+        .iter()
+        .map(|s| uid_of(&s.object))
+        .collect();
     let t = Instant::now();
     h.faults_injected(1);
     h.k(&["delete", "deployment", CLONE]).await;
-    // Until the controller has reacted, the VirtualService is still at 90/10: first the
-    // re-created clone with a Ready replica (the first revision of it, from the clone watch),
-    // then 90/10 again.
+    // Until the controller has reacted, the VirtualService is still at 90/10: first a pod of
+    // the re-created clone Ready (the first such revision, from the pod watch), then 90/10
+    // again.
     let ready_rv = h
         .until(
-            "(a) the clone watch to see the re-created clone with a Ready replica",
+            "(a) the pod watch to see a Ready pod of the re-created clone",
             WAIT,
             || async {
-                clones
+                clone_pods
                     .seen()
                     .iter()
                     .filter(|s| {
                         !s.deleted
-                            && uid_of(&s.object) != old_uid
-                            && s.object["status"]["readyReplicas"].as_i64().unwrap_or(0) >= 1
+                            && !old_pods.contains(&uid_of(&s.object))
+                            && serde_json::from_value(s.object.clone()).is_ok_and(|p| pod_ready(&p))
                     })
                     .map(|s| rv_of(&s.object))
                     .min()
-                    .ok_or(format!("{} clone revisions seen", clones.seen().len()))
+                    .ok_or(format!(
+                        "{} clone pod revisions seen",
+                        clone_pods.seen().len()
+                    ))
             },
         )
         .await;
@@ -1751,7 +1760,7 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
         .map(|(rv, v)| format!("rv {rv}: {}", route_summary(v)))
         .collect();
     eprintln!(
-        "[e2e] {ns}: (a) clone deleted: back at 10% in {took:?}; new clone Ready at rv {ready_rv}; \
+        "[e2e] {ns}: (a) clone deleted: back at 10% in {took:?}; new clone pod Ready at rv {ready_rv}; \
          VirtualService revisions since:\n  {}\ncanary:\n{}",
         weights_a.join("\n  "),
         canary_timeline(&canaries, t)
@@ -1773,7 +1782,7 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
         .collect();
     assert!(
         early.is_empty(),
-        "(a) traffic went back to the re-created clone before it had a Ready replica (rv \
+        "(a) traffic went back to the re-created clone before it had a Ready pod (rv \
          {ready_rv}): {early:?}"
     );
 
@@ -1896,7 +1905,7 @@ async fn objects_deleted_by_someone_else_mid_flight_are_recreated_or_reported_wi
         t.elapsed(),
         canary_timeline(&canaries, t)
     );
-    drop((canaries, clones));
+    drop((canaries, clone_pods));
 
     // Make-before-break: the only violations allowed are those of the external deletion of the
     // DestinationRule in (b) (it took the subsets away under the VirtualService's routes, which
