@@ -96,6 +96,27 @@ impl Countdown {
 }
 
 impl Scope {
+    /// Empty caches and index for `namespace` (None: the whole cluster).
+    fn new(
+        namespace: Option<String>,
+        canaries: Store<RecordingCanary>,
+        triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
+    ) -> Self {
+        Self {
+            namespace,
+            canaries,
+            virtual_services: Selective::default(),
+            destination_rules: Selective::default(),
+            deployments: Selective::default(),
+            services: Selective::default(),
+            pods: Selective::default(),
+            index: RwLock::new(Index::default()),
+            triggers,
+            canaries_listed: tokio::sync::watch::channel(false).0,
+            mesh_listed: Countdown::new(2),
+        }
+    }
+
     fn covers(&self, ns: &str) -> bool {
         self.namespace.as_deref().is_none_or(|n| n == ns)
     }
@@ -147,12 +168,7 @@ impl Scope {
         self.pods.retain_in(ns, |p| {
             let was_its = deployment_of_pod(&p.metadata)
                 .is_some_and(|d| d == gone.target || d == gone.clone)
-                || gone.selector.as_ref().is_some_and(|s| {
-                    p.metadata
-                        .labels
-                        .as_ref()
-                        .is_some_and(|l| selects(s.iter().map(|(k, v)| (k, v)), l))
-                });
+                || p.metadata.labels.as_ref().is_some_and(|l| gone.selects(l));
             !was_its || !idx.for_pod(&p.metadata).is_empty()
         });
     }
@@ -443,19 +459,11 @@ pub async fn run(
     let client = ctx.client.clone();
     let (canary_reader, mut canary_writer) = reflector::store::<RecordingCanary>();
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-    let scope = Arc::new(Scope {
-        namespace: namespace.clone(),
-        canaries: canary_reader.clone(),
-        virtual_services: Selective::default(),
-        destination_rules: Selective::default(),
-        deployments: Selective::default(),
-        services: Selective::default(),
-        pods: Selective::default(),
-        index: RwLock::new(Index::default()),
-        triggers: trigger_tx,
-        canaries_listed: tokio::sync::watch::channel(false).0,
-        mesh_listed: Countdown::new(2),
-    });
+    let scope = Arc::new(Scope::new(
+        namespace.clone(),
+        canary_reader.clone(),
+        trigger_tx,
+    ));
     if let Ok(mut g) = ctx.scopes.write() {
         g.push(scope.clone());
     }
@@ -1326,14 +1334,16 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_reconcile_waiting_for_its_turn_holds_a_small_future_not_the_planning_one() {
+    /// A Context whose client points nowhere (nothing in these tests calls the API).
+    fn offline_context() -> Context {
         let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
         let client = Client::try_from(config).unwrap();
-        let ctx = Arc::new(
-            Context::new(client, Arc::new(Metrics::default()), "cluster.local", None)
-                .with_max_reconciles(1),
-        );
+        Context::new(client, Arc::new(Metrics::default()), "cluster.local", None)
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_waiting_for_its_turn_holds_a_small_future_not_the_planning_one() {
+        let ctx = Arc::new(offline_context().with_max_reconciles(1));
         let canary: RecordingCanary = serde_json::from_value(json!({
             "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
             "metadata": {"name": "c", "namespace": "shop"},
@@ -1354,27 +1364,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_deleted_canary_takes_out_of_the_caches_only_what_was_its_own() {
-        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
-        let ctx = Context::new(
-            Client::try_from(config).unwrap(),
-            Arc::new(Metrics::default()),
-            "cluster.local",
-            None,
-        );
+        let ctx = offline_context();
         let (canaries, _writer) = reflector::store::<RecordingCanary>();
-        let scope = Scope {
-            namespace: None,
-            canaries,
-            virtual_services: Selective::default(),
-            destination_rules: Selective::default(),
-            deployments: Selective::default(),
-            services: Selective::default(),
-            pods: Selective::default(),
-            index: RwLock::new(Index::default()),
-            triggers: mpsc::unbounded_channel().0,
-            canaries_listed: tokio::sync::watch::channel(false).0,
-            mesh_listed: Countdown::new(2),
-        };
+        let scope = Scope::new(None, canaries, mpsc::unbounded_channel().0);
         use std::collections::BTreeMap;
         let canary = |ns: &str, name: &str, target: &str| -> RecordingCanary {
             serde_json::from_value(json!({

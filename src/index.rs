@@ -52,6 +52,15 @@ pub struct Prime {
     pub clone: bool,
 }
 
+impl Entry {
+    /// Whether this canary's Service selector (once seen, and not empty) selects `labels`.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector
+            .as_ref()
+            .is_some_and(|s| selects(s.iter().map(|(k, v)| (k, v)), labels))
+    }
+}
+
 impl Prime {
     pub fn any(&self) -> bool {
         self.objects || self.pods || self.clone
@@ -405,8 +414,7 @@ impl Index {
             for n in self.selecting.get(ns).into_iter().flatten() {
                 k.1.clear();
                 k.1.push_str(n);
-                let sel = self.canaries.get(&k).and_then(|e| e.selector.as_ref());
-                if sel.is_some_and(|s| selects(s.iter().map(|(k, v)| (k, v)), labels)) {
+                if self.canaries.get(&k).is_some_and(|e| e.selects(labels)) {
                     out.insert(k.clone());
                 }
             }
