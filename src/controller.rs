@@ -438,6 +438,12 @@ fn with_echo(
     out.iter().map(canary_ref).collect()
 }
 
+/// Whether a watch event is of `shard`'s namespaces (the start and end of a list are of all).
+fn of_shard<K: Resource>(shard: &Shard, ev: &Event<K>) -> bool {
+    event_object(ev)
+        .is_none_or(|(o, _)| shard.owns(o.meta().namespace.as_deref().unwrap_or_default()))
+}
+
 fn event_object<K>(ev: &Event<K>) -> Option<(&K, bool)> {
     match ev {
         Event::Apply(o) | Event::InitApply(o) => Some((o, false)),
@@ -478,7 +484,10 @@ pub async fn run(
             modify(&mut ev, |c: &mut RecordingCanary| {
                 c.metadata.managed_fields = None
             });
-            canary_writer.apply_watcher_event(&ev);
+            // Another shard's canaries are not kept: its own process plans them.
+            if of_shard(&c.shard, &ev) {
+                canary_writer.apply_watcher_event(&ev);
+            }
             let out = on_canary_event(&c, &s, &ev);
             if matches!(ev, Event::InitDone) {
                 s.canaries_listed.send_replace(true);
@@ -580,18 +589,20 @@ pub async fn run(
                         .is_some_and(|old| old.same_but_revision(o)),
                     _ => false,
                 };
-                store.apply(ev, |_| true);
+                let out = match ev {
+                    // Cached already, so it concerned this shard, and still does.
+                    Event::Apply(o) if unchanged => {
+                        store.apply(ev, |_| true);
+                        with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
+                    }
+                    _ => on_mesh_event(&c, &s, vs, ev),
+                };
                 c.metrics.cached(kind, store.len());
                 if matches!(ev, Event::InitDone) && !listed {
                     listed = true;
                     s.mesh_listed.done();
                 }
-                match ev {
-                    Event::Apply(o) if unchanged => {
-                        with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
-                    }
-                    _ => on_mesh_event(&c, &s, vs, ev),
-                }
+                out
             },
         )
     };
@@ -771,9 +782,12 @@ fn on_deployment_event(
 ) -> Vec<ObjectRef<RecordingCanary>> {
     {
         let idx = scope.index();
-        scope
-            .deployments
-            .apply(ev, |d| idx.wants_deployment(&d.metadata));
+        // Only this shard's: another shard's clone, labelled as ours, concerns no canary here.
+        scope.deployments.apply(ev, |d| {
+            ctx.shard
+                .owns(d.metadata.namespace.as_deref().unwrap_or_default())
+                && idx.wants_deployment(&d.metadata)
+        });
     }
     ctx.metrics.cached("Deployment", scope.deployments.len());
     match event_object(ev) {
@@ -838,8 +852,9 @@ fn on_pod_event(
     }
 }
 
-/// A VirtualService or DestinationRule event: the index of every scope learns which canaries
-/// it concerns; this scope's are returned, other scopes' are sent to them.
+/// A VirtualService or DestinationRule event: this scope's cache keeps the object if it may
+/// concern this shard's canaries, and the index of every scope learns which canaries it
+/// concerns; this scope's are returned, other scopes' are sent to them.
 fn on_mesh_event(
     ctx: &Context,
     scope: &Scope,
@@ -847,6 +862,7 @@ fn on_mesh_event(
     ev: &Event<MeshObject>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
     let Some((obj, deleted)) = event_object(ev) else {
+        scope.mesh_store(vs).apply(ev, |_| true);
         return if matches!(ev, Event::InitDone) {
             all_canaries(scope)
         } else {
@@ -856,19 +872,25 @@ fn on_mesh_event(
     let m: MeshKey = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
     let spec = obj.spec();
     let refs = MeshRefs::of(&obj.metadata, &spec, vs, &ctx.cluster_domain);
+    let kept = concerns_shard(&ctx.shard, &m.1, &refs);
+    scope.mesh_store(vs).apply(ev, |_| kept);
     let mut mine = Vec::new();
     for other in ctx.scopes() {
-        // Another scope keeps only objects that name a Service it covers (or that it knew).
+        // Another scope records only objects that name a Service it covers (or that it knew);
+        // this one, what may concern its shard (one that no longer does, it forgets).
         let own = std::ptr::eq(other.as_ref(), scope);
-        if !own
-            && !refs.services.iter().any(|(ns, _)| other.covers(ns))
-            && !other.index().knows_mesh(&m)
-        {
+        let concerns = if own {
+            kept
+        } else {
+            refs.services.iter().any(|(ns, _)| other.covers(ns))
+        };
+        if !concerns && !other.index().knows_mesh(&m) {
             continue;
         }
-        let hits = other
-            .index_mut()
-            .mesh_seen(m.clone(), (!deleted).then(|| refs.clone()));
+        let hits = other.index_mut().mesh_seen(
+            m.clone(),
+            (!deleted && (concerns || !own)).then(|| refs.clone()),
+        );
         if own {
             mine = hits;
         } else {
@@ -878,6 +900,15 @@ fn on_mesh_event(
         }
     }
     with_echo(ctx, mesh_kind(vs), &obj.metadata, deleted, || mine)
+}
+
+/// Whether a VirtualService or DestinationRule in namespace `ns` may concern the canaries of
+/// `shard`: it is in one of the shard's namespaces, a host it names resolves to a Service in
+/// one, or it carries a restore note (a split to undo). Without sharding, every one.
+fn concerns_shard(shard: &Shard, ns: &str, refs: &MeshRefs) -> bool {
+    shard.owns(ns)
+        || refs.services.iter().any(|(svc_ns, _)| shard.owns(svc_ns))
+        || refs.note.is_some()
 }
 
 fn mesh_kind(vs: bool) -> Kind {
@@ -1439,6 +1470,110 @@ mod tests {
                 "{ns}/{app}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn another_shards_canaries_clones_and_mesh_objects_stay_out_of_this_shards_caches() {
+        let mine = "shop";
+        let shard = Shard {
+            index: Shard::of(mine, 2),
+            count: 2,
+        };
+        let away = &(0..64)
+            .map(|i| format!("ns-{i}"))
+            .find(|ns| !shard.owns(ns))
+            .unwrap();
+        let away = away.as_str();
+        let ctx = offline_context().with_shard(shard);
+        let everyone = offline_context();
+        // A cluster-wide scope in each, as `run` makes it.
+        let new_scope = |ctx: &Context| {
+            let (canaries, _writer) = reflector::store::<RecordingCanary>();
+            let scope = Arc::new(Scope::new(None, canaries, mpsc::unbounded_channel().0));
+            ctx.scopes.write().unwrap().push(scope.clone());
+            scope
+        };
+        let (sharded, unsharded) = (new_scope(&ctx), new_scope(&everyone));
+
+        let canary = |ns: &str| -> RecordingCanary {
+            serde_json::from_value(json!({
+                "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+                "metadata": {"name": "c", "namespace": ns},
+                "spec": {"targetRef": {"name": "web"}, "percent": 10},
+            }))
+            .unwrap()
+        };
+        assert!(of_shard(&shard, &Event::Apply(canary(mine))));
+        assert!(!of_shard(&shard, &Event::Apply(canary(away))));
+        assert!(!of_shard(&shard, &Event::Delete(canary(away))));
+        assert!(of_shard(&shard, &Event::<RecordingCanary>::InitDone));
+        assert!(of_shard(&Shard::default(), &Event::Apply(canary(away))));
+
+        // A clone, labelled as ours, in each namespace.
+        let clone = |ns: &str| -> DeploymentFacts {
+            serde_json::from_value(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "web-recording", "namespace": ns, "resourceVersion": "1",
+                             "labels": {crate::api::CANARY_LABEL: "c"}},
+                "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {}},
+            }))
+            .unwrap()
+        };
+        for ns in [mine, away] {
+            on_deployment_event(&ctx, &sharded, &Event::Apply(clone(ns)));
+            on_deployment_event(&everyone, &unsharded, &Event::Apply(clone(ns)));
+        }
+        assert!(sharded.deployments.get(mine, "web-recording").is_some());
+        assert!(sharded.deployments.get(away, "web-recording").is_none());
+        assert_eq!(unsharded.deployments.len(), 2);
+
+        let vs = |ns: &str, name: &str, host: &str| -> MeshObject {
+            MeshObject::new(
+                serde_json::from_value(json!({
+                    "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                    "metadata": {"name": name, "namespace": ns, "resourceVersion": "1"},
+                    "spec": {"hosts": [host], "http": [{"route": [{"destination": {"host": host}}]}]},
+                }))
+                .unwrap(),
+            )
+        };
+        let fqdn = format!("web.{mine}.svc.cluster.local");
+        let objects = [
+            // In this shard's namespace, whatever its host.
+            (vs(mine, "ext", "api.example.com"), true),
+            // Elsewhere, naming a Service of this shard's namespace (a gateway's, say).
+            (vs(away, "to-mine", &fqdn), true),
+            // Elsewhere, for a Service there.
+            (vs(away, "local", "web"), false),
+        ];
+        for (o, kept) in &objects {
+            on_mesh_event(&ctx, &sharded, true, &Event::Apply(o.clone()));
+            on_mesh_event(&everyone, &unsharded, true, &Event::Apply(o.clone()));
+            let m: MeshKey = (true, o.namespace().unwrap(), o.name_any());
+            assert_eq!(
+                sharded.virtual_services.get(&m.1, &m.2).is_some(),
+                *kept,
+                "{m:?}"
+            );
+            assert_eq!(sharded.index().knows_mesh(&m), *kept, "{m:?}");
+            assert!(
+                unsharded.virtual_services.get(&m.1, &m.2).is_some(),
+                "{m:?}"
+            );
+        }
+        // One that stops naming this shard's Service is dropped, from the cache and the index.
+        on_mesh_event(
+            &ctx,
+            &sharded,
+            true,
+            &Event::Apply(vs(away, "to-mine", "web")),
+        );
+        assert!(sharded.virtual_services.get(away, "to-mine").is_none());
+        assert!(
+            !sharded
+                .index()
+                .knows_mesh(&(true, away.to_string(), "to-mine".to_string()))
+        );
     }
 
     fn istiod(acked: i64, observed: &str, cond: &str) -> Value {
