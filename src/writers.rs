@@ -1,4 +1,4 @@
-//! The writers: carry out a [`Plan`]'s actions, in order, against the API server.
+//! The writers: carry out a [`Plan`](crate::planner::Plan)'s actions, in order, against the API server.
 //!
 //! Every write touches only fields the controller owns. Writes to objects others also write
 //! (user VirtualServices and DestinationRules, the clone that webhooks mutate) are guarded by the
