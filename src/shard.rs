@@ -27,10 +27,21 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+/// MurmurHash3's 64-bit finalizer: every bit of the result depends on every bit of `k`.
+/// FNV-1a alone mixes its low bits poorly: its lowest bit is the parity of the odd bytes of the
+/// name, so with 2 shards `app-1`, `app-3` … `app-9` would all fall in the same one.
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
 impl Shard {
     /// The shard namespace `ns` belongs to, of `count`.
     pub fn of(ns: &str, count: u32) -> u32 {
-        (fnv1a(ns) % u64::from(count.max(1))) as u32
+        (fmix64(fnv1a(ns)) % u64::from(count.max(1))) as u32
     }
 
     /// Whether this shard reconciles the canaries of namespace `ns`.
@@ -75,11 +86,37 @@ mod tests {
     }
 
     #[test]
+    fn names_that_differ_in_one_character_spread_over_the_shards() {
+        // The last character changes and is always odd.
+        for prefix in ["app-", "team", "prod-eu-", "rc-fleet-abcde-"] {
+            for count in [2, 3, 4] {
+                let used: std::collections::BTreeSet<u32> =
+                    ["1", "3", "5", "7", "9", "a", "c", "e"]
+                        .iter()
+                        .map(|last| Shard::of(&format!("{prefix}{last}"), count))
+                        .collect();
+                // FNV-1a alone: one of 2 shards, and 2 of 4.
+                assert_eq!(
+                    used.len(),
+                    count as usize,
+                    "{prefix}* over {count} shards: {used:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn the_hash_is_stable_across_builds() {
-        // FNV-1a test vectors: a change here would move namespaces between shards on upgrade.
+        // Test vectors: a change here would move namespaces between shards on upgrade.
         assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a("a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(Shard::of("default", 2), (fnv1a("default") % 2) as u32);
+        assert_eq!(fmix64(0), 0);
+        assert_eq!(fmix64(1), 0xb456_bcfc_34c2_cb2c);
+        let shards: Vec<u32> = ["default", "shop", "kube-system", "team-7"]
+            .iter()
+            .map(|ns| Shard::of(ns, 4))
+            .collect();
+        assert_eq!(shards, [1, 3, 0, 0]);
     }
 
     #[test]
