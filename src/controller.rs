@@ -152,7 +152,6 @@ impl Scope {
         self.pods.wait_until_ready().await;
     }
 
-    /// Drops cached objects no canary is interested in any more.
     /// Drops what the caches kept for canary `ns/…` only, now that it is gone (`gone`: what the
     /// index knew of it). Only its namespace is looked at, and of its pods only those that were
     /// its own: a scan of every cache per deleted canary made a rollback of 10,000 canaries

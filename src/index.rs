@@ -257,7 +257,6 @@ impl Index {
         self.attach_mesh(&k);
     }
 
-    /// Forgets a canary.
     /// Forgets canary `ns/name`; returns what the index knew of it.
     pub fn remove(&mut self, ns: &str, name: &str) -> Option<Entry> {
         let k = key(ns, name);

@@ -417,6 +417,16 @@ fn serving_world(pct: i32) -> World {
     w.clone_ready(4)
 }
 
+/// Split at 0 % toward 10 %, the canary waiting for its clone (which `serving_world` makes Ready).
+fn waiting_for_clone_world() -> World {
+    let mut w = serving_world(10);
+    w.vss = vec![split_vs(0)];
+    w.canary = canary()
+        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
+        .build();
+    w
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plan inspection helpers
 // ---------------------------------------------------------------------------------------------
@@ -1604,11 +1614,7 @@ fn the_first_split_sends_nothing_to_the_clone_and_creates_it_after_the_vs_patch(
 
 #[test]
 fn a_clone_without_a_ready_replica_gets_no_weight() {
-    let mut w = serving_world(10);
-    w.vss = vec![split_vs(0)];
-    w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
-        .build();
+    let mut w = waiting_for_clone_world();
     w = w.clone_ready(0);
     w.pods
         .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
@@ -1621,11 +1627,7 @@ fn a_clone_without_a_ready_replica_gets_no_weight() {
 
 #[test]
 fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
-    let mut w = serving_world(10);
-    w.vss = vec![split_vs(0)];
-    w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
-        .build();
+    let w = waiting_for_clone_world();
     let p = w.plan();
     let after = apply_ops(
         &w.vss[0],
@@ -1641,11 +1643,7 @@ fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
 fn a_ready_clone_pod_gets_the_weight_before_its_deployment_status_says_so() {
     // The kube-controller-manager's deployment controller writes `readyReplicas` a pass of its
     // work queue after the pod is Ready: minutes, when thousands of Deployments change at once.
-    let mut w = serving_world(10);
-    w.vss = vec![split_vs(0)];
-    w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
-        .build();
+    let mut w = waiting_for_clone_world();
     w = w.clone_ready(1);
     if let Some(st) = w.clone.as_mut().and_then(|c| c.status.as_mut()) {
         st.ready_replicas = None;
@@ -3414,11 +3412,7 @@ fn a_user_virtual_service_next_to_ours_is_ambiguous_not_a_silent_switch() {
 
 #[test]
 fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
-    let mut w = serving_world(10);
-    w.vss = vec![split_vs(0)];
-    w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
-        .build();
+    let mut w = waiting_for_clone_world();
     w = w.clone_ready(0);
     if let Some(cl) = w.clone.as_mut()
         && let Some(st) = cl.status.as_mut()
