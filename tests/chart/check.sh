@@ -3,7 +3,7 @@
 #   helm lint; helm install (cluster-wide mode) into recording-canary-system; `kubectl auth can-i`
 #   as the controller's ServiceAccount for what it must and must not be allowed; helm uninstall;
 #   then the same for namespaced mode (watchNamespaces), where the rights hold only in the
-#   watched namespace.
+#   watched namespace; then the update strategy across changes of shards (install, upgrades).
 # Env:
 #   KUBECONFIG   kubeconfig of the cluster (its user must be allowed to impersonate)
 #   RC_KUBECTL   kubectl binary (default: kubectl)
@@ -202,6 +202,33 @@ if install --set "watchNamespaces={$watched}"; then
   no_rights default
   lease_rights
   stable_label_policy yes
+  uninstall
+fi
+
+# The Deployment's update strategy: all old pods go before new ones come (maxSurge 0,
+# maxUnavailable 100%) while there are several shards, now or in the running release (a change of
+# shards moves namespaces between shards: no two processes may reconcile one namespace during the
+# rollout); with one shard the new replica comes first (25%/25%). Every change keeps working under
+# Helm 4's server-side apply.
+strategy_is() { # <want> <what>
+  local got
+  got=$("$kubectl" -n "$ns" get deployment "$release" -o jsonpath='{.spec.strategy.type}/{.spec.strategy.rollingUpdate.maxSurge}/{.spec.strategy.rollingUpdate.maxUnavailable}' 2>/dev/null)
+  if [ "$got" = "$1" ]; then ok "$2: strategy $got"
+  else bad "$2: strategy '$got', want '$1'"; fi
+}
+upgrade() { # extra helm args
+  local out
+  if out=$("$helm" upgrade "$release" "$chart" -n "$ns" "$@" 2>&1); then ok "helm upgrade $*"; return 0; fi
+  bad "helm upgrade $*: $out"
+  return 1
+}
+step "update strategy and shards"
+if install --set shards=2 --set replicaCount=2; then
+  strategy_is RollingUpdate/0/100% "2 shards"
+  upgrade --set shards=1 --set replicaCount=2 && strategy_is RollingUpdate/0/100% "2 shards -> 1 (the running release has 2)"
+  upgrade --set shards=1 --set replicaCount=2 && strategy_is RollingUpdate/25%/25% "1 shard, running 1"
+  upgrade --set shards=3 --set replicaCount=3 && strategy_is RollingUpdate/0/100% "1 shard -> 3"
+  upgrade --set shards=3 --set replicaCount=3 --set updateStrategy.type=Recreate && strategy_is Recreate// "updateStrategy set"
   uninstall
 fi
 
