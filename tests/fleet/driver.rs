@@ -914,7 +914,20 @@ impl Fleet {
                 .filter(|k| map.contains_key(*k))
                 .map(|k| format!("Deployment {}/{}", k.0, k.1))
                 .collect();
-            let left = floor_keys.len() - pending.len();
+            // A floor Deployment is gone with its pod (one each, `<name>-<hash>-<suffix>`).
+            let with_pods: HashSet<Key> = pods
+                .keys()
+                .filter_map(|(ns, pod)| {
+                    let mut parts = pod.rsplitn(3, '-');
+                    parts.next()?;
+                    parts.next()?;
+                    Some((ns.clone(), parts.next()?.to_string()))
+                })
+                .collect();
+            let left = floor_keys
+                .iter()
+                .filter(|k| !map.contains_key(*k) && !with_pods.contains(*k))
+                .count();
             pending.extend(pods.keys().map(|k| format!("pod {}/{}", k.0, k.1)));
             let synced = self.deployments.synced() && self.floor_pods.synced();
             Progress {
