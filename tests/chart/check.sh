@@ -205,7 +205,7 @@ if install --set "watchNamespaces={$watched}"; then
   uninstall
 fi
 
-# The Deployment's update strategy: all old pods go before new ones come (maxSurge 0,
+# The Deployment's update strategy: every old pod deleted as the new ones are created (maxSurge 0,
 # maxUnavailable 100%) while there are several shards, now or in the running release (a change of
 # shards moves namespaces between shards: no two processes may reconcile one namespace during the
 # rollout); with one shard the new replica comes first (25%/25%). Every change keeps working under

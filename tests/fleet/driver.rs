@@ -738,7 +738,8 @@ struct Fleet {
     canaries: Tracker<CanarySum>,
     vss: Tracker<Vec<i64>>,
     deployments: Tracker<i32>,
-    floor_pods: Tracker<()>,
+    /// The floor's pods, by their Deployment's name (their `app` label).
+    floor_pods: Tracker<String>,
     ns_tracker: Tracker<()>,
     /// One, or one per shard.
     controllers: Vec<Controller>,
@@ -793,7 +794,14 @@ impl Fleet {
             watcher::Config::default().labels(&format!("{FLOOR_LABEL}={run_id}")),
             Some(set.clone()),
             changed.clone(),
-            |_: &Pod| (),
+            |p: &Pod| {
+                p.meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("app"))
+                    .cloned()
+                    .unwrap_or_default()
+            },
         );
         let ns_tracker = Tracker::start(
             Api::<Namespace>::all(client.clone()),
@@ -914,15 +922,10 @@ impl Fleet {
                 .filter(|k| map.contains_key(*k))
                 .map(|k| format!("Deployment {}/{}", k.0, k.1))
                 .collect();
-            // A floor Deployment is gone with its pod (one each, `<name>-<hash>-<suffix>`).
+            // A floor Deployment is gone with its pod.
             let with_pods: HashSet<Key> = pods
-                .keys()
-                .filter_map(|(ns, pod)| {
-                    let mut parts = pod.rsplitn(3, '-');
-                    parts.next()?;
-                    parts.next()?;
-                    Some((ns.clone(), parts.next()?.to_string()))
-                })
+                .iter()
+                .map(|((ns, _), app)| (ns.clone(), app.clone()))
                 .collect();
             let left = floor_keys
                 .iter()
