@@ -13,7 +13,9 @@
 //! target; default 2, 1 from 1000 canaries on), RC_FLEET_CLUSTER_WIDE=1 (run the controller
 //! without --namespace), RC_FLEET_SHARDS (default 1: one process, no leader election; N > 1: N
 //! processes with `--leader-elect=true --shards N` and the same scope, each leading one shard
-//! Lease, reported one by one and summed). Progress goes to stderr, the Markdown tables to stdout.
+//! Lease, reported one by one and summed), RC_FLEET_FLOOR=apps (take the floor from the apps' own
+//! 1-replica Deployments, created first and alone, instead of a separate floor run and its
+//! cleanup; needs RC_FLEET_REPLICAS=1, the default from 1000 canaries on). Progress goes to stderr, the Markdown tables to stdout.
 //! The namespaces `rc-fleet-<run>-<j>` are deleted at the end; the controllers' logs stay in
 //! target/fleet-logs/.
 
@@ -42,6 +44,14 @@ async fn main() {
         .map(Duration::from_secs);
     cfg.replicas = driver::env_usize("RC_FLEET_REPLICAS", cfg.replicas as usize) as i32;
     cfg.shards = driver::env_usize("RC_FLEET_SHARDS", 1).max(1);
+    cfg.floor_from_apps = match std::env::var("RC_FLEET_FLOOR").as_deref() {
+        Err(_) | Ok("" | "separate") => false,
+        Ok("apps") => true,
+        Ok(other) => {
+            eprintln!("RC_FLEET_FLOOR={other}: expected `separate` (the default) or `apps`");
+            std::process::exit(2);
+        }
+    };
     cfg.tag = "bench".into();
 
     let report = driver::run(cfg).await;

@@ -8,6 +8,11 @@
 //!    the cluster itself needs for that many rollouts. They are then deleted, pods included.
 //! 2. **apps**: for each canary `app-i` a Deployment and a Service, until every Deployment is
 //!    Ready (the users' apps run before anyone applies a canary to them; not timed as converge).
+//!
+//!    With `floor_from_apps` (`RC_FLEET_FLOOR=apps`, 1 replica per target), 1 and 2 are one: the
+//!    apps' Deployments are created first, alone and without the controller, which is the
+//!    floor's procedure, and timed as the floor; then their Services, until each has an
+//!    EndpointSlice with its Ready endpoints; then the controller starts.
 //! 3. **converge**: a RecordingCanary at 10 % for each app, all at once, until every canary is
 //!    `Ready` at `currentPercent` 10 and its VirtualService `app-i-recording` routes 10 to subset
 //!    `rcanary-recording`.
@@ -47,6 +52,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams, PostParams,
 };
@@ -103,6 +109,12 @@ pub struct FleetConfig {
     /// namespaces) is picked so that the namespaces split between the shards as evenly as the
     /// hash allows.
     pub shards: usize,
+    /// Take the floor from the apps' own Deployments (`RC_FLEET_FLOOR=apps`): they are created
+    /// first, alone (no Service, no controller), in a fresh fleet, which is the floor's own
+    /// procedure; their Services follow, then the controller. This saves the separate floor and
+    /// its cleanup (about an hour at 10,000 canaries at the default rates). Needs 1 replica per
+    /// target.
+    pub floor_from_apps: bool,
     /// Goes into the log file's name (`bench`, `test`).
     pub tag: String,
 }
@@ -123,6 +135,7 @@ impl FleetConfig {
             steady: Duration::from_secs(10),
             cluster_wide: env_flag("RC_FLEET_CLUSTER_WIDE"),
             shards: 1,
+            floor_from_apps: false,
             tag: "fleet".into(),
         }
     }
@@ -398,13 +411,32 @@ impl FleetReport {
                 secs(f)
             );
         }
-        if let Some(a) = self.apps {
+        if let (true, Some(f)) = (c.floor_from_apps, self.floor) {
             let _ = writeln!(
                 s,
-                "apps: the {} targets (and their Services) were created and Ready in {} before the canaries were applied.",
+                "\nfloor: the {} apps' own 1-replica Deployments, created first, alone and without the controller (RC_FLEET_FLOOR=apps), Ready in {}.",
                 c.canaries,
-                secs(a)
+                secs(f)
             );
+        }
+        match (c.floor_from_apps, self.apps) {
+            (false, Some(a)) => {
+                let _ = writeln!(
+                    s,
+                    "apps: the {} targets (and their Services) were created and Ready in {} before the canaries were applied.",
+                    c.canaries,
+                    secs(a)
+                );
+            }
+            (true, Some(a)) => {
+                let _ = writeln!(
+                    s,
+                    "apps: then their {} Services had EndpointSlices with Ready endpoints in {}, before the controller started.",
+                    c.canaries,
+                    secs(a)
+                );
+            }
+            _ => {}
         }
         if !self.phases.is_empty() {
             let _ = writeln!(
@@ -740,6 +772,8 @@ struct Fleet {
     deployments: Tracker<i32>,
     /// The floor's pods, by their Deployment's name (their `app` label).
     floor_pods: Tracker<String>,
+    /// EndpointSlices: their Service's name and their Ready endpoints.
+    slices: Tracker<(String, i32)>,
     ns_tracker: Tracker<()>,
     /// One, or one per shard.
     controllers: Vec<Controller>,
@@ -803,6 +837,27 @@ impl Fleet {
                     .unwrap_or_default()
             },
         );
+        let slices = Tracker::start(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels("kubernetes.io/service-name"),
+            Some(set.clone()),
+            changed.clone(),
+            |e: &EndpointSlice| {
+                let service = e
+                    .meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .cloned()
+                    .unwrap_or_default();
+                let ready = e
+                    .endpoints
+                    .iter()
+                    .filter(|p| p.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count();
+                (service, i32::try_from(ready).unwrap_or(i32::MAX))
+            },
+        );
         let ns_tracker = Tracker::start(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default().labels(&format!("{RUN_LABEL}={run_id}")),
@@ -834,6 +889,7 @@ impl Fleet {
             vss,
             deployments,
             floor_pods,
+            slices,
             ns_tracker,
             controllers: Vec::new(),
             clk_tck,
@@ -871,129 +927,56 @@ impl Fleet {
 
     async fn phases(&mut self, report: &mut FleetReport) -> Result<(), String> {
         let n = self.cfg.canaries;
-        self.create_namespaces().await?;
-
-        // --- floor: plain Deployments, no controller.
-        let t = Instant::now();
-        let floor_keys = self.keys(floor_name);
-        let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
-        self.parallel("floor: create Deployments", n, move |c, i| {
-            let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            let d = floor_deployment(&floor_name(i), &run_id);
-            async move { create(&Api::<Deployment>::namespaced(c, &ns), &d).await }
-        })
-        .await?;
-        let deadline = self.deadline();
-        self.wait_for("floor", deadline, || {
-            let map = self.deployments.map();
-            let pending: Vec<String> = floor_keys
-                .iter()
-                .filter(|k| map.get(*k).is_none_or(|r| *r < 1))
-                .map(|k| {
-                    format!(
-                        "{}/{}: readyReplicas {}",
-                        k.0,
-                        k.1,
-                        map.get(k).copied().unwrap_or(0)
-                    )
-                })
-                .collect();
-            Progress::new(n, pending, "Deployments Ready", self.deployments.synced())
-        })
-        .await?;
-        report.floor = Some(t.elapsed());
-        self.say(&format!(
-            "floor: {n} Deployments Ready in {}",
-            secs(t.elapsed())
-        ));
-        let t = Instant::now();
-        let namespaces = self.namespaces.clone();
-        self.parallel("floor: delete Deployments", n, move |c, i| {
-            let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            async move { delete(&Api::<Deployment>::namespaced(c, &ns), &floor_name(i)).await }
-        })
-        .await?;
-        let deadline = self.deadline();
-        self.wait_for("floor cleanup", deadline, || {
-            let map = self.deployments.map();
-            let pods = self.floor_pods.map();
-            let mut pending: Vec<String> = floor_keys
-                .iter()
-                .filter(|k| map.contains_key(*k))
-                .map(|k| format!("Deployment {}/{}", k.0, k.1))
-                .collect();
-            // A floor Deployment is gone with its pod.
-            let with_pods: HashSet<Key> = pods
-                .iter()
-                .map(|((ns, _), app)| (ns.clone(), app.clone()))
-                .collect();
-            let left = floor_keys
-                .iter()
-                .filter(|k| !map.contains_key(*k) && !with_pods.contains(*k))
-                .count();
-            pending.extend(pods.keys().map(|k| format!("pod {}/{}", k.0, k.1)));
-            let synced = self.deployments.synced() && self.floor_pods.synced();
-            Progress {
-                done: if synced { left } else { 0 },
-                total: n,
-                unit: "floor Deployments and their pods gone",
-                pending,
-                synced,
-            }
-        })
-        .await?;
-        report.floor_cleanup = Some(t.elapsed());
-
-        // --- the controller(s).
-        self.start_controllers(report).await?;
-        self.settle().await;
-        let s0 = self.snapshot().await?;
-        report.metric_present = s0.calls.is_some();
-        if s0.calls.is_none() {
-            let msg = format!(
-                "the controller's /metrics has no {API_METRIC}_total: controller call counts are NOT measured (reported as 0)"
-            );
-            self.say(&format!("WARNING: {msg}"));
-            report.notes.push(msg);
+        if self.cfg.floor_from_apps && self.cfg.replicas != 1 {
+            return Err(format!(
+                "RC_FLEET_FLOOR=apps takes the floor from the targets, and the floor is N 1-replica Deployments, but there are {} replicas per target: set RC_FLEET_REPLICAS=1",
+                self.cfg.replicas
+            ));
         }
-
-        // --- the users' apps: running before anyone applies a canary to them.
-        let t = Instant::now();
-        let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
-        self.parallel("apps: create Deployment, Service", n, move |c, i| {
-            let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            let name = app(i);
-            let (d, s) = (app_deployment(&name, replicas), app_service(&name));
-            async move {
-                create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
-                create(&Api::<Service>::namespaced(c, &ns), &s).await
-            }
-        })
-        .await?;
-        let app_keys = self.keys(app);
-        let deadline = self.deadline();
-        self.wait_for("apps", deadline, || {
-            let map = self.deployments.map();
-            let pending: Vec<String> = app_keys
-                .iter()
-                .filter(|k| map.get(*k).is_none_or(|r| *r < replicas))
-                .map(|k| {
-                    format!(
-                        "{}/{}: readyReplicas {}",
-                        k.0,
-                        k.1,
-                        map.get(k).copied().unwrap_or(0)
-                    )
-                })
-                .collect();
-            Progress::new(n, pending, "apps Ready", self.deployments.synced())
-        })
-        .await?;
-        report.apps = Some(t.elapsed());
-        self.say(&format!(
-            "apps: {n} Deployments Ready in {}",
-            secs(t.elapsed())
-        ));
+        self.create_namespaces().await?;
+        if self.cfg.floor_from_apps {
+            // --- floor: the apps' own Deployments, alone, no controller.
+            let t = Instant::now();
+            self.create_apps("floor: create the apps' Deployments", false)
+                .await?;
+            let keys = self.keys(app);
+            self.wait_ready("floor", &keys, 1, "Deployments Ready")
+                .await?;
+            report.floor = Some(t.elapsed());
+            self.say(&format!(
+                "floor: {n} Deployments (the apps') Ready in {}",
+                secs(t.elapsed())
+            ));
+            // --- their Services, until each has its Ready endpoints.
+            let t = Instant::now();
+            self.create_app_services().await?;
+            self.wait_app_endpoints().await?;
+            report.apps = Some(t.elapsed());
+            self.say(&format!(
+                "apps: {n} Services with Ready endpoints in {}",
+                secs(t.elapsed())
+            ));
+            self.start_controllers(report).await?;
+            self.settle().await;
+            self.check_metric(report).await?;
+        } else {
+            self.floor(report).await?;
+            self.start_controllers(report).await?;
+            self.settle().await;
+            self.check_metric(report).await?;
+            // --- the users' apps: running before anyone applies a canary to them.
+            let t = Instant::now();
+            self.create_apps("apps: create Deployment, Service", true)
+                .await?;
+            let keys = self.keys(app);
+            self.wait_ready("apps", &keys, self.cfg.replicas, "apps Ready")
+                .await?;
+            report.apps = Some(t.elapsed());
+            self.say(&format!(
+                "apps: {n} Deployments Ready in {}",
+                secs(t.elapsed())
+            ));
+        }
         self.settle().await;
         let s0 = self.snapshot().await?;
 
@@ -1210,6 +1193,171 @@ impl Fleet {
             detail: String::new(),
             processes,
         }
+    }
+
+    /// The floor: N plain Deployments (1 replica) until all are Ready, without the controller;
+    /// then deleted, until their pods are gone.
+    async fn floor(&self, report: &mut FleetReport) -> Result<(), String> {
+        let n = self.cfg.canaries;
+        let t = Instant::now();
+        let floor_keys = self.keys(floor_name);
+        let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
+        self.parallel("floor: create Deployments", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let d = floor_deployment(&floor_name(i), &run_id);
+            async move { create(&Api::<Deployment>::namespaced(c, &ns), &d).await }
+        })
+        .await?;
+        self.wait_ready("floor", &floor_keys, 1, "Deployments Ready")
+            .await?;
+        report.floor = Some(t.elapsed());
+        self.say(&format!(
+            "floor: {n} Deployments Ready in {}",
+            secs(t.elapsed())
+        ));
+        let t = Instant::now();
+        let namespaces = self.namespaces.clone();
+        self.parallel("floor: delete Deployments", n, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            async move { delete(&Api::<Deployment>::namespaced(c, &ns), &floor_name(i)).await }
+        })
+        .await?;
+        let deadline = self.deadline();
+        self.wait_for("floor cleanup", deadline, || {
+            let map = self.deployments.map();
+            let pods = self.floor_pods.map();
+            let mut pending: Vec<String> = floor_keys
+                .iter()
+                .filter(|k| map.contains_key(*k))
+                .map(|k| format!("Deployment {}/{}", k.0, k.1))
+                .collect();
+            // A floor Deployment is gone with its pod.
+            let with_pods: HashSet<Key> = pods
+                .iter()
+                .map(|((ns, _), app)| (ns.clone(), app.clone()))
+                .collect();
+            let left = floor_keys
+                .iter()
+                .filter(|k| !map.contains_key(*k) && !with_pods.contains(*k))
+                .count();
+            pending.extend(pods.keys().map(|k| format!("pod {}/{}", k.0, k.1)));
+            let synced = self.deployments.synced() && self.floor_pods.synced();
+            Progress {
+                done: if synced { left } else { 0 },
+                total: n,
+                unit: "floor Deployments and their pods gone",
+                pending,
+                synced,
+            }
+        })
+        .await?;
+        report.floor_cleanup = Some(t.elapsed());
+        Ok(())
+    }
+
+    /// Records whether the controller exposes its call counter (a warning in the report if not).
+    async fn check_metric(&self, report: &mut FleetReport) -> Result<(), String> {
+        let s0 = self.snapshot().await?;
+        report.metric_present = s0.calls.is_some();
+        if s0.calls.is_none() {
+            let msg = format!(
+                "the controller's /metrics has no {API_METRIC}_total: controller call counts are NOT measured (reported as 0)"
+            );
+            self.say(&format!("WARNING: {msg}"));
+            report.notes.push(msg);
+        }
+        Ok(())
+    }
+
+    /// Creates each app's Deployment and, with `services`, its Service just after it.
+    async fn create_apps(&self, what: &str, services: bool) -> Result<(), String> {
+        let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
+        self.parallel(what, self.cfg.canaries, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let name = app(i);
+            let (d, s) = (app_deployment(&name, replicas), app_service(&name));
+            async move {
+                create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
+                if services {
+                    create(&Api::<Service>::namespaced(c, &ns), &s).await?;
+                }
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    /// Creates each app's Service.
+    async fn create_app_services(&self) -> Result<(), String> {
+        let namespaces = self.namespaces.clone();
+        self.parallel("apps: create Services", self.cfg.canaries, move |c, i| {
+            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+            let s = app_service(&app(i));
+            async move { create(&Api::<Service>::namespaced(c, &ns), &s).await }
+        })
+        .await
+    }
+
+    /// Waits until every Deployment of `keys` has `replicas` Ready replicas.
+    async fn wait_ready(
+        &self,
+        what: &str,
+        keys: &[Key],
+        replicas: i32,
+        unit: &'static str,
+    ) -> Result<(), String> {
+        let deadline = self.deadline();
+        self.wait_for(what, deadline, || {
+            let map = self.deployments.map();
+            let pending: Vec<String> = keys
+                .iter()
+                .filter(|k| map.get(*k).is_none_or(|r| *r < replicas))
+                .map(|k| {
+                    format!(
+                        "{}/{}: readyReplicas {}",
+                        k.0,
+                        k.1,
+                        map.get(k).copied().unwrap_or(0)
+                    )
+                })
+                .collect();
+            Progress::new(keys.len(), pending, unit, self.deployments.synced())
+        })
+        .await
+    }
+
+    /// Waits until every app's Service has an EndpointSlice with all its replicas Ready, so that
+    /// the endpoint controller's backlog is not part of the next phase.
+    async fn wait_app_endpoints(&self) -> Result<(), String> {
+        let keys = self.keys(app);
+        let replicas = self.cfg.replicas;
+        let deadline = self.deadline();
+        self.wait_for("apps: endpoints", deadline, || {
+            let ready: HashSet<Key> = self
+                .slices
+                .map()
+                .iter()
+                .filter(|(_, (_, r))| *r >= replicas)
+                .map(|((ns, _), (svc, _))| (ns.clone(), svc.clone()))
+                .collect();
+            let pending: Vec<String> = keys
+                .iter()
+                .filter(|k| !ready.contains(*k))
+                .map(|k| {
+                    format!(
+                        "Service {}/{}: no EndpointSlice with its Ready endpoints",
+                        k.0, k.1
+                    )
+                })
+                .collect();
+            Progress::new(
+                keys.len(),
+                pending,
+                "Services with Ready endpoints",
+                self.slices.synced(),
+            )
+        })
+        .await
     }
 
     async fn create_namespaces(&mut self) -> Result<(), String> {
