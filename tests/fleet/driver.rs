@@ -752,6 +752,14 @@ fn clone_of(i: usize) -> String {
     format!("app-{i}-recording")
 }
 
+/// What `Fleet::create_apps` creates of each app.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AppParts {
+    Deployments,
+    Services,
+    Both,
+}
+
 fn floor_name(i: usize) -> String {
     format!("floor-{i}")
 }
@@ -772,8 +780,6 @@ struct Fleet {
     deployments: Tracker<i32>,
     /// The floor's pods, by their Deployment's name (their `app` label).
     floor_pods: Tracker<String>,
-    /// EndpointSlices: their Service's name and their Ready endpoints.
-    slices: Tracker<(String, i32)>,
     ns_tracker: Tracker<()>,
     /// One, or one per shard.
     controllers: Vec<Controller>,
@@ -837,27 +843,6 @@ impl Fleet {
                     .unwrap_or_default()
             },
         );
-        let slices = Tracker::start(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default().labels("kubernetes.io/service-name"),
-            Some(set.clone()),
-            changed.clone(),
-            |e: &EndpointSlice| {
-                let service = e
-                    .meta()
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .cloned()
-                    .unwrap_or_default();
-                let ready = e
-                    .endpoints
-                    .iter()
-                    .filter(|p| p.conditions.as_ref().and_then(|c| c.ready) == Some(true))
-                    .count();
-                (service, i32::try_from(ready).unwrap_or(i32::MAX))
-            },
-        );
         let ns_tracker = Tracker::start(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default().labels(&format!("{RUN_LABEL}={run_id}")),
@@ -889,7 +874,6 @@ impl Fleet {
             vss,
             deployments,
             floor_pods,
-            slices,
             ns_tracker,
             controllers: Vec::new(),
             clk_tck,
@@ -937,7 +921,7 @@ impl Fleet {
         if self.cfg.floor_from_apps {
             // --- floor: the apps' own Deployments, alone, no controller.
             let t = Instant::now();
-            self.create_apps("floor: create the apps' Deployments", false)
+            self.create_apps("floor: create the apps' Deployments", AppParts::Deployments)
                 .await?;
             let keys = self.keys(app);
             self.wait_ready("floor", &keys, 1, "Deployments Ready")
@@ -949,7 +933,8 @@ impl Fleet {
             ));
             // --- their Services, until each has its Ready endpoints.
             let t = Instant::now();
-            self.create_app_services().await?;
+            self.create_apps("apps: create Services", AppParts::Services)
+                .await?;
             self.wait_app_endpoints().await?;
             report.apps = Some(t.elapsed());
             self.say(&format!(
@@ -957,16 +942,12 @@ impl Fleet {
                 secs(t.elapsed())
             ));
             self.start_controllers(report).await?;
-            self.settle().await;
-            self.check_metric(report).await?;
         } else {
             self.floor(report).await?;
             self.start_controllers(report).await?;
-            self.settle().await;
-            self.check_metric(report).await?;
             // --- the users' apps: running before anyone applies a canary to them.
             let t = Instant::now();
-            self.create_apps("apps: create Deployment, Service", true)
+            self.create_apps("apps: create Deployment, Service", AppParts::Both)
                 .await?;
             let keys = self.keys(app);
             self.wait_ready("apps", &keys, self.cfg.replicas, "apps Ready")
@@ -979,6 +960,7 @@ impl Fleet {
         }
         self.settle().await;
         let s0 = self.snapshot().await?;
+        self.check_metric(&s0, report);
 
         // --- converge: the canaries, all at once.
         let t = Instant::now();
@@ -1256,8 +1238,7 @@ impl Fleet {
     }
 
     /// Records whether the controller exposes its call counter (a warning in the report if not).
-    async fn check_metric(&self, report: &mut FleetReport) -> Result<(), String> {
-        let s0 = self.snapshot().await?;
+    fn check_metric(&self, s0: &Snapshot, report: &mut FleetReport) {
         report.metric_present = s0.calls.is_some();
         if s0.calls.is_none() {
             let msg = format!(
@@ -1266,34 +1247,24 @@ impl Fleet {
             self.say(&format!("WARNING: {msg}"));
             report.notes.push(msg);
         }
-        Ok(())
     }
 
-    /// Creates each app's Deployment and, with `services`, its Service just after it.
-    async fn create_apps(&self, what: &str, services: bool) -> Result<(), String> {
+    /// Creates each app's Deployment, its Service, or both (the Service just after the Deployment).
+    async fn create_apps(&self, what: &str, parts: AppParts) -> Result<(), String> {
         let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
         self.parallel(what, self.cfg.canaries, move |c, i| {
             let ns = namespaces[ns_index(i, namespaces.len())].clone();
             let name = app(i);
             let (d, s) = (app_deployment(&name, replicas), app_service(&name));
             async move {
-                create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
-                if services {
+                if parts != AppParts::Services {
+                    create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
+                }
+                if parts != AppParts::Deployments {
                     create(&Api::<Service>::namespaced(c, &ns), &s).await?;
                 }
                 Ok(())
             }
-        })
-        .await
-    }
-
-    /// Creates each app's Service.
-    async fn create_app_services(&self) -> Result<(), String> {
-        let namespaces = self.namespaces.clone();
-        self.parallel("apps: create Services", self.cfg.canaries, move |c, i| {
-            let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            let s = app_service(&app(i));
-            async move { create(&Api::<Service>::namespaced(c, &ns), &s).await }
         })
         .await
     }
@@ -1327,14 +1298,35 @@ impl Fleet {
     }
 
     /// Waits until every app's Service has an EndpointSlice with all its replicas Ready, so that
-    /// the endpoint controller's backlog is not part of the next phase.
+    /// the endpoint controller's backlog is not part of the next phase. The EndpointSlices are
+    /// watched for this wait only, not while the controller is measured.
     async fn wait_app_endpoints(&self) -> Result<(), String> {
+        let slices = Tracker::start(
+            Api::<EndpointSlice>::all(self.client.clone()),
+            watcher::Config::default().labels("kubernetes.io/service-name"),
+            Some(Arc::new(self.namespaces.iter().cloned().collect())),
+            self.changed.clone(),
+            |e: &EndpointSlice| {
+                let service = e
+                    .meta()
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .cloned()
+                    .unwrap_or_default();
+                let ready = e
+                    .endpoints
+                    .iter()
+                    .filter(|p| p.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count();
+                (service, i32::try_from(ready).unwrap_or(i32::MAX))
+            },
+        );
         let keys = self.keys(app);
         let replicas = self.cfg.replicas;
         let deadline = self.deadline();
         self.wait_for("apps: endpoints", deadline, || {
-            let ready: HashSet<Key> = self
-                .slices
+            let ready: HashSet<Key> = slices
                 .map()
                 .iter()
                 .filter(|(_, (_, r))| *r >= replicas)
@@ -1354,7 +1346,7 @@ impl Fleet {
                 keys.len(),
                 pending,
                 "Services with Ready endpoints",
-                self.slices.synced(),
+                slices.synced(),
             )
         })
         .await
