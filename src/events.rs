@@ -197,10 +197,10 @@ impl Publisher {
             event_time: Some(MicroTime(now)),
             type_: Some(if e.warning { "Warning" } else { "Normal" }.into()),
             reason: Some(e.reason.clone()),
-            note: Some(e.note.clone()),
+            note: Some(fit(&e.note, NOTE_MAX_BYTES)),
             // Names what was done, so that "weight 10 -> 25" and "weight 25 -> 50" are told
             // apart by tools that group Events by action.
-            action: Some(e.note.chars().take(128).collect()),
+            action: Some(fit(&e.note, ACTION_MAX_BYTES)),
             regarding: Some(regarding),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(
@@ -213,9 +213,71 @@ impl Publisher {
     }
 }
 
+/// The API server refuses an Event whose `note` is longer than this many bytes (events.k8s.io/v1
+/// validation); a longer note (a refused write's message, a route in JSON) is cut, never dropped.
+pub const NOTE_MAX_BYTES: usize = 1024;
+/// The same for `action`.
+pub const ACTION_MAX_BYTES: usize = 128;
+
+/// `s` cut to at most `max` bytes on a character boundary, ending in `…` when it was cut.
+pub fn fit(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    const MORE: &str = "…";
+    let mut end = max.saturating_sub(MORE.len());
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &s[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_note_over_the_api_limit_is_cut_to_it_on_a_character_boundary() {
+        let long = "é".repeat(700); // 1,400 bytes
+        let cut = fit(&long, NOTE_MAX_BYTES);
+        assert!(cut.len() <= NOTE_MAX_BYTES, "{} bytes", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(
+            cut.len() > NOTE_MAX_BYTES - 8,
+            "cut too short: {}",
+            cut.len()
+        );
+        assert_eq!(fit("short", NOTE_MAX_BYTES), "short");
+        let action = fit(&"ü".repeat(100), ACTION_MAX_BYTES);
+        assert!(action.len() <= ACTION_MAX_BYTES);
+    }
+
+    #[tokio::test]
+    async fn an_event_with_a_long_note_is_built_within_the_api_limits() {
+        let c: RecordingCanary = serde_json::from_value(serde_json::json!({
+            "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+            "metadata": {"name": "c", "namespace": "shop", "uid": "u"},
+            "spec": {"targetRef": {"name": "web"}, "percent": 10}
+        }))
+        .expect("canary");
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:1".parse().expect("url"),
+        ))
+        .expect("client");
+        let p = Publisher::new(client, "recording-canary", None);
+        let e = note("WriteRefused", &"x".repeat(5000));
+        let ev = p.event(&c, &e, "n".into(), Timestamp::now());
+        assert!(
+            ev.note
+                .as_deref()
+                .is_some_and(|n| n.len() <= NOTE_MAX_BYTES)
+        );
+        assert!(
+            ev.action
+                .as_deref()
+                .is_some_and(|a| a.len() <= ACTION_MAX_BYTES)
+        );
+    }
 
     fn c(name: &str) -> CanaryKey {
         ("shop".into(), name.into())
