@@ -188,8 +188,11 @@ fn dest_weight(d: &Value) -> Option<i64> {
 /// The recording share of a route slice of weight `w` at `percent`, rounded half up.
 /// The stable share is `w - recording`, so a route's weights keep their sum.
 pub fn recording_share(w: i64, percent: i32) -> i64 {
-    let p = i64::from(percent.clamp(0, 100));
-    (w * p + 50) / 100
+    let p = i128::from(percent.clamp(0, 100));
+    // In i128: a weight near i64::MAX (a VirtualService that bypassed Istio's validation) must
+    // not overflow. The share is at most `w`, so it fits back.
+    let share = (i128::from(w.max(0)) * p + 50) / 100;
+    i64::try_from(share).unwrap_or(i64::MAX)
 }
 
 /// Name (or name suffix, after the split route's own name and a `-`) of a route a canary
@@ -233,12 +236,18 @@ pub struct SplitState {
     pub pairs: usize,
     /// Destinations to the host without a subset, which a split would replace.
     pub unsplit: usize,
-    /// The share sent (or mirrored) to the recording subset by the first split route, in percent.
+    /// The share sent (or mirrored) to the recording subset by the first split route that carries
+    /// traffic, in percent (0 when every split route has weight 0).
     pub percent: Option<i32>,
     /// Whether any route refers to one of our subsets at all.
     pub references_subsets: bool,
     /// Whether the split mirrors (Mirror mode) rather than weighs.
     pub mirrored: bool,
+    /// Whether any route sends (or mirrors) requests to the recording subset: a recording
+    /// destination with a weight above 0 (or the only destination of its route), or our mirror
+    /// with a percentage above 0. Not only the first split route: a route that gives the host
+    /// weight 0 comes first in some VirtualServices.
+    pub recording_gets_traffic: bool,
     /// Routes inserted for `spec.always`.
     pub always_routes: usize,
     /// Routes inserted for `spec.never`.
@@ -342,20 +351,33 @@ pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState 
         let mirror = our_mirror(r, host, obj_ns);
         if mirror.is_some() {
             st.references_subsets = true;
+            if mirror.is_some_and(|m| mirror_percent(m) > 0) {
+                st.recording_gets_traffic = true;
+            }
         }
-        for d in walk(r, host, obj_ns) {
+        let walked = walk(r, host, obj_ns);
+        let single = destinations(r).len() == 1;
+        for d in walked {
             match d {
                 Dest::Pair(s, rec) => {
                     st.references_subsets = true;
                     let s = dest_weight(s).unwrap_or(0).max(0);
                     let rec = dest_weight(rec).unwrap_or(0).max(0);
-                    let w = s + rec;
-                    st.percent.get_or_insert(if w == 0 {
-                        0
-                    } else {
-                        ((rec * 100 + w / 2) / w) as i32
-                    });
+                    if rec > 0 {
+                        st.recording_gets_traffic = true;
+                    }
+                    // The first pair that carries traffic says the percent: a pair of weight 0
+                    // (a "dark" route ahead of the default one) says nothing.
+                    if s.saturating_add(rec) > 0 {
+                        st.percent.get_or_insert(percent_of(rec, s));
+                    }
                     st.pairs += 1;
+                }
+                Dest::Recording(rec) => {
+                    st.references_subsets = true;
+                    if dest_weight(rec).map_or(single, |w| w > 0) {
+                        st.recording_gets_traffic = true;
+                    }
                 }
                 Dest::Stable(_) if mirror.is_some() => {
                     st.mirrored = true;
@@ -363,13 +385,26 @@ pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState 
                         .get_or_insert(mirror.map(mirror_percent).unwrap_or(0));
                     st.pairs += 1;
                 }
-                Dest::Stable(_) | Dest::Recording(_) => st.references_subsets = true,
+                Dest::Stable(_) => st.references_subsets = true,
                 Dest::Unsplit(_) => st.unsplit += 1,
                 Dest::Other(_) => {}
             }
         }
     }
+    if st.pairs > 0 {
+        st.percent.get_or_insert(0);
+    }
     st
+}
+
+/// `rec` as a share of `rec + stable`, in percent, rounded half up; 0 when both are 0. In i128,
+/// so that weights near `i64::MAX` cannot overflow.
+fn percent_of(rec: i64, stable: i64) -> i32 {
+    let (rec, w) = (i128::from(rec), i128::from(rec) + i128::from(stable));
+    if w <= 0 {
+        return 0;
+    }
+    i32::try_from((rec * 100 + w / 2) / w).unwrap_or(100)
 }
 
 /// What a split records on the object so that rollback restores it exactly.
@@ -674,7 +709,12 @@ pub fn unsplit_http(spec: &Value, host: &ServiceHost, obj_ns: &str, note: Option
             let (d, w) = match d {
                 Dest::Pair(s, rec) => (
                     s,
-                    Some(dest_weight(s).unwrap_or(0).max(0) + dest_weight(rec).unwrap_or(0).max(0)),
+                    Some(
+                        dest_weight(s)
+                            .unwrap_or(0)
+                            .max(0)
+                            .saturating_add(dest_weight(rec).unwrap_or(0).max(0)),
+                    ),
                 ),
                 Dest::Stable(s) => (s, dest_weight(s).map(|w| w.max(0))),
                 Dest::Recording(rec) => {
@@ -886,6 +926,27 @@ mod tests {
         assert!(h.matches("frontend.shop.svc.cluster.local", "other"));
         assert!(!h.matches("frontend.shop.svc.example.org", "shop"));
         assert!(!h.matches("backend", "shop"));
+    }
+
+    #[test]
+    fn weights_near_the_i64_limit_neither_overflow_nor_panic() {
+        // A VirtualService that bypassed Istio's validation (its webhook off or failing open).
+        let big = i64::MAX - 1;
+        let spec = json!({"http": [{"route": [
+            {"destination": {"host": "frontend"}, "weight": big},
+            {"destination": {"host": "legacy"}, "weight": big}]}]});
+        let s = split_http(&spec, &host(), "shop", &Shape::weights(50), None, "c");
+        let split = json!({"http": s.http});
+        let r0 = &split["http"][0]["route"];
+        let (stable, rec) = (r0[0]["weight"].as_i64(), r0[1]["weight"].as_i64());
+        assert_eq!(rec, Some(big / 2));
+        assert_eq!(stable.zip(rec).map(|(a, b)| a + b), Some(big));
+        let st = read_split(&split, &host(), "shop");
+        assert_eq!(st.percent, Some(50));
+        assert!(st.recording_gets_traffic);
+        let back = unsplit_http(&split, &host(), "shop", Some(&s.note));
+        assert_eq!(back, spec["http"]);
+        assert_eq!(recording_share(i64::MAX, 100), i64::MAX);
     }
 
     #[test]

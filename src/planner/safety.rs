@@ -174,7 +174,7 @@ fn drain(b: &mut Builder) -> usize {
             continue;
         }
         let st = istio::read_split(spec_of(v), &host, meta_ns(v));
-        if (st.pairs == 0 || st.percent.unwrap_or(0) == 0) && st.always_routes == 0 {
+        if !st.recording_gets_traffic && st.always_routes == 0 {
             continue;
         }
         // Nothing to the clone: weight (or mirror) 0, no forced requests, the mode kept.
