@@ -4,9 +4,9 @@
 //! - RecordingCanaries: kube's reflector store (the controller's own);
 //! - VirtualServices and DestinationRules: [`Selective`] stores that keep every one of the
 //!   scope (a host may be configured by any of them), as [`MeshObject`]s;
-//! - Deployments, Services and Pods: [`Selective`] stores that keep only the objects some canary
-//!   is interested in (targets, clones, their pods, the canaries' Services), so that memory does
-//!   not grow with unrelated workloads.
+//! - Deployments, Services, Pods and EndpointSlices: [`Selective`] stores that keep only the
+//!   objects some canary is interested in (targets, clones, their pods, the canaries' Services and
+//!   those Services' EndpointSlices), so that memory does not grow with unrelated workloads.
 //!
 //! Each watch event is mapped through the [`Index`] to exactly the canaries it concerns. A canary
 //! that appears after the watches listed the cluster is read once (`prime`). The controller's
@@ -38,6 +38,7 @@ use crate::admission::StableLabelling;
 use crate::api::RecordingCanary;
 use crate::cache::Selective;
 use crate::deployments::DeploymentFacts;
+use crate::endpoints::{self, EndpointSliceFacts};
 use crate::events::Publisher;
 use crate::freshness::{self, Kind, Writes, Written};
 use crate::index::{CanaryKey, Entry, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
@@ -60,6 +61,8 @@ pub struct Scope {
     deployments: Selective<DeploymentFacts>,
     services: Selective<ServiceFacts>,
     pods: Selective<PodFacts>,
+    /// The EndpointSlices of the canaries' Services: which pods the mesh routes to.
+    endpoint_slices: Selective<EndpointSliceFacts>,
     index: RwLock<Index>,
     /// Triggers from events seen in other scopes (a VirtualService elsewhere naming a host here).
     triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
@@ -110,6 +113,7 @@ impl Scope {
             deployments: Selective::default(),
             services: Selective::default(),
             pods: Selective::default(),
+            endpoint_slices: Selective::default(),
             index: RwLock::new(Index::default()),
             triggers,
             canaries_listed: tokio::sync::watch::channel(false).0,
@@ -143,6 +147,7 @@ impl Scope {
             && self.deployments.is_ready()
             && self.services.is_ready()
             && self.pods.is_ready()
+            && self.endpoint_slices.is_ready()
     }
 
     async fn wait_until_ready(&self) {
@@ -150,6 +155,7 @@ impl Scope {
         self.deployments.wait_until_ready().await;
         self.services.wait_until_ready().await;
         self.pods.wait_until_ready().await;
+        self.endpoint_slices.wait_until_ready().await;
     }
 
     /// Drops what the caches kept for canary `ns/…` only, now that it is gone (`gone`: what the
@@ -163,6 +169,9 @@ impl Scope {
         self.services.retain_in(ns, |s| {
             s.metadata.name.as_deref().is_none_or(|n| n != gone.service)
                 || !idx.for_service(ns, &gone.service).is_empty()
+        });
+        self.endpoint_slices.retain_in(ns, |s| {
+            s.service != gone.service || !idx.for_service(ns, &gone.service).is_empty()
         });
         self.pods.retain_in(ns, |p| {
             let was_its = deployment_of_pod(&p.metadata)
@@ -546,6 +555,20 @@ pub async fn run(
             move |ev: &Event<ServiceFacts>| on_service_event(&c, &s, ev)
         },
     );
+    let endpoint_slices = triggers_of(
+        &ctx,
+        gated(
+            canaries_known(),
+            scoped::<EndpointSliceFacts>(&client, &namespace),
+            watcher::Config::default(),
+        ),
+        "EndpointSlice",
+        EndpointSliceFacts::strip,
+        {
+            let (c, s) = (ctx.clone(), scope.clone());
+            move |ev: &Event<EndpointSliceFacts>| on_endpoint_slice_event(&c, &s, ev)
+        },
+    );
     let pods = triggers_of(
         &ctx,
         gated(
@@ -613,6 +636,7 @@ pub async fn run(
     let triggers = stream::select_all([
         deployments,
         services,
+        endpoint_slices,
         pods,
         virtual_services,
         destination_rules,
@@ -830,6 +854,38 @@ fn on_service_event(
     }
 }
 
+/// An EndpointSlice event: kept while a canary of its namespace splits its Service; wakes those
+/// canaries (a clone pod that became a Ready endpoint may take weight now). The controller never
+/// writes EndpointSlices, so there is no echo to tell apart.
+fn on_endpoint_slice_event(
+    ctx: &Context,
+    scope: &Scope,
+    ev: &Event<EndpointSliceFacts>,
+) -> Vec<ObjectRef<RecordingCanary>> {
+    {
+        let idx = scope.index();
+        scope.endpoint_slices.apply(ev, |s| {
+            !s.service.is_empty()
+                && !idx
+                    .for_service(&s.namespace().unwrap_or_default(), &s.service)
+                    .is_empty()
+        });
+    }
+    ctx.metrics
+        .cached("EndpointSlice", scope.endpoint_slices.len());
+    match event_object(ev) {
+        Some((s, _)) if !s.service.is_empty() => scope
+            .index()
+            .for_service(&s.namespace().unwrap_or_default(), &s.service)
+            .iter()
+            .map(canary_ref)
+            .collect(),
+        Some(_) => Vec::new(),
+        None if matches!(ev, Event::InitDone) => all_canaries(scope),
+        None => Vec::new(),
+    }
+}
+
 fn on_pod_event(
     ctx: &Context,
     scope: &Scope,
@@ -924,6 +980,8 @@ struct Snapshot {
     clone: Option<Deployment>,
     service: Option<Arc<ServiceFacts>>,
     pods: Vec<PodFacts>,
+    /// The pods that are Ready endpoints in the Service's EndpointSlices.
+    endpoints: std::collections::BTreeSet<String>,
     virtual_services: Vec<Value>,
     destination_rules: Vec<Value>,
     rivals: Vec<Rival>,
@@ -960,6 +1018,14 @@ impl Snapshot {
             .iter()
             .map(|p| p.as_ref().clone())
             .collect();
+        let service_name = c.spec.service_name();
+        let endpoints = endpoints::ready_endpoints(
+            scope
+                .endpoint_slices
+                .in_namespace(&ns, |s| s.service == service_name)
+                .iter()
+                .map(|s| s.as_ref()),
+        );
         let (mesh, sharing) = {
             let idx = scope.index();
             (idx.mesh_of(&ns, &name), idx.sharing(&ns, &name))
@@ -993,6 +1059,7 @@ impl Snapshot {
             clone,
             service,
             pods,
+            endpoints,
             virtual_services,
             destination_rules,
             rivals,
@@ -1011,14 +1078,29 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
     let service_name = c.spec.service_name().to_string();
     if p.objects || p.clone {
         let clone_name = c.spec.clone_name();
-        let (target, service, clone) = futures::try_join!(
+        let slices: Api<EndpointSliceFacts> = Api::namespaced(ctx.client.clone(), &ns);
+        // Not older than what the EndpointSlice watch has delivered (as for the pods below).
+        let slice_params = ListParams::default()
+            .labels(&format!("{}={service_name}", endpoints::SERVICE_NAME_LABEL));
+        let slice_params = match scope.endpoint_slices.newest_seen() {
+            Some(rv) => slice_params.at(&rv).matching(VersionMatch::NotOlderThan),
+            None => slice_params.match_any(),
+        };
+        let (target, service, clone, listed_slices) = futures::try_join!(
             opt_if(
                 p.objects && !target_name.is_empty(),
                 deployments.get_opt(&target_name)
             ),
             opt_if(p.objects, services.get_opt(&service_name)),
             opt_if(p.clone, deployments.get_opt(&clone_name)),
+            opt_if(p.objects, async {
+                slices.list(&slice_params).await.map(Some)
+            }),
         )?;
+        for mut s in listed_slices.into_iter().flat_map(|l| l.items) {
+            s.strip();
+            scope.endpoint_slices.insert_newer(s);
+        }
         for mut d in target.into_iter().chain(clone) {
             d.strip_lag();
             scope.deployments.insert_newer(d);
@@ -1094,6 +1176,8 @@ async fn prime(ctx: &Context, scope: &Scope, c: &RecordingCanary, p: Prime) -> R
     ctx.metrics.cached("Deployment", scope.deployments.len());
     ctx.metrics.cached("Service", scope.services.len());
     ctx.metrics.cached("Pod", scope.pods.len());
+    ctx.metrics
+        .cached("EndpointSlice", scope.endpoint_slices.len());
     Ok(())
 }
 
@@ -1179,6 +1263,7 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
             .unwrap_or_default(),
         clone: snap.clone.as_ref(),
         pods: &snap.pods,
+        endpoints: &snap.endpoints,
         virtual_services: &snap.virtual_services,
         destination_rules: &snap.destination_rules,
         rivals: &snap.rivals,

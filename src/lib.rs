@@ -25,6 +25,7 @@ pub mod cache;
 pub mod client;
 pub mod controller;
 pub mod deployments;
+pub mod endpoints;
 pub mod events;
 pub mod freshness;
 pub mod index;

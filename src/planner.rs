@@ -5,7 +5,7 @@
 //! (propagation of a DestinationRule to the Envoys, a ramp interval) is expressed as a requeue,
 //! and the times it waits from live in the status, so a restarted controller resumes where it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -63,6 +63,9 @@ pub struct Observed<'a> {
     pub clone: Option<&'a Deployment>,
     /// Pods that may belong to the target or the clone (the controller lists them by the target's selector).
     pub pods: &'a [PodFacts],
+    /// The pods that are Ready endpoints in the Service's EndpointSlices: what the mesh routes to.
+    /// A pod counts towards a subset's capacity only once it is one (see [`crate::endpoints`]).
+    pub endpoints: &'a BTreeSet<String>,
     /// VirtualServices in the canary's namespace (full objects as JSON).
     pub virtual_services: &'a [Value],
     /// DestinationRules in the canary's namespace, and any elsewhere whose host is the Service's.

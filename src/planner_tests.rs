@@ -302,10 +302,19 @@ struct World {
     rivals: Vec<Rival>,
     service_selector: BTreeMap<String, String>,
     stable_labelling: StableLabelling,
+    /// The pods that are Ready endpoints of the Service; `None`: every serving pod is one.
+    endpoints: Option<BTreeSet<String>>,
 }
 
 impl World {
     fn plan(&self) -> Plan {
+        let endpoints = self.endpoints.clone().unwrap_or_else(|| {
+            self.pods
+                .iter()
+                .filter(|p| p.serving())
+                .filter_map(|p| p.metadata.name.clone())
+                .collect()
+        });
         plan(&Observed {
             canary: &self.canary,
             now: self.now,
@@ -316,6 +325,7 @@ impl World {
             service_selector: self.service_selector.clone(),
             clone: self.clone.as_ref(),
             pods: &self.pods,
+            endpoints: &endpoints,
             virtual_services: &self.vss,
             destination_rules: &self.drs,
             rivals: &self.rivals,
@@ -371,6 +381,7 @@ fn fresh_world() -> World {
         rivals: vec![],
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
+        endpoints: None,
     }
 }
 
@@ -413,6 +424,7 @@ fn serving_world(pct: i32) -> World {
         rivals: vec![],
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
+        endpoints: None,
     };
     w.clone_ready(4)
 }
@@ -1682,6 +1694,109 @@ fn a_clone_whose_status_still_says_ready_but_whose_pods_are_not_gets_no_weight()
     }
 }
 
+/// The serving pods of the target alone: the Service's Ready endpoints before any clone pod
+/// is one.
+fn target_endpoints(w: &World) -> BTreeSet<String> {
+    w.pods
+        .iter()
+        .filter(|p| p.serving() && pod_of_deployment(p, TARGET))
+        .filter_map(|p| p.metadata.name.clone())
+        .collect()
+}
+
+#[test]
+fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service() {
+    // The mesh routes to EndpointSlice endpoints, which the endpoint-slice controller writes
+    // after the pod is Ready: weight before that is answered with 503 (no healthy upstream).
+    let mut w = waiting_for_clone_world();
+    w.endpoints = Some(target_endpoints(&w));
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(p.status.current_percent, 0);
+    assert_eq!(p.status.clone_ready_replicas, 0);
+    assert_eq!(ready_reason(&p), "WaitingForCloneEndpoints");
+    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    // One clone pod listed as a Ready endpoint: the weight goes to what one replica carries.
+    let mut eps = target_endpoints(&w);
+    eps.insert(format!("frontend-recording-5c4b-{}", pod_suffix(0)));
+    w.endpoints = Some(eps);
+    let p = w.plan();
+    assert_eq!(vs_weight_after(&w, &p), Some(vec![90, 10]));
+    assert_eq!(p.status.clone_ready_replicas, 1);
+}
+
+#[test]
+fn the_weight_rises_only_as_far_as_the_clones_ready_endpoints_carry_it() {
+    // 4 Ready clone pods, 1 of them an endpoint: the capacity is one replica's worth.
+    let mut w = waiting_for_clone_world().with_canary(canary().percent(100).status(status(
+        phase::PROGRESSING,
+        "WaitingForClone",
+        0,
+    )));
+    let mut eps = target_endpoints(&w);
+    eps.insert(format!("frontend-recording-5c4b-{}", pod_suffix(0)));
+    w.endpoints = Some(eps);
+    let p = w.plan();
+    // Target of 4: one replica carries 25 %.
+    assert_eq!(vs_weight_after(&w, &p), Some(vec![75, 25]));
+    assert_eq!(ready_reason(&p), "WaitingForCloneCapacity");
+}
+
+#[test]
+fn a_serving_clone_whose_pods_stop_being_endpoints_is_drained() {
+    let mut w = serving_world(10);
+    w.endpoints = Some(target_endpoints(&w));
+    let p = w.plan();
+    assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
+    assert_eq!(ready_reason(&p), "CloneNotAnEndpoint");
+    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+}
+
+#[test]
+fn the_split_waits_until_a_stable_pod_is_a_ready_endpoint_of_the_service() {
+    // The stable subset needs an upstream too: labelled, Ready target pods that the Service's
+    // EndpointSlices do not list yet.
+    let mut w = subsets_world();
+    w.endpoints = Some(BTreeSet::new());
+    let p = w.plan();
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert_eq!(ready_reason(&p), "WaitingForStableEndpoints");
+    w.endpoints = None;
+    let p = w.plan();
+    assert!(has(&p, is_vs_write), "{:#?}", p.actions);
+}
+
+#[test]
+fn a_sick_clone_is_drained_from_a_virtual_service_whose_first_split_route_gives_the_host_weight_0()
+{
+    // A "dark" route first (the host at weight 0 beside a new version), then the default route:
+    // the percent read from the first pair is 0, but the later route still sends 10 % to the
+    // clone, which must be drained whatever blocks.
+    let spec = json!({"hosts": ["frontend"], "http": [
+        {"name": "dark", "match": [{"headers": {"x-dark": {"exact": "1"}}}], "route": [
+            {"destination": {"host": "frontend", "subset": STABLE_SUBSET}, "weight": 0},
+            {"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "weight": 0},
+            {"destination": {"host": "frontend-v2"}, "weight": 100}]},
+        {"name": "default", "route": [
+            {"destination": {"host": "frontend", "subset": STABLE_SUBSET}, "weight": 90},
+            {"destination": {"host": "frontend", "subset": RECORDING_SUBSET}, "weight": 10}]}
+    ]});
+    let mut user = vs("frontend", spec);
+    user["metadata"]["annotations"] =
+        json!({RESTORE_ANNOTATION: json!({"canary": CANARY, "weights": [0, null]}).to_string()});
+    let mut w = serving_world(10);
+    w.vss = vec![user];
+    // Blocked (an unknown VirtualService named in the spec) with a crash-looping clone.
+    w.canary.spec.virtual_service = Some("missing".into());
+    let w = sicken(&w, "crash-looping").expect("sick");
+    let p = w.plan();
+    let ops = patch_of(&p, MeshKind::VirtualService, "frontend")
+        .unwrap_or_else(|| panic!("no drain: {:#?}", p.actions));
+    let after = apply_ops(&w.vss[0], ops);
+    assert_eq!(weights(&after, 1), vec![100, 0], "{after:#}");
+    assert!(event_reasons(&p).contains(&"TrafficDrained"));
+}
+
 #[test]
 fn missing_subsets_are_added_back_before_the_vs_moves() {
     // Someone removed our subsets from the DR while the VS is split.
@@ -2458,6 +2573,7 @@ fn rollback_completes_when_everything_is_already_gone() {
         rivals: vec![],
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
+        endpoints: None,
     };
     let p = w.plan();
     assert_eq!(p.actions, vec![Action::RemoveFinalizer]);
@@ -3752,6 +3868,10 @@ fn sicken(w: &World, how: &str) -> Option<World> {
             w.pods
                 .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
         }
+        "not-an-endpoint" => {
+            // Ready pods that the Service's EndpointSlices do not list (as Ready) any more.
+            w.endpoints = Some(target_endpoints(&w));
+        }
         _ => unreachable!("{how}"),
     }
     Some(w)
@@ -3771,7 +3891,7 @@ fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
         {
             assert!(!has(&p, is_vs_write), "{reason}: {:#?}", p.actions);
         }
-        for how in ["crash-looping", "deleted", "not-ready"] {
+        for how in ["crash-looping", "deleted", "not-ready", "not-an-endpoint"] {
             let Some(mut w) = sicken(&blocked, how) else {
                 continue;
             };
@@ -3833,7 +3953,8 @@ fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 16 * 3 - 2 * 2, "cases checked");
+    // Four ways to be sick; two blocked worlds have no clone of their own (only "deleted").
+    assert_eq!(checked, 16 * 4 - 2 * 3, "cases checked");
 }
 
 #[test]

@@ -280,6 +280,28 @@ fn wait_before_split<'a>(
         .iter()
         .filter(|p| p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE))
         .count();
+    // The stable subset must have an upstream when the split goes in: a labelled target pod that
+    // is a Ready endpoint of the Service.
+    let endpoints = ready
+        .iter()
+        .filter(|p| {
+            p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE)
+                && o.endpoints
+                    .contains(p.metadata.name.as_deref().unwrap_or_default())
+        })
+        .count();
+    if !ready.is_empty() && labelled == ready.len() && endpoints == 0 {
+        b.report(
+            phase::PROGRESSING,
+            "WaitingForStableEndpoints",
+            &format!(
+                "none of the {} ready pods of Deployment {target_name} is a Ready endpoint of Service {} yet (its EndpointSlices); the stable subset would have no upstream",
+                ready.len(),
+                k.host.name
+            ),
+        );
+        return Err(Box::new(b.finish()));
+    }
     if !ready.is_empty() && labelled == ready.len() {
         // This plan makes the dependent write: say what ended its wait.
         b.status.last_propagation_wait = Some(
@@ -623,6 +645,24 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
                 "CloneStalled",
                 format!(
                     "{clone_name} has made no progress within its progressDeadlineSeconds (image pull, scheduling or readiness?); no traffic goes to the clone"
+                ),
+            )
+        } else if health == CloneHealth::NoEndpoint && was_serving {
+            (
+                phase::DEGRADED,
+                "CloneNotAnEndpoint",
+                format!(
+                    "no ready replica of {clone_name} is a Ready endpoint of Service {} (its EndpointSlices); no traffic goes to the clone",
+                    k.host.name
+                ),
+            )
+        } else if health == CloneHealth::NoEndpoint {
+            (
+                phase::PROGRESSING,
+                "WaitingForCloneEndpoints",
+                format!(
+                    "{clone_name} has a ready replica; waiting for it to be a Ready endpoint of Service {} (its EndpointSlices), which the mesh routes to",
+                    k.host.name
                 ),
             )
         } else if o.clone.is_some() && was_serving {

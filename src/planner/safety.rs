@@ -27,6 +27,9 @@ pub(super) enum CloneHealth {
     Missing,
     /// No Ready replica.
     NotReady,
+    /// Ready replicas, but none is a Ready endpoint of the Service yet: the mesh has no upstream
+    /// for the recording subset, so weight there would be answered with 503s.
+    NoEndpoint,
     CrashLooping,
 }
 
@@ -40,6 +43,9 @@ impl CloneHealth {
             CloneHealth::Healthy => String::new(),
             CloneHealth::Missing => format!("{clone} is missing"),
             CloneHealth::NotReady => format!("{clone} has no ready replica"),
+            CloneHealth::NoEndpoint => {
+                format!("no ready replica of {clone} is an endpoint of the Service yet")
+            }
             CloneHealth::CrashLooping => format!("a pod of {clone} is in CrashLoopBackOff"),
         }
     }
@@ -83,22 +89,38 @@ pub(super) fn clone_health(b: &Builder) -> CloneHealth {
         return CloneHealth::CrashLooping;
     }
     if clone_ready_pods(b) < 1 {
-        return CloneHealth::NotReady;
+        let ready = o
+            .pods
+            .iter()
+            .any(|p| p.serving() && pod_of_deployment(p, &clone_name));
+        return if ready {
+            CloneHealth::NoEndpoint
+        } else {
+            CloneHealth::NotReady
+        };
     }
     CloneHealth::Healthy
 }
 
-/// The clone's Ready replicas: its pods in the watch cache that are Ready and not being deleted.
-/// Not the Deployment's `status.readyReplicas`, which the kube-controller-manager's deployment
-/// controller writes one pass of its work queue after the pods (minutes late when that queue is
-/// deep, as when thousands of Deployments change at once), and which stays stale the other way
-/// too: a clone pod that stops being Ready is seen here at once.
+/// The clone's replicas that can carry traffic: its pods in the watch cache that are Ready, not
+/// being deleted, and Ready endpoints in the Service's EndpointSlices (what the mesh routes to;
+/// the endpoint-slice controller lists a pod there after it is Ready, minutes later when its
+/// queue is deep). Not the Deployment's `status.readyReplicas`, which the
+/// kube-controller-manager's deployment controller writes one pass of its work queue after the
+/// pods, and which stays stale the other way too: a clone pod that stops being Ready is seen here
+/// at once.
 pub(super) fn clone_ready_pods(b: &Builder) -> i32 {
     let clone_name = b.o.canary.spec.clone_name();
     let n =
         b.o.pods
             .iter()
-            .filter(|p| p.serving() && pod_of_deployment(p, &clone_name))
+            .filter(|p| {
+                p.serving()
+                    && pod_of_deployment(p, &clone_name)
+                    && b.o
+                        .endpoints
+                        .contains(p.metadata.name.as_deref().unwrap_or_default())
+            })
             .count();
     i32::try_from(n).unwrap_or(i32::MAX)
 }
