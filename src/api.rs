@@ -402,6 +402,9 @@ impl RecordingCanarySpec {
             return Err(InvalidSpec("spec.service must not be empty".into()));
         }
         let propagation_delay = parse_duration("spec.propagationDelay", &self.propagation_delay)?;
+        if propagation_delay.is_zero() {
+            return Err(InvalidSpec(ZERO_DELAY.into()));
+        }
         let ramp = match &self.ramp {
             None => None,
             Some(r) => {
@@ -469,6 +472,8 @@ fn parse_duration(field: &str, s: &str) -> Result<Duration, InvalidSpec> {
 /// A CEL expression that accepts the durations `humantime` parses in practice: one or more
 /// `<number><unit>` groups, e.g. `30s`, `1m30s`, `500ms`.
 const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
+
+const ZERO_DELAY: &str = "spec.propagationDelay must be longer than 0s: it is the wait between a DestinationRule write and the VirtualService write that depends on it (make before break), while Istio pushes the first to every proxy";
 
 const MIRROR_ACK: &str = "spec.mode Mirror copies requests to the clone, so their writes downstream happen twice: set spec.acknowledgeMirrorSideEffects: true to accept that";
 
@@ -609,7 +614,9 @@ fn harden_schema(root: &mut Value) {
     set(
         spec,
         "/properties/propagationDelay",
-        json!({"pattern": DURATION_PATTERN}),
+        json!({"pattern": DURATION_PATTERN, "x-kubernetes-validations": [
+            {"rule": "!self.matches('^\\\\s*(0+\\\\s*[a-zµ]+\\\\s*)+$')", "message": ZERO_DELAY}
+        ]}),
     );
     set(
         spec,
