@@ -816,24 +816,47 @@ pub fn foreign_subset_with_our_name(spec: &Value) -> Option<String> {
         })
 }
 
-/// `spec.subsets` with ours added at the end (replacing any of ours that were there).
-pub fn with_our_subsets(spec: &Value) -> Value {
+/// `spec.subsets` with those of ours that are missing added at the end, and their names. A subset
+/// that is there already with our name and labels stays exactly as it is (a user's, committed to
+/// git with its own traffic policy, say): it is never rewritten, and never removed on rollback.
+pub fn with_our_subsets(spec: &Value) -> (Value, Vec<String>) {
     let mut subsets: Vec<Value> = spec
         .get("subsets")
         .and_then(Value::as_array)
-        .map(|ss| ss.iter().filter(|s| !is_our_subset(s)).cloned().collect())
+        .cloned()
         .unwrap_or_default();
-    subsets.extend(our_subsets());
-    Value::Array(subsets)
+    let mut added = Vec::new();
+    for want in our_subsets() {
+        let name = want.get("name").and_then(Value::as_str).unwrap_or_default();
+        if !subsets.iter().any(|s| s.get("name") == want.get("name")) {
+            added.push(name.to_string());
+            subsets.push(want);
+        }
+    }
+    (Value::Array(subsets), added)
 }
 
-/// `spec.subsets` without ours; `None` when the field should be removed altogether
-/// (it was absent before we added ours).
-pub fn without_our_subsets(spec: &Value, field_was_absent: bool) -> Option<Value> {
+/// `spec.subsets` without the subsets a canary added (`added`, by name); `None` when the field
+/// should be removed altogether (it was absent before they were added).
+pub fn without_our_subsets(
+    spec: &Value,
+    field_was_absent: bool,
+    added: &[String],
+) -> Option<Value> {
     let subsets: Vec<Value> = spec
         .get("subsets")
         .and_then(Value::as_array)
-        .map(|ss| ss.iter().filter(|s| !is_our_subset(s)).cloned().collect())
+        .map(|ss| {
+            ss.iter()
+                .filter(|s| {
+                    !(is_our_subset(s)
+                        && s.get("name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| added.iter().any(|a| a == n)))
+                })
+                .cloned()
+                .collect()
+        })
         .unwrap_or_default();
     if subsets.is_empty() && field_was_absent {
         None
@@ -842,22 +865,95 @@ pub fn without_our_subsets(spec: &Value, field_was_absent: bool) -> Option<Value
     }
 }
 
-/// Restore note for a DestinationRule: whether `spec.subsets` existed before.
-pub fn dr_restore_note(spec: &Value, canary: &str) -> String {
-    json!({"canary": canary, "subsetsAbsent": spec.get("subsets").is_none()}).to_string()
+/// What a DestinationRule's restore note says: which canary added subsets, whether
+/// `spec.subsets` was absent before, and which subsets it added (the only ones rollback removes).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DrNote {
+    pub canary: Option<String>,
+    pub subsets_absent: bool,
+    pub added: Vec<String>,
 }
 
-/// Reads a DestinationRule restore note: (canary, subsets field was absent).
-pub fn parse_dr_restore_note(note: Option<&str>) -> (Option<String>, bool) {
+/// Restore note for a DestinationRule: whether `spec.subsets` existed before, and the subsets added.
+pub fn dr_restore_note(subsets_absent: bool, canary: &str, added: &[String]) -> String {
+    json!({"canary": canary, "subsetsAbsent": subsets_absent, "added": added}).to_string()
+}
+
+/// Reads a DestinationRule restore note. A note without `added` (written by an older version,
+/// which added both subsets and replaced any of ours) names both.
+pub fn parse_dr_restore_note(note: Option<&str>) -> DrNote {
     let Some(v) = note.and_then(|n| serde_json::from_str::<Value>(n).ok()) else {
-        return (None, false);
+        return DrNote::default();
     };
-    (
-        v.get("canary").and_then(Value::as_str).map(String::from),
-        v.get("subsetsAbsent")
+    DrNote {
+        canary: v.get("canary").and_then(Value::as_str).map(String::from),
+        subsets_absent: v
+            .get("subsetsAbsent")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-    )
+        added: match v.get("added").and_then(Value::as_array) {
+            Some(a) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect(),
+            None => vec![STABLE_SUBSET.to_string(), RECORDING_SUBSET.to_string()],
+        },
+    }
+}
+
+/// The namespaces that see an Istio object, by its `exportTo` (absent or empty: all, Istio's
+/// default; the mesh config can change that default, which the controller cannot read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    All,
+    /// These namespaces only (`.` resolved to the object's own; `~`: none).
+    Some(std::collections::BTreeSet<String>),
+}
+
+impl Audience {
+    /// The audience of an object, from `spec.exportTo`.
+    pub fn of(obj: &Value) -> Self {
+        let ns = obj
+            .pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let list: Vec<&str> = obj
+            .pointer("/spec/exportTo")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if list.is_empty() || list.contains(&"*") {
+            return Audience::All;
+        }
+        Audience::Some(
+            list.into_iter()
+                .filter(|e| *e != "~")
+                .map(|e| if e == "." { ns } else { e }.to_string())
+                .collect(),
+        )
+    }
+
+    /// Whether every namespace that sees `other` sees this too.
+    pub fn covers(&self, other: &Audience) -> bool {
+        match (self, other) {
+            (Audience::All, _) => true,
+            (Audience::Some(_), Audience::All) => false,
+            (Audience::Some(mine), Audience::Some(theirs)) => theirs.is_subset(mine),
+        }
+    }
+
+    /// For messages: `every namespace` or the list.
+    pub fn describe(&self) -> String {
+        match self {
+            Audience::All => "every namespace".into(),
+            Audience::Some(s) if s.is_empty() => "no namespace".into(),
+            Audience::Some(s) => format!(
+                "namespace(s) {}",
+                s.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
 }
 
 /// Escapes a key for a JSON pointer (RFC 6901).
@@ -1058,20 +1154,51 @@ mod tests {
     fn subsets_are_added_and_removed_without_touching_others() {
         let spec = json!({"host": "frontend", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
                           "subsets": [{"name": "v1", "labels": {"version": "v1"}, "newField": 1}]});
-        let added = with_our_subsets(&spec);
+        let (added, names) = with_our_subsets(&spec);
         assert_eq!(added.as_array().map(Vec::len), Some(3));
+        assert_eq!(names, [STABLE_SUBSET, RECORDING_SUBSET]);
         let mut s2 = spec.clone();
         s2["subsets"] = added;
         assert!(has_our_subsets(&s2));
         assert_eq!(
-            without_our_subsets(&s2, false),
+            without_our_subsets(&s2, false, &names),
             Some(spec["subsets"].clone())
         );
 
         let bare = json!({"host": "frontend"});
         let mut b2 = bare.clone();
-        b2["subsets"] = with_our_subsets(&bare);
-        assert_eq!(without_our_subsets(&b2, true), None);
+        let (added, names) = with_our_subsets(&bare);
+        b2["subsets"] = added;
+        assert_eq!(without_our_subsets(&b2, true, &names), None);
+    }
+
+    #[test]
+    fn a_users_subset_with_our_name_is_never_rewritten_nor_removed() {
+        // Committed to git with its own policy, so that a GitOps tool does not fight the canary.
+        let users = json!({"name": STABLE_SUBSET, "labels": {ROLE_LABEL: ROLE_STABLE},
+                           "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 7}}}});
+        let spec = json!({"host": "frontend", "subsets": [users.clone()]});
+        let (with, names) = with_our_subsets(&spec);
+        assert_eq!(names, [RECORDING_SUBSET], "only the missing one is added");
+        assert_eq!(with[0], users, "the user's subset is kept as it is");
+        let mut s2 = spec.clone();
+        s2["subsets"] = with;
+        assert_eq!(
+            without_our_subsets(&s2, false, &names),
+            Some(json!([users]))
+        );
+        // An old note (no `added`) names both, as the old writer replaced both.
+        let old = parse_dr_restore_note(Some(r#"{"canary":"c","subsetsAbsent":false}"#));
+        assert_eq!(old.added, [STABLE_SUBSET, RECORDING_SUBSET]);
+        let new = parse_dr_restore_note(Some(&dr_restore_note(true, "c", &names)));
+        assert_eq!(
+            new,
+            DrNote {
+                canary: Some("c".into()),
+                subsets_absent: true,
+                added: vec![RECORDING_SUBSET.to_string()]
+            }
+        );
     }
 
     #[test]

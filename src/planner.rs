@@ -408,15 +408,83 @@ pub fn source_hash(target_template: &PodTemplateSpec, c: &RecordingCanary) -> St
     digest.iter().take(10).map(|b| format!("{b:02x}")).collect()
 }
 
+/// The labels of the clone's pods: the target's template labels, `sidecar.podLabels` over
+/// them, and the recording role.
+pub fn clone_pod_labels(c: &RecordingCanary, target: &Deployment) -> BTreeMap<String, String> {
+    let mut labels = target
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    labels.extend(c.spec.sidecar.pod_labels.clone());
+    labels.insert(ROLE_LABEL.into(), ROLE_RECORDING.into());
+    labels
+}
+
+/// Whether the target's pod template or selector carries the role label, which only the
+/// controller may set.
+pub fn target_carries_role_label(target: &Deployment) -> bool {
+    target.spec.as_ref().is_some_and(|s| {
+        s.template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.as_ref())
+            .is_some_and(|l| l.contains_key(ROLE_LABEL))
+            || s.selector
+                .match_labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(ROLE_LABEL))
+    })
+}
+
+/// What in the target's pod spec asks for privileges the controller does not give a clone (the
+/// chart's admission fences refuse them on clones): host namespaces, hostPath volumes,
+/// privileged containers, added capabilities. Empty: none.
+pub fn privileges(target: &Deployment) -> Vec<String> {
+    let Some(spec) = target.spec.as_ref().and_then(|s| s.template.spec.as_ref()) else {
+        return Vec::new();
+    };
+    let mut what = Vec::new();
+    for (on, name) in [
+        (spec.host_network, "hostNetwork"),
+        (spec.host_pid, "hostPID"),
+        (spec.host_ipc, "hostIPC"),
+    ] {
+        if on == Some(true) {
+            what.push(name.to_string());
+        }
+    }
+    if spec.volumes.iter().flatten().any(|v| v.host_path.is_some()) {
+        what.push("hostPath volumes".to_string());
+    }
+    let containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    for ct in containers {
+        let sc = ct.security_context.as_ref();
+        if sc.and_then(|s| s.privileged) == Some(true) {
+            what.push(format!("a privileged container ({})", ct.name));
+        }
+        if sc
+            .and_then(|s| s.capabilities.as_ref())
+            .and_then(|c| c.add.as_ref())
+            .is_some_and(|a| !a.is_empty())
+        {
+            what.push(format!("added capabilities ({})", ct.name));
+        }
+    }
+    what
+}
+
 /// The clone Deployment for `target` at `replicas`.
 pub fn build_clone(c: &RecordingCanary, target: &Deployment, replicas: i32) -> Deployment {
     let tspec = target.spec.clone().unwrap_or_default();
     let mut template = tspec.template.clone();
     let hash = source_hash(&template, c);
     let tmeta = template.metadata.get_or_insert_with(ObjectMeta::default);
-    let labels = tmeta.labels.get_or_insert_with(BTreeMap::new);
-    labels.extend(c.spec.sidecar.pod_labels.clone());
-    labels.insert(ROLE_LABEL.into(), ROLE_RECORDING.into());
+    tmeta.labels = Some(clone_pod_labels(c, target));
     if !c.spec.sidecar.pod_annotations.is_empty() {
         tmeta
             .annotations
@@ -492,6 +560,14 @@ fn first_rival<'r>(o: &'r Observed<'r>) -> Option<&'r Rival> {
         .filter(|r| r.target == c.spec.target_ref.name || r.service == c.spec.service_name())
         .filter(|r| (r.created, r.name.clone()) < me)
         .min_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)))
+}
+
+/// Whether the role label is someone else's on this canary's pods: the target's template carries
+/// it, or the Service selects on it. Then the controller neither sets it nor removes it (the
+/// canary blocks with `TargetCarriesRoleLabel` or `ServiceSelectsRoleLabel`): relabelling would
+/// release pods from their ReplicaSet, or move the Service's endpoints.
+fn role_label_is_not_ours(o: &Observed) -> bool {
+    o.service_selector.contains_key(ROLE_LABEL) || o.target.is_some_and(target_carries_role_label)
 }
 
 /// Istio's root namespace: its DestinationRules are the last resort, so they don't shadow ours.

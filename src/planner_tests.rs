@@ -279,11 +279,15 @@ fn user_dr() -> Value {
     )
 }
 
+fn both_subsets() -> Vec<String> {
+    vec![STABLE_SUBSET.to_string(), RECORDING_SUBSET.to_string()]
+}
+
 /// The user's DestinationRule with our subsets in it.
 fn split_dr() -> Value {
     let mut d = user_dr();
     d["metadata"]["annotations"] =
-        json!({RESTORE_ANNOTATION: istio::dr_restore_note(&user_dr()["spec"], CANARY)});
+        json!({RESTORE_ANNOTATION: istio::dr_restore_note(true, CANARY, &both_subsets())});
     d["spec"]["subsets"] = json!(istio::our_subsets());
     d
 }
@@ -522,6 +526,15 @@ fn ready_reason(p: &Plan) -> String {
         .iter()
         .find(|c| c.type_ == "Ready")
         .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+fn ready_message(p: &Plan) -> String {
+    p.status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
         .unwrap_or_default()
 }
 
@@ -1333,7 +1346,7 @@ fn the_user_dr_keeps_every_other_field_when_subsets_are_added() {
     original["metadata"]["annotations"] = json!({"owner": "team-shop"});
     original["metadata"]["labels"] = json!({"app": "frontend"});
     original["spec"]["futureField"] = json!({"a": 1});
-    original["spec"]["exportTo"] = json!(["."]);
+    original["spec"]["exportTo"] = json!(["*"]);
     w.drs = vec![original.clone()];
     let p = w.plan();
     let after = apply_ops(
@@ -1486,6 +1499,309 @@ fn a_destination_rule_in_the_istio_root_namespace_does_not_block() {
     let p = w.plan();
     assert_ne!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
     assert!(patch_of(&p, MeshKind::DestinationRule, "frontend").is_some());
+}
+
+/// No mesh write, no clone write: a configuration that would empty a subset is refused before
+/// anything changes.
+fn assert_no_mesh_or_clone_write(p: &Plan) {
+    assert!(
+        p.actions
+            .iter()
+            .all(|a| matches!(a, Action::LabelPod { .. } | Action::AddFinalizer)),
+        "{:#?}",
+        p.actions
+    );
+}
+
+#[test]
+fn pod_labels_that_override_a_key_the_service_selects_on_block_before_any_write() {
+    // The Service selects tier=web; podLabels would give the clone tier=recording: its pods
+    // would never be endpoints, and the recording subset would have no upstream.
+    let mut w = fresh_world().with_canary(canary().spec(
+        "sidecar",
+        json!({"podLabels": {"tier": "recording", "extra": "yes"}}),
+    ));
+    w.service_selector.insert("tier".into(), "web".into());
+    let p = w.plan();
+    assert_blocked(&p, "CloneNotSelectedByService");
+    assert_no_mesh_or_clone_write(&p);
+    assert!(
+        p.status
+            .conditions
+            .iter()
+            .any(|c| c.message.contains("tier=web"))
+    );
+    // A podLabels key the Service does not select on is fine.
+    let mut w =
+        fresh_world().with_canary(canary().spec("sidecar", json!({"podLabels": {"extra": "yes"}})));
+    w.service_selector.insert("tier".into(), "web".into());
+    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+}
+
+#[test]
+fn a_service_selecting_on_the_role_label_blocks_and_no_pod_is_labelled_or_unlabelled() {
+    let mut w = fresh_world();
+    w.service_selector
+        .insert(ROLE_LABEL.into(), ROLE_STABLE.into());
+    let p = w.plan();
+    assert_blocked(&p, "ServiceSelectsRoleLabel");
+    assert!(
+        p.actions.iter().all(|a| matches!(a, Action::AddFinalizer)),
+        "{:#?}",
+        p.actions
+    );
+    // Rollback leaves the label alone too: removing it would take the pods out of the Service.
+    let mut w = serving_world(10);
+    w.service_selector
+        .insert(ROLE_LABEL.into(), ROLE_STABLE.into());
+    w.canary.metadata.deletion_timestamp = Some(Time(at(-10)));
+    w.vss = vec![user_vs()];
+    w.drs = vec![user_dr()];
+    w.clone = None;
+    let p = w.plan();
+    assert!(
+        !has(&p, |a| matches!(a, Action::UnlabelPod { .. })),
+        "{:#?}",
+        p.actions
+    );
+    assert!(has(&p, |a| matches!(a, Action::RemoveFinalizer)));
+}
+
+#[test]
+fn a_target_whose_template_carries_the_role_label_blocks_and_its_pods_are_never_relabelled() {
+    // Relabelling would take each pod out of its ReplicaSet's selector (an endless stream of
+    // replacement pods), and rollback would orphan every target pod.
+    let mut w = fresh_world();
+    let mut t = target(4);
+    if let Some(spec) = t.spec.as_mut() {
+        spec.template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(ROLE_LABEL.into(), "web".into());
+    }
+    w.target = Some(t.clone());
+    w.pods = vec![target_pod("frontend-7d9f-a").role("web").build()];
+    let p = w.plan();
+    assert_blocked(&p, "TargetCarriesRoleLabel");
+    assert!(
+        p.actions.iter().all(|a| matches!(a, Action::AddFinalizer)),
+        "{:#?}",
+        p.actions
+    );
+    // Rollback: the label is the template's, never removed.
+    let mut w = serving_world(10);
+    w.target = Some(t);
+    w.canary.metadata.deletion_timestamp = Some(Time(at(-10)));
+    w.vss = vec![user_vs()];
+    w.drs = vec![user_dr()];
+    w.clone = None;
+    let p = w.plan();
+    assert!(
+        !has(&p, |a| matches!(a, Action::UnlabelPod { .. })),
+        "{:#?}",
+        p.actions
+    );
+}
+
+#[test]
+fn a_target_that_needs_privileges_blocks_before_a_clone_is_created() {
+    for (what, spec) in [
+        (
+            "hostNetwork",
+            json!({"hostNetwork": true, "containers": [{"name": "app", "image": "a"}]}),
+        ),
+        (
+            "hostPath volumes",
+            json!({"volumes": [{"name": "v", "hostPath": {"path": "/"}}],
+                                    "containers": [{"name": "app", "image": "a"}]}),
+        ),
+        (
+            "a privileged container (app)",
+            json!({"containers": [{"name": "app", "image": "a",
+                                    "securityContext": {"privileged": true}}]}),
+        ),
+        (
+            "added capabilities (init)",
+            json!({"containers": [{"name": "app", "image": "a"}],
+                                    "initContainers": [{"name": "init", "image": "a",
+                                    "securityContext": {"capabilities": {"add": ["NET_ADMIN"]}}}]}),
+        ),
+    ] {
+        let mut w = fresh_world();
+        let mut t = target(4);
+        if let Some(s) = t.spec.as_mut() {
+            s.template.spec = Some(serde_json::from_value(spec).expect("pod spec"));
+        }
+        w.target = Some(t);
+        let p = w.plan();
+        assert_blocked(&p, "PrivilegedTarget");
+        assert!(
+            ready_message(&p).contains(what),
+            "{what}: {}",
+            ready_message(&p)
+        );
+        assert_no_mesh_or_clone_write(&p);
+    }
+}
+
+#[test]
+fn an_adopted_destination_rule_exported_more_narrowly_than_the_routes_blocks() {
+    // Clients outside the namespace would see the split routes but not the subsets: 503 NC.
+    let mut w = fresh_world();
+    w.drs[0]["spec"]["exportTo"] = json!(["."]);
+    let p = w.plan();
+    assert_blocked(&p, "DestinationRuleNotExported");
+    assert_no_mesh_or_clone_write(&p);
+    // The VirtualService seen as narrowly (or more): fine.
+    for vs_export in [json!(["."]), json!(["~"])] {
+        let mut w = fresh_world();
+        w.drs[0]["spec"]["exportTo"] = json!(["."]);
+        w.vss[0]["spec"]["exportTo"] = vs_export.clone();
+        let p = w.plan();
+        assert_ne!(
+            p.status.phase.as_deref(),
+            Some(phase::BLOCKED),
+            "{vs_export}: {p:#?}"
+        );
+    }
+    // A DR exported to a list that holds every namespace of the VS's list: fine; one missing: not.
+    let mut w = fresh_world();
+    w.drs[0]["spec"]["exportTo"] = json!([".", "istio-system"]);
+    w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop"]);
+    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop", "edge"]);
+    assert_blocked(&w.plan(), "DestinationRuleNotExported");
+}
+
+#[test]
+fn a_root_namespace_destination_rule_for_the_host_blocks_when_gateways_are_listed() {
+    // The ingress gateways run in the root namespace: its DestinationRule is theirs first.
+    let mut w =
+        fresh_world().with_canary(canary().spec("gateways", json!(["istio-system/public"])));
+    w.vss.push(vs(
+        "frontend-public",
+        json!({"hosts": ["shop.example.com"], "gateways": ["istio-system/public"],
+               "http": [{"route": [{"destination": {"host": FQDN}}]}]}),
+    ));
+    w.drs
+        .push(dr_in("istio-system", "mesh-default", json!({"host": FQDN})));
+    let p = w.plan();
+    assert_blocked(&p, "RootDestinationRuleForGateways");
+    assert_no_mesh_or_clone_write(&p);
+}
+
+#[test]
+fn a_propagation_delay_of_zero_is_refused() {
+    // It would turn make-before-break off: the routes would follow the subsets at once.
+    for d in ["0s", "0ms", "0m0s"] {
+        let w = fresh_world().with_canary(canary().delay(d));
+        let p = w.plan();
+        assert_blocked(&p, "InvalidSpec");
+        assert!(ready_message(&p).contains("propagationDelay"), "{d}");
+    }
+}
+
+#[test]
+fn max_replicas_below_the_proportional_size_caps_the_weight_at_what_they_carry() {
+    // 50 % of a 100-replica target on at most 2 replicas: 2 % is what they carry, not 50.
+    let c = canary().percent(50).max_replicas(2).status(status(
+        phase::PROGRESSING,
+        "WaitingForClone",
+        0,
+    ));
+    let mut w = waiting_for_clone_world().with_canary(c);
+    w.target = Some(target(100));
+    let p = w.plan();
+    assert_eq!(vs_weight_after(&w, &p), Some(vec![98, 2]));
+    assert_eq!(ready_reason(&p), "LimitedByMaxReplicas");
+    assert_eq!(p.status.clone_replicas, 2);
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.warning && e.reason == "LimitedByMaxReplicas"),
+        "{:?}",
+        p.events
+    );
+    // A canary serving 50 % whose target grows past what maxReplicas carry is brought down.
+    let mut w = serving_world(50).with_canary(canary().percent(50).max_replicas(2).status(status(
+        phase::READY,
+        "TargetReached",
+        50,
+    )));
+    w.target = Some(target(100));
+    let p = w.plan();
+    assert_eq!(vs_weight_after(&w, &p), Some(vec![98, 2]));
+}
+
+#[test]
+fn a_users_destination_rule_that_already_holds_our_subsets_is_never_written_nor_stripped() {
+    // Committed to git with the subsets (so that a GitOps tool does not fight) and a policy on
+    // one of them: the canary uses them as they are, and rollback leaves them.
+    let mut d = user_dr();
+    d["spec"]["subsets"] = json!([
+        {"name": STABLE_SUBSET, "labels": {ROLE_LABEL: ROLE_STABLE},
+         "trafficPolicy": {"outlierDetection": {"consecutive5xxErrors": 3}}},
+        {"name": RECORDING_SUBSET, "labels": {ROLE_LABEL: ROLE_RECORDING}}
+    ]);
+    let mut w = subsets_world();
+    w.drs = vec![d.clone()];
+    let p = w.plan();
+    assert!(!has(&p, is_dr_write), "{:#?}", p.actions);
+    // Rollback of a split that used them: the routes go back, the DestinationRule stays.
+    let mut w = serving_world(10);
+    w.drs = vec![d];
+    w.canary.metadata.deletion_timestamp = Some(Time(at(-10)));
+    w.vss = vec![user_vs()];
+    w.canary.status = Some(RecordingCanaryStatus {
+        routes_removed_time: Some(rfc(at(-3600))),
+        ..status(phase::TERMINATING, "RolledBack", 0)
+    });
+    let p = w.plan();
+    assert!(
+        has(&p, |a| matches!(a, Action::RemoveFinalizer)),
+        "{:#?}",
+        p.actions
+    );
+    assert!(!has(&p, is_dr_write), "{:#?}", p.actions);
+}
+
+#[test]
+fn only_the_missing_subset_is_added_and_only_it_is_removed_on_rollback() {
+    let users = json!({"name": STABLE_SUBSET, "labels": {ROLE_LABEL: ROLE_STABLE},
+                       "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}});
+    let mut d = user_dr();
+    d["spec"]["subsets"] = json!([users.clone()]);
+    let mut w = fresh_world();
+    w.drs = vec![d.clone()];
+    let p = w.plan();
+    let added = apply_ops(
+        &d,
+        patch_of(&p, MeshKind::DestinationRule, "frontend").expect("DR write"),
+    );
+    assert_eq!(
+        added["spec"]["subsets"][0], users,
+        "the user's subset untouched"
+    );
+    assert_eq!(added["spec"]["subsets"][1]["name"], RECORDING_SUBSET);
+    let note = istio::parse_dr_restore_note(istio::restore_note_of(&added));
+    assert_eq!(note.added, [RECORDING_SUBSET]);
+    // Rollback takes out what was added, nothing else.
+    let mut w = serving_world(10);
+    w.drs = vec![added];
+    w.canary.metadata.deletion_timestamp = Some(Time(at(-10)));
+    w.vss = vec![user_vs()];
+    w.canary.status = Some(RecordingCanaryStatus {
+        routes_removed_time: Some(rfc(at(-3600))),
+        ..status(phase::TERMINATING, "RolledBack", 0)
+    });
+    let p = w.plan();
+    let after = apply_ops(
+        &w.drs[0],
+        patch_of(&p, MeshKind::DestinationRule, "frontend").expect("DR restore"),
+    );
+    assert_eq!(after, d);
 }
 
 #[test]
@@ -2712,7 +3028,7 @@ fn deleting_the_blocked_younger_canary_only_removes_its_finalizer() {
     w.vss = vec![v];
     let mut d = split_dr();
     d["metadata"]["annotations"][RESTORE_ANNOTATION] =
-        json!(istio::dr_restore_note(&user_dr()["spec"], "alpha"));
+        json!(istio::dr_restore_note(true, "alpha", &both_subsets()));
     w.drs = vec![d];
     w.clone
         .as_mut()

@@ -6,8 +6,8 @@ use kube::ResourceExt;
 use serde_json::Value;
 
 use super::{
-    CANARY_LABEL, MeshKind, Observed, clone_of, first_rival, is_root_namespace, meta_name, meta_ns,
-    owned_by, pod_of_deployment, shape, spec_of,
+    CANARY_LABEL, MeshKind, Observed, ROLE_LABEL, clone_of, clone_pod_labels, first_rival,
+    is_root_namespace, meta_name, meta_ns, owned_by, pod_of_deployment, shape, spec_of,
 };
 use crate::api::ValidSpec;
 use crate::istio::{self, ServiceHost};
@@ -105,6 +105,51 @@ pub enum Block {
         virtual_service: String,
         problem: String,
     },
+    /// The clone's pods would not carry labels the Service selects on (a `sidecar.podLabels`
+    /// entry overrides one): they would never be its endpoints, so the recording subset would
+    /// have no upstream.
+    CloneNotSelectedByService {
+        service: String,
+        clone: String,
+        /// `key=value` pairs of the selector that the clone's pod labels do not match.
+        unmatched: Vec<String>,
+    },
+    /// The Service selects on the role label, which the controller sets and removes on pods.
+    ServiceSelectsRoleLabel {
+        service: String,
+    },
+    /// The target's pod template (or selector) carries the role label: relabelling its pods would
+    /// release them from their ReplicaSet (endless replacement pods), and rollback would orphan
+    /// every one of them.
+    TargetCarriesRoleLabel {
+        target: String,
+    },
+    /// The adopted DestinationRule is visible to fewer namespaces than a VirtualService that would
+    /// route to its subsets: clients (or gateways) outside it would route to undefined subsets.
+    DestinationRuleNotExported {
+        destination_rule: String,
+        its_export_to: String,
+        virtual_service: String,
+        vs_export_to: String,
+    },
+    /// A DestinationRule for the host in Istio's root namespace: for proxies that run there (the
+    /// ingress gateways, usually) it comes first, so the listed gateways would not see our subsets.
+    RootDestinationRuleForGateways {
+        destination_rule: String,
+        host: String,
+    },
+    /// The target's pods need privileges (host namespaces, hostPath volumes, privileged
+    /// containers, added capabilities) that the controller does not give a clone.
+    PrivilegedTarget {
+        target: String,
+        what: Vec<String>,
+    },
+    /// A wildcard DestinationRule for the host carries TLS settings that the DestinationRule the
+    /// canary creates would have to copy (see `WildcardPolicy`); only ISTIO_MUTUAL is carried.
+    WildcardDestinationRuleTls {
+        destination_rule: String,
+        mode: String,
+    },
 }
 
 impl Block {
@@ -129,6 +174,13 @@ impl Block {
             Block::GatewayRouteNotFound { .. } => "GatewayRouteNotFound".into(),
             Block::ServiceSelectsOtherPods { .. } => "ServiceSelectsOtherPods".into(),
             Block::UnsupportedRoute { .. } => "UnsupportedRoute".into(),
+            Block::CloneNotSelectedByService { .. } => "CloneNotSelectedByService".into(),
+            Block::ServiceSelectsRoleLabel { .. } => "ServiceSelectsRoleLabel".into(),
+            Block::TargetCarriesRoleLabel { .. } => "TargetCarriesRoleLabel".into(),
+            Block::DestinationRuleNotExported { .. } => "DestinationRuleNotExported".into(),
+            Block::RootDestinationRuleForGateways { .. } => "RootDestinationRuleForGateways".into(),
+            Block::PrivilegedTarget { .. } => "PrivilegedTarget".into(),
+            Block::WildcardDestinationRuleTls { .. } => "WildcardDestinationRuleTls".into(),
         }
     }
 
@@ -237,6 +289,44 @@ impl Block {
                 virtual_service,
                 problem,
             } => format!("VirtualService {virtual_service}: {problem}"),
+            Block::CloneNotSelectedByService {
+                service,
+                clone,
+                unmatched,
+            } => format!(
+                "the pods of {clone} would not be endpoints of Service {service}: its selector asks for {} and the clone's pod labels (the target's plus spec.sidecar.podLabels) say otherwise; the recording subset would have no upstream. Remove those keys from spec.sidecar.podLabels",
+                unmatched.join(", ")
+            ),
+            Block::ServiceSelectsRoleLabel { service } => format!(
+                "Service {service} selects on the label {ROLE_LABEL}, which this controller sets on the target's pods and removes on rollback: its endpoints would change with the canary. Remove that key from the Service's selector"
+            ),
+            Block::TargetCarriesRoleLabel { target } => format!(
+                "the pod template of Deployment {target} carries the label {ROLE_LABEL}, which this controller sets: relabelling its pods would take them out of their ReplicaSet, and rollback would orphan them. Remove that label from the Deployment's template and selector"
+            ),
+            Block::DestinationRuleNotExported {
+                destination_rule,
+                its_export_to,
+                virtual_service,
+                vs_export_to,
+            } => format!(
+                "DestinationRule {destination_rule} is exported to {its_export_to}, but VirtualService {virtual_service}, whose routes would use its subsets, is exported to {vs_export_to}: clients that see the routes but not the subsets would get 503s. Export the DestinationRule at least as widely"
+            ),
+            Block::RootDestinationRuleForGateways {
+                destination_rule,
+                host,
+            } => format!(
+                "DestinationRule {destination_rule} in Istio's root namespace configures host {host}; gateways running in that namespace apply it before the subsets here, so their split routes would fail. Move it to the Service's namespace, or do not list gateways"
+            ),
+            Block::PrivilegedTarget { target, what } => format!(
+                "the pods of Deployment {target} use {}; the controller does not create a clone with these privileges (its admission fences refuse them). Record a workload without them",
+                what.join(", ")
+            ),
+            Block::WildcardDestinationRuleTls {
+                destination_rule,
+                mode,
+            } => format!(
+                "DestinationRule {destination_rule} (a wildcard host) sets TLS mode {mode} for this host; the DestinationRule this canary creates for the exact host would replace it, and it carries over only ISTIO_MUTUAL. Create a DestinationRule for the Service's exact host with the trafficPolicy you need: the canary adopts it and restores it exactly"
+            ),
         }
     }
 }
@@ -303,6 +393,7 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
             name: c.spec.service_name().into(),
         });
     }
+    check_labels(o, target)?;
     if let Some(cl) = o.clone
         && cl.labels().get(CANARY_LABEL) != Some(&c.name_any())
     {
@@ -316,6 +407,8 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
     let dr = choose_dr(o, &host, &uid)?;
     check_adopted(o, &host, vs, dr)?;
     let gateway_vss = gateway_routes(o, &host, vs)?;
+    check_exported(o, dr, vs, &gateway_vss)?;
+    check_root_dr(o, &host)?;
     // Every part of the spec's shape, the forced requests included.
     let shape = shape(&spec, spec.percent, true);
     for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
@@ -335,6 +428,109 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         dr,
         gateway_vss,
     })
+}
+
+/// Labels that must be left to the controller, and a clone that the Service must select.
+fn check_labels(o: &Observed, target: &Deployment) -> Result<(), Block> {
+    let c = o.canary;
+    if o.service_selector.contains_key(ROLE_LABEL) {
+        return Err(Block::ServiceSelectsRoleLabel {
+            service: c.spec.service_name().into(),
+        });
+    }
+    if super::target_carries_role_label(target) {
+        return Err(Block::TargetCarriesRoleLabel {
+            target: c.spec.target_ref.name.clone(),
+        });
+    }
+    let privileged = super::privileges(target);
+    if !privileged.is_empty() {
+        return Err(Block::PrivilegedTarget {
+            target: c.spec.target_ref.name.clone(),
+            what: privileged,
+        });
+    }
+    let labels = clone_pod_labels(c, target);
+    let unmatched: Vec<String> = o
+        .service_selector
+        .iter()
+        .filter(|(k, v)| labels.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !unmatched.is_empty() {
+        return Err(Block::CloneNotSelectedByService {
+            service: c.spec.service_name().into(),
+            clone: c.spec.clone_name(),
+            unmatched,
+        });
+    }
+    Ok(())
+}
+
+/// Every VirtualService whose routes will use the subsets must be seen only by namespaces that
+/// also see the DestinationRule defining them (an adopted one; ours is exported everywhere).
+fn check_exported(
+    o: &Observed,
+    dr: Choice,
+    vs: Choice,
+    gateway_vss: &[&Value],
+) -> Result<(), Block> {
+    let Choice::Adopt(d) = dr else {
+        return Ok(());
+    };
+    let ns = o.canary.namespace().unwrap_or_default();
+    let routes = vs.object().into_iter().chain(gateway_vss.iter().copied());
+    // A VirtualService still to be created (ours) is exported everywhere.
+    let mut views: Vec<(String, istio::Audience)> = routes
+        .map(|v| {
+            (
+                format!("{}/{}", meta_ns(v), meta_name(v)),
+                istio::Audience::of(v),
+            )
+        })
+        .collect();
+    if vs.object().is_none() {
+        views.push((
+            format!("{ns}/{}", super::owned_mesh_name(o.canary)),
+            istio::Audience::All,
+        ));
+    }
+    let dr_view = istio::Audience::of(d);
+    for (name, view) in views {
+        if !dr_view.covers(&view) {
+            return Err(Block::DestinationRuleNotExported {
+                destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
+                its_export_to: dr_view.describe(),
+                virtual_service: name,
+                vs_export_to: view.describe(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// With gateways listed, no DestinationRule for the host in the root namespace (see
+/// [`Block::RootDestinationRuleForGateways`]).
+fn check_root_dr(o: &Observed, host: &ServiceHost) -> Result<(), Block> {
+    if o.canary.spec.gateways.is_empty() {
+        return Ok(());
+    }
+    match o.destination_rules.iter().find(|d| {
+        is_root_namespace(meta_ns(d))
+            && d.pointer("/spec/workloadSelector").is_none()
+            && host.matches(
+                d.pointer("/spec/host")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+                meta_ns(d),
+            )
+    }) {
+        Some(d) => Err(Block::RootDestinationRuleForGateways {
+            destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
+            host: host.fqdn(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A user's VirtualService and DestinationRule must be ones a split can work with.

@@ -73,11 +73,24 @@ fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
                 } else {
                     "add"
                 };
-                ops.push(json!({"op": op, "path": "/spec/subsets", "value": istio::with_our_subsets(spec_of(d))}));
-                if matches!(k.dr, Choice::Adopt(_)) && istio::restore_note_of(d).is_none() {
+                let (subsets, added) = istio::with_our_subsets(spec_of(d));
+                ops.push(json!({"op": op, "path": "/spec/subsets", "value": subsets}));
+                if matches!(k.dr, Choice::Adopt(_)) {
+                    // The note names every subset this canary added, over several writes (the
+                    // user may have removed one of ours meanwhile): rollback removes those only.
+                    let prev = istio::parse_dr_restore_note(istio::restore_note_of(d));
+                    let (absent, mut all) = match prev.canary {
+                        Some(ref n) if *n == c.name_any() => (prev.subsets_absent, prev.added),
+                        _ => (spec_of(d).get("subsets").is_none(), Vec::new()),
+                    };
+                    for a in added {
+                        if !all.contains(&a) {
+                            all.push(a);
+                        }
+                    }
                     ops.extend(istio::annotation_ops(
                         d,
-                        Some(&istio::dr_restore_note(spec_of(d), &c.name_any())),
+                        Some(&istio::dr_restore_note(absent, &c.name_any(), &all)),
                     ));
                 }
                 b.actions.push(Action::PatchMesh {
@@ -331,6 +344,8 @@ struct Weight {
     current: i32,
     /// Held back until the clone has the Ready replicas for more.
     capped: bool,
+    /// Held at this percent: `spec.maxReplicas` replicas carry no more of the target's traffic.
+    limited: Option<i32>,
     replicas: i32,
     clone_ready: i32,
 }
@@ -378,15 +393,21 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
             },
         }
     };
-    // The weight rises only as far as the clone's Ready replicas carry it: the replicas sized
-    // for a weight are Ready before it gets that weight. This never lowers a weight (an HPA
-    // scaling the target up must not move weights).
-    let capacity = (0..=100)
-        .rev()
-        .find(|w| {
-            clone_replicas(target_replicas, *w, spec.percent, spec.max_replicas) <= clone_ready
-        })
-        .unwrap_or(0);
+    // `spec.maxReplicas` is a ceiling on the weight too: the share that many replicas carry of
+    // the target's traffic (without it, 50 % of a 100-replica service would land on one pod).
+    // Unlike the capacity below, it lowers a weight when the target grows.
+    let most = |replicas: i32| {
+        (0..=100)
+            .rev()
+            .find(|w| clone_replicas(target_replicas, *w, spec.percent, None) <= replicas)
+            .unwrap_or(0)
+    };
+    let limit = spec.max_replicas.map(most).filter(|l| desired > *l);
+    let desired = limit.unwrap_or(desired);
+    // The weight rises only as far as the clone's Ready replicas (Ready endpoints) carry it: the
+    // replicas sized for a weight are Ready before it gets that weight. This never lowers a
+    // weight (an HPA scaling the target up must not move weights).
+    let capacity = most(clone_ready.min(spec.max_replicas.unwrap_or(i32::MAX)));
     let capped = desired > current && desired > capacity;
     let desired = if capped {
         current.max(capacity)
@@ -415,6 +436,7 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
         desired,
         current,
         capped,
+        limited: limit,
         replicas,
         clone_ready,
     }
@@ -679,6 +701,16 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             )
         };
         b.report(phase, reason, &message);
+    } else if let Some(limit) = w.limited.filter(|_| !w.capped) {
+        let max = k.spec.max_replicas.unwrap_or_default();
+        let message = format!(
+            "spec.maxReplicas ({max}) carries at most {limit}% of the traffic of Deployment {}'s {} replicas; the weight stays at {limit}% (target {percent}%). Raise maxReplicas for more",
+            o.canary.spec.target_ref.name, b.status.target_replicas
+        );
+        if b.reason_changed("LimitedByMaxReplicas") {
+            b.event(true, "LimitedByMaxReplicas", message.clone());
+        }
+        b.report(phase::PROGRESSING, "LimitedByMaxReplicas", &message);
     } else if w.capped {
         b.report(
             phase::PROGRESSING,

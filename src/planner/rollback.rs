@@ -4,12 +4,12 @@
 use std::time::Duration;
 
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::{
     Action, Builder, CANARY_LABEL, MeshKind, Plan, ROLE_LABEL, ROLE_STABLE, after, first_rival,
     fmt_time, meta_name, meta_ns, meta_uid, owned_by, parse_time, phase, pod_of_deployment,
-    remaining, spec_of, wait,
+    remaining, role_label_is_not_ours, spec_of, wait,
 };
 use crate::istio::{self, ServiceHost};
 use crate::istio_status;
@@ -85,7 +85,7 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     };
 
     // 3. Subsets out of the DestinationRule.
-    remove_subsets(&mut b, &host);
+    remove_subsets(&mut b);
 
     // 4. The clone.
     if let Some(cl) = o.clone
@@ -97,11 +97,12 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
         });
     }
 
-    // 5. Labels on the target's pods.
+    // 5. Labels on the target's pods (never a label that is not ours: see
+    // `role_label_is_not_ours`).
     for p in o
         .pods
         .iter()
-        .filter(|p| pod_of_deployment(p, &c.spec.target_ref.name))
+        .filter(|p| pod_of_deployment(p, &c.spec.target_ref.name) && !role_label_is_not_ours(o))
     {
         if p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE) {
             b.actions.push(Action::UnlabelPod { name: p.name_any() });
@@ -183,7 +184,7 @@ fn restore_routes(b: &Builder, host: &ServiceHost) -> Vec<Action> {
 }
 
 /// Our subsets out of every DestinationRule that has them: our own deleted, the user's restored.
-fn remove_subsets(b: &mut Builder, host: &ServiceHost) {
+fn remove_subsets(b: &mut Builder) {
     let o = b.o;
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
@@ -198,20 +199,14 @@ fn remove_subsets(b: &mut Builder, host: &ServiceHost) {
             });
             continue;
         }
-        let (note_owner, absent) = istio::parse_dr_restore_note(istio::restore_note_of(d));
-        let ours = note_owner.as_deref() == Some(me.as_str());
-        let dr_host = d
-            .pointer("/spec/host")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        let for_host = host.matches(dr_host, &ns);
-        if !(ours
-            || (note_owner.is_none() && for_host && istio::has_any_of_our_subsets(spec_of(d))))
-        {
+        // Only subsets this canary's note says it added: a user's subset with our name (in git,
+        // say, with its own policy) is never removed, whatever its name.
+        let note = istio::parse_dr_restore_note(istio::restore_note_of(d));
+        if note.canary.as_deref() != Some(me.as_str()) {
             continue;
         }
         let mut ops = istio::rv_test(d);
-        match istio::without_our_subsets(spec_of(d), absent) {
+        match istio::without_our_subsets(spec_of(d), note.subsets_absent, &note.added) {
             Some(s) if spec_of(d).get("subsets").is_some() => {
                 ops.push(json!({"op": "replace", "path": "/spec/subsets", "value": s}))
             }

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::{
     Action, Builder, CANARY_LABEL, MeshKind, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     clone_replicas, clone_stalled, first_rival, meta_name, meta_ns, owned_by, pod_of_deployment,
-    spec_of,
+    role_label_is_not_ours, spec_of,
 };
 use crate::api::ValidSpec;
 use crate::istio::{self, ServiceHost};
@@ -55,7 +55,7 @@ impl CloneHealth {
 /// ones). Not while an older canary of the same target rolls back: it is removing these labels,
 /// and its split with them.
 pub(super) fn label_target_pods(b: &mut Builder) {
-    if first_rival(b.o).is_some_and(|r| r.deleting) {
+    if first_rival(b.o).is_some_and(|r| r.deleting) || role_label_is_not_ours(b.o) {
         return;
     }
     let target = &b.o.canary.spec.target_ref.name;
