@@ -937,7 +937,7 @@ fn on_mesh_event(
         let concerns = if own {
             kept
         } else {
-            refs.services.iter().any(|(ns, _)| other.covers(ns))
+            refs.services.iter().any(|(ns, _)| other.covers(ns)) || refs.wildcard.is_some()
         };
         if !concerns && !other.index().knows_mesh(&m) {
             continue;
@@ -959,11 +959,13 @@ fn on_mesh_event(
 
 /// Whether a VirtualService or DestinationRule in namespace `ns` may concern the canaries of
 /// `shard`: it is in one of the shard's namespaces, a host it names resolves to a Service in
-/// one, or it carries a restore note (a split to undo). Without sharding, every one.
+/// one, it carries a restore note (a split to undo), or it is a DestinationRule for a wildcard
+/// host (from the root namespace it applies everywhere). Without sharding, every one.
 fn concerns_shard(shard: &Shard, ns: &str, refs: &MeshRefs) -> bool {
     shard.owns(ns)
         || refs.services.iter().any(|(svc_ns, _)| shard.owns(svc_ns))
         || refs.note.is_some()
+        || refs.wildcard.is_some()
 }
 
 fn mesh_kind(vs: bool) -> Kind {

@@ -91,6 +91,8 @@ pub struct Index {
     mesh_refs: HashMap<MeshKey, MeshRefs>,
     by_host: HashMap<(String, String), SmallSet<MeshKey>>,
     by_note: HashMap<(String, String), SmallSet<MeshKey>>,
+    /// DestinationRules for wildcard hosts (few in any cluster).
+    wildcards: SmallSet<MeshKey>,
     /// Once set, canaries seen for the first time are primed (the watches have listed).
     watches_started: bool,
     /// Once set, pods newly selected by a Service are read (the pod watch has listed).
@@ -109,6 +111,11 @@ pub struct MeshRefs {
     pub owners: Vec<String>,
     /// The canary its restore note names (in its own namespace).
     pub note: Option<String>,
+    /// A DestinationRule for a wildcard host (`*.shop.svc.cluster.local`, `*.local`, `*`): it
+    /// concerns the canaries whose Service host it matches, in its own namespace or, from Istio's
+    /// root namespace, in every one (its traffic policy stops applying to a host for which the
+    /// canary creates a DestinationRule of its own, so the canary carries it over).
+    pub wildcard: Option<istio::Wildcard>,
 }
 
 impl MeshRefs {
@@ -141,6 +148,14 @@ impl MeshRefs {
                     .and_then(|a| a.get(crate::api::RESTORE_ANNOTATION))
                     .map(String::as_str),
             ),
+            wildcard: if vs {
+                None
+            } else {
+                hosts
+                    .first()
+                    .and_then(|h| istio::Wildcard::of(h, domain))
+                    .filter(|_| spec.get("workloadSelector").is_none())
+            },
         }
     }
 }
@@ -452,6 +467,15 @@ impl Index {
                 out.insert(k);
             }
         }
+        if let Some(w) = &refs.wildcard {
+            // A scan of every canary: wildcard DestinationRules are few and rarely change.
+            let everywhere = ns == istio::ROOT_NAMESPACE;
+            for (k, e) in &self.canaries {
+                if (everywhere || k.0 == *ns) && w.matches(&e.service, &k.0) {
+                    out.insert(k.clone());
+                }
+            }
+        }
         for n in self.by_named_mesh.get(&key(ns, name)).into_iter().flatten() {
             let k = key(ns, n);
             let named = self.canaries.get(&k).and_then(|e| {
@@ -482,6 +506,9 @@ impl Index {
             {
                 set.remove(&m);
             }
+            if old.wildcard.is_some() {
+                self.wildcards.remove(&m);
+            }
         }
         let now = match &refs {
             Some(r) => self.for_mesh(&m, r),
@@ -499,6 +526,9 @@ impl Index {
                     .entry(key(&m.1, n))
                     .or_default()
                     .insert(m.clone());
+            }
+            if r.wildcard.is_some() {
+                self.wildcards.insert(m.clone());
             }
             self.mesh_refs.insert(m.clone(), r);
         }
@@ -541,6 +571,7 @@ impl Index {
                 .cloned(),
         );
         candidates.extend(self.by_note.get(k).into_iter().flatten().cloned());
+        candidates.extend(self.wildcards.iter().cloned());
         for (vs, n) in [(true, &e.virtual_service), (false, &e.destination_rule)] {
             if let Some(n) = n {
                 candidates.insert((vs, k.0.clone(), n.clone()));
@@ -736,6 +767,39 @@ mod tests {
         let other = json!({"metadata": {"namespace": "other", "name": "d"},
             "spec": {"host": "frontend"}});
         assert_eq!(mesh(&i, &other, false), vec![k("other", "front")]);
+    }
+
+    #[test]
+    fn wildcard_destination_rules_map_to_the_canaries_whose_host_they_match_in_their_namespace_or_from_the_root()
+     {
+        let i = index();
+        let shop = json!({"metadata": {"namespace": "shop", "name": "w"},
+            "spec": {"host": "*.shop.svc.cluster.local"}});
+        assert_eq!(
+            mesh(&i, &shop, false),
+            vec![k("shop", "cart"), k("shop", "front")]
+        );
+        // A wildcard DR elsewhere applies to its own namespace's clients only (and those are
+        // not the canaries' concern here); one in the root namespace applies to every host.
+        let elsewhere = json!({"metadata": {"namespace": "other", "name": "w"},
+            "spec": {"host": "*.local"}});
+        assert_eq!(mesh(&i, &elsewhere, false), vec![k("other", "front")]);
+        let root = json!({"metadata": {"namespace": "istio-system", "name": "w"},
+            "spec": {"host": "*.local"}});
+        assert_eq!(mesh(&i, &root, false).len(), 3);
+        let selected = json!({"metadata": {"namespace": "istio-system", "name": "w"},
+            "spec": {"host": "*", "workloadSelector": {"matchLabels": {"a": "b"}}}});
+        assert!(mesh(&i, &selected, false).is_empty());
+        // A canary created after it finds it.
+        let mut i = Index::default();
+        let meta: ObjectMeta = serde_json::from_value(root["metadata"].clone()).unwrap();
+        let m = (false, "istio-system".to_string(), "w".to_string());
+        i.mesh_seen(
+            m.clone(),
+            Some(MeshRefs::of(&meta, &root["spec"], false, "cluster.local")),
+        );
+        i.upsert(&canary("shop", "front", "frontend", None));
+        assert_eq!(i.mesh_of("shop", "front"), vec![m]);
     }
 
     #[test]

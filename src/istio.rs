@@ -902,6 +902,61 @@ pub fn parse_dr_restore_note(note: Option<&str>) -> DrNote {
     }
 }
 
+/// Istio's root namespace (`meshConfig.rootNamespace`, `istio-system` by default): its
+/// DestinationRules apply mesh-wide, after those of the client's and the Service's namespace.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+/// A wildcard host of a DestinationRule: `*` or `*.<suffix>` (Istio's wildcard hosts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wildcard {
+    /// What a matching FQDN ends with (`.shop.svc.cluster.local`; empty for `*`).
+    suffix: String,
+    /// The cluster's DNS domain, to build a Service's FQDN.
+    domain: String,
+}
+
+impl Wildcard {
+    /// The wildcard of `host`, if it is one.
+    pub fn of(host: &str, domain: &str) -> Option<Self> {
+        let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let suffix = match host.as_str() {
+            "*" => String::new(),
+            h => h.strip_prefix('*')?.to_string(),
+        };
+        (suffix.is_empty() || suffix.starts_with('.')).then(|| Wildcard {
+            suffix,
+            domain: domain.to_string(),
+        })
+    }
+
+    /// Whether it matches Service `name` of namespace `ns`.
+    pub fn matches(&self, name: &str, ns: &str) -> bool {
+        ServiceHost::new(name, ns, &self.domain)
+            .fqdn()
+            .ends_with(&self.suffix)
+    }
+
+    /// How specific it is: the longer the suffix, the more (Istio picks the most specific host).
+    pub fn specificity(&self) -> usize {
+        self.suffix.len()
+    }
+}
+
+/// The TLS modes a DestinationRule traffic policy sets, at the top and per port.
+pub fn tls_modes(policy: &Value) -> Vec<String> {
+    std::iter::once(policy)
+        .chain(
+            policy
+                .get("portLevelSettings")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|p| p.pointer("/tls/mode").and_then(Value::as_str))
+        .map(String::from)
+        .collect()
+}
+
 /// The namespaces that see an Istio object, by its `exportTo` (absent or empty: all, Istio's
 /// default; the mesh config can change that default, which the controller cannot read).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -572,7 +572,31 @@ fn role_label_is_not_ours(o: &Observed) -> bool {
 
 /// Istio's root namespace: its DestinationRules are the last resort, so they don't shadow ours.
 fn is_root_namespace(ns: &str) -> bool {
-    ns == "istio-system"
+    ns == istio::ROOT_NAMESPACE
+}
+
+/// The DestinationRule for a wildcard host whose traffic policy applies to the Service's host
+/// now: the most specific one in the Service's namespace, else in the root namespace (Istio's
+/// lookup for clients elsewhere). A DestinationRule for the exact host, which a canary creates
+/// when there is none, replaces it for that host, so the canary carries its policy over.
+fn wildcard_policy<'o>(o: &'o Observed, host: &ServiceHost) -> Option<(&'o Value, &'o Value)> {
+    let best_in = |ns: &str| {
+        o.destination_rules
+            .iter()
+            .filter(|d| meta_ns(d) == ns && d.pointer("/spec/workloadSelector").is_none())
+            .filter_map(|d| {
+                let w = istio::Wildcard::of(
+                    d.pointer("/spec/host").and_then(Value::as_str)?,
+                    o.cluster_domain,
+                )?;
+                w.matches(&host.name, &host.namespace)
+                    .then_some((w.specificity(), d))
+            })
+            .max_by_key(|(specificity, d)| (*specificity, std::cmp::Reverse(meta_name(d))))
+            .map(|(_, d)| d)
+    };
+    let d = best_in(&host.namespace).or_else(|| best_in(istio::ROOT_NAMESPACE))?;
+    Some((d, d.pointer("/spec/trafficPolicy")?))
 }
 
 /// Plans one reconcile of a RecordingCanary, in stages: safety (in every phase), the checks
@@ -677,13 +701,17 @@ fn owned_vs(c: &RecordingCanary, host: &ServiceHost) -> Value {
     })
 }
 
-fn owned_dr(c: &RecordingCanary, host: &ServiceHost) -> Value {
+fn owned_dr(c: &RecordingCanary, host: &ServiceHost, policy: Option<&Value>) -> Value {
     let dr = istio::destination_rule_resource();
+    let mut spec = json!({"host": host.fqdn(), "subsets": istio::our_subsets()});
+    if let Some(p) = policy {
+        spec["trafficPolicy"] = p.clone();
+    }
     json!({
         "apiVersion": dr.api_version,
         "kind": dr.kind,
         "metadata": owned_meta(c),
-        "spec": {"host": host.fqdn(), "subsets": istio::our_subsets()},
+        "spec": spec,
     })
 }
 

@@ -1805,6 +1805,99 @@ fn only_the_missing_subset_is_added_and_only_it_is_removed_on_rollback() {
 }
 
 #[test]
+fn our_own_destination_rule_carries_the_policy_of_the_wildcard_one_it_displaces() {
+    // Without a DestinationRule for the host, the most specific wildcard one applies to it (its
+    // namespace's before the root namespace's); the exact-host DR the canary creates would drop
+    // its connection pools, outlier detection and mTLS for this host.
+    let ns_policy = json!({"connectionPool": {"http": {"http1MaxPendingRequests": 7}},
+                           "tls": {"mode": "ISTIO_MUTUAL"}});
+    let mut w = fresh_world();
+    w.drs = vec![
+        dr_in(
+            "istio-system",
+            "mesh-wide",
+            json!({"host": "*.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+        ),
+        dr_in(
+            NS,
+            "shop-wide",
+            json!({"host": "*.shop.svc.cluster.local", "trafficPolicy": ns_policy}),
+        ),
+        dr_in(
+            NS,
+            "other-app",
+            json!({"host": "*.cart.svc.cluster.local", "trafficPolicy": {"tls": {"mode": "DISABLE"}}}),
+        ),
+    ];
+    let p = w.plan();
+    let created = p
+        .actions
+        .iter()
+        .find_map(|a| match a {
+            Action::CreateMesh {
+                kind: MeshKind::DestinationRule,
+                object,
+            } => Some(object.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{:#?}", p.actions));
+    assert_eq!(created["spec"]["trafficPolicy"], ns_policy);
+    assert!(
+        event_reasons(&p).contains(&"TrafficPolicyCarried"),
+        "{:?}",
+        p.events
+    );
+    // The namespace's wildcard DR gone: the root namespace's applies, and ours follows it.
+    let ours = owned(dr_in(
+        NS,
+        "rec-recording",
+        json!({"host": FQDN, "subsets": istio::our_subsets(), "trafficPolicy": ns_policy}),
+    ));
+    let mut w = serving_world(10);
+    w.drs = vec![
+        ours.clone(),
+        dr_in(
+            "istio-system",
+            "mesh-wide",
+            json!({"host": "*.local", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}),
+        ),
+    ];
+    let p = w.plan();
+    let after = apply_ops(
+        &ours,
+        patch_of(&p, MeshKind::DestinationRule, "rec-recording").expect("policy sync"),
+    );
+    assert_eq!(
+        after["spec"]["trafficPolicy"],
+        json!({"tls": {"mode": "ISTIO_MUTUAL"}})
+    );
+    assert_eq!(after["spec"]["subsets"], json!(istio::our_subsets()));
+}
+
+#[test]
+fn a_wildcard_destination_rule_with_tls_other_than_istio_mutual_blocks_instead_of_being_carried() {
+    let mut w = fresh_world();
+    w.drs = vec![dr_in(
+        NS,
+        "shop-wide",
+        json!({"host": "*.shop.svc.cluster.local",
+        "trafficPolicy": {"portLevelSettings": [{"port": {"number": 80}, "tls": {"mode": "DISABLE"}}]}}),
+    )];
+    let p = w.plan();
+    assert_blocked(&p, "WildcardDestinationRuleTls");
+    assert_no_mesh_or_clone_write(&p);
+    // A wildcard DR with a workloadSelector applies to some workloads only: not carried.
+    let mut w = fresh_world();
+    w.drs = vec![dr_in(
+        NS,
+        "shop-wide",
+        json!({"host": "*.shop.svc.cluster.local",
+        "workloadSelector": {"matchLabels": {"app": "x"}}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}),
+    )];
+    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+}
+
+#[test]
 fn a_virtual_service_named_in_the_spec_that_does_not_exist_blocks() {
     let w = fresh_world().with_canary(canary().spec("virtualService", json!("nope")));
     let p = w.plan();

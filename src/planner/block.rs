@@ -358,6 +358,9 @@ pub(super) struct Checked<'a> {
     pub dr: Choice<'a>,
     /// VirtualServices bound to the gateways listed in the spec that route to the host.
     pub gateway_vss: Vec<&'a Value>,
+    /// With a DestinationRule of our own: the wildcard DestinationRule whose traffic policy it
+    /// carries over, and that policy (see `wildcard_policy`).
+    pub carried: Option<(&'a Value, &'a Value)>,
 }
 
 /// Runs every check, in order; the first that fails blocks progress.
@@ -409,6 +412,20 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
     let gateway_vss = gateway_routes(o, &host, vs)?;
     check_exported(o, dr, vs, &gateway_vss)?;
     check_root_dr(o, &host)?;
+    let carried = match dr {
+        Choice::Own(_) => super::wildcard_policy(o, &host),
+        Choice::Adopt(_) => None,
+    };
+    if let Some((d, policy)) = carried
+        && let Some(mode) = istio::tls_modes(policy)
+            .into_iter()
+            .find(|m| m != "ISTIO_MUTUAL")
+    {
+        return Err(Block::WildcardDestinationRuleTls {
+            destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
+            mode,
+        });
+    }
     // Every part of the spec's shape, the forced requests included.
     let shape = shape(&spec, spec.percent, true);
     for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
@@ -427,6 +444,7 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         vs,
         dr,
         gateway_vss,
+        carried,
     })
 }
 

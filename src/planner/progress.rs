@@ -101,10 +101,11 @@ fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
             }
             Choice::Own(None) => b.actions.push(Action::CreateMesh {
                 kind: MeshKind::DestinationRule,
-                object: owned_dr(c, &k.host),
+                object: owned_dr(c, &k.host, k.carried.map(|(_, p)| p)),
             }),
         }
     }
+    carry_policy(b, k, present);
     let since = parse_time(b.status.subsets_added_time.as_deref())
         .unwrap_or(b.o.started)
         .max(b.o.started);
@@ -114,6 +115,60 @@ fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
         // holds the subsets (subsets added by this very plan are in no revision yet).
         reconciled: present && k.dr.object().is_some_and(istio_status::reconciled),
     }
+}
+
+/// Our own DestinationRule follows the traffic policy of the wildcard DestinationRule it
+/// displaces for the host (connection pools, outlier detection, load balancing, mTLS): set when
+/// it is created, kept up to date after that, said in an Event when it changes.
+fn carry_policy(b: &mut Builder, k: &Checked, subsets_present: bool) {
+    let Choice::Own(own) = k.dr else {
+        return;
+    };
+    let want = k.carried.map(|(_, p)| p);
+    match own {
+        // Created with it (see `subsets`): say so.
+        None if want.is_some() => {}
+        // Kept up to date; a DestinationRule whose subsets are being added is patched for them
+        // first (both writes are guarded by the same resourceVersion).
+        Some(d) if subsets_present && want != d.pointer("/spec/trafficPolicy") => {
+            let op = match (want, d.pointer("/spec/trafficPolicy")) {
+                (Some(p), Some(_)) => {
+                    json!({"op": "replace", "path": "/spec/trafficPolicy", "value": p})
+                }
+                (Some(p), None) => json!({"op": "add", "path": "/spec/trafficPolicy", "value": p}),
+                (None, _) => json!({"op": "remove", "path": "/spec/trafficPolicy"}),
+            };
+            let mut ops = istio::rv_test(d);
+            ops.push(op);
+            b.actions.push(Action::PatchMesh {
+                kind: MeshKind::DestinationRule,
+                name: meta_name(d).into(),
+                ops,
+            });
+        }
+        _ => return,
+    }
+    let dr = format!(
+        "{}/{}",
+        b.o.canary.namespace().unwrap_or_default(),
+        owned_mesh_name(b.o.canary)
+    );
+    let note = match k.carried {
+        Some((from, _)) => format!(
+            "DestinationRule {dr} carries the trafficPolicy of DestinationRule {}/{} (host {}), which no longer applies to host {} while this canary's DestinationRule exists",
+            meta_ns(from),
+            meta_name(from),
+            from.pointer("/spec/host")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            k.host.fqdn()
+        ),
+        None => format!(
+            "DestinationRule {dr} carries no trafficPolicy any more: no wildcard DestinationRule sets one for host {}",
+            k.host.fqdn()
+        ),
+    };
+    b.event(false, "TrafficPolicyCarried", note);
 }
 
 /// The VirtualService as it is: split or not, at which percent.
