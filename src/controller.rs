@@ -14,12 +14,13 @@
 //! them, and their echoes wake nobody else.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::stream::{self, BoxStream};
-use futures::{Future, StreamExt, TryStreamExt};
+use futures::{Future, FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 use k8s_openapi::jiff::Timestamp;
@@ -1192,8 +1193,31 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
     let _turn = ctx.reconciles.clone().acquire_owned().await.ok();
     let started = Instant::now();
     // Boxed: the planning future is large, and a reconcile that waits for its turn above (one
-    // of another scope's, say) should not hold it meanwhile.
-    let result = Box::pin(reconcile_inner(&ns, &name, &ctx).instrument(span)).await;
+    // of another scope's, say) should not hold it meanwhile. A panic (a bug) is caught here:
+    // kube-runtime would re-raise it and end every canary's controller with it; caught, this
+    // canary backs off and says so (an error log, the `panic` error metric, a Warning Event),
+    // and the others go on.
+    let inner = Box::pin(reconcile_inner(&ns, &name, &ctx).instrument(span));
+    let result = match AssertUnwindSafe(inner).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(namespace = %ns, %name, panic = %what, "reconcile panicked");
+            let note = planner::EventNote {
+                warning: true,
+                reason: "ReconcilePanicked".into(),
+                note: format!(
+                    "The controller hit a bug planning this canary and retries with backoff; nothing was written after it: {what}"
+                ),
+            };
+            publish_events(&ctx, &trigger, std::slice::from_ref(&note)).await;
+            Err(Error::Panicked(what))
+        }
+    };
     ctx.metrics.observe(
         started.elapsed(),
         result.as_ref().err().map(Error::metric_label),
@@ -1237,6 +1261,8 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     let Some(canary) = scope.canaries.get(&ObjectRef::new(name).within(ns)) else {
         return Ok(Requeue::await_change());
     };
+    // Failpoint (tests only): a bug in planning this canary.
+    fail::fail_point!("reconcile");
     let prime_needed = scope
         .index()
         .get(ns, name)
@@ -1280,8 +1306,16 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let mut written: Vec<Written> = Vec::new();
-    let applied = writers::apply(&ctx.client, &canary, &plan.actions, &mut written).await;
+    let applied = writers::apply(
+        &ctx.client,
+        &ctx.fence,
+        &canary,
+        &plan.actions,
+        &mut written,
+    )
+    .await;
     let wrote = !written.is_empty();
+    let rv = writers::canary_rv(&canary, &written);
     ctx.writes().record(&key, ns, written, Instant::now());
     if let Err(e) = applied {
         if e.is_conflict() {
@@ -1319,10 +1353,8 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
         if status.routes_removed_time != prev.routes_removed_time {
             status.routes_removed_time = done;
         }
-        if !ctx.fence.may_write() {
-            return Ok(Requeue::requeue(Duration::from_secs(1)));
-        }
-        status_written = writers::write_status(&ctx.client, &canary, &status).await?;
+        status_written =
+            writers::write_status(&ctx.client, &ctx.fence, &canary, &status, rv).await?;
         ctx.metrics.set_canary(
             ns,
             name,

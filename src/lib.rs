@@ -54,6 +54,13 @@ pub enum Error {
     /// A guarded write lost a race: the object changed since it was read.
     #[error("an object changed since it was read (resourceVersion guard); planning again: {0}")]
     Conflict(String),
+    /// The lease was not fresh when a write was about to be sent: nothing more is written (a
+    /// standby may lead by now).
+    #[error("the lease is not fresh; the remaining writes of this plan were not sent")]
+    Fenced,
+    /// The reconcile panicked: a bug. Caught, so that one canary does not end the others'.
+    #[error("the reconcile panicked (a bug; please report it): {0}")]
+    Panicked(String),
 }
 
 /// Whether the API server refused a JSON patch that did not apply to the object as it is now: a
@@ -83,6 +90,8 @@ impl Error {
             Error::Kube(_) => "transport",
             Error::Serialization(_) => "serialization",
             Error::MissingNamespace => "invalid",
+            Error::Fenced => "fenced",
+            Error::Panicked(_) => "panic",
         }
     }
 }

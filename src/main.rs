@@ -80,6 +80,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Failpoints from FAILPOINTS (only in a build with the `failpoints` feature: the fault tests').
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => match recording_canary::api::crd_yaml() {

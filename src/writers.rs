@@ -18,6 +18,7 @@ use crate::api::{
 };
 use crate::freshness::{Expect, Kind, Written};
 use crate::istio;
+use crate::lease::Fence;
 use crate::planner::{Action, MeshKind};
 
 /// Result of one API call where "already gone" counts as done.
@@ -121,11 +122,52 @@ pub fn describe(action: &Action) -> String {
     }
 }
 
-/// Carries out `actions` in order; stops at the first failure. Returns what each write left
-/// behind, for read-your-writes ([`crate::freshness`]); on failure, the writes made before it
-/// are recorded in `written` all the same.
+/// Failpoints (tests only): the process dies right after a mesh write of `kind`, before any
+/// later write of the plan and before the status write that records its time (SIGABRT: the
+/// lease is not released, as with SIGKILL).
+fn died_after(kind: MeshKind) {
+    match kind {
+        MeshKind::DestinationRule => {
+            fail::fail_point!("after-destination-rule-write", |_| std::process::abort())
+        }
+        MeshKind::VirtualService => {
+            fail::fail_point!("after-virtual-service-write", |_| std::process::abort())
+        }
+    }
+}
+
+/// The canary's resourceVersion after `written` (the last write to it), else as it was read.
+pub fn canary_rv(canary: &RecordingCanary, written: &[Written]) -> Option<String> {
+    written
+        .iter()
+        .rev()
+        .find_map(|w| match (&w.kind, &w.expect) {
+            (Kind::Canary, Expect::AtLeast(rv)) => Some(rv.clone()),
+            _ => None,
+        })
+        .or_else(|| canary.metadata.resource_version.clone())
+}
+
+/// A status merge patch guarded by the canary's resourceVersion (a merge patch that names
+/// `metadata.resourceVersion` fails with 409 when the object moved on): a status planned from an
+/// older canary, or sent by a leader whose lease ran out and committed late, never overwrites a
+/// newer one.
+fn guarded_status(status: Value, rv: Option<String>) -> Value {
+    let mut patch = json!({ "status": status });
+    if let Some(rv) = rv {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    patch
+}
+
+/// Carries out `actions` in order; stops at the first failure. Before each write the `fence`
+/// is checked: a write is sent only while the lease is fresh (a plan whose first writes took long
+/// does not send its last ones after a standby could have taken over). Returns what each write
+/// left behind, for read-your-writes ([`crate::freshness`]); on failure, the writes made before
+/// it are recorded in `written` all the same.
 pub async fn apply(
     client: &Client,
+    fence: &Fence,
     canary: &RecordingCanary,
     actions: &[Action],
     written: &mut Vec<Written>,
@@ -144,6 +186,9 @@ pub async fn apply(
         ..Default::default()
     };
     for action in actions {
+        if !fence.may_write() {
+            return Err(Error::Fenced);
+        }
         debug!(action = %describe(action), "applying");
         match action {
             Action::AddFinalizer => {
@@ -181,8 +226,11 @@ pub async fn apply(
                 written.push(gone(Kind::Canary, &name, &uid));
             }
             Action::RecordRampStep(t) => {
-                let st = json!({"status": {"lastStepTime": t}});
-                let r = gone_is_ok(canaries.patch_status(&name, &pp, &Patch::Merge(st)).await)?;
+                let st = guarded_status(json!({"lastStepTime": t}), canary_rv(canary, written));
+                let r = match canaries.patch_status(&name, &pp, &Patch::Merge(st)).await {
+                    Err(kube::Error::Api(s)) if s.code == 404 => None,
+                    r => guarded(r)?,
+                };
                 written.extend(at(Kind::Canary, r));
             }
             Action::LabelPod { name } => {
@@ -230,6 +278,7 @@ pub async fn apply(
                 let obj: DynamicObject = serde_json::from_value(object.clone())?;
                 let r = guarded(mesh_api(client, &ns, *kind).create(&post, &obj).await)?;
                 written.extend(at(mesh_kind(*kind), r));
+                died_after(*kind);
             }
             Action::PatchMesh { kind, name, ops } => {
                 let r = guarded(
@@ -238,6 +287,7 @@ pub async fn apply(
                         .await,
                 )?;
                 written.extend(at(mesh_kind(*kind), r));
+                died_after(*kind);
             }
             Action::DeleteMesh { kind, name, uid } => {
                 gone_is_ok(
@@ -246,20 +296,27 @@ pub async fn apply(
                         .await,
                 )?;
                 written.push(gone(mesh_kind(*kind), name, uid));
+                died_after(*kind);
             }
         }
     }
     Ok(())
 }
 
-/// Writes the status when it changed. A canary already gone is fine.
+/// Writes the status when it changed, guarded by the canary's resourceVersion `rv` (see
+/// [`canary_rv`]) and by the `fence`. A canary already gone is fine.
 pub async fn write_status(
     client: &Client,
+    fence: &Fence,
     canary: &RecordingCanary,
     status: &RecordingCanaryStatus,
+    rv: Option<String>,
 ) -> Result<Option<Written>, Error> {
     if canary.status.as_ref() == Some(status) {
         return Ok(None);
+    }
+    if !fence.may_write() {
+        return Err(Error::Fenced);
     }
     let api: Api<RecordingCanary> =
         Api::namespaced(client.clone(), &canary.namespace().unwrap_or_default());
@@ -267,11 +324,15 @@ pub async fn write_status(
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    let patch = status_patch(canary.status.as_ref(), status);
-    let r = gone_is_ok(
-        api.patch_status(&canary.name_any(), &pp, &Patch::Merge(patch))
-            .await,
-    )?;
+    let mut patch = status_patch(canary.status.as_ref(), status);
+    let patch = guarded_status(patch["status"].take(), rv);
+    let r = match api
+        .patch_status(&canary.name_any(), &pp, &Patch::Merge(patch))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        r => guarded(r)?,
+    };
     Ok(at(Kind::Canary, r))
 }
 
@@ -294,7 +355,118 @@ pub fn status_patch(prev: Option<&RecordingCanaryStatus>, status: &RecordingCana
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, Response};
+    use kube::client::Body;
+
     use super::*;
+
+    /// A mock API server that answers every request with `{}` of the right shape, records
+    /// (method, path, body), and runs `on_request` first (to close a fence mid-plan, say).
+    fn api(
+        seen: Arc<Mutex<Vec<(String, String, Value)>>>,
+        on_request: impl Fn() + Send + Sync + Clone + 'static,
+    ) -> Client {
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let (seen, on_request) = (seen.clone(), on_request.clone());
+            async move {
+                on_request();
+                let (parts, body) = req.into_parts();
+                let bytes = http_body_util::BodyExt::collect(body)
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                if let Ok(mut v) = seen.lock() {
+                    v.push((parts.method.to_string(), parts.uri.path().to_string(), body));
+                }
+                // Enough of a Pod and of a RecordingCanary for either to deserialize.
+                let answer = json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "x", "namespace": "shop", "resourceVersion": "9"},
+                    "spec": {"targetRef": {"name": "web"}, "percent": 10, "containers": []}});
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(Body::from(answer.to_string().into_bytes()))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        Client::new(svc, "shop")
+    }
+
+    fn canary() -> RecordingCanary {
+        serde_json::from_value(json!({
+            "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
+            "metadata": {"name": "c", "namespace": "shop", "uid": "u", "resourceVersion": "41",
+                         "finalizers": [FINALIZER]},
+            "spec": {"targetRef": {"name": "web"}, "percent": 10},
+        }))
+        .expect("canary")
+    }
+
+    #[tokio::test]
+    async fn no_write_of_a_plan_is_sent_once_the_lease_is_no_longer_fresh() {
+        // The fence closes while the first write is on its way (a renewal failed meanwhile):
+        // the rest of the plan is not sent, and the reconcile says why.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let fence = Fence::elected();
+        fence.renewed(tokio::time::Instant::now() + std::time::Duration::from_secs(60));
+        let closing = fence.clone();
+        let client = api(seen.clone(), move || closing.lost());
+        let actions = [
+            Action::LabelPod {
+                name: "web-1".into(),
+            },
+            Action::LabelPod {
+                name: "web-2".into(),
+            },
+            Action::RecordRampStep("2026-01-01T00:00:00Z".into()),
+        ];
+        let mut written = Vec::new();
+        let r = apply(&client, &fence, &canary(), &actions, &mut written).await;
+        assert!(matches!(r, Err(Error::Fenced)), "{r:?}");
+        assert_eq!(seen.lock().map(|v| v.len()).unwrap_or_default(), 1);
+        let status = RecordingCanaryStatus {
+            phase: Some("Ready".into()),
+            ..Default::default()
+        };
+        let r = write_status(&client, &fence, &canary(), &status, Some("41".into())).await;
+        assert!(matches!(r, Err(Error::Fenced)), "{r:?}");
+        assert_eq!(seen.lock().map(|v| v.len()).unwrap_or_default(), 1);
+    }
+
+    #[tokio::test]
+    async fn status_and_ramp_step_writes_carry_the_canarys_latest_resource_version() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let client = api(seen.clone(), || {});
+        let fence = Fence::always();
+        let c = canary();
+        let mut written = Vec::new();
+        let actions = [Action::RecordRampStep("2026-01-01T00:00:00Z".into())];
+        apply(&client, &fence, &c, &actions, &mut written)
+            .await
+            .expect("applied");
+        // The answer's resourceVersion (9) is what the next status write is guarded by.
+        assert_eq!(canary_rv(&c, &written).as_deref(), Some("9"));
+        let status = RecordingCanaryStatus {
+            phase: Some("Ready".into()),
+            ..Default::default()
+        };
+        write_status(&client, &fence, &c, &status, canary_rv(&c, &written))
+            .await
+            .expect("status");
+        let seen = seen.lock().map(|v| v.clone()).unwrap_or_default();
+        assert_eq!(seen.len(), 2);
+        assert!(
+            seen.iter()
+                .all(|(m, p, _)| m == "PATCH" && p.ends_with("/c/status"))
+        );
+        assert_eq!(seen[0].2["metadata"]["resourceVersion"], "41");
+        assert_eq!(seen[0].2["status"]["lastStepTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(seen[1].2["metadata"]["resourceVersion"], "9");
+        assert_eq!(seen[1].2["status"]["phase"], "Ready");
+    }
 
     #[test]
     fn a_status_field_that_goes_away_is_cleared_by_the_patch() {

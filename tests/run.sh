@@ -143,8 +143,9 @@ section "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 done_section
 
-section "cargo clippy --all-targets -- -D warnings"
+section "cargo clippy --all-targets -- -D warnings (and with --features failpoints, as the integration tests build)"
 cargo clippy --all-targets -- -D warnings
+cargo clippy --all-targets --features failpoints -- -D warnings
 done_section
 
 section "unit tests: cargo test --lib --bins"
@@ -220,11 +221,12 @@ rm -f "$safety_log"
 if [ ${#test_args[@]} -eq 0 ]; then
   section "integration tests: none found under tests/"
 else
-  section "integration tests: cargo test ${test_args[*]} -- --test-threads=${RC_TEST_THREADS:-2}"
+  # --features failpoints: the controller under test takes FAILPOINTS (tests/e2e/failpoints.rs).
+  section "integration tests: cargo test --features failpoints ${test_args[*]} -- --test-threads=${RC_TEST_THREADS:-2}"
   rc_say "RC_E2E_KUBECONFIG=$RC_E2E_KUBECONFIG"
   rc_say "RC_KUBECTL=$RC_KUBECTL ($("$RC_KUBECTL" version --client 2>/dev/null | head -1))"
   rc_say "RC_HELM=$RC_HELM"
-  cargo test "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
+  cargo test --features failpoints "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
   done_section
 fi
 if [ "$restart_test" = 1 ]; then
@@ -239,7 +241,7 @@ if [ "$restart_test" = 1 ]; then
     done_section
     section "integration test: cargo test --test restart"
     RC_RESTART_CLUSTER=$restart_cluster RC_KWOKCTL=$RC_KWOKCTL RC_E2E_KUBECONFIG=$(rc_kubeconfig "$restart_cluster") \
-      KUBECONFIG=$(rc_kubeconfig "$restart_cluster") cargo test --test restart -- --test-threads="${RC_TEST_THREADS:-2}"
+      KUBECONFIG=$(rc_kubeconfig "$restart_cluster") cargo test --features failpoints --test restart -- --test-threads="${RC_TEST_THREADS:-2}"
     done_section
   fi
 fi
@@ -272,7 +274,7 @@ if [ -z "${RC_KUBECONFIG:-}" ]; then
     export RC_HELM=$RC_HELM3
     section "core user flow on Kubernetes $K8S_VERSION with Helm $HELM3_VERSION: cargo test --test e2e -- ${core_tests[*]}"
     rm -f "$safety_log"
-    cargo test --test e2e -- --test-threads="${RC_TEST_THREADS:-2}" "${core_tests[@]}"
+    cargo test --features failpoints --test e2e -- --test-threads="${RC_TEST_THREADS:-2}" "${core_tests[@]}"
     done_section
     section "safety summary (from the e2e run on Kubernetes $K8S_VERSION: $safety_log)"
     python3 "$repo/tests/safety_summary.py" "$safety_log"

@@ -9,6 +9,7 @@
 
 mod adopt;
 mod chart;
+mod failpoints;
 mod fault_matrix;
 mod faults;
 mod flows;

@@ -306,6 +306,18 @@ impl Harness {
         args: &[&str],
         kubeconfig: &std::path::Path,
     ) -> ControllerProcess {
+        self.spawn_controller_with(tag, args, kubeconfig, &[])
+    }
+
+    /// [`Harness::spawn_controller`] with extra environment variables (`FAILPOINTS`, say: the
+    /// e2e tests are built with the `failpoints` feature).
+    pub fn spawn_controller_with(
+        &self,
+        tag: &str,
+        args: &[&str],
+        kubeconfig: &std::path::Path,
+        env: &[(&str, &str)],
+    ) -> ControllerProcess {
         let log = if tag.is_empty() {
             self.log.clone()
         } else {
@@ -323,6 +335,8 @@ impl Harness {
             .env_remove("RC_ADMIN_ADDR")
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
+            .env_remove("FAILPOINTS")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_file))
             .stderr(Stdio::from(log_file))
