@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use recording_canary::shard::Shard;
 use serde_json::json;
 
 use crate::support::{Harness, OWNED, elected_controller_args, split_weights};
@@ -184,8 +185,8 @@ async fn wait_for_shard_holders(h: &Harness, base: &str) -> [String; 2] {
         "each shard lease to have its own leader",
         Duration::from_secs(60),
         || async {
-            let s0 = holder_of(h, &format!("{base}-shard-0")).await;
-            let s1 = holder_of(h, &format!("{base}-shard-1")).await;
+            let s0 = holder_of(h, &Shard::lease_name(base, 0, 2)).await;
+            let s1 = holder_of(h, &Shard::lease_name(base, 1, 2)).await;
             match (s0, s1) {
                 (Some(x), Some(y)) if x != y => Ok([x, y]),
                 other => Err(format!("holders {other:?}")),
@@ -224,7 +225,7 @@ async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles
     assert_eq!(split_weights(&vs), Some((90, 10)), "{vs:#}");
 
     // The namespace's shard (FNV-1a of its name, mod 2) is the one whose leader acted.
-    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let shard = Shard::of(&ns, 2) as usize;
     let owner = if holders[shard].ends_with(&ids[0]) {
         "a"
     } else {
@@ -274,7 +275,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
 
     h.app_and_canary("canary.yaml").await;
     h.wait_ready("frontend").await;
-    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let shard = Shard::of(&ns, 2) as usize;
     let other = 1 - shard;
     let owner = leaders
         .iter()
@@ -290,7 +291,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     owner_process.kill();
     h.faults_injected(1);
     let killed = Instant::now();
-    let lease = format!("{base}-shard-{shard}");
+    let lease = Shard::lease_name(base, shard as u32, 2);
     wait_for_holder(
         &h,
         &lease,
@@ -301,7 +302,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     .await;
     let takeover = killed.elapsed();
     assert_eq!(
-        holder_of(&h, &format!("{base}-shard-{other}"))
+        holder_of(&h, &Shard::lease_name(base, other as u32, 2))
             .await
             .as_deref(),
         Some(holders[other].as_str()),
