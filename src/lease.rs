@@ -386,6 +386,8 @@ impl Elector {
     /// Gives the lease up so that a standby takes over without waiting for expiry.
     pub async fn release(&mut self) {
         self.give_up();
+        // Logged before the release is sent, so before anyone can take over.
+        info!(lease = %self.cfg.name, "lease: releasing it (this process writes no more)");
         self.release_lease().await;
     }
 
