@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use recording_canary::admin::{self, Health};
 use recording_canary::admission;
 use recording_canary::controller::{self, Context};
-use recording_canary::lease::{Elector, Fence, LeaseConfig};
+use recording_canary::lease::{Elector, Fence, LeaseConfig, PartitionGate};
 use recording_canary::metrics::Metrics;
-use recording_canary::shard::Shard;
+use recording_canary::shard::{Partition, Shard};
 use tokio::sync::watch;
+use tokio::task::JoinError;
 use tracing::{error, info};
 
 #[derive(Parser)]
@@ -69,9 +70,16 @@ struct RunArgs {
     #[arg(long, env = "RC_MAX_CONCURRENT_RECONCILES", default_value_t = recording_canary::controller::DEFAULT_MAX_RECONCILES, value_parser = clap::value_parser!(u16).range(1..))]
     max_concurrent_reconciles: u16,
     /// Split the canaries between this many shards (by a stable hash of the namespace); each
-    /// process leads one shard, through the Lease `<lease-name>-shard-<i>`. Needs leader election.
+    /// process leads one shard, through the Lease `<lease-name>-shard-<i>-of-<N>`. Needs leader
+    /// election. Processes of another count lead only once this count's Leases are free or
+    /// expired, through the record `<lease-name>-partition`.
     #[arg(long, env = "RC_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     shards: u32,
+    /// The generation of this deployment's partition, raised with every change of `--shards`
+    /// (the chart passes its release revision): once the partition record has a newer one, a
+    /// process of another shard count never takes the partition back.
+    #[arg(long, env = "RC_PARTITION_GENERATION", default_value_t = 0)]
+    partition_generation: u64,
     /// Name of the MutatingAdmissionPolicy (and its binding) that labels the target's new pods at
     /// admission, as the chart installs it. While both exist, the canaries' status says
     /// `stableLabelling: AdmissionPolicy`; without it, `Controller`.
@@ -187,8 +195,20 @@ async fn run(args: RunArgs) -> Result<(), String> {
     } else {
         Fence::always()
     };
-    let mut electors: Vec<Elector> = if args.leader_elect {
-        (0..args.shards)
+    let partition = Partition {
+        shards: args.shards,
+        generation: args.partition_generation,
+    };
+    let mut gate = args.leader_elect.then(|| {
+        PartitionGate::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            partition,
+        )
+    });
+    let mut electors: Vec<Elector> = match &gate {
+        Some(gate) => (0..args.shards)
             .map(|i| {
                 let lease = Shard::lease_name(&args.lease_name, i, args.shards);
                 Elector::new(
@@ -196,27 +216,32 @@ async fn run(args: RunArgs) -> Result<(), String> {
                     LeaseConfig::new(&lease, &args.lease_namespace, &identity),
                 )
                 .with_fence(fence.clone())
+                .with_check(gate.check())
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        None => Vec::new(),
     };
     let mut shard = Shard {
         index: 0,
         count: args.shards,
     };
     let mut elector = None;
-    if electors.len() > 1 {
+    if let Some(gate) = gate.as_mut().filter(|_| electors.len() > 1) {
         // Which shard this process serves is known only once it leads one.
-        info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, %identity, "waiting to lead a shard");
+        info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, generation = partition.generation, %identity, "waiting to lead a shard");
         tokio::select! {
-            i = lead_one(&mut electors) => {
+            i = lead_one(gate, &mut electors) => {
                 shard.index = i as u32;
                 elector = Some(electors.swap_remove(i));
             }
             _ = stopped() => { let _ = admin_task.await; return Ok(()); }
         }
-        info!(shard = shard.index, of = shard.count, "leading");
+        info!(
+            shard = shard.index,
+            of = shard.count,
+            generation = partition.generation,
+            "leading"
+        );
     }
 
     let ctx = Arc::new(
@@ -258,34 +283,40 @@ async fn run(args: RunArgs) -> Result<(), String> {
             .map(|ns| controller::run(ctx.clone(), ns, stopped())),
     ));
 
-    let mut lost = false;
-    let elector = match elector {
-        Some(e) => Some(e),
-        None if !electors.is_empty() => {
-            let mut e = electors.swap_remove(0);
-            info!(lease = %args.lease_name, namespace = %args.lease_namespace, %identity, "waiting to lead (the watch caches fill meanwhile)");
+    let mut lost = None;
+    let mut ended = None;
+    let elector = match (elector, gate.as_mut()) {
+        (Some(e), _) => Some(e),
+        (None, Some(gate)) if !electors.is_empty() => {
+            info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, generation = partition.generation, %identity, "waiting to lead (the watch caches fill meanwhile)");
             tokio::select! {
-                _ = e.acquire() => {}
-                _ = stopped() => {
-                    let _ = controllers.await;
+                _ = lead_one(gate, &mut electors[..1]) => {}
+                r = &mut controllers => {
+                    let why = controllers_failed(r, *stop_tx.borrow());
+                    let _ = stop_tx.send(true);
                     let _ = admin_task.await;
-                    return Ok(());
+                    return why.map_or(Ok(()), Err);
                 }
             }
-            info!("leading");
-            Some(e)
+            info!(generation = partition.generation, "leading");
+            Some(electors.swap_remove(0))
         }
-        None => None,
+        _ => None,
     };
     metrics.is_leader.set(1);
     metrics.shard.set(i64::from(shard.index));
     match elector {
         Some(mut e) => {
             tokio::select! {
-                _ = &mut controllers => {}
-                _ = e.hold() => { lost = true; }
+                r = &mut controllers => { ended = Some(r); }
+                _ = e.hold() => {
+                    lost = Some(match e.partition_refused() {
+                        Some(why) => format!("{why}; exiting so that only one partition acts"),
+                        None => "lost the lease; exiting so that only one controller acts".into(),
+                    });
+                }
             }
-            if lost {
+            if lost.is_some() {
                 // Stop every reconcile now: the fence is closed already.
                 controllers.abort();
                 metrics.is_leader.set(0);
@@ -294,30 +325,65 @@ async fn run(args: RunArgs) -> Result<(), String> {
             }
         }
         None => {
-            let _ = (&mut controllers).await;
+            ended = Some((&mut controllers).await);
         }
     }
+    let failed = ended.and_then(|r| controllers_failed(r, *stop_tx.borrow()));
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
-    if lost {
-        return Err("lost the lease; exiting so that only one controller acts".into());
+    if let Some(why) = lost.or(failed) {
+        return Err(why);
     }
     info!("stopped");
     Ok(())
 }
 
-/// Waits until this process leads one of the shards' Leases (the first free one); returns its index.
-async fn lead_one(electors: &mut [Elector]) -> usize {
+/// Why the controllers' task ended early, if it did: a panic, or an end without a shutdown
+/// having been requested. Either way the canaries of this process are no longer reconciled, so
+/// the process must exit non-zero (and be restarted, or a standby take over), never report a
+/// clean stop.
+fn controllers_failed<T>(ended: Result<T, JoinError>, shutdown_requested: bool) -> Option<String> {
+    match ended {
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".into());
+            Some(format!("a controller panicked: {what}; exiting"))
+        }
+        Err(e) => Some(format!("the controllers stopped: {e}; exiting")),
+        Ok(_) if !shutdown_requested => {
+            Some("the controllers stopped although no shutdown was requested; exiting".into())
+        }
+        Ok(_) => None,
+    }
+}
+
+/// Waits until the partition record admits this process's partition and it then leads one of
+/// the shards' Leases (the first free one); returns its index.
+async fn lead_one(gate: &mut PartitionGate, electors: &mut [Elector]) -> usize {
     let retry = electors
         .first()
         .map(|e| e.retry_every())
         .unwrap_or(std::time::Duration::from_secs(2));
     loop {
-        for (i, e) in electors.iter_mut().enumerate() {
-            match e.attempt().await {
-                Ok(true) => return i,
-                Ok(false) => {}
-                Err(err) => tracing::warn!(error = %err, "lease: could not read or take a lease"),
+        match gate.step().await {
+            Ok(true) => {
+                for (i, e) in electors.iter_mut().enumerate() {
+                    match e.attempt().await {
+                        Ok(true) => return i,
+                        Ok(false) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %err, lease = %e.lease_name(), "lease: could not read or take a lease")
+                        }
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "partition: could not read or write the partition record or the Leases it names")
             }
         }
         tokio::time::sleep(retry).await;
@@ -343,5 +409,35 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn controllers_that_panic_or_end_unasked_make_the_process_fail() {
+        let panicked = tokio::spawn(async { panic!("boom in a reconcile") }).await;
+        let why = controllers_failed::<()>(panicked, true);
+        assert!(
+            why.as_deref()
+                .is_some_and(|w| w.contains("panicked: boom in a reconcile")),
+            "{why:?}"
+        );
+        let ended = tokio::spawn(async {}).await;
+        assert!(
+            controllers_failed(ended, false).is_some(),
+            "an end without a shutdown is a failure"
+        );
+        let stopped = tokio::spawn(async {}).await;
+        assert_eq!(
+            controllers_failed(stopped, true),
+            None,
+            "a requested shutdown is clean"
+        );
+        let task = tokio::spawn(std::future::pending::<()>());
+        task.abort();
+        assert!(controllers_failed(task.await, true).is_some());
     }
 }

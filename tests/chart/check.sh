@@ -111,6 +111,12 @@ lease_rights() {
   can yes update leases.coordination.k8s.io/recording-canary "$ns"
   can no  update leases.coordination.k8s.io/some-other-lease "$ns"
   can no  create leases.coordination.k8s.io default
+  # The partition record; a Lease of a build before partitions is only read.
+  can yes update leases.coordination.k8s.io/recording-canary-partition "$ns"
+  can no  delete leases.coordination.k8s.io/recording-canary-partition "$ns"
+  can yes get    leases.coordination.k8s.io/recording-canary-shard-0 "$ns"
+  can no  update leases.coordination.k8s.io/recording-canary-shard-0 "$ns"
+  can no  get    leases.coordination.k8s.io/some-other-lease "$ns"
 }
 
 # The stable-label MutatingAdmissionPolicy: installed where the API is served, readable (and only it)
@@ -225,8 +231,22 @@ upgrade() { # extra helm args
 step "update strategy and shards"
 if install --set shards=2 --set replicaCount=2; then
   strategy_is RollingUpdate/0/100% "2 shards"
+  # The shard Leases carry the count; the plain name is another count's, only read.
+  can yes update leases.coordination.k8s.io/recording-canary-shard-1-of-2 "$ns"
+  can no  update leases.coordination.k8s.io/recording-canary "$ns"
+  can yes get    leases.coordination.k8s.io/recording-canary "$ns"
+  can no  update leases.coordination.k8s.io/recording-canary-shard-0-of-3 "$ns"
   upgrade --set shards=1 --set replicaCount=2 && strategy_is RollingUpdate/0/100% "2 shards -> 1 (the running release has 2)"
+  # The running release's replicas keep renewing their Leases until the rollout stops them.
+  can yes update leases.coordination.k8s.io/recording-canary "$ns"
+  can yes update leases.coordination.k8s.io/recording-canary-shard-1-of-2 "$ns"
   upgrade --set shards=1 --set replicaCount=2 && strategy_is RollingUpdate/25%/25% "1 shard, running 1"
+  can no  update leases.coordination.k8s.io/recording-canary-shard-1-of-2 "$ns"
+  args=$("$kubectl" -n "$ns" get deployment "$release" -o jsonpath='{.spec.template.spec.containers[0].args}' 2>/dev/null)
+  case $args in
+    *'--partition-generation=3"'*) ok "the partition generation is the release revision (3)" ;;
+    *) bad "controller args lack --partition-generation=3: $args" ;;
+  esac
   upgrade --set shards=3 --set replicaCount=3 && strategy_is RollingUpdate/0/100% "1 shard -> 3"
   upgrade --set shards=3 --set replicaCount=3 --set updateStrategy.type=Recreate && strategy_is Recreate// "updateStrategy set"
   uninstall

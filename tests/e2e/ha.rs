@@ -3,7 +3,9 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
+use recording_canary::shard::Shard;
 use serde_json::json;
 
 use crate::support::{Harness, OWNED, elected_controller_args, split_weights};
@@ -184,8 +186,8 @@ async fn wait_for_shard_holders(h: &Harness, base: &str) -> [String; 2] {
         "each shard lease to have its own leader",
         Duration::from_secs(60),
         || async {
-            let s0 = holder_of(h, &format!("{base}-shard-0")).await;
-            let s1 = holder_of(h, &format!("{base}-shard-1")).await;
+            let s0 = holder_of(h, &Shard::lease_name(base, 0, 2)).await;
+            let s1 = holder_of(h, &Shard::lease_name(base, 1, 2)).await;
             match (s0, s1) {
                 (Some(x), Some(y)) if x != y => Ok([x, y]),
                 other => Err(format!("holders {other:?}")),
@@ -224,7 +226,7 @@ async fn two_shards_take_one_lease_each_and_only_the_namespaces_shard_reconciles
     assert_eq!(split_weights(&vs), Some((90, 10)), "{vs:#}");
 
     // The namespace's shard (FNV-1a of its name, mod 2) is the one whose leader acted.
-    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let shard = Shard::of(&ns, 2) as usize;
     let owner = if holders[shard].ends_with(&ids[0]) {
         "a"
     } else {
@@ -274,7 +276,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
 
     h.app_and_canary("canary.yaml").await;
     h.wait_ready("frontend").await;
-    let shard = recording_canary::shard::Shard::of(&ns, 2) as usize;
+    let shard = Shard::of(&ns, 2) as usize;
     let other = 1 - shard;
     let owner = leaders
         .iter()
@@ -290,7 +292,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     owner_process.kill();
     h.faults_injected(1);
     let killed = Instant::now();
-    let lease = format!("{base}-shard-{shard}");
+    let lease = Shard::lease_name(base, shard as u32, 2);
     wait_for_holder(
         &h,
         &lease,
@@ -301,7 +303,7 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     .await;
     let takeover = killed.elapsed();
     assert_eq!(
-        holder_of(&h, &format!("{base}-shard-{other}"))
+        holder_of(&h, &Shard::lease_name(base, other as u32, 2))
             .await
             .as_deref(),
         Some(holders[other].as_str()),
@@ -329,4 +331,412 @@ async fn a_third_process_stands_by_and_takes_over_the_shard_of_a_killed_leader()
     );
     drop((leaders, c));
     h.finish(true).await;
+}
+
+/// What a controller's JSON log says about its leadership and its writes.
+#[derive(Debug, Default)]
+struct Leadership {
+    tag: String,
+    /// When it started to lead, and its shard (index, count).
+    led: Option<(Timestamp, u32, u32)>,
+    /// When it got SIGTERM (stopped reconciling).
+    shut: Option<Timestamp>,
+    /// When it stopped leading: before it sent the release of its Lease.
+    released: Option<Timestamp>,
+    /// When it logged its exit (`stopped`, or the error it exits with).
+    exited: Option<Timestamp>,
+    /// Its writes: (time, namespace, what).
+    writes: Vec<(Timestamp, String, String)>,
+    /// Whether it logged that it waits for the partition.
+    waited: Vec<String>,
+}
+
+/// Reads controller `tag`'s log (`--log-format json`).
+fn leadership(h: &Harness, tag: &str) -> Leadership {
+    let mut l = Leadership {
+        tag: tag.to_string(),
+        ..Default::default()
+    };
+    for line in controller_log(h, tag).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(t) = v["timestamp"].as_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let msg = v["message"].as_str().unwrap_or_default();
+        let field = |k: &str| v[k].as_u64().map(|n| n as u32);
+        match msg {
+            "leading" => {
+                l.led = Some((t, field("shard").unwrap_or(0), field("of").unwrap_or(1)));
+            }
+            "shutting down" => l.shut = Some(t),
+            "stopped" => l.exited = Some(t),
+            _ if v["level"] == "ERROR" => l.exited = Some(t),
+            m if m.starts_with("lease: releasing") => l.released = Some(t),
+            m if m.starts_with("partition: waiting") => l.waited.push(m.to_string()),
+            "applying" | "applying plan" => {
+                let ns = v["span"]["namespace"]
+                    .as_str()
+                    .or_else(|| {
+                        v["spans"]
+                            .as_array()?
+                            .iter()
+                            .find_map(|s| s["namespace"].as_str())
+                    })
+                    .unwrap_or_default()
+                    .to_string();
+                let what = v["action"].as_str().unwrap_or(msg).to_string();
+                l.writes.push((t, ns, what));
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+impl Leadership {
+    /// Whether it led a shard that holds namespace `ns`.
+    fn covers(&self, ns: &str) -> bool {
+        self.led
+            .is_some_and(|(_, i, n)| Shard { index: i, count: n }.owns(ns))
+    }
+
+    /// When it led: from `leading` to its release, or its exit if it released nothing (lost
+    /// its Lease, say), or `now` if it still runs.
+    fn term(&self, now: Timestamp) -> Option<(Timestamp, Timestamp)> {
+        Some((self.led?.0, self.released.or(self.exited).unwrap_or(now)))
+    }
+}
+
+/// A JSON-logging process of partition (`shards`, `generation`) over `namespaces`.
+fn partition_args(
+    namespaces: &[String],
+    lease_ns: &str,
+    base: &str,
+    shards: u32,
+    generation: u64,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--leader-elect=true",
+        "--lease-namespace",
+        lease_ns,
+        "--lease-name",
+        base,
+        "--shards",
+        &shards.to_string(),
+        "--partition-generation",
+        &generation.to_string(),
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for ns in namespaces {
+        a.extend(["--namespace".to_string(), ns.clone()]);
+    }
+    a
+}
+
+/// Waits until every shard Lease of `shards` is held, each by a process tagged in `procs`;
+/// their tags, by shard.
+async fn wait_for_partition(
+    h: &Harness,
+    base: &str,
+    shards: u32,
+    procs: &[(String, crate::support::ControllerProcess)],
+) -> Vec<String> {
+    h.until(
+        &format!("each of the {shards} shard Leases to be held by a process of that count"),
+        Duration::from_secs(60),
+        || async {
+            let mut tags = Vec::new();
+            for i in 0..shards {
+                let holder = holder_of(h, &Shard::lease_name(base, i, shards)).await;
+                let tag = procs.iter().find_map(|(tag, p)| {
+                    holder
+                        .as_deref()
+                        .is_some_and(|id| id.ends_with(&format!("-{}", p.pid())))
+                        .then(|| tag.clone())
+                });
+                match tag {
+                    Some(t) if !tags.contains(&t) => tags.push(t),
+                    _ => return Err(format!("shard {i}: holder {holder:?}")),
+                }
+            }
+            Ok(tags)
+        },
+    )
+    .await
+}
+
+/// Waits until controller `tag` logs that it waits for the partition.
+async fn wait_for_partition_wait(h: &Harness, tag: &str) {
+    h.until(
+        &format!("controller {tag} to wait for the partition"),
+        Duration::from_secs(30),
+        || async {
+            let l = leadership(h, tag);
+            if l.waited.is_empty() {
+                Err(format!(
+                    "it logged no wait; led {:?}, {} writes",
+                    l.led,
+                    l.writes.len()
+                ))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+}
+
+/// Waits until every namespace's canary has ramped `points` further than `from` (or finished).
+async fn wait_ramp_progress(hs: &[Harness], from: &[i64], points: i64) -> Vec<i64> {
+    let mut now = Vec::new();
+    for (hn, start) in hs.iter().zip(from) {
+        let at = hn
+            .until(
+                &format!("the ramp to move {points} points past {start} %"),
+                Duration::from_secs(60),
+                || async {
+                    let c = hn.canary("frontend").await.ok_or("rcanary is gone")?;
+                    let cur = c["status"]["currentPercent"].as_i64().unwrap_or(0);
+                    if cur >= (start + points).min(50) {
+                        Ok(cur)
+                    } else {
+                        Err(c["status"].to_string())
+                    }
+                },
+            )
+            .await;
+        now.push(at);
+    }
+    now
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_shard_count_2_3_1_in_rolling_updates_never_gives_a_namespace_two_writers_or_none()
+ {
+    const NAMESPACES: usize = 6;
+    const LEASE: Duration = Duration::from_secs(15);
+    let mut hs = Vec::new();
+    for _ in 0..NAMESPACES {
+        hs.push(Harness::start_without_controller("part").await);
+    }
+    let namespaces: Vec<String> = hs.iter().map(|h| h.ns.clone()).collect();
+    let h = &hs[0];
+    let lease_ns = h.ns.clone();
+    let base = "rc-e2e-partition";
+    let kubeconfig = h.env.kubeconfig.clone();
+    let spawn = |tag: &str, shards: u32, generation: u64| {
+        let args = partition_args(&namespaces, &lease_ns, base, shards, generation);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (tag.to_string(), h.spawn_controller(tag, &args, &kubeconfig))
+    };
+
+    // Two shards, generation 1.
+    let mut two = vec![spawn("two-a", 2, 1), spawn("two-b", 2, 1)];
+    wait_for_partition(h, base, 2, &two).await;
+    // Every namespace ramps to 50 % in steps of 2 every 3 s: about 75 s, across both changes.
+    for hn in &hs {
+        hn.apply_example("app.yaml").await;
+        hn.apply_example("canary-ramp.yaml").await;
+        hn.patch_canary(
+            "frontend",
+            &json!({"spec": {"propagationDelay": "1s", "ramp": {"stepPercent": 2, "interval": "3s"}}}),
+        )
+        .await;
+    }
+    let mut at = Vec::new();
+    for hn in &hs {
+        at.push(hn.wait_ramp_under_way("frontend", 50).await);
+    }
+    // A few steps under each partition, so that each one writes in every namespace for a while.
+    let at = wait_ramp_progress(&hs, &at, 4).await;
+
+    // 2 -> 3 as a rolling update does it: the new processes start beside the old ones...
+    let mut three = vec![
+        spawn("three-a", 3, 2),
+        spawn("three-b", 3, 2),
+        spawn("three-c", 3, 2),
+    ];
+    for (tag, _) in &three {
+        wait_for_partition_wait(h, tag).await;
+    }
+    for i in 0..3 {
+        assert_eq!(
+            holder_of(h, &Shard::lease_name(base, i, 3)).await,
+            None,
+            "a Lease of 3 shards is held while the 2-shard leaders live"
+        );
+    }
+    // ...then the old ones get SIGTERM.
+    for (_, p) in &two {
+        p.signal("TERM");
+    }
+    h.faults_injected(2);
+    wait_for_partition(h, base, 3, &three).await;
+    for (tag, p) in &mut two {
+        let status = p.exited_within(Duration::from_secs(30)).await;
+        assert!(status.is_some(), "{tag} did not exit after SIGTERM");
+    }
+    // The ramps go on under the new partition before the next change.
+    h.until(
+        "every namespace to be written by its 3-shard leader",
+        Duration::from_secs(60),
+        || async {
+            let logs: Vec<Leadership> = three.iter().map(|(t, _)| leadership(h, t)).collect();
+            let unwritten: Vec<&String> = namespaces
+                .iter()
+                .filter(|ns| !logs.iter().any(|l| l.writes.iter().any(|w| &w.1 == *ns)))
+                .collect();
+            if unwritten.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet: {unwritten:?}"))
+            }
+        },
+    )
+    .await;
+    wait_ramp_progress(&hs, &at, 8).await;
+
+    // 3 -> 1, the same way (two replicas: one leads, one stands by).
+    let one = vec![spawn("one-a", 1, 3), spawn("one-b", 1, 3)];
+    for (tag, _) in &one {
+        wait_for_partition_wait(h, tag).await;
+    }
+    assert_eq!(holder_of(h, base).await, None, "one shard led beside three");
+    for (_, p) in &three {
+        p.signal("TERM");
+    }
+    h.faults_injected(3);
+    wait_for_partition(h, base, 1, &one[..]).await;
+    for (tag, p) in &mut three {
+        let status = p.exited_within(Duration::from_secs(30)).await;
+        assert!(status.is_some(), "{tag} did not exit after SIGTERM");
+    }
+
+    // A process of the 2-shard deployment restarts (a pod of the old ReplicaSet, say): it must
+    // stay a standby, for longer than a Lease lasts.
+    let restarted = spawn("two-restarted", 2, 1);
+    wait_for_partition_wait(h, "two-restarted").await;
+    h.faults_injected(1);
+    let watched = Instant::now();
+    while watched.elapsed() < LEASE + Duration::from_secs(3) {
+        for i in 0..2 {
+            let holder = holder_of(h, &Shard::lease_name(base, i, 2)).await;
+            assert!(
+                holder.is_none(),
+                "the restarted old process took {}: {holder:?}",
+                Shard::lease_name(base, i, 2)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = leadership(h, "two-restarted");
+    assert!(r.led.is_none() && r.writes.is_empty(), "{r:?}");
+    assert!(
+        r.waited.iter().any(|w| w.contains("newer")),
+        "the restarted process does not say why it waits: {:?}",
+        r.waited
+    );
+
+    // Every ramp finishes, under the last partition.
+    for hn in &hs {
+        hn.until(
+            "the canary to finish its ramp (Ready at 50 %)",
+            Duration::from_secs(150),
+            || async {
+                let c = hn.canary("frontend").await.ok_or("rcanary is gone")?;
+                let st = &c["status"];
+                if st["phase"] == "Ready" && st["currentPercent"].as_i64() == Some(50) {
+                    Ok(())
+                } else {
+                    Err(st.to_string())
+                }
+            },
+        )
+        .await;
+    }
+    let now = Timestamp::now();
+    drop(restarted);
+
+    // From the logs: who led which namespaces when, and who wrote what.
+    let logs: Vec<Leadership> = two
+        .iter()
+        .chain(&three)
+        .chain(&one)
+        .map(|(tag, _)| leadership(h, tag))
+        .collect();
+    for l in &logs {
+        for (t, ns, what) in &l.writes {
+            let (from, to) = l
+                .term(now)
+                .unwrap_or_else(|| panic!("{} wrote ({what} in {ns}) without leading", l.tag));
+            assert!(
+                l.covers(ns) && from <= *t && *t <= to,
+                "{} wrote {what} in {ns} at {t} outside its term {from} .. {to} or its shard {:?}",
+                l.tag,
+                l.led
+            );
+        }
+    }
+    let mut report = Vec::new();
+    for ns in &namespaces {
+        let mut terms: Vec<(Timestamp, Timestamp, &str)> = logs
+            .iter()
+            .filter(|l| l.covers(ns))
+            .filter_map(|l| l.term(now).map(|(a, b)| (a, b, l.tag.as_str())))
+            .collect();
+        terms.sort();
+        let writers: std::collections::BTreeSet<&str> = logs
+            .iter()
+            .filter(|l| l.writes.iter().any(|w| &w.1 == ns))
+            .map(|l| l.tag.as_str())
+            .collect();
+        assert!(
+            writers.len() >= 3,
+            "{ns}: expected a writer of each partition, got {writers:?}"
+        );
+        for w in terms.windows(2) {
+            assert!(
+                w[0].1 < w[1].0,
+                "{ns}: {} led it until {} and {} from {}: two writers",
+                w[0].2,
+                w[0].1,
+                w[1].2,
+                w[1].0
+            );
+        }
+        // Without a writer: from when the leader stopped reconciling (SIGTERM) to the next lead.
+        let mut longest = Duration::ZERO;
+        for w in terms.windows(2) {
+            let stopped = logs
+                .iter()
+                .find(|l| l.tag == w[0].2)
+                .and_then(|l| l.shut)
+                .unwrap_or(w[0].1)
+                .min(w[0].1);
+            let gap = Duration::try_from(w[1].0.duration_since(stopped)).unwrap_or_default();
+            longest = longest.max(gap);
+        }
+        assert!(
+            longest <= LEASE,
+            "{ns} had no writer for {longest:?}: {terms:?}"
+        );
+        report.push(format!(
+            "{ns}: {} terms, longest without a leader {longest:?}",
+            terms.len()
+        ));
+    }
+    eprintln!("[e2e] {}: {}", h.ns, report.join("; "));
+    drop((two, three, one));
+    for hn in &mut hs {
+        hn.finish(true).await;
+    }
 }
