@@ -189,7 +189,8 @@ pub struct Context {
     pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub cluster_domain: String,
-    /// Start of this process: waits are measured from no earlier than this.
+    /// Start of this process: waits are measured from no earlier than this (nor than when it
+    /// started to lead: [`Context::leading_since`]).
     pub started: Timestamp,
     /// The canaries of which namespaces this process reconciles.
     pub shard: Shard,
@@ -257,6 +258,15 @@ impl Context {
     pub fn with_shard(mut self, shard: Shard) -> Self {
         self.shard = shard;
         self
+    }
+
+    /// When this process last started to lead (its start without leader election): a wait
+    /// before a dependent write is measured from no earlier than this, so that a standby that
+    /// takes over honours the wait its predecessor started and could not record.
+    pub fn leading_since(&self) -> Timestamp {
+        self.fence
+            .leading_since()
+            .map_or(self.started, |t| t.max(self.started))
     }
 
     /// Who labels the target's new pods, as the status reports it.
@@ -1273,10 +1283,14 @@ async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue,
     }
 
     let snap = Snapshot::take(ctx, &scope, &canary);
+    // Waits start no earlier than when this process last started to lead (a predecessor that
+    // died between a mesh write and the status write that times it may have written just before
+    // its lease ran out), nor than its own last mesh write of this canary.
+    let leading = ctx.leading_since();
     let started = ctx
         .writes()
         .mesh_written(&key)
-        .map_or(ctx.started, |t| t.max(ctx.started));
+        .map_or(leading, |t| t.max(leading));
     let observed = Observed {
         canary: &canary,
         now: Timestamp::now(),

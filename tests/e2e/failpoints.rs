@@ -8,9 +8,14 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
 use serde_json::json;
 
-use crate::support::{CLONE, Harness, OWNED, controller_args, split_weights};
+use crate::mbb::Kind;
+use crate::support::{
+    CLONE, Harness, OWNED, controller_args, elected_controller_args, split_weights,
+};
 
 /// How long a failpoint's process gets to reach its write and die.
 const DIE_WITHIN: Duration = Duration::from_secs(90);
@@ -131,5 +136,105 @@ async fn a_panic_in_a_reconcile_is_caught_reported_and_retried_while_the_process
         .await;
     h.wait_status("frontend", "Ready", 30).await;
     drop(p);
+    h.finish(true).await;
+}
+
+/// The identity holding Lease `lease` of the test namespace.
+async fn holder_of(h: &Harness, lease: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(h.client.clone(), &h.ns);
+    leases
+        .get_opt(lease)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|s| !s.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_takes_over_between_the_subsets_and_their_time_still_waits_the_full_delay() {
+    // The leader dies right after it added the subsets, before the status records when; the
+    // warm standby (its process started long before) takes over once the lease expires (15 s)
+    // and must still leave the whole propagationDelay (25 s, longer than the takeover) before
+    // the routes use the subsets: measured from when it started to lead, not from its start.
+    const LEASE: &str = "rc-e2e-takeover";
+    const DELAY: Duration = Duration::from_secs(25);
+    let mut h = Harness::start_without_controller("takeover").await;
+    let ns = h.ns.clone();
+    let kubeconfig = h.env.kubeconfig.clone();
+    let args = elected_controller_args(&ns, LEASE);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = h.spawn_controller_with(
+        "a",
+        &args,
+        &kubeconfig,
+        &[("FAILPOINTS", "after-destination-rule-write=return")],
+    );
+    let a_id = format!("-{}", a.pid());
+    h.until("a to lead", Duration::from_secs(30), || async {
+        match holder_of(&h, LEASE).await {
+            Some(id) if id.ends_with(&a_id) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let b = h.spawn_controller("b", &args, &kubeconfig);
+    // The app Ready first: the standby's process is then well older than the subsets, as a
+    // warm standby's is (the old measure, from its start, would end the wait early).
+    h.apply_example("app.yaml").await;
+    h.until("the app's pods Ready", Duration::from_secs(60), || async {
+        let ready = h
+            .deployment("frontend")
+            .await
+            .and_then(|d| d.status)
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
+        if ready >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{ready} ready"))
+        }
+    })
+    .await;
+    h.apply_example("canary.yaml").await;
+    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "25s"}}))
+        .await;
+    let died = a.exited_within(Duration::from_secs(60)).await;
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "a did not die after the DestinationRule write: {died:?}"
+    );
+    h.faults_injected(1);
+    h.until("the split at 10 %", Duration::from_secs(120), || async {
+        match h.vs(OWNED).await.as_ref().and_then(split_weights) {
+            Some((90, 10)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let revisions = h.mbb.revisions();
+    let subsets_at = revisions
+        .iter()
+        .find(|r| {
+            r.kind == Kind::DestinationRule
+                && r.object["spec"]["subsets"]
+                    .as_array()
+                    .is_some_and(|s| s.len() == 2)
+        })
+        .map(|r| r.seen)
+        .expect("a DestinationRule revision with the subsets");
+    let routed_at = revisions
+        .iter()
+        .find(|r| r.kind == Kind::VirtualService && !r.deleted)
+        .map(|r| r.seen)
+        .expect("a VirtualService revision");
+    let waited = routed_at.duration_since(subsets_at);
+    eprintln!("[e2e] {ns}: the routes used the subsets {waited:?} after they were added");
+    assert!(
+        waited >= DELAY,
+        "the routes used the subsets {waited:?} after they were added; propagationDelay is {DELAY:?}"
+    );
+    drop(b);
     h.finish(true).await;
 }
