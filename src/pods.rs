@@ -5,7 +5,7 @@
 //! it is Ready and whether a container is in `CrashLoopBackOff`. So the pod watch, the prime
 //! list and the caches use this type instead of k8s-openapi's `Pod`: serde reads those fields
 //! straight off the wire and skips the rest (the spec, most of the status) without building it.
-//! A kept pod costs about a tenth of a stripped `Pod` (see the README's memory section).
+//! A kept pod costs about a tenth of a stripped `Pod` (see docs/performance.md, the memory section).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;

@@ -5,7 +5,7 @@
 #
 #   bash tests/run.sh
 #
-# By default it builds (once, cached under ~/.cache/recording-canary; see the README for the cold
+# By default it builds (once, cached under ~/.cache/recording-canary; see docs/development.md for the cold
 # times on 2 cores) and starts a local control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kwok fake nodes; see tests/cluster/up.sh), and deletes it again on exit. It does so
 # for each Kubernetes version of RC_K8S_VERSIONS, one after the other:

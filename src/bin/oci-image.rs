@@ -11,7 +11,7 @@
 //! `SOURCE_DATE_EPOCH` give a byte-identical layout: the tar and gzip headers carry no time but
 //! that one, and every JSON document is written from fixed input.
 //!
-//! Push the layout with skopeo, crane or oras (it prints the commands); see the README, "The image".
+//! Push the layout with skopeo, crane or oras (it prints the commands); see docs/install.md, "The image".
 
 use std::error::Error;
 use std::fmt::Write as _;

@@ -266,7 +266,7 @@ fn after_revert<'a>(
             true,
             "SplitReverted",
             format!(
-                "{who} put back the routes of VirtualService {} to {} ({count} in a row); the split is re-applied in {}. If a GitOps tool self-heals it, make it ignore .spec.http (see the README's GitOps section)",
+                "{who} put back the routes of VirtualService {} to {} ({count} in a row); the split is re-applied in {}. If a GitOps tool self-heals it, make it ignore .spec.http (see docs/gitops.md)",
                 meta_name(vs),
                 k.host.fqdn(),
                 humantime::format_duration(revert_backoff(count))

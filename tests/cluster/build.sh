@@ -6,7 +6,7 @@
 # RC_HELM_MAJOR=4|3 picks Helm (default 4); each version has its own cache dir, so building the
 # other one later (e.g. RC_K8S_VERSION=1.35 bash tests/cluster/build.sh) adds only what is missing.
 # Each component is built once; a second run only checks that the binaries are there (about a second).
-# Cold, on 2 cores: see the README's set-up table (Kubernetes is most of it); a few GB of Go caches
+# Cold, on 2 cores: see the set-up table in docs/development.md (Kubernetes is most of it); a few GB of Go caches
 # per Kubernetes version (GOMODCACHE, GOCACHE), all outside the work tree.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
