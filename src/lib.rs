@@ -1,46 +1,29 @@
 //! recording-canary: sends a chosen share of a Service's live requests, through Istio, to a clone
 //! of its Deployment that carries a traffic-recording sidecar.
 //!
-//! The crate is a library with a thin binary. One module per concern:
-//! - [`api`]: the `RecordingCanary` custom resource and its CRD;
-//! - [`istio`]: VirtualService and DestinationRule handling on plain JSON;
-//! - [`mesh_object`]: what the caches keep of a VirtualService or DestinationRule;
-//! - [`istio_status`]: whether Istio reports a VirtualService or DestinationRule generation
-//!   as reached every proxy (its `Reconciled` condition);
-//! - [`planner`]: the pure function from observed objects to ordered actions;
-//! - [`writers`]: the thin layer that carries the actions out;
-//! - [`cache`], [`pods`], [`deployments`], [`services`], [`index`], [`freshness`]: selective watch
-//!   caches, what they keep of a pod, a Deployment and a Service, the map from each watched object to the canaries it concerns, and read-your-writes
-//!   over the caches; [`small_set`]: the index's sets of one or two;
-//! - [`controller`]: watches, observation and the reconcile loop;
-//! - [`client`]: the Kubernetes client, counting its requests;
-//! - [`memory`]: freed heap pages go back to the system;
-//! - [`metrics`], [`admin`], [`lease`], [`shard`]: Prometheus metrics, the admin server, leader
-//!   election, and the split of canaries between shards.
+//! A library with a thin binary (`src/main.rs`). The folders follow the shape of a reconcile,
+//! observe → plan → apply, each with a module doc that says what it owns:
+//!
+//! | folder | what it holds | may import |
+//! | --- | --- | --- |
+//! | [`api`] | the `RecordingCanary` resource, its CRD, status enums, labels and keys | nothing of this crate |
+//! | [`facts`] | compact views of the Kubernetes objects the controller reads | `api` |
+//! | [`istio`] | VirtualService and DestinationRule handling on plain JSON: split, restore, matches, Istio's status | `api` |
+//! | [`planner`] | the pure function from observed objects to ordered actions | `api`, `facts`, `istio` |
+//! | [`cache`] | selective watch stores, the index from events to canaries, read-your-writes | `api`, `facts`, `istio` |
+//! | [`controller`] | watches, the reconcile by phase, the writers and Events | everything above, `runtime` |
+//! | [`runtime`] | client, metrics, admin server, lease, shards, admission check, memory | `api` |
+//!
+//! `tests/layers.rs` checks that no module imports upward across these lines: the planner never
+//! reaches anything that talks to the API server.
 
-pub mod admin;
-pub mod admission;
 pub mod api;
 pub mod cache;
-pub mod client;
 pub mod controller;
-pub mod deployments;
-pub mod endpoints;
-pub mod events;
-pub mod freshness;
-pub mod index;
+pub mod facts;
 pub mod istio;
-pub mod istio_status;
-pub mod lease;
-pub mod memory;
-pub mod mesh_object;
-pub mod metrics;
 pub mod planner;
-pub mod pods;
-pub mod services;
-pub mod shard;
-pub mod small_set;
-pub mod writers;
+pub mod runtime;
 
 /// Errors of a reconcile. Each is retried with backoff; none stops the controller.
 #[derive(Debug, thiserror::Error)]

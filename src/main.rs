@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use recording_canary::admin::{self, Health};
-use recording_canary::admission;
 use recording_canary::controller::{self, Context};
-use recording_canary::lease::{Elector, Fence, LeaseConfig, PartitionGate};
-use recording_canary::metrics::Metrics;
-use recording_canary::shard::{Partition, Shard};
+use recording_canary::runtime::admin::{self, Health};
+use recording_canary::runtime::admission;
+use recording_canary::runtime::lease::{Elector, Fence, LeaseConfig, PartitionGate};
+use recording_canary::runtime::metrics::Metrics;
+use recording_canary::runtime::shard::{Partition, Shard};
 use tokio::sync::watch;
 use tokio::task::JoinError;
 use tracing::{error, info};
@@ -139,7 +139,7 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     let metrics = Arc::new(Metrics::default());
-    let client = recording_canary::client::counted(
+    let client = recording_canary::runtime::client::counted(
         metrics.clone(),
         usize::from(args.max_concurrent_reconciles),
     )
@@ -166,8 +166,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         stopped(),
     ));
 
-    tokio::spawn(recording_canary::memory::trim_every(
-        recording_canary::memory::PERIOD,
+    tokio::spawn(recording_canary::runtime::memory::trim_every(
+        recording_canary::runtime::memory::PERIOD,
     ));
 
     // SIGTERM or Ctrl-C: stop gracefully.

@@ -124,7 +124,10 @@ fn every_relative_link_in_the_docs_resolves_to_a_file_and_heading() {
             }
         }
     }
-    assert!(checked > 20, "only {checked} links found: is the scan broken?");
+    assert!(
+        checked > 20,
+        "only {checked} links found: is the scan broken?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
@@ -154,10 +157,7 @@ fn the_readme_stays_short_and_links_to_every_document_in_docs() {
 #[test]
 fn headings_become_the_anchors_github_makes() {
     assert_eq!(slug(" Make before break"), "make-before-break");
-    assert_eq!(
-        slug("GitOps: Argo CD and Flux"),
-        "gitops-argo-cd-and-flux"
-    );
+    assert_eq!(slug("GitOps: Argo CD and Flux"), "gitops-argo-cd-and-flux");
     assert_eq!(
         slug("A fleet of canaries: `cargo bench --bench fleet`"),
         "a-fleet-of-canaries-cargo-bench---bench-fleet"

@@ -17,8 +17,8 @@ use super::{
     shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
 };
 use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
-use crate::pods::PodFacts;
-use crate::{istio, istio_status};
+use crate::facts::pods::PodFacts;
+use crate::istio;
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
     let propagated = subsets(&mut b, k);
@@ -113,7 +113,7 @@ fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
         until: after(since, k.spec.propagation_delay),
         // The cached object is one revision: its status speaks of its own generation, which
         // holds the subsets (subsets added by this very plan are in no revision yet).
-        reconciled: present && k.dr.object().is_some_and(istio_status::reconciled),
+        reconciled: present && k.dr.object().is_some_and(istio::status::reconciled),
     }
 }
 

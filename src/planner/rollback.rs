@@ -12,7 +12,6 @@ use super::{
     remaining, role_label_is_not_ours, spec_of, wait,
 };
 use crate::istio::{self, ServiceHost};
-use crate::istio_status;
 
 /// Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
 /// finalizer off. Every step tolerates objects that are already gone.
@@ -138,7 +137,7 @@ fn routes_reconciled(b: &Builder, host: &ServiceHost) -> bool {
                 .find(|v| meta_ns(v) == ns && meta_name(v) == name)
                 .is_some_and(|v| {
                     !istio::read_split(spec_of(v), host, ns).references_subsets
-                        && istio_status::reconciled(v)
+                        && istio::status::reconciled(v)
                 })
         })
 }

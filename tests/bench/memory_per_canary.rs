@@ -22,14 +22,14 @@ use kube::runtime::watcher::Event;
 
 use recording_canary::api::RecordingCanary;
 use recording_canary::cache::Selective;
+use recording_canary::cache::index::{Index, MeshRefs};
+use recording_canary::controller::events::Series;
 use recording_canary::controller::strip_mesh;
-use recording_canary::deployments::DeploymentFacts;
-use recording_canary::events::Series;
-use recording_canary::index::{Index, MeshRefs};
-use recording_canary::mesh_object::MeshObject;
-use recording_canary::metrics::Metrics;
-use recording_canary::pods::PodFacts;
-use recording_canary::services::ServiceFacts;
+use recording_canary::facts::deployments::DeploymentFacts;
+use recording_canary::facts::mesh::MeshObject;
+use recording_canary::facts::pods::PodFacts;
+use recording_canary::facts::services::ServiceFacts;
+use recording_canary::runtime::metrics::Metrics;
 
 struct Counting;
 

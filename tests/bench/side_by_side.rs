@@ -56,7 +56,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use recording_canary::api::{RECORDING_SUBSET, STABLE_SUBSET};
-use recording_canary::metrics::classify;
+use recording_canary::runtime::metrics::classify;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -316,7 +316,7 @@ fn fmt_dur(d: Option<Duration>) -> String {
 // ---------------------------------------------------------------------------------------------
 // A counting HTTP/1.1 proxy (loopback, plain HTTP), for tools that do not count their requests.
 // It reads each request's head (and body, by Content-Length or chunks), counts it by verb and
-// resource exactly as recording-canary's own metric does (`recording_canary::metrics::classify`),
+// resource exactly as recording-canary's own metric does (`recording_canary::runtime::metrics::classify`),
 // and forwards the bytes; responses (watch streams too) are copied back untouched.
 
 struct CountingProxy {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use recording_canary::shard::Shard;
+use recording_canary::runtime::shard::Shard;
 use serde_json::json;
 
 use crate::support::{Harness, OWNED, elected_controller_args, split_weights};

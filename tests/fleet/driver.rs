@@ -680,7 +680,7 @@ pub fn shard_split(namespaces: &[String], canaries: usize, shards: usize) -> Vec
     let shards = shards.max(1);
     let mut split = vec![(0, 0); shards];
     for (j, ns) in namespaces.iter().enumerate() {
-        let s = recording_canary::shard::Shard::of(ns, shards as u32) as usize;
+        let s = recording_canary::runtime::shard::Shard::of(ns, shards as u32) as usize;
         split[s].0 += 1;
         // Canaries j, j + M, j + 2M, … (ns_index).
         split[s].1 += canaries / namespaces.len() + usize::from(j < canaries % namespaces.len());
@@ -1562,7 +1562,7 @@ impl Fleet {
         let ns = ns.to_string();
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &ns);
         let names: Vec<String> = (0..n)
-            .map(|i| recording_canary::shard::Shard::lease_name(base, i as u32, n as u32))
+            .map(|i| recording_canary::runtime::shard::Shard::lease_name(base, i as u32, n as u32))
             .collect();
         let identities: Vec<String> = self
             .controllers
@@ -2704,7 +2704,7 @@ mod tests {
         let split = shard_split(&ns, 100, 2);
         let in_0 = ns
             .iter()
-            .filter(|n| recording_canary::shard::Shard::of(n, 2) == 0)
+            .filter(|n| recording_canary::runtime::shard::Shard::of(n, 2) == 0)
             .count();
         assert_eq!(split[0], (in_0, in_0 * 10));
         // One shard: everything.

@@ -12,7 +12,7 @@
 //! a hung network connection (a "partition"), a hung renew call or a paused process stops the
 //! leader's writes 5 s before a standby can start its own.
 //!
-//! Shard partitions (see [`crate::shard`]): with a [`RecordCheck`], every take or renewal of
+//! Shard partitions (see [`crate::runtime::shard`]): with a [`RecordCheck`], every take or renewal of
 //! the lease is followed by a read of the partition record, and the fence opens only if the
 //! record still admits this process's partition. [`PartitionGate`] moves the record, judging the
 //! other partitions' Leases by the same local-clock rule ([`Observer`]).
@@ -31,7 +31,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::shard::{self, Gate, Partition, Record, Shard, ToCheck, Waiting};
+use crate::runtime::shard::{self, Gate, Partition, Record, Shard, ToCheck, Waiting};
 
 /// Whether this process may write: it leads, and its lease was renewed recently enough.
 /// Cheap to clone; every clone sees the same state.

@@ -16,10 +16,10 @@ use crate::Error;
 use crate::api::{
     FIELD_MANAGER, FINALIZER, ROLE_LABEL, ROLE_STABLE, RecordingCanary, RecordingCanaryStatus,
 };
-use crate::freshness::{Expect, Kind, Written};
+use crate::cache::freshness::{Expect, Kind, Written};
 use crate::istio;
-use crate::lease::Fence;
 use crate::planner::{Action, MeshKind};
+use crate::runtime::lease::Fence;
 
 /// Result of one API call where "already gone" counts as done.
 fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<Option<T>, kube::Error> {
@@ -163,7 +163,7 @@ fn guarded_status(status: Value, rv: Option<String>) -> Value {
 /// Carries out `actions` in order; stops at the first failure. Before each write the `fence`
 /// is checked: a write is sent only while the lease is fresh (a plan whose first writes took long
 /// does not send its last ones after a standby could have taken over). Returns what each write
-/// left behind, for read-your-writes ([`crate::freshness`]); on failure, the writes made before
+/// left behind, for read-your-writes ([`crate::cache::freshness`]); on failure, the writes made before
 /// it are recorded in `written` all the same.
 pub async fn apply(
     client: &Client,

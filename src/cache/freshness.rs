@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 
+use crate::cache::index::CanaryKey;
 use crate::cache::rv_at_least;
-use crate::index::CanaryKey;
 
 /// How long a recorded write is waited for.
 pub const EXPIRY: Duration = Duration::from_secs(10);

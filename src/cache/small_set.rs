@@ -1,6 +1,6 @@
 //! [`SmallSet`]: an ordered set in a sorted `Vec`, for the index's many sets of one or two.
 //!
-//! Nearly every set in the [`crate::index`] holds one canary or one object: the canaries of a
+//! Nearly every set in the [`crate::cache::index`] holds one canary or one object: the canaries of a
 //! Deployment, the VirtualServices of a host. A `BTreeSet` allocates a node for eleven entries
 //! even for one (about 300 bytes for `String`s, 600 for the index's tuple keys), so at 10,000
 //! canaries its sets alone took tens of MiB. A sorted `Vec` holds one entry in its size, keeps

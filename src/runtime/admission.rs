@@ -8,24 +8,7 @@ use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject};
 use tracing::{debug, warn};
 
-/// Who labels the target's new pods `recordingcanary.dev/role: stable` (`status.stableLabelling`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum StableLabelling {
-    /// The API server, at admission (the policy and its binding exist).
-    AdmissionPolicy,
-    /// Only this controller, while it runs.
-    #[default]
-    Controller,
-}
-
-impl StableLabelling {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StableLabelling::AdmissionPolicy => "AdmissionPolicy",
-            StableLabelling::Controller => "Controller",
-        }
-    }
-}
+pub use crate::api::status::StableLabelling;
 
 /// How often the policy's presence is checked again (two GETs).
 pub const RECHECK: Duration = Duration::from_secs(60);

@@ -10,7 +10,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use crate::cache::newest_change_only;
+use crate::facts::newest_change_only;
 
 /// A pod as the controller keeps it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

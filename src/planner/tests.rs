@@ -3198,7 +3198,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
         let full = w.plan();
         let mut stripped = w.clone();
         let mut cl = stripped.clone.take().expect("a clone");
-        crate::deployments::strip(&mut cl);
+        crate::facts::deployments::strip(&mut cl);
         assert_eq!(
             cl.spec.as_ref().map(|s| s.template.clone()),
             Some(Default::default()),
@@ -3207,7 +3207,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
         stripped.clone = Some(cl);
         if let Some(t) = stripped.target.as_mut() {
             t.status = Some(Default::default());
-            crate::deployments::strip(t);
+            crate::facts::deployments::strip(t);
             assert!(t.status.is_none(), "the cache drops a target's status");
             assert!(t.spec.as_ref().is_some_and(|s| s.template.spec.is_some()));
         }
@@ -3217,7 +3217,7 @@ fn deployments_as_the_caches_keep_them_are_planned_as_the_whole_ones() {
     // target.
     let mut w = serving_world(10);
     if let Some(cl) = w.clone.as_mut() {
-        crate::deployments::strip(cl);
+        crate::facts::deployments::strip(cl);
     }
     w.target = Some(target_with(4, "frontend:v2"));
     let p = w.plan();

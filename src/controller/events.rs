@@ -20,7 +20,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::RecordingCanary;
-use crate::index::CanaryKey;
+use crate::cache::index::CanaryKey;
 use crate::planner::EventNote;
 
 /// A repeat within this long of the last one joins its series (as kube's `Recorder` does).

@@ -13,6 +13,9 @@
 //! own writes are tracked ([`freshness`]): a canary is planned again only once its caches show
 //! them, and their echoes wake nobody else.
 
+pub mod events;
+pub mod writers;
+
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,23 +38,24 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
-use crate::admission::StableLabelling;
 use crate::api::RecordingCanary;
+use crate::api::status::StableLabelling;
 use crate::cache::Selective;
-use crate::deployments::DeploymentFacts;
-use crate::endpoints::{self, EndpointSliceFacts};
-use crate::events::Publisher;
-use crate::freshness::{self, Kind, Writes, Written};
-use crate::index::{CanaryKey, Entry, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects};
+use crate::cache::freshness::{self, Kind, Writes, Written};
+use crate::cache::index::{
+    CanaryKey, Entry, Index, MeshKey, MeshRefs, Prime, deployment_of_pod, selects,
+};
+use crate::controller::events::Publisher;
+use crate::facts::deployments::DeploymentFacts;
+use crate::facts::endpoints::{self, EndpointSliceFacts};
+use crate::facts::mesh::MeshObject;
+use crate::facts::pods::PodFacts;
+use crate::facts::services::ServiceFacts;
 use crate::istio;
-use crate::lease::Fence;
-use crate::mesh_object::MeshObject;
-use crate::metrics::Metrics;
 use crate::planner::{self, Action, Observed, Rival};
-use crate::pods::PodFacts;
-use crate::services::ServiceFacts;
-use crate::shard::Shard;
-use crate::writers;
+use crate::runtime::lease::Fence;
+use crate::runtime::metrics::Metrics;
+use crate::runtime::shard::Shard;
 
 /// The caches and index of one watched scope (a namespace, or the whole cluster).
 pub struct Scope {
@@ -1732,7 +1736,7 @@ mod tests {
             "status writers dropped"
         );
         let v = o.to_value();
-        assert!(crate::istio_status::reconciled(&v), "{v}");
+        assert!(crate::istio::status::reconciled(&v), "{v}");
         assert!(
             dr("5", json!({"validationMessages": []}))
                 .to_value()

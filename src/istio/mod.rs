@@ -7,6 +7,7 @@ use kube::api::ApiResource;
 use serde_json::{Map, Value, json};
 
 pub mod matches;
+pub mod status;
 
 use crate::api::{
     RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET,
@@ -1056,7 +1057,6 @@ pub fn rv_test(obj: &Value) -> Vec<Value> {
 }
 
 #[cfg(test)]
-#[path = "istio_props.rs"]
 mod props;
 
 #[cfg(test)]

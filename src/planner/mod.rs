@@ -18,13 +18,14 @@ use kube::ResourceExt;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::admission::StableLabelling;
+pub use crate::api::labels::{MANAGED_BY, clone_of, meta_of_deployment};
+use crate::api::status::StableLabelling;
 use crate::api::{
     CANARY_LABEL, FINALIZER, Mode, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
     RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
 };
+use crate::facts::pods::PodFacts;
 use crate::istio::{self, ServiceHost};
-use crate::pods::PodFacts;
 
 mod block;
 mod progress;
@@ -32,9 +33,6 @@ mod rollback;
 mod safety;
 
 pub use block::Block;
-
-/// Label every object created by the controller carries.
-pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "recording-canary");
 
 /// Another RecordingCanary in the same namespace, as far as conflicts go.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,7 +62,7 @@ pub struct Observed<'a> {
     /// Pods that may belong to the target or the clone (the controller lists them by the target's selector).
     pub pods: &'a [PodFacts],
     /// The pods that are Ready endpoints in the Service's EndpointSlices: what the mesh routes to.
-    /// A pod counts towards a subset's capacity only once it is one (see [`crate::endpoints`]).
+    /// A pod counts towards a subset's capacity only once it is one (see [`crate::facts::endpoints`]).
     pub endpoints: &'a BTreeSet<String>,
     /// VirtualServices in the canary's namespace (full objects as JSON).
     pub virtual_services: &'a [Value],
@@ -367,35 +365,10 @@ fn our_labels(c: &RecordingCanary) -> BTreeMap<String, String> {
     ])
 }
 
-/// The canary whose clone a Deployment is (by the labels every clone carries), if it is one.
-pub fn clone_of(meta: &ObjectMeta) -> Option<&str> {
-    let labels = meta.labels.as_ref()?;
-    if labels.get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1) {
-        return None;
-    }
-    labels.get(CANARY_LABEL).map(String::as_str)
-}
-
 /// Whether the pod's controlling ReplicaSet belongs to Deployment `deploy`
 /// (a Deployment names its ReplicaSets `<deployment>-<pod-template-hash>`).
 pub fn pod_of_deployment(p: &PodFacts, deploy: &str) -> bool {
     meta_of_deployment(&p.metadata, deploy)
-}
-
-/// [`pod_of_deployment`] on a pod's metadata alone (what a metadata-only watch delivers).
-pub fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
-    let Some(hash) = meta
-        .labels
-        .as_ref()
-        .and_then(|l| l.get("pod-template-hash"))
-    else {
-        return false;
-    };
-    let rs = format!("{deploy}-{hash}");
-    meta.owner_references.as_ref().is_some_and(|o| {
-        o.iter()
-            .any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs)
-    })
 }
 
 /// Hash of what the clone is built from: the target's pod template and the extra pod metadata.
@@ -716,5 +689,4 @@ fn owned_dr(c: &RecordingCanary, host: &ServiceHost, policy: Option<&Value>) -> 
 }
 
 #[cfg(test)]
-#[path = "planner_tests.rs"]
 mod tests;

@@ -4,7 +4,7 @@
 //! configured by any of them). Held as `serde_json::Value` trees, each costs 6–7 KiB: every
 //! JSON object is a B-tree whose nodes are allocated for eleven entries. So the caches keep the
 //! metadata as a struct and the rest (`spec`, and of `status` only what
-//! [`istio_status::compact`] keeps) as compact JSON text, parsed again when a canary is planned
+//! [`istio::status::compact`] keeps) as compact JSON text, parsed again when a canary is planned
 //! (a few microseconds for a VirtualService of a few routes).
 
 use std::borrow::Cow;
@@ -13,8 +13,6 @@ use kube::api::{ApiResource, DynamicObject, ObjectMeta, TypeMeta};
 use kube::core::DynamicResourceScope;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
-
-use crate::istio_status;
 
 /// A VirtualService or DestinationRule as the caches keep it.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,7 +33,7 @@ impl MeshObject {
         } = o;
         if let Some(fields) = data.as_object_mut()
             && let Some(status) = fields.remove("status")
-            && let Some(kept) = istio_status::compact(&status)
+            && let Some(kept) = crate::istio::status::compact(&status)
         {
             fields.insert("status".into(), kept);
         }

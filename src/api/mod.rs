@@ -3,6 +3,9 @@
 //! Admission rules that the type system cannot express (ranges, CEL rules) are added to the
 //! generated schema in [`crd`], so that `kubectl apply` rejects bad specs with a readable message.
 
+pub mod labels;
+pub mod status;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

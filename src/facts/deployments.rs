@@ -11,8 +11,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::cache::newest_change_only;
-use crate::planner;
+use crate::api::labels;
+use crate::facts::newest_change_only;
 
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
@@ -24,7 +24,7 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// and never targets a clone (`TargetIsAClone`).
 pub fn strip(d: &mut Deployment) {
     d.metadata.managed_fields = None;
-    if planner::clone_of(&d.metadata).is_some() {
+    if labels::clone_of(&d.metadata).is_some() {
         if let Some(a) = d.metadata.annotations.as_mut() {
             a.remove(LAST_APPLIED);
         }
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn a_clone_comes_back_without_its_template_and_with_its_status() {
         let v = wire(
-            json!({"app": "web", planner::MANAGED_BY.0: planner::MANAGED_BY.1,
+            json!({"app": "web", labels::MANAGED_BY.0: labels::MANAGED_BY.1,
                             crate::api::CANARY_LABEL: "c"}),
         );
         let mut f: DeploymentFacts = serde_json::from_value(v.clone()).unwrap();

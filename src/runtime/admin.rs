@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// What the admin endpoints report.
 #[derive(Default)]

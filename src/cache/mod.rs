@@ -4,15 +4,25 @@
 //! kube's reflector keeps every object it sees. For Deployments, Services and Pods that would make
 //! the controller's memory grow with every unrelated workload in the cluster, so these kinds go
 //! through a [`Selective`] store instead: each watch event is offered to an interest predicate
-//! (backed by the [`crate::index::Index`]); objects nobody is interested in are dropped at once.
+//! (backed by the [`crate::cache::index::Index`]); objects nobody is interested in are dropped at once.
 //!
 //! A canary that appears after a watch has listed its objects finds them missing here; the
 //! controller then reads them once (`prime`) and inserts them with [`Selective::insert_newer`].
+//!
+//! Also here: the [`index`] from each watched object to the canaries it concerns (and so what the
+//! selective stores keep), [`freshness`] (read-your-writes over the caches: the controller's own
+//! writes that the watches have not shown yet), and [`small_set`] (the index's sets of one or two).
+//!
+//! Layer: in-memory state fed by the controller's watches; never calls the API server. Imports
+//! [`crate::api`], [`crate::facts`] and [`crate::istio`] (host names).
+
+pub mod freshness;
+pub mod index;
+pub mod small_set;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry;
 use kube::runtime::watcher::Event;
 use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
@@ -23,50 +33,6 @@ pub type Key = (String, String);
 /// The key of an object.
 pub fn key_of<K: Resource>(o: &K) -> Key {
     (o.namespace().unwrap_or_default(), o.name_any())
-}
-
-/// Makes `$facts`, a compact form of the Kubernetes kind `$kind` with a `metadata: ObjectMeta`
-/// field, a k8s-openapi resource of that kind (its constants taken from `$kind`), so that
-/// `Api<$facts>` lists and watches the real kind and reads each object straight into `$facts`.
-#[macro_export]
-macro_rules! facts_of {
-    ($facts:ty, $kind:ty) => {
-        impl k8s_openapi::Resource for $facts {
-            const API_VERSION: &'static str = <$kind as k8s_openapi::Resource>::API_VERSION;
-            const GROUP: &'static str = <$kind as k8s_openapi::Resource>::GROUP;
-            const KIND: &'static str = <$kind as k8s_openapi::Resource>::KIND;
-            const VERSION: &'static str = <$kind as k8s_openapi::Resource>::VERSION;
-            const URL_PATH_SEGMENT: &'static str =
-                <$kind as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-            type Scope = <$kind as k8s_openapi::Resource>::Scope;
-        }
-
-        impl k8s_openapi::Metadata for $facts {
-            type Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-            fn metadata(&self) -> &Self::Ty {
-                &self.metadata
-            }
-            fn metadata_mut(&mut self) -> &mut Self::Ty {
-                &mut self.metadata
-            }
-        }
-    };
-}
-
-/// Of an object's managedFields, only the time of the newest entry: what the watch's lag is
-/// measured from, until the object is stripped (for the compact kinds, `PodFacts` and
-/// `DeploymentFacts`, which drop the rest as they are read).
-pub fn newest_change_only(
-    fields: Option<Vec<ManagedFieldsEntry>>,
-) -> Option<Vec<ManagedFieldsEntry>> {
-    let newest = fields?
-        .into_iter()
-        .filter_map(|e| e.time)
-        .max_by_key(|t| t.0)?;
-    Some(vec![ManagedFieldsEntry {
-        time: Some(newest),
-        ..ManagedFieldsEntry::default()
-    }])
 }
 
 /// Whether resourceVersion `a` is at least `b`.
@@ -268,15 +234,15 @@ mod tests {
         use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, core::v1::Service};
         use kube::Resource as _;
         assert_eq!(
-            crate::pods::PodFacts::url_path(&(), Some("ns")),
+            crate::facts::pods::PodFacts::url_path(&(), Some("ns")),
             Pod::url_path(&(), Some("ns"))
         );
         assert_eq!(
-            crate::services::ServiceFacts::url_path(&(), Some("ns")),
+            crate::facts::services::ServiceFacts::url_path(&(), Some("ns")),
             Service::url_path(&(), Some("ns"))
         );
         assert_eq!(
-            crate::deployments::DeploymentFacts::url_path(&(), None),
+            crate::facts::deployments::DeploymentFacts::url_path(&(), None),
             Deployment::url_path(&(), None)
         );
     }

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tower::util::MapRequestLayer;
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
+use crate::runtime::metrics::Metrics;
 
 /// A client from the environment (KUBECONFIG or the in-cluster config) that counts its requests
 /// and keeps at most `in_flight` of them waiting for an answer.
