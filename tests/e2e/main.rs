@@ -11,6 +11,7 @@ mod adopt;
 mod chart;
 mod fault_matrix;
 mod faults;
+mod fences;
 mod flows;
 mod ha;
 mod mbb;
