@@ -624,7 +624,34 @@ async fn a_stolen_service_account_token_is_refused_every_abuse_with_a_readable_m
     ])
     .await;
 
-    // Nothing of the above changed the canary's world, and its rollback passes the fences.
+    // Nothing of the above changed the canary's world; mode Mirror (mirrors on your routes and
+    // on the inserted ones) and the rollback pass the fences.
+    h.wait_status("frontend", "Ready", 10).await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"mode": "Mirror", "acknowledgeMirrorSideEffects": true}}),
+    )
+    .await;
+    h.until(
+        "the split to mirror to the clone",
+        std::time::Duration::from_secs(60),
+        || async {
+            let vs = h.vs("frontend").await.ok_or("no VirtualService")?;
+            let mirrored = vs["spec"]["http"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["mirrors"][0]["destination"]["subset"] == "rcanary-recording")
+                .count();
+            // default and canary-test mirror 10 %, their two always routes 100 %.
+            if mirrored == 4 {
+                Ok(())
+            } else {
+                Err(format!("{mirrored} routes mirror: {}", vs["spec"]["http"]))
+            }
+        },
+    )
+    .await;
     h.wait_status("frontend", "Ready", 10).await;
     h.k(&["delete", "rcanary", "frontend", "--timeout=60s"])
         .await;
