@@ -4,6 +4,9 @@
 #   as the controller's ServiceAccount for what it must and must not be allowed; helm uninstall;
 #   then the same for namespaced mode (watchNamespaces), where the rights hold only in the
 #   watched namespace; then the update strategy across changes of shards (install, upgrades).
+#   The fences (ValidatingAdmissionPolicies): rendered by default, refused on a cluster without the
+#   API unless turned off, installed without CEL type-checking warnings, and which stay on uninstall.
+#   (tests/e2e/fences.rs tries what they refuse.)
 # Env:
 #   KUBECONFIG   kubeconfig of the cluster (its user must be allowed to impersonate)
 #   RC_KUBECTL   kubectl binary (default: kubectl)
@@ -87,6 +90,7 @@ controller_rights() {
   can yes delete deployments.apps "$where"
   can yes patch  pods "$where"
   can yes watch  services "$where"
+  can yes watch  endpointslices.discovery.k8s.io "$where"
   can yes patch  recordingcanaries.recordingcanary.dev "$where"
   can yes patch  recordingcanaries.recordingcanary.dev "$where" --subresource=status
   can yes update recordingcanaries.recordingcanary.dev "$where" --subresource=finalizers
@@ -96,6 +100,9 @@ controller_rights() {
   can no  delete pods "$where"
   can no  update services "$where"
   can no  create recordingcanaries.recordingcanary.dev "$where"
+  can no  update recordingcanaries.recordingcanary.dev "$where"
+  can no  delete recordingcanaries.recordingcanary.dev "$where"
+  can no  update virtualservices.networking.istio.io "$where"
 }
 
 no_rights() {
@@ -158,6 +165,31 @@ stable_label_policy() {
   esac
 }
 
+# The fences: every policy installed with its binding, and none with a CEL type-checking warning
+# (the API server checks each expression against the schemas of the kinds it matches).
+fences=(namespaces owners deployments clone-templates pods pod-roles virtualservices destinationrules canaries)
+fence_policies() {
+  local f name gen seen warn
+  for f in "${fences[@]}"; do
+    name=$release-fence-$f
+    if ! "$kubectl" get validatingadmissionpolicybinding "$name" >/dev/null 2>&1; then
+      bad "fence $name: no binding"; continue
+    fi
+    # The API server type-checks a policy after it is written; wait for its observedGeneration.
+    gen=$("$kubectl" get validatingadmissionpolicy "$name" -o jsonpath='{.metadata.generation}' 2>/dev/null)
+    for _ in $(seq 1 20); do
+      seen=$("$kubectl" get validatingadmissionpolicy "$name" -o jsonpath='{.status.observedGeneration}' 2>/dev/null)
+      [ -n "$gen" ] && [ "$seen" = "$gen" ] && break
+      sleep 0.5
+    done
+    warn=$("$kubectl" get validatingadmissionpolicy "$name" -o jsonpath='{.status.typeChecking.expressionWarnings}' 2>/dev/null)
+    if [ -z "$gen" ]; then bad "fence $name: no policy"
+    elif [ "$seen" != "$gen" ]; then bad "fence $name: not type-checked (observedGeneration '$seen' of $gen)"
+    elif [ -n "$warn" ]; then bad "fence $name: type-checking warnings: $warn"
+    else ok "fence $name installed, type-checked without warnings"; fi
+  done
+}
+
 helm_version=$("$helm" version --short 2>/dev/null) || helm_version="$helm: no version"
 kube_version=$("$kubectl" get --raw /version 2>/dev/null | sed -n 's/.*"gitVersion": *"\(v[^"]*\)".*/\1/p' | head -1)
 step "helm lint (Helm $helm_version, Kubernetes ${kube_version:-?})"
@@ -169,6 +201,20 @@ for api in v1 v1beta1; do
 done
 if out=$("$helm" lint "$chart" --set "watchNamespaces={a,b}" 2>&1); then ok "helm lint (namespaced)"
 else bad "helm lint (namespaced)"; printf '%s\n' "$out"; fi
+# A cluster that lists its kinds (an install) but serves no ValidatingAdmissionPolicy: refused,
+# naming the value that turns the fences off; with it off, rendered without them.
+vap=admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy
+n_fences() { grep -c '^kind: ValidatingAdmissionPolicy$' <<<"$1"; }
+if out=$("$helm" template "$release" "$chart" --api-versions apps/v1/Deployment 2>&1); then
+  bad "helm template on a cluster without ValidatingAdmissionPolicy rendered"
+elif grep -q 'fencePolicies.enabled=false' <<<"$out"; then ok "no ValidatingAdmissionPolicy API: refused, naming fencePolicies.enabled"
+else bad "no ValidatingAdmissionPolicy API: refused without naming fencePolicies.enabled: $out"; fi
+if out=$("$helm" template "$release" "$chart" --api-versions apps/v1/Deployment --set fencePolicies.enabled=false 2>&1) &&
+   [ "$(n_fences "$out")" = 0 ]; then ok "fencePolicies.enabled=false: rendered without fences"
+else bad "fencePolicies.enabled=false: $(head -c 300 <<<"$out")"; fi
+if out=$("$helm" template "$release" "$chart" --api-versions apps/v1/Deployment --api-versions "$vap" 2>&1) &&
+   [ "$(n_fences "$out")" = "${#fences[@]}" ]; then ok "with the API: ${#fences[@]} fences rendered"
+else bad "with the API: $(n_fences "$out") fences rendered, want ${#fences[@]}: $(head -c 300 <<<"$out")"; fi
 
 # A namespace that an earlier run (the other Helm major's, say) deleted may still be terminating.
 for n in "$ns" "$watched" "$other"; do
@@ -190,9 +236,16 @@ if install; then
   controller_rights "$watched"
   lease_rights
   stable_label_policy no
+  fence_policies
   uninstall
   if "$kubectl" get mutatingadmissionpolicy "$policy" >/dev/null 2>&1; then bad "helm uninstall left the policy $policy"
   else ok "helm uninstall removed the policy"; fi
+  # All fences go but the one with Deployment parameters, which stays (see fence-policies.yaml):
+  # the next install adopts it.
+  if "$kubectl" get validatingadmissionpolicy "$release-fence-pods" >/dev/null 2>&1; then bad "helm uninstall left the fence $release-fence-pods"
+  else ok "helm uninstall removed the fences"; fi
+  if "$kubectl" get validatingadmissionpolicybinding "$release-fence-clone-templates" >/dev/null 2>&1; then ok "helm uninstall kept $release-fence-clone-templates"
+  else bad "helm uninstall removed $release-fence-clone-templates (the API server may stop its Deployment parameter cache)"; fi
 fi
 
 step "namespaced mode (watchNamespaces={$watched})"
@@ -208,6 +261,12 @@ if install --set "watchNamespaces={$watched}"; then
   no_rights default
   lease_rights
   stable_label_policy yes
+  fence_policies
+  sel=$("$kubectl" get validatingadmissionpolicybinding "$release-fence-pods" -o jsonpath='{.spec.matchResources.namespaceSelector.matchExpressions[0].values}' 2>/dev/null)
+  case $sel in
+    *"$watched"*) ok "fence bindings scoped to the watched namespaces: $sel" ;;
+    *) bad "fence bindings not scoped to the watched namespaces: '$sel'" ;;
+  esac
   uninstall
 fi
 

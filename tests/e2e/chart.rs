@@ -1,5 +1,6 @@
 //! The Helm chart's RBAC is enough, and no more: the user flow passes with the controller
-//! authenticated as the chart's ServiceAccount, which cannot read Secrets.
+//! authenticated as the chart's ServiceAccount, which cannot read Secrets, under the chart's
+//! fences (tests/e2e/fences.rs tries every abuse they refuse).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -36,7 +37,7 @@ pub(crate) async fn helm(h: &Harness, args: &[&str]) -> String {
 }
 
 /// A kubeconfig for the same cluster that authenticates with `token` only.
-fn token_kubeconfig(h: &Harness, token: &str) -> PathBuf {
+pub(crate) fn token_kubeconfig(h: &Harness, token: &str) -> PathBuf {
     let admin = std::fs::read_to_string(&h.env.kubeconfig).expect("read the kubeconfig");
     let admin: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&admin).expect("parse the kubeconfig");
@@ -59,6 +60,9 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
     let mut h = Harness::start_without_controller("rbac").await;
     let ns = h.ns.clone();
     let release = ns.clone(); // unique, so that cluster-scoped RBAC objects don't collide
+    // The release in a namespace of its own: the fences keep the controller out of it.
+    let release_ns = format!("{ns}-rel");
+    h.k(&["create", "namespace", &release_ns]).await;
     let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
     helm(
         &h,
@@ -67,7 +71,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             &release,
             chart,
             "-n",
-            &ns,
+            &release_ns,
             "--set",
             "replicaCount=1",
             // Namespaced, so that the chart's stable-label admission policy binds to this
@@ -81,6 +85,8 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
     let installed = async {
         let sa = h
             .k(&[
+                "-n",
+                &release_ns,
                 "get",
                 "serviceaccount",
                 "-l",
@@ -91,7 +97,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             .await;
         let sa = sa.trim().trim_start_matches("serviceaccount/").to_string();
         assert!(!sa.is_empty(), "the chart created no ServiceAccount");
-        let who = format!("system:serviceaccount:{ns}:{sa}");
+        let who = format!("system:serviceaccount:{release_ns}:{sa}");
         let secrets = h
             .kubectl(&["auth", "can-i", "get", "secrets", "--as", &who])
             .await;
@@ -105,6 +111,8 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
         let policy = format!("{release}-recording-canary-stable-label");
         let deployment_args = h
             .k(&[
+                "-n",
+                &release_ns,
                 "get",
                 "deployment",
                 "-l",
@@ -120,7 +128,17 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
         h.k(&["get", "mutatingadmissionpolicybinding", &policy])
             .await;
 
-        let token = h.k(&["create", "token", &sa, "--duration", "1h"]).await;
+        let token = h
+            .k(&[
+                "-n",
+                &release_ns,
+                "create",
+                "token",
+                &sa,
+                "--duration",
+                "1h",
+            ])
+            .await;
         let kubeconfig = token_kubeconfig(&h, token.trim());
         let args = [
             "run",
@@ -128,7 +146,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             &ns,
             "--leader-elect=true",
             "--lease-namespace",
-            &ns,
+            &release_ns,
             "--lease-name",
             "recording-canary",
             "--admin-addr",
@@ -228,7 +246,7 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
                     "-p",
                     r#"{"spec":{"replicas":7}}"#,
                 ],
-                "only the clone Deployments it owns",
+                "only its clone Deployments",
             ),
             (
                 "delete the user's VirtualService",
@@ -269,6 +287,8 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
         drop(controller);
     };
     installed.await;
-    helm(&h, &["uninstall", &release, "-n", &ns, "--wait"]).await;
+    helm(&h, &["uninstall", &release, "-n", &release_ns, "--wait"]).await;
+    h.k(&["delete", "namespace", &release_ns, "--wait=false"])
+        .await;
     h.finish(true).await;
 }

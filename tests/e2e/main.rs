@@ -12,6 +12,7 @@ mod chart;
 mod failpoints;
 mod fault_matrix;
 mod faults;
+mod fences;
 mod flows;
 mod ha;
 mod mbb;
