@@ -1228,7 +1228,8 @@ async fn reconcile(trigger: Arc<RecordingCanary>, ctx: Arc<Context>) -> Result<R
                     "The controller hit a bug planning this canary and retries with backoff; nothing was written after it: {what}"
                 ),
             };
-            publish_events(&ctx, &trigger, std::slice::from_ref(&note)).await;
+            // Boxed: a reconcile waiting for its turn must stay a small future.
+            Box::pin(publish_events(&ctx, &trigger, std::slice::from_ref(&note))).await;
             Err(Error::Panicked(what))
         }
     };
