@@ -9,6 +9,7 @@
 
 mod adopt;
 mod chart;
+mod endpoints;
 mod fault_matrix;
 mod faults;
 mod flows;
