@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Sums up the e2e tests' make-before-break figures (one JSON line per test, written by
-tests/e2e/support.rs) into the table of the README's Safety section. Exits non-zero if any
-violation was recorded or if no test recorded anything."""
+tests/e2e/support.rs) into the tables of the README's Safety section: what the watcher checked
+(VirtualService, DestinationRule and EndpointSlice revisions, weights checked against Ready
+endpoints, waits checked against the canary's propagationDelay) and the faults injected, by kind.
+Exits non-zero if any violation was recorded or if no test recorded anything."""
+import collections
 import json
 import sys
 
@@ -14,12 +17,41 @@ except FileNotFoundError:
 if not rows:
     print(f"{path} is empty: no e2e test finished", file=sys.stderr)
     sys.exit(1)
-tests = len(rows)
-faults = sum(r["faults"] for r in rows)
-vs = sum(r["vs_revisions"] for r in rows)
-dr = sum(r["dr_revisions"] for r in rows)
-violations = sum(r["violations"] for r in rows)
-print("| e2e tests with the make-before-break watcher | faults injected | VirtualService revisions checked | DestinationRule revisions checked | violations |")
-print("| --- | --- | --- | --- | --- |")
-print(f"| {tests} | {faults} | {vs} | {dr} | {violations} |")
+
+
+def total(key):
+    # Lines written before a figure existed count 0 for it.
+    return sum(r.get(key, 0) for r in rows)
+
+
+kinds = collections.Counter()
+for r in rows:
+    by_kind = r.get("faults_by_kind")
+    if by_kind is None:
+        # A line without kinds (an older harness): its faults under one kind.
+        by_kind = {"unnamed": r.get("faults", 0)}
+    kinds.update({k: n for k, n in by_kind.items() if n})
+faults = sum(kinds.values())
+violations = total("violations")
+waits = total("waits_checked")
+print(
+    "| e2e tests with the make-before-break watcher | faults injected | VirtualService revisions checked "
+    "| DestinationRule revisions checked | EndpointSlice revisions checked | weights checked against Ready endpoints "
+    "| waits checked against propagationDelay (ended by Istio's report) | violations |"
+)
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+print(
+    f"| {len(rows)} | {faults} | {total('vs_revisions')} | {total('dr_revisions')} | {total('eps_revisions')} "
+    f"| {total('endpoint_checks')} | {waits} ({total('waits_by_istio')}) | {violations} |"
+)
+print()
+print("| fault kind | faults injected |")
+print("| --- | --- |")
+for kind, n in sorted(kinds.items()):
+    print(f"| {kind} | {n} |")
+if not kinds:
+    print("| (none) | 0 |")
+if violations:
+    bad = [r["namespace"] for r in rows if r.get("violations")]
+    print(f"\n{violations} violations, in: {', '.join(bad)}", file=sys.stderr)
 sys.exit(1 if violations else 0)

@@ -3,12 +3,15 @@
 //! Each test gets its own namespace and starts its own controller process (the binary built by
 //! cargo) watching only that namespace, drives the user's flow with kubectl, and reads the
 //! resulting state with kube-rs. Beside every test, a watcher records every revision of the
-//! namespace's VirtualServices and DestinationRules and checks make-before-break at the end.
+//! namespace's VirtualServices, DestinationRules, EndpointSlices, pods and RecordingCanaries and
+//! checks at the end, in etcd order: make before break, waits as long as each canary asks, and
+//! weight only on subsets with a Ready endpoint (tests/e2e/mbb.rs).
 //!
 //! Needs RC_E2E_KUBECONFIG (and optionally RC_KUBECTL); `bash tests/run.sh` sets both.
 
 mod adopt;
 mod chart;
+mod endpoints;
 mod failpoints;
 mod fault_matrix;
 mod faults;

@@ -211,8 +211,9 @@ pub struct Harness {
     pub mbb: MakeBeforeBreak,
     controller: Option<ControllerProcess>,
     delete_namespace: bool,
-    /// Faults this test injected (kills, pauses, deletions by "someone else", reverts...).
-    faults: std::sync::atomic::AtomicUsize,
+    /// Faults this test injected (kills, pauses, deletions by "someone else", reverts...), by
+    /// kind.
+    faults: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 /// The arguments of a controller that watches only `ns`, without leader election.
@@ -294,7 +295,7 @@ impl Harness {
             mbb,
             controller: None,
             delete_namespace: true,
-            faults: std::sync::atomic::AtomicUsize::new(0),
+            faults: Default::default(),
         }
     }
 
@@ -610,45 +611,67 @@ impl Harness {
         s
     }
 
-    /// Ends the test: checks make-before-break over every revision seen, prints the count,
-    /// and (when `split_expected`) requires that VirtualService revisions were seen at all.
-    /// Counts `n` faults injected by this test, for the safety summary.
+    /// Counts `n` faults injected by this test, for the safety summary, under the kind named
+    /// after the calling test module (`fault_matrix`, `ha`...; see
+    /// [`Harness::faults_injected_of_kind`] to name the kind).
+    #[track_caller]
     pub fn faults_injected(&self, n: usize) {
-        self.faults
-            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        let file = std::panic::Location::caller().file();
+        let module = Path::new(file)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("e2e");
+        self.faults_injected_of_kind(module, n);
+    }
+
+    /// Counts `n` faults of `kind` (e.g. `endpoints-held-back`) injected by this test.
+    pub fn faults_injected_of_kind(&self, kind: &str, n: usize) {
+        *self
+            .faults
+            .lock()
+            .expect("faults")
+            .entry(kind.to_string())
+            .or_default() += n;
     }
 
     /// Records figures of a make-before-break check that the test ran itself (instead of
-    /// [`Harness::finish`]), `violations` being those it did not expect.
+    /// [`Harness::finish`]), `violations` being those it did not expect. The EndpointSlice and
+    /// wait figures are those of the watcher's last check.
     pub fn record_checked(&self, vs_revisions: usize, dr_revisions: usize, violations: usize) {
+        let last = self.mbb.last_counts();
         let report = crate::mbb::Report {
             vs_revisions,
             dr_revisions,
+            eps_revisions: last.eps_revisions,
+            endpoint_checks: last.endpoint_checks,
+            waits_checked: last.waits_checked,
+            waits_by_istio: last.waits_by_istio,
             violations: vec![String::new(); violations],
             timeline: String::new(),
         };
-        record_safety(
-            &self.ns,
-            self.faults.load(std::sync::atomic::Ordering::SeqCst),
-            &report,
-        );
+        record_safety(&self.ns, &self.faults.lock().expect("faults"), &report);
     }
 
+    /// Ends the test: checks make-before-break (subsets defined before routes and kept after
+    /// them, weight only on subsets with a Ready endpoint, the waits of the canary's
+    /// `propagationDelay`) over every revision seen, prints the figures, records them for the
+    /// safety summary, and (when `split_expected`) requires that VirtualService revisions were
+    /// seen at all.
     pub async fn finish(&mut self, split_expected: bool) {
         let report = self.mbb.check(&self.vs_api(), &self.dr_api()).await;
-        record_safety(
-            &self.ns,
-            self.faults.load(std::sync::atomic::Ordering::SeqCst),
-            &report,
+        record_safety(&self.ns, &self.faults.lock().expect("faults"), &report);
+        let figures = format!(
+            "checked {} VirtualService revisions, {} DestinationRule revisions, {} EndpointSlice \
+             revisions, {} weights against Ready endpoints, {} waits ({} ended by Istio's report)",
+            report.vs_revisions,
+            report.dr_revisions,
+            report.eps_revisions,
+            report.endpoint_checks,
+            report.waits_checked,
+            report.waits_by_istio
         );
-        println!(
-            "make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions",
-            report.vs_revisions, report.dr_revisions
-        );
-        eprintln!(
-            "[e2e] {}: make-before-break: checked {} VirtualService revisions, {} DestinationRule revisions",
-            self.ns, report.vs_revisions, report.dr_revisions
-        );
+        println!("make-before-break: {figures}");
+        eprintln!("[e2e] {}: make-before-break: {figures}", self.ns);
         assert!(
             report.violations.is_empty(),
             "make-before-break violated ({} times):\n{}\nrevisions:\n{}",
@@ -726,13 +749,22 @@ impl Drop for Harness {
 
 /// Appends this test's make-before-break figures to `target/e2e-logs/safety.jsonl`, which
 /// tests/run.sh sums up into the safety summary (the README's Safety section).
-fn record_safety(ns: &str, faults: usize, report: &crate::mbb::Report) {
+fn record_safety(
+    ns: &str,
+    faults: &std::collections::BTreeMap<String, usize>,
+    report: &crate::mbb::Report,
+) {
     use std::io::Write;
     let line = serde_json::json!({
         "namespace": ns,
-        "faults": faults,
+        "faults": faults.values().sum::<usize>(),
+        "faults_by_kind": faults,
         "vs_revisions": report.vs_revisions,
         "dr_revisions": report.dr_revisions,
+        "eps_revisions": report.eps_revisions,
+        "endpoint_checks": report.endpoint_checks,
+        "waits_checked": report.waits_checked,
+        "waits_by_istio": report.waits_by_istio,
         "violations": report.violations.len(),
     });
     let path = target_dir().join("e2e-logs").join("safety.jsonl");
