@@ -943,8 +943,10 @@ impl Wildcard {
     }
 }
 
-/// The TLS modes a DestinationRule traffic policy sets, at the top and per port.
-pub fn tls_modes(policy: &Value) -> Vec<String> {
+/// The TLS settings of a DestinationRule traffic policy, at the top and per port, that are not
+/// exactly `{mode: ISTIO_MUTUAL}` (the only TLS settings a DestinationRule the canary creates may
+/// carry over: the chart's fences refuse any other), described for a message.
+pub fn tls_beyond_istio_mutual(policy: &Value) -> Option<String> {
     std::iter::once(policy)
         .chain(
             policy
@@ -953,9 +955,9 @@ pub fn tls_modes(policy: &Value) -> Vec<String> {
                 .into_iter()
                 .flatten(),
         )
-        .filter_map(|p| p.pointer("/tls/mode").and_then(Value::as_str))
-        .map(String::from)
-        .collect()
+        .filter_map(|p| p.get("tls"))
+        .find(|tls| **tls != json!({"mode": "ISTIO_MUTUAL"}))
+        .map(|tls| tls.to_string())
 }
 
 /// The namespaces that see an Istio object, by its `exportTo` (absent or empty: all, Istio's

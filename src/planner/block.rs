@@ -148,7 +148,8 @@ pub enum Block {
     /// canary creates would have to copy (see `WildcardPolicy`); only ISTIO_MUTUAL is carried.
     WildcardDestinationRuleTls {
         destination_rule: String,
-        mode: String,
+        /// The TLS settings, as JSON.
+        tls: String,
     },
 }
 
@@ -323,9 +324,9 @@ impl Block {
             ),
             Block::WildcardDestinationRuleTls {
                 destination_rule,
-                mode,
+                tls,
             } => format!(
-                "DestinationRule {destination_rule} (a wildcard host) sets TLS mode {mode} for this host; the DestinationRule this canary creates for the exact host would replace it, and it carries over only ISTIO_MUTUAL. Create a DestinationRule for the Service's exact host with the trafficPolicy you need: the canary adopts it and restores it exactly"
+                "DestinationRule {destination_rule} (a wildcard host) sets TLS {tls} for this host; the DestinationRule this canary creates for the exact host would replace it, and it carries over only {{\"mode\":\"ISTIO_MUTUAL\"}}. Create a DestinationRule for the Service's exact host with the trafficPolicy you need: the canary adopts it and restores it exactly"
             ),
         }
     }
@@ -417,13 +418,11 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         Choice::Adopt(_) => None,
     };
     if let Some((d, policy)) = carried
-        && let Some(mode) = istio::tls_modes(policy)
-            .into_iter()
-            .find(|m| m != "ISTIO_MUTUAL")
+        && let Some(tls) = istio::tls_beyond_istio_mutual(policy)
     {
         return Err(Block::WildcardDestinationRuleTls {
             destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
-            mode,
+            tls,
         });
     }
     // Every part of the spec's shape, the forced requests included.

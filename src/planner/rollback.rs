@@ -97,12 +97,15 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     }
 
     // 5. Labels on the target's pods (never a label that is not ours: see
-    // `role_label_is_not_ours`).
-    for p in o
-        .pods
+    // `role_label_is_not_ours`), unless a younger canary of the same target stays: it takes
+    // over, and its split needs them (the chart's fences refuse the removal then, too).
+    let taken_over = o
+        .rivals
         .iter()
-        .filter(|p| pod_of_deployment(p, &c.spec.target_ref.name) && !role_label_is_not_ours(o))
-    {
+        .any(|r| r.name != me && r.target == c.spec.target_ref.name && !r.deleting);
+    for p in o.pods.iter().filter(|p| {
+        pod_of_deployment(p, &c.spec.target_ref.name) && !role_label_is_not_ours(o) && !taken_over
+    }) {
         if p.labels().get(ROLE_LABEL).map(String::as_str) == Some(ROLE_STABLE) {
             b.actions.push(Action::UnlabelPod { name: p.name_any() });
         }

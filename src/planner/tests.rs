@@ -2856,6 +2856,29 @@ fn rollback_then_removes_subsets_deletes_the_clone_unlabels_pods_and_removes_the
 }
 
 #[test]
+fn a_rollback_leaves_the_stable_labels_to_a_younger_canary_of_the_same_target() {
+    // The younger one takes over once this one is gone; its split needs the labels (and the
+    // chart's fences refuse their removal while a live canary targets the pods).
+    let mut w = deleting_world();
+    w.vss = vec![user_vs()];
+    w.canary.status.as_mut().unwrap().routes_removed_time = Some(rfc(at(-3)));
+    w.rivals = vec![rival("younger", 100)];
+    let p = w.plan();
+    assert!(
+        !has(&p, |a| matches!(a, Action::UnlabelPod { .. })),
+        "{:#?}",
+        p.actions
+    );
+    assert_eq!(p.actions.last(), Some(&Action::RemoveFinalizer));
+    // A younger one being deleted too takes nothing over: the labels go.
+    w.rivals = vec![Rival {
+        deleting: true,
+        ..rival("younger", 100)
+    }];
+    assert!(has(&w.plan(), |a| matches!(a, Action::UnlabelPod { .. })));
+}
+
+#[test]
 fn rollback_restores_the_user_dr_exactly() {
     // Subsets and annotations were absent: both go away again.
     let mut w = fresh_world();
