@@ -19,3 +19,5 @@ mod propagation;
 mod stable_labels;
 mod support;
 mod validation;
+mod netfaults;
+mod proxy;
