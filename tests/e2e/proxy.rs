@@ -72,7 +72,6 @@ pub struct Stats {
 
 pub struct Proxy {
     addr: SocketAddr,
-    upstream: SocketAddr,
     faults: watch::Sender<Faults>,
     counters: Arc<Counters>,
     accept: JoinHandle<()>,
@@ -124,7 +123,6 @@ impl Proxy {
         eprintln!("[e2e] fault proxy {addr} -> {upstream}");
         Self {
             addr,
-            upstream,
             faults,
             counters,
             accept,
@@ -156,10 +154,6 @@ impl Proxy {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    pub fn upstream(&self) -> SocketAddr {
-        self.upstream
     }
 
     /// Every chunk from now on waits `latency` in the proxy, in each direction.

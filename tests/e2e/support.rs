@@ -879,6 +879,42 @@ pub fn logged_at(log: &str, needle: &str) -> Vec<k8s_openapi::jiff::Timestamp> {
 /// The line a controller logs just before it sends each write (src/writers.rs).
 pub const WRITE_LINE: &str = "applying action=";
 
+/// The first line of a controller's log that says it missed its renew deadline (src/lease.rs),
+/// and every write it logged after that line.
+pub fn writes_after_the_deadline(
+    log: &str,
+) -> (
+    Option<k8s_openapi::jiff::Timestamp>,
+    Vec<k8s_openapi::jiff::Timestamp>,
+) {
+    let deadline = logged_at(log, "renew deadline").first().copied();
+    let after = deadline
+        .map(|d| {
+            logged_at(log, WRITE_LINE)
+                .into_iter()
+                .filter(|w| *w > d)
+                .collect()
+        })
+        .unwrap_or_default();
+    (deadline, after)
+}
+
+/// An elected controller that exited (`exit`, `since` the fault began) stepped down cleanly: a
+/// non-zero exit, its log says it missed its renew deadline, and it sent no write after that.
+pub fn assert_clean_step_down(h: &Harness, exit: &Exit, since: Instant) {
+    let log = controller_log_text(h, &exit.tag);
+    let (deadline, late) = writes_after_the_deadline(&log);
+    assert!(
+        exit.code.is_some_and(|c| c != 0) && deadline.is_some() && late.is_empty(),
+        "run {} (pid {}) exited {:?} {:?} after the fault began without a clean step-down \
+         (deadline line {deadline:?}, writes after it {late:?}):\n{log}",
+        exit.tag,
+        exit.pid,
+        exit.code,
+        exit.at.duration_since(since)
+    );
+}
+
 /// One exit of a process the [`Kubelet`] runs.
 #[derive(Debug, Clone)]
 pub struct Exit {
@@ -891,7 +927,6 @@ pub struct Exit {
 #[derive(Debug, Default)]
 struct KubeletState {
     pid: Option<u32>,
-    tags: Vec<String>,
     exits: Vec<Exit>,
 }
 
@@ -937,7 +972,6 @@ impl Kubelet {
                     {
                         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                         s.pid = Some(pid);
-                        s.tags.push(run_tag.clone());
                     }
                     let status = loop {
                         if let Ok(Some(status)) = p.child.try_wait() {
@@ -945,7 +979,9 @@ impl Kubelet {
                         }
                         tokio::time::sleep(POLL).await;
                     };
-                    eprintln!("[e2e] controller {run_tag} (pid {pid}) exited: {status}; restarting in {wait:?}");
+                    eprintln!(
+                        "[e2e] controller {run_tag} (pid {pid}) exited: {status}; restarting in {wait:?}"
+                    );
                     {
                         let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                         s.pid = None;
@@ -971,11 +1007,6 @@ impl Kubelet {
     /// The pid of the running process, if one runs now.
     pub fn pid(&self) -> Option<u32> {
         self.read(|s| s.pid)
-    }
-
-    /// The tag of every run so far (its log is `<ns>-<tag>.log`), in order.
-    pub fn tags(&self) -> Vec<String> {
-        self.read(|s| s.tags.clone())
     }
 
     /// Every exit so far, in order.
