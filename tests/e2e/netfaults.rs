@@ -190,9 +190,13 @@ async fn a_leader_cut_off_from_the_apiserver_stops_writing_before_the_connected_
         "the cut-off leader must exit non-zero once its renew deadline passed; status {status:?} \
          {exited:?} after the cut\n{a_log}"
     );
+    let (fence_closed, late) = writes_after_the_deadline(&a_log);
+    let fence_closed = fence_closed.unwrap_or_else(|| {
+        panic!("the cut-off leader's log does not say it missed its renew deadline:\n{a_log}")
+    });
     assert!(
-        a_log.contains("renew deadline"),
-        "the cut-off leader's log does not say why it stopped:\n{a_log}"
+        late.is_empty(),
+        "the cut-off leader wrote after its renew deadline ({fence_closed}): {late:?}"
     );
     wait_for_lease_holder(&h, lease, b.pid(), Duration::from_secs(45)).await;
     let took_over = cut.elapsed();
@@ -212,8 +216,9 @@ async fn a_leader_cut_off_from_the_apiserver_stops_writing_before_the_connected_
         "the cut-off leader sent a write at {last}, after its renew deadline (cut at {cut_at})\n{a_log}"
     );
     assert!(
-        last < b_led,
-        "the cut-off leader wrote at {last}, after the standby led at {b_led}"
+        last < b_led && fence_closed < b_led,
+        "the standby led at {b_led}, before the cut-off leader stopped (last write {last}, \
+         deadline {fence_closed})"
     );
 
     // The standby finishes the ramp.
@@ -227,7 +232,7 @@ async fn a_leader_cut_off_from_the_apiserver_stops_writing_before_the_connected_
     );
     eprintln!(
         "[e2e] {ns}: leader cut off at {at_cut}%; it exited {exited:?} later, its last write (sent \
-         into the black hole) {} after the cut; the standby led {took_over:?} after the cut; proxy {st:?}",
+         into the black hole) {:#} after the cut; the standby led {took_over:?} after the cut; proxy {st:?}",
         last.duration_since(cut_at)
     );
     drop(b);
