@@ -24,3 +24,7 @@ mod propagation;
 mod stable_labels;
 mod support;
 mod validation;
+
+// Network faults between one controller and the apiserver, through a fault-injecting proxy.
+mod netfaults;
+mod proxy;

@@ -863,3 +863,222 @@ pub fn pod_ready(p: &Pod) -> bool {
 pub fn pod_name(p: &Pod) -> String {
     p.metadata.name.clone().unwrap_or_default()
 }
+
+// ------------------------------------------------------------------------------------------------
+// Network and control-plane faults (tests/e2e/netfaults.rs, tests/restart.rs): who holds a Lease,
+// what a controller's log says and when, and a kubelet that restarts exited controllers.
+
+/// Who holds Lease `lease` in the test namespace (`None` when nobody, or the apiserver does not
+/// answer).
+pub async fn lease_holder(h: &Harness, lease: &str) -> Option<String> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(h.client.clone(), &h.ns);
+    leases
+        .get_opt(lease)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|s| !s.is_empty())
+}
+
+/// Waits until the identity holding Lease `lease` is process `pid`'s (it ends with `-<pid>`).
+pub async fn wait_for_lease_holder(h: &Harness, lease: &str, pid: u32, timeout: Duration) {
+    let suffix = format!("-{pid}");
+    h.until(
+        &format!("process {pid} to hold the lease {lease}"),
+        timeout,
+        || async {
+            match lease_holder(h, lease).await {
+                Some(id) if id.ends_with(&suffix) => Ok(()),
+                other => Err(format!("holder {other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
+/// The log of the controller started with `tag` in this test (`""`: the harness's own).
+pub fn controller_log_text(h: &Harness, tag: &str) -> String {
+    let path = if tag.is_empty() {
+        h.log.clone()
+    } else {
+        h.log.with_file_name(format!("{}-{tag}.log", h.ns))
+    };
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The time of a controller log line (text format: it starts with an RFC 3339 timestamp).
+pub fn log_line_time(line: &str) -> Option<k8s_openapi::jiff::Timestamp> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// When the controller logged each line that contains `needle`, in order.
+pub fn logged_at(log: &str, needle: &str) -> Vec<k8s_openapi::jiff::Timestamp> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(log_line_time)
+        .collect()
+}
+
+/// The line a controller logs just before it sends each write (src/writers.rs).
+pub const WRITE_LINE: &str = "applying action=";
+
+/// The first line of a controller's log that says it missed its renew deadline (src/lease.rs),
+/// and every write it logged after that line.
+pub fn writes_after_the_deadline(
+    log: &str,
+) -> (
+    Option<k8s_openapi::jiff::Timestamp>,
+    Vec<k8s_openapi::jiff::Timestamp>,
+) {
+    let deadline = logged_at(log, "renew deadline").first().copied();
+    let after = deadline
+        .map(|d| {
+            logged_at(log, WRITE_LINE)
+                .into_iter()
+                .filter(|w| *w > d)
+                .collect()
+        })
+        .unwrap_or_default();
+    (deadline, after)
+}
+
+/// An elected controller that exited (`exit`, `since` the fault began) stepped down cleanly: a
+/// non-zero exit, its log says it missed its renew deadline, and it sent no write after that.
+pub fn assert_clean_step_down(h: &Harness, exit: &Exit, since: Instant) {
+    let log = controller_log_text(h, &exit.tag);
+    let (deadline, late) = writes_after_the_deadline(&log);
+    assert!(
+        exit.code.is_some_and(|c| c != 0) && deadline.is_some() && late.is_empty(),
+        "run {} (pid {}) exited {:?} {:?} after the fault began without a clean step-down \
+         (deadline line {deadline:?}, writes after it {late:?}):\n{log}",
+        exit.tag,
+        exit.pid,
+        exit.code,
+        exit.at.duration_since(since)
+    );
+}
+
+/// One exit of a process the [`Kubelet`] runs.
+#[derive(Debug, Clone)]
+pub struct Exit {
+    pub tag: String,
+    pub pid: u32,
+    pub code: Option<i32>,
+    pub at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct KubeletState {
+    pid: Option<u32>,
+    exits: Vec<Exit>,
+}
+
+/// Plays the kubelet for one controller "pod": starts the process, and after it exits starts it
+/// again after a back-off that doubles from `backoff` (the kubelet's crash-loop back-off starts at
+/// 10 s). Each run logs to `<ns>-<tag>-<n>.log`. The process is killed when this is dropped.
+pub struct Kubelet {
+    state: std::sync::Arc<std::sync::Mutex<KubeletState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        // Dropping the task's future drops (SIGKILLs) the process it runs.
+        self.task.abort();
+    }
+}
+
+impl Kubelet {
+    pub fn start(
+        h: &Harness,
+        tag: &str,
+        args: &[String],
+        kubeconfig: &Path,
+        backoff: Duration,
+    ) -> Self {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(KubeletState::default()));
+        let (ns, log, tag) = (h.ns.clone(), h.log.clone(), tag.to_string());
+        let (args, kubeconfig) = (args.to_vec(), kubeconfig.to_path_buf());
+        let task = tokio::spawn({
+            let state = state.clone();
+            async move {
+                let mut wait = backoff;
+                for run in 0.. {
+                    let run_tag = format!("{tag}-{run}");
+                    let log = log.with_file_name(format!("{ns}-{run_tag}.log"));
+                    let mut p = spawn_logged(&log, &args, &kubeconfig);
+                    let pid = p.pid();
+                    eprintln!(
+                        "[e2e] namespace {ns}; controller {run_tag} pid {pid}; log {}",
+                        log.display()
+                    );
+                    {
+                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                        s.pid = Some(pid);
+                    }
+                    let status = loop {
+                        if let Ok(Some(status)) = p.child.try_wait() {
+                            break status;
+                        }
+                        tokio::time::sleep(POLL).await;
+                    };
+                    eprintln!(
+                        "[e2e] controller {run_tag} (pid {pid}) exited: {status}; restarting in {wait:?}"
+                    );
+                    {
+                        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+                        s.pid = None;
+                        s.exits.push(Exit {
+                            tag: run_tag,
+                            pid,
+                            code: status.code(),
+                            at: Instant::now(),
+                        });
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(300));
+                }
+            }
+        });
+        Self { state, task }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&KubeletState) -> T) -> T {
+        f(&self.state.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The pid of the running process, if one runs now.
+    pub fn pid(&self) -> Option<u32> {
+        self.read(|s| s.pid)
+    }
+
+    /// Every exit so far, in order.
+    pub fn exits(&self) -> Vec<Exit> {
+        self.read(|s| s.exits.clone())
+    }
+}
+
+/// Starts the controller binary as [`Harness::spawn_controller`] does, logging to `log`.
+fn spawn_logged(log: &Path, args: &[String], kubeconfig: &Path) -> ControllerProcess {
+    let log_file = File::create(log).expect("create controller log");
+    let out_file = log_file.try_clone().expect("clone log handle");
+    let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info,recording_canary=debug")
+        .env("NO_COLOR", "1")
+        .env_remove("RC_NAMESPACES")
+        .env_remove("RC_LEADER_ELECT")
+        .env_remove("RC_ADMIN_ADDR")
+        .env_remove("POD_NAME")
+        .env_remove("POD_NAMESPACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_file))
+        .stderr(Stdio::from(log_file))
+        .spawn()
+        .expect("start the controller binary");
+    ControllerProcess { child }
+}
