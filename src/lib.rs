@@ -46,20 +46,15 @@ pub enum Error {
     Panicked(String),
 }
 
-/// Whether the API server refused a JSON patch that did not apply to the object as it is now: a
-/// failed `test` operation (our resourceVersion guard) or a path that is gone. The API server
-/// says only this, with 422, for both; an admission policy's or a validation's 422 says more.
-pub fn failed_patch_test(s: &kube::core::Status) -> bool {
-    s.code == 422 && s.message == "the server rejected our request due to an error in our request"
-}
-
 impl Error {
     /// A write lost a race (resourceVersion conflict, failed JSON-patch test, already exists):
     /// plan again right away from fresh state.
     pub fn is_conflict(&self) -> bool {
         match self {
             Error::Conflict(_) => true,
-            Error::Kube(kube::Error::Api(s)) => s.code == 409 || failed_patch_test(s),
+            Error::Kube(kube::Error::Api(s)) => {
+                runtime::api_errors::conflict(s) || runtime::api_errors::failed_patch_test(s)
+            }
             _ => false,
         }
     }
@@ -68,7 +63,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Conflict(_) => "conflict",
-            Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(s)) if runtime::api_errors::conflict(s) => "conflict",
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "transport",
             Error::Serialization(_) => "serialization",
@@ -102,10 +97,14 @@ mod tests {
             .is_conflict()
         );
         assert!(status(409, "the object has been modified").is_conflict());
-        let denied = status(
-            422,
-            "deployments.apps \"x\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: test",
-        );
+        // A denial names the object in its details (as measured; see runtime::api_errors).
+        let denied: kube::core::Status = serde_json::from_value(serde_json::json!({
+            "status": "Failure", "reason": "Invalid", "code": 422,
+            "message": "deployments.apps \"x\" is forbidden: ValidatingAdmissionPolicy 'p' with binding 'b' denied request: test",
+            "details": {"name": "x", "group": "apps", "kind": "deployments"}
+        }))
+        .expect("status");
+        let denied = Error::Kube(kube::Error::Api(denied.boxed()));
         assert!(!denied.is_conflict());
         assert_eq!(denied.metric_label(), "api");
     }

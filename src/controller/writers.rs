@@ -19,13 +19,14 @@ use crate::api::{
 use crate::cache::freshness::{Expect, Kind, Written};
 use crate::istio;
 use crate::planner::{Action, MeshKind};
+use crate::runtime::api_errors;
 use crate::runtime::lease::Fence;
 
 /// Result of one API call where "already gone" counts as done.
 fn gone_is_ok<T>(r: Result<T, kube::Error>) -> Result<Option<T>, kube::Error> {
     match r {
         Ok(t) => Ok(Some(t)),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+        Err(kube::Error::Api(s)) if api_errors::not_found(&s) => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -62,10 +63,10 @@ fn guarded<T>(r: Result<T, kube::Error>) -> Result<Option<T>, Error> {
     match r {
         Ok(t) => Ok(Some(t)),
         // A namespace being deleted refuses new objects; its canaries are about to roll back.
-        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("being terminated") => {
-            Ok(None)
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 || crate::failed_patch_test(&s) => {
+        Err(kube::Error::Api(s)) if api_errors::namespace_terminating(&s) => Ok(None),
+        Err(kube::Error::Api(s))
+            if api_errors::conflict(&s) || api_errors::failed_patch_test(&s) =>
+        {
             Err(Error::Conflict(s.message))
         }
         Err(e) => Err(e.into()),
@@ -216,7 +217,7 @@ pub async fn apply(
                     json!({"op": "remove", "path": format!("/metadata/finalizers/{i}")}),
                 ];
                 match canaries.patch(&name, &pp, &json_patch(ops)?).await {
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(kube::Error::Api(s)) if api_errors::not_found(&s) => {}
                     r => {
                         guarded(r)?;
                     }
@@ -228,7 +229,7 @@ pub async fn apply(
             Action::RecordRampStep(t) => {
                 let st = guarded_status(json!({"lastStepTime": t}), canary_rv(canary, written));
                 let r = match canaries.patch_status(&name, &pp, &Patch::Merge(st)).await {
-                    Err(kube::Error::Api(s)) if s.code == 404 => None,
+                    Err(kube::Error::Api(s)) if api_errors::not_found(&s) => None,
                     r => guarded(r)?,
                 };
                 written.extend(at(Kind::Canary, r));
@@ -330,7 +331,7 @@ pub async fn write_status(
         .patch_status(&canary.name_any(), &pp, &Patch::Merge(patch))
         .await
     {
-        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(kube::Error::Api(s)) if api_errors::not_found(&s) => None,
         r => guarded(r)?,
     };
     Ok(at(Kind::Canary, r))

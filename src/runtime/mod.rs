@@ -1,4 +1,5 @@
-//! The process around the controller: the Kubernetes client (counting its requests), Prometheus
+//! The process around the controller: the Kubernetes client (counting its requests) and what its
+//! error answers mean ([`api_errors`]), Prometheus
 //! [`metrics`] and the [`admin`] server, leader election ([`lease`]) and the split of canaries
 //! between processes ([`shard`]), the check of the chart's stable-label [`admission`] policy, and
 //! giving freed heap pages back to the system ([`memory`]).
@@ -7,6 +8,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod api_errors;
 pub mod client;
 pub mod lease;
 pub mod memory;
