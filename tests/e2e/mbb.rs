@@ -1006,7 +1006,10 @@ impl World {
                     .any(|sel| sel.iter().all(|(k, v)| labels.get(k) == Some(v)))
             })
         };
-        if ready.iter().any(|p| selects(p)) {
+        // A Service with no Ready endpoint at all (deleted, or none of its pods Ready yet): no
+        // subset could serve, so where the weight goes changes nothing (the split is not why
+        // requests fail); only weight on an empty subset beside one that could serve misroutes.
+        if ready.is_empty() || ready.iter().any(|p| selects(p)) {
             return Ok(());
         }
         let shown: Vec<String> = ready
@@ -1333,6 +1336,28 @@ mod replay_tests {
         // stable at 6, 7 and 9; recording at 7 and 9 (0 % at 6 is no weight).
         assert_eq!(report.endpoint_checks, 5);
         assert_eq!(report.eps_revisions, 2);
+    }
+
+    #[test]
+    fn weight_on_a_host_with_no_ready_endpoint_at_all_is_no_violation() {
+        // The Service deleted (its EndpointSlice gone): the drain to 100/0 moves traffic between
+        // two empty subsets; no split could serve, so the split is not why requests fail.
+        let t = Instant::now();
+        let s = |secs: u64| t + Duration::from_secs(secs);
+        let obs = [
+            canary(1, t, 1),
+            pod(2, "web-1", t, "stable"),
+            pod(3, "web-recording-1", t, "recording"),
+            slice(4, t, &["web-1", "web-recording-1"]),
+            slice(8, s(5), &[]),
+        ];
+        let revs = [
+            dr(5, s(1), Value::Null),
+            split(6, s(3), 10),
+            split(9, s(6), 0),
+        ];
+        let report = replay(NS, &revs, &obs);
+        assert!(report.violations.is_empty(), "{:#?}", report.violations);
     }
 
     #[test]
