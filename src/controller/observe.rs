@@ -1,0 +1,260 @@
+//! Observe: what the planner looks at, read from the caches ([`Snapshot`]), and the one-time
+//! read of what the caches may lack for a canary ([`prime`]).
+
+use super::*;
+
+/// What the planner looks at, taken from the caches.
+pub(super) struct Snapshot {
+    pub(super) target: Option<Deployment>,
+    pub(super) clone: Option<Deployment>,
+    pub(super) service: Option<Arc<ServiceFacts>>,
+    pub(super) pods: Vec<PodFacts>,
+    /// The pods that are Ready endpoints in the Service's EndpointSlices.
+    pub(super) endpoints: std::collections::BTreeSet<String>,
+    pub(super) virtual_services: Vec<Value>,
+    pub(super) destination_rules: Vec<Value>,
+    pub(super) rivals: Vec<Rival>,
+}
+
+impl Snapshot {
+    /// What the planner sees of `canary`: this snapshot, the time, and when its waits may
+    /// start. Waits start no earlier than when this process last started to lead (a predecessor
+    /// that died between a mesh write and the status write that times it may have written just
+    /// before its lease ran out), nor than its own last mesh write of this canary.
+    pub(super) fn observed<'a>(
+        &'a self,
+        ctx: &'a Context,
+        canary: &'a RecordingCanary,
+    ) -> Observed<'a> {
+        let key = (canary.namespace().unwrap_or_default(), canary.name_any());
+        let leading = ctx.leading_since();
+        let started = ctx
+            .writes()
+            .mesh_written(&key)
+            .map_or(leading, |t| t.max(leading));
+        Observed {
+            canary,
+            now: Timestamp::now(),
+            started,
+            cluster_domain: &ctx.cluster_domain,
+            target: self.target.as_ref(),
+            service_exists: self.service.is_some(),
+            service_selector: self
+                .service
+                .as_deref()
+                .map(ServiceFacts::selector)
+                .unwrap_or_default(),
+            clone: self.clone.as_ref(),
+            pods: &self.pods,
+            endpoints: &self.endpoints,
+            virtual_services: &self.virtual_services,
+            destination_rules: &self.destination_rules,
+            rivals: &self.rivals,
+            stable_labelling: ctx.stable_labelling(),
+        }
+    }
+
+    pub(super) fn take(ctx: &Context, scope: &Scope, c: &RecordingCanary) -> Self {
+        let ns = c.namespace().unwrap_or_default();
+        let name = c.name_any();
+        let target_name = c.spec.target_ref.name.clone();
+        let clone_name = c.spec.clone_name();
+        let target = scope
+            .deployments
+            .get(&ns, &target_name)
+            .map(|d| d.deployment());
+        let clone = scope
+            .deployments
+            .get(&ns, &clone_name)
+            .map(|d| d.deployment());
+        let service = scope.services.get(&ns, c.spec.service_name());
+        let selector = service
+            .as_deref()
+            .map(ServiceFacts::selector)
+            .unwrap_or_default();
+        let pods = scope
+            .pods
+            .in_namespace(&ns, |p| {
+                deployment_of_pod(&p.metadata).is_some_and(|d| d == target_name || d == clone_name)
+                    || p.metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| selects(&selector, l))
+            })
+            .iter()
+            .map(|p| p.as_ref().clone())
+            .collect();
+        let service_name = c.spec.service_name();
+        let endpoints = endpoints::ready_endpoints(
+            scope
+                .endpoint_slices
+                .in_namespace(&ns, |s| s.service == service_name)
+                .iter()
+                .map(|s| s.as_ref()),
+        );
+        let (mesh, sharing) = {
+            let idx = scope.index();
+            (idx.mesh_of(&ns, &name), idx.sharing(&ns, &name))
+        };
+        let mut virtual_services = Vec::new();
+        let mut destination_rules = Vec::new();
+        for (vs, mns, mname) in mesh {
+            let Some(obj) = ctx.mesh_object(vs, &mns, &mname) else {
+                continue;
+            };
+            let v = obj.to_value();
+            if vs {
+                virtual_services.push(v);
+            } else {
+                destination_rules.push(v);
+            }
+        }
+        let rivals = sharing
+            .iter()
+            .filter_map(|n| scope.canaries.get(&ObjectRef::new(n).within(&ns)))
+            .map(|r| Rival {
+                name: r.name_any(),
+                created: r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                target: r.spec.target_ref.name.clone(),
+                service: r.spec.service_name().to_string(),
+                deleting: r.metadata.deletion_timestamp.is_some(),
+            })
+            .collect();
+        Self {
+            target,
+            clone,
+            service,
+            pods,
+            endpoints,
+            virtual_services,
+            destination_rules,
+            rivals,
+        }
+    }
+}
+
+/// Reads what the caches may lack for a canary (it appeared after the watches listed, or a
+/// write found the cache wrong): its target, Service and clone, and the pods they select.
+pub(super) async fn prime(
+    ctx: &Context,
+    scope: &Scope,
+    c: &RecordingCanary,
+    p: Prime,
+) -> Result<(), Error> {
+    let ns = c.namespace().unwrap_or_default();
+    let name = c.name_any();
+    let deployments: Api<DeploymentFacts> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<ServiceFacts> = Api::namespaced(ctx.client.clone(), &ns);
+    let target_name = c.spec.target_ref.name.clone();
+    let service_name = c.spec.service_name().to_string();
+    if p.objects || p.clone {
+        let clone_name = c.spec.clone_name();
+        let slices: Api<EndpointSliceFacts> = Api::namespaced(ctx.client.clone(), &ns);
+        // Not older than what the EndpointSlice watch has delivered (as for the pods below).
+        let slice_params = ListParams::default()
+            .labels(&format!("{}={service_name}", endpoints::SERVICE_NAME_LABEL));
+        let slice_params = match scope.endpoint_slices.newest_seen() {
+            Some(rv) => slice_params.at(&rv).matching(VersionMatch::NotOlderThan),
+            None => slice_params.match_any(),
+        };
+        let (target, service, clone, listed_slices) = futures::try_join!(
+            opt_if(
+                p.objects && !target_name.is_empty(),
+                deployments.get_opt(&target_name)
+            ),
+            opt_if(p.objects, services.get_opt(&service_name)),
+            opt_if(p.clone, deployments.get_opt(&clone_name)),
+            opt_if(p.objects, async {
+                slices.list(&slice_params).await.map(Some)
+            }),
+        )?;
+        for mut s in listed_slices.into_iter().flat_map(|l| l.items) {
+            s.strip();
+            scope.endpoint_slices.insert_newer(s);
+        }
+        for mut d in target.into_iter().chain(clone) {
+            d.strip_lag();
+            scope.deployments.insert_newer(d);
+        }
+        if p.objects {
+            let selector = service.as_ref().map(ServiceFacts::selector);
+            if let Some(mut svc) = service {
+                svc.strip();
+                scope.services.insert_newer(svc);
+            }
+            scope.index_mut().service_seen(&ns, &service_name, selector);
+        }
+        scope.index_mut().primed(
+            &ns,
+            &name,
+            Prime {
+                objects: p.objects,
+                clone: p.clone,
+                pods: false,
+            },
+        );
+    }
+    let needs_pods = scope.index().get(&ns, &name).is_some_and(|e| e.prime.pods);
+    if needs_pods {
+        let mut selector = scope
+            .services
+            .get(&ns, &service_name)
+            .map(|s| s.selector())
+            .unwrap_or_default();
+        if selector.is_empty() {
+            selector = scope
+                .deployments
+                .get(&ns, &target_name)
+                .and_then(|t| t.deployment().spec?.selector.match_labels)
+                .unwrap_or_default();
+        }
+        if !selector.is_empty() {
+            let labels = selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let pods: Api<PodFacts> = Api::namespaced(ctx.client.clone(), &ns);
+            // Not older than what the pod watch has delivered: every change it passed by (before
+            // the canary was indexed) is in the list, and the apiserver answers from its watch
+            // cache at once. A consistent read (no resourceVersion) would wait for that cache to
+            // catch up with etcd, seconds under load, and then read etcd instead.
+            let params = ListParams::default().labels(&labels);
+            let params = match scope.pods.newest_seen() {
+                Some(rv) => params.at(&rv).matching(VersionMatch::NotOlderThan),
+                // The pod watch has delivered nothing: its first list is still to come.
+                None => params.match_any(),
+            };
+            let listed = pods.list(&params).await?;
+            let idx = scope.index();
+            for mut p in listed.items {
+                if !idx.for_pod(&p.metadata).is_empty() {
+                    p.strip();
+                    scope.pods.insert_newer(p);
+                }
+            }
+        }
+        scope.index_mut().primed(
+            &ns,
+            &name,
+            Prime {
+                pods: true,
+                ..Prime::default()
+            },
+        );
+    }
+    // The watch handlers set these gauges; what a prime inserted counts as well.
+    ctx.metrics.cached("Deployment", scope.deployments.len());
+    ctx.metrics.cached("Service", scope.services.len());
+    ctx.metrics.cached("Pod", scope.pods.len());
+    ctx.metrics
+        .cached("EndpointSlice", scope.endpoint_slices.len());
+    Ok(())
+}
+
+pub(super) async fn opt_if<T>(
+    cond: bool,
+    f: impl Future<Output = Result<Option<T>, kube::Error>>,
+) -> Result<Option<T>, kube::Error> {
+    if cond { f.await } else { Ok(None) }
+}
