@@ -352,9 +352,15 @@ impl Elector {
 
     /// Renews until leadership is lost; returns then (the fence is closed by then).
     pub async fn hold(&mut self) {
-        let mut wait = self.cfg.renew_every;
+        let mut next = self.last_ok.map(|ok| ok + self.cfg.renew_every);
         loop {
-            tokio::time::sleep(wait).await;
+            // Renewals start `renew_every` after the last successful one *started*, not after it
+            // returned: slow answers (a renewal is several requests) must not push the next one
+            // towards the deadline. A failed attempt is retried every `retry_every` until then.
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => return,
+            }
             let Some(ok) = self.last_ok else {
                 return;
             };
@@ -364,7 +370,7 @@ impl Elector {
                 return;
             }
             match self.attempt().await {
-                Ok(true) => wait = self.cfg.renew_every,
+                Ok(true) => next = self.last_ok.map(|ok| ok + self.cfg.renew_every),
                 Ok(false) => {
                     match &self.refused {
                         Some(why) => warn!("partition: {why}; stopping"),
@@ -377,7 +383,7 @@ impl Elector {
                 }
                 Err(e) => {
                     warn!(error = %e, "lease: renewal failed; retrying");
-                    wait = self.cfg.retry_every;
+                    next = Some(Instant::now() + self.cfg.retry_every);
                 }
             }
         }
@@ -923,6 +929,8 @@ mod tests {
         /// A Lease written (once) just before the next write of the record: another process's
         /// write that lands between this process's checks and its record write.
         before_record_write: Arc<Mutex<Option<serde_json::Value>>>,
+        /// How long each answer takes (a slow API server, or a slow network).
+        latency: Arc<Mutex<Duration>>,
     }
 
     impl Leases {
@@ -931,6 +939,8 @@ mod tests {
             let svc = tower::service_fn(move |req: Request<Body>| {
                 let me = me.clone();
                 async move {
+                    let latency = *me.latency.lock().unwrap();
+                    tokio::time::sleep(latency).await;
                     let (parts, body) = req.into_parts();
                     let body = body.collect_bytes().await.unwrap_or_default();
                     let path = parts.uri.path().to_string();
@@ -1093,6 +1103,40 @@ mod tests {
             }
             None
         }
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_answers_are_slow_but_within_the_deadline_keeps_its_lease() {
+        // Each answer takes 80 ms, so a renewal (lease read and write, then the partition
+        // record) takes about 240 ms. Renewing 200 ms after the last renewal *returned* would
+        // start the next one 440 ms after the last one started and finish it at 680 ms, past
+        // the 600 ms deadline: the leader would step down though every renewal succeeded.
+        // Counted from when the last one started, the next one finishes by about 480 ms.
+        let api = Leases::default();
+        *api.latency.lock().unwrap() = Duration::from_millis(80);
+        let gate = PartitionGate::new(
+            api.client(),
+            "ns",
+            "rc",
+            Partition {
+                shards: 1,
+                generation: 0,
+            },
+        );
+        let fence = Fence::elected();
+        let mut e = Elector::new(api.client(), config())
+            .with_fence(fence.clone())
+            .with_check(gate.check());
+        let mut gate = gate;
+        assert!(gate.step().await.expect("gate"), "the first partition");
+        e.acquire().await;
+        assert!(fence.may_write());
+        let held = tokio::time::timeout(Duration::from_secs(3), e.hold()).await;
+        assert!(
+            held.is_err(),
+            "the leader gave its lease up although every renewal succeeded"
+        );
+        assert!(fence.may_write());
     }
 
     #[tokio::test]

@@ -337,18 +337,13 @@ async fn slow_and_failing_requests_on_the_leaders_connection_still_converge() {
     h.finish(true).await;
 }
 
-/// FINDING (liveness, not safety): a leader whose requests each take a few seconds steps down
-/// although the apiserver answers every renewal. `Elector::hold` (src/lease.rs) sleeps
-/// `renew_every` (5 s) *after* a renewal returns, and the next renewal must finish by
-/// `renew_deadline` (10 s) after the previous one *started*; a renewal is two requests (GET, then
-/// PUT). So once a request takes more than about 1.25 s, the next renewal is cut off at the
-/// deadline and the process exits; restarted, it leads again only after the lease expires, and
-/// loses it again. (client-go's elector retries every 2 s until the deadline instead.)
-///
-/// What this test asserts is today's behaviour, which is safe: the slow leader exits non-zero,
-/// logs why, sends no write after its deadline, and the standby, connected directly, takes over
-/// and finishes the ramp. If the renewal is fixed to tolerate slow requests, the leader will keep
-/// its lease here and the first assertion will say so: turn it around then.
+/// Requests that take seconds (3 s each here; a renewal is three: the Lease read and write and
+/// the partition record) make a renewal outlast the renew deadline, and the leader steps down
+/// although the apiserver answers every renewal. Renewals now start `renew_every` after the last
+/// one *started* (not after it returned), so a renewal may take up to about 5 s of the 10 s
+/// deadline (the unit test `a_leader_whose_answers_are_slow_but_within_the_deadline_keeps_its_lease`);
+/// past that, stepping down is the safe answer: the slow leader exits non-zero, logs why, sends no
+/// write after its deadline, and the standby, connected directly, takes over and finishes the ramp.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_of_a_few_seconds_make_the_leader_step_down_and_the_standby_finish() {
     let mut h = Harness::start_without_controller("slower").await;
