@@ -154,22 +154,10 @@ async fn run(args: RunArgs) -> Result<(), String> {
         }
     };
 
-    let listener = admin::bind(args.admin_addr)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.admin_addr))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
-    let admin_task = tokio::spawn(admin::serve(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        stopped(),
-    ));
-
+    let admin_task = serve_admin(args.admin_addr, &metrics, &health, stopped()).await?;
     tokio::spawn(recording_canary::runtime::memory::trim_every(
         recording_canary::runtime::memory::PERIOD,
     ));
-
     // SIGTERM or Ctrl-C: stop gracefully.
     let signal_tx = stop_tx.clone();
     tokio::spawn(async move {
@@ -177,49 +165,13 @@ async fn run(args: RunArgs) -> Result<(), String> {
         info!("shutting down");
         let _ = signal_tx.send(true);
     });
-
-    let identity = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "recording-canary".into());
-    let identity = format!("{identity}-{}", std::process::id());
+    let identity = identity();
     health.ready.store(true, Ordering::Relaxed);
 
-    if args.shards > 1 && !args.leader_elect {
-        return Err(format!(
-            "--shards {} needs leader election (--leader-elect=true): each process leads one shard through its Lease",
-            args.shards
-        ));
-    }
-    let fence = if args.leader_elect {
-        Fence::elected()
-    } else {
-        Fence::always()
-    };
+    let (fence, mut gate, mut electors) = leadership(&args, &client, &identity)?;
     let partition = Partition {
         shards: args.shards,
         generation: args.partition_generation,
-    };
-    let mut gate = args.leader_elect.then(|| {
-        PartitionGate::new(
-            client.clone(),
-            &args.lease_namespace,
-            &args.lease_name,
-            partition,
-        )
-    });
-    let mut electors: Vec<Elector> = match &gate {
-        Some(gate) => (0..args.shards)
-            .map(|i| {
-                let lease = Shard::lease_name(&args.lease_name, i, args.shards);
-                Elector::new(
-                    client.clone(),
-                    LeaseConfig::new(&lease, &args.lease_namespace, &identity),
-                )
-                .with_fence(fence.clone())
-                .with_check(gate.check())
-            })
-            .collect(),
-        None => Vec::new(),
     };
     let mut shard = Shard {
         index: 0,
@@ -229,13 +181,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
     if let Some(gate) = gate.as_mut().filter(|_| electors.len() > 1) {
         // Which shard this process serves is known only once it leads one.
         info!(lease = %args.lease_name, namespace = %args.lease_namespace, shards = args.shards, generation = partition.generation, %identity, "waiting to lead a shard");
-        tokio::select! {
-            i = lead_one(gate, &mut electors) => {
-                shard.index = i as u32;
-                elector = Some(electors.swap_remove(i));
-            }
-            _ = stopped() => { let _ = admin_task.await; return Ok(()); }
-        }
+        let Some(i) = until_stopped(lead_one(gate, &mut electors), stopped()).await else {
+            let _ = admin_task.await;
+            return Ok(());
+        };
+        shard.index = i as u32;
+        elector = Some(electors.swap_remove(i));
         info!(
             shard = shard.index,
             of = shard.count,
@@ -258,33 +209,18 @@ async fn run(args: RunArgs) -> Result<(), String> {
     if let Some(policy) = args.stable_label_policy.clone() {
         // Known before the first status is written; then checked again now and then.
         ctx.set_stable_labelling(admission::check(&client, &policy).await);
-        let (ctx, stop) = (ctx.clone(), stopped());
-        tokio::spawn(async move {
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(admission::RECHECK) => {}
-                }
-                ctx.set_stable_labelling(admission::check(&ctx.client, &policy).await);
-            }
-        });
+        tokio::spawn(keep_checking_the_stable_label_policy(
+            ctx.clone(),
+            policy,
+            stopped(),
+        ));
     }
-    let scopes: Vec<Option<String>> = if args.namespaces.is_empty() {
-        vec![None]
-    } else {
-        args.namespaces.iter().map(|n| Some(n.clone())).collect()
-    };
     // The watches start now, also on a standby: its caches are warm when it takes over, and
     // its reconciles wait on the fence until then.
     let mut controllers = tokio::spawn(futures::future::join_all(
-        scopes
-            .into_iter()
-            .map(|ns| controller::run(ctx.clone(), ns, stopped())),
+        scopes(&args).map(|ns| controller::run(ctx.clone(), ns, stopped())),
     ));
 
-    let mut lost = None;
-    let mut ended = None;
     let elector = match (elector, gate.as_mut()) {
         (Some(e), _) => Some(e),
         (None, Some(gate)) if !electors.is_empty() => {
@@ -305,37 +241,165 @@ async fn run(args: RunArgs) -> Result<(), String> {
     };
     metrics.is_leader.set(1);
     metrics.shard.set(i64::from(shard.index));
-    match elector {
+    let result = hold(elector, &mut controllers, &metrics, &stop_tx).await;
+    let _ = stop_tx.send(true);
+    let _ = admin_task.await;
+    result?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Leads until the controllers end or the lease is lost (with an elector; without one, until the
+/// controllers end). The lease is released on a clean end; on a loss every reconcile is stopped
+/// at once (the fence is closed already). `Err`: why the process must exit non-zero.
+async fn hold(
+    elector: Option<Elector>,
+    controllers: &mut tokio::task::JoinHandle<Vec<()>>,
+    metrics: &Metrics,
+    stop_tx: &watch::Sender<bool>,
+) -> Result<(), String> {
+    let mut lost: Option<String> = None;
+    let ended = match elector {
         Some(mut e) => {
-            tokio::select! {
-                r = &mut controllers => { ended = Some(r); }
+            let ended = tokio::select! {
+                r = &mut *controllers => Some(r),
                 _ = e.hold() => {
                     lost = Some(match e.partition_refused() {
                         Some(why) => format!("{why}; exiting so that only one partition acts"),
                         None => "lost the lease; exiting so that only one controller acts".into(),
                     });
+                    None
                 }
-            }
+            };
             if lost.is_some() {
-                // Stop every reconcile now: the fence is closed already.
                 controllers.abort();
                 metrics.is_leader.set(0);
             } else {
                 e.release().await;
             }
+            ended
         }
-        None => {
-            ended = Some((&mut controllers).await);
-        }
-    }
+        None => Some((&mut *controllers).await),
+    };
     let failed = ended.and_then(|r| controllers_failed(r, *stop_tx.borrow()));
-    let _ = stop_tx.send(true);
-    let _ = admin_task.await;
-    if let Some(why) = lost.or(failed) {
-        return Err(why);
+    match lost.or(failed) {
+        Some(why) => Err(why),
+        None => Ok(()),
     }
-    info!("stopped");
-    Ok(())
+}
+
+/// Binds the admin server (/metrics, /healthz, /readyz) and serves it until `stopped`.
+async fn serve_admin(
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+    stopped: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>, String> {
+    let listener = admin::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    info!(%addr, "admin server listening (/metrics, /healthz, /readyz)");
+    Ok(tokio::spawn(admin::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        stopped,
+    )))
+}
+
+/// Who this process is in the Leases: its pod's name and its process id.
+fn identity() -> String {
+    let name = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "recording-canary".into());
+    format!("{name}-{}", std::process::id())
+}
+
+/// The write fence, the partition gate and one elector per shard's Lease; without leader
+/// election, a fence that is always open and neither gate nor electors.
+fn leadership(
+    args: &RunArgs,
+    client: &kube::Client,
+    identity: &str,
+) -> Result<(Fence, Option<PartitionGate>, Vec<Elector>), String> {
+    if args.shards > 1 && !args.leader_elect {
+        return Err(format!(
+            "--shards {} needs leader election (--leader-elect=true): each process leads one shard through its Lease",
+            args.shards
+        ));
+    }
+    if !args.leader_elect {
+        return Ok((Fence::always(), None, Vec::new()));
+    }
+    let fence = Fence::elected();
+    let partition = Partition {
+        shards: args.shards,
+        generation: args.partition_generation,
+    };
+    let gate = PartitionGate::new(
+        client.clone(),
+        &args.lease_namespace,
+        &args.lease_name,
+        partition,
+    );
+    let electors = electors(args, client, identity, &fence, &gate);
+    Ok((fence, Some(gate), electors))
+}
+
+/// The watched scopes: each `--namespace`, or the whole cluster.
+fn scopes(args: &RunArgs) -> impl Iterator<Item = Option<String>> + '_ {
+    let all = args.namespaces.is_empty().then_some(None);
+    all.into_iter()
+        .chain(args.namespaces.iter().map(|n| Some(n.clone())))
+}
+
+/// `f`'s output, or `None` if `stopped` resolves first.
+async fn until_stopped<T>(
+    f: impl std::future::Future<Output = T>,
+    stopped: impl std::future::Future<Output = ()>,
+) -> Option<T> {
+    tokio::select! {
+        t = f => Some(t),
+        _ = stopped => None,
+    }
+}
+
+/// One elector per shard's Lease, sharing the write fence and the partition's check.
+fn electors(
+    args: &RunArgs,
+    client: &kube::Client,
+    identity: &str,
+    fence: &Fence,
+    gate: &PartitionGate,
+) -> Vec<Elector> {
+    (0..args.shards)
+        .map(|i| {
+            let lease = Shard::lease_name(&args.lease_name, i, args.shards);
+            Elector::new(
+                client.clone(),
+                LeaseConfig::new(&lease, &args.lease_namespace, identity),
+            )
+            .with_fence(fence.clone())
+            .with_check(gate.check())
+        })
+        .collect()
+}
+
+/// Checks now and then whether the chart's stable-label policy is in force, until `stop`.
+async fn keep_checking_the_stable_label_policy(
+    ctx: Arc<Context>,
+    policy: String,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(admission::RECHECK) => {}
+        }
+        ctx.set_stable_labelling(admission::check(&ctx.client, &policy).await);
+    }
 }
 
 /// Why the controllers' task ended early, if it did: a panic, or an end without a shutdown

@@ -1,5 +1,7 @@
 //! The CRD checked in under crds/ is exactly what `recording-canary crd` prints.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::process::Command;
 
 #[test]

@@ -2,6 +2,8 @@
 //! the chart's and examples' READMEs points at a file that exists, and at a heading of it when
 //! it names one; the README stays short (its details live in `docs/`). No cluster needed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

@@ -6,6 +6,8 @@
 //! fails, never skips, without one. The figures are printed in every failure message;
 //! `cargo bench --bench fleet` runs the same driver at larger scale.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 #[path = "fleet/driver.rs"]
 mod driver;
 

@@ -2,6 +2,8 @@
 //! planner stays a pure function that never reaches anything that talks to the API server.
 //! Reads the sources; no build of its own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -9,6 +9,8 @@
 //! RC_E2E_KUBECONFIG (its kubeconfig). They share the e2e harness, and take turns on the cluster
 //! ([`CLUSTER`]) whatever the number of test threads.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 #[path = "e2e/mbb.rs"]
 #[allow(dead_code)]
 mod mbb;
@@ -32,7 +34,7 @@ const OUTAGE: Duration = Duration::from_secs(8);
 const ETCD_OUTAGE: Duration = Duration::from_secs(5);
 /// How long the kube-apiserver alone stays down: longer than the controller's renew deadline.
 const APISERVER_OUTAGE: Duration = Duration::from_secs(20);
-/// The controller's renew deadline (src/lease.rs).
+/// The controller's renew deadline (src/runtime/lease.rs).
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 /// The first back-off of the test's kubelet before it restarts an exited controller (the
 /// kubelet's own crash-loop back-off starts at 10 s too).

@@ -148,6 +148,10 @@ cargo clippy --all-targets -- -D warnings
 cargo clippy --all-targets --features failpoints -- -D warnings
 done_section
 
+section "docs: RUSTDOCFLAGS=-D warnings cargo doc --no-deps (every intra-doc link resolves)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+done_section
+
 section "unit tests: cargo test --lib --bins"
 cargo test --lib --bins
 done_section

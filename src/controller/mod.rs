@@ -240,180 +240,53 @@ pub async fn run(
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let (canary_reader, mut canary_writer) = reflector::store::<RecordingCanary>();
+    let (canary_reader, canary_writer) = reflector::store::<RecordingCanary>();
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-    let scope = Arc::new(Scope::new(
-        namespace.clone(),
-        canary_reader.clone(),
-        trigger_tx,
-    ));
+    let scope = Arc::new(Scope::new(namespace, canary_reader.clone(), trigger_tx));
     if let Ok(mut g) = ctx.scopes.write() {
         g.push(scope.clone());
     }
-
-    // Canaries: the index follows the store; the echo of our own status writes wakes nobody.
-    let canary_api: Api<RecordingCanary> = scoped(&client, &namespace);
-    let (c, s) = (ctx.clone(), scope.clone());
-    let canary_stream = watcher(canary_api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .map_ok(move |mut ev| {
-            observe_lag(&c, "RecordingCanary", &ev);
-            modify(&mut ev, |c: &mut RecordingCanary| {
-                c.metadata.managed_fields = None
-            });
-            // Another shard's canaries are not kept: its own process plans them.
-            if of_shard(&c.shard, &ev) {
-                canary_writer.apply_watcher_event(&ev);
-            }
-            let out = on_canary_event(&c, &s, &ev);
-            if matches!(ev, Event::InitDone) {
-                s.canaries_listed.send_replace(true);
-            }
-            stream::iter(out.into_iter().map(Ok::<_, watcher::Error>))
-        })
-        .try_flatten();
-
+    let canaries = canary_stream(&ctx, &scope, canary_writer);
     // The other watches list once the canaries are known, so that their first list keeps what
     // the canaries need; pods list once the Services' selectors are known too.
-    let canaries_known = {
-        let s = scope.clone();
-        move || {
-            let s = s.clone();
-            async move {
-                let _ = s.canaries_listed.subscribe().wait_for(|l| *l).await;
-                s.index_mut().watches_started();
-            }
-        }
-    };
-    let selectors_known = {
-        let (known, s) = (canaries_known.clone(), scope.clone());
-        move || {
-            let (known, s) = (known.clone(), s.clone());
-            async move {
-                known().await;
-                s.services.wait_until_ready().await;
-                s.index_mut().pods_watch_started();
-            }
-        }
-    };
-    let deployments = triggers_of(
-        &ctx,
-        gated(
-            canaries_known(),
-            scoped::<DeploymentFacts>(&client, &namespace),
-            watcher::Config::default(),
-        ),
-        "Deployment",
-        DeploymentFacts::strip_lag,
-        {
-            let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<DeploymentFacts>| on_deployment_event(&c, &s, ev)
-        },
-    );
-    let services = triggers_of(
-        &ctx,
-        gated(
-            canaries_known(),
-            scoped::<ServiceFacts>(&client, &namespace),
-            watcher::Config::default(),
-        ),
-        "Service",
-        ServiceFacts::strip,
-        {
-            let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<ServiceFacts>| on_service_event(&c, &s, ev)
-        },
-    );
-    let endpoint_slices = triggers_of(
-        &ctx,
-        gated(
-            canaries_known(),
-            scoped::<EndpointSliceFacts>(&client, &namespace),
-            watcher::Config::default(),
-        ),
-        "EndpointSlice",
-        EndpointSliceFacts::strip,
-        {
-            let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<EndpointSliceFacts>| on_endpoint_slice_event(&c, &s, ev)
-        },
-    );
-    let pods = triggers_of(
-        &ctx,
-        gated(
-            selectors_known(),
-            scoped::<PodFacts>(&client, &namespace),
-            watcher::Config::default(),
-        ),
-        "Pod",
-        PodFacts::strip,
-        {
-            let (c, s) = (ctx.clone(), scope.clone());
-            move |ev: &Event<PodFacts>| on_pod_event(&c, &s, ev)
-        },
-    );
-    let mesh = |vs: bool| {
-        let (c, s) = (ctx.clone(), scope.clone());
-        let api = scoped_dyn(&client, &namespace, &mesh_resource(vs));
-        let mut listed = false;
-        let kind = if vs {
-            "VirtualService"
-        } else {
-            "DestinationRule"
-        };
-        triggers_of(
-            &ctx,
-            gated(
-                canaries_known(),
-                api,
-                watcher::Config::default().any_semantic(),
-            ),
-            kind,
-            strip_mesh,
-            move |ev: &Event<MeshObject>| {
-                // A revision that differs from the cached one only in what the caches drop
-                // (istiod's progress messages, say) changes nothing the planner reads.
-                let store = s.mesh_store(vs);
-                let unchanged = match ev {
-                    Event::Apply(o) => store
-                        .get(&o.namespace().unwrap_or_default(), &o.name_any())
-                        .is_some_and(|old| old.same_but_revision(o)),
-                    _ => false,
-                };
-                let out = match ev {
-                    // Cached already, so it concerned this shard, and still does.
-                    Event::Apply(o) if unchanged => {
-                        store.apply(ev, |_| true);
-                        with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
-                    }
-                    _ => on_mesh_event(&c, &s, vs, ev),
-                };
-                c.metrics.cached(kind, store.len());
-                if matches!(ev, Event::InitDone) && !listed {
-                    listed = true;
-                    s.mesh_listed.done();
-                }
-                out
-            },
-        )
-    };
-    let virtual_services = mesh(true);
-    let destination_rules = mesh(false);
-    let from_other_scopes = stream::unfold(trigger_rx, |mut rx| async move {
-        rx.recv().await.map(|t| (t, rx))
-    });
     let triggers = stream::select_all([
-        deployments,
-        services,
-        endpoint_slices,
-        pods,
-        virtual_services,
-        destination_rules,
-        from_other_scopes.boxed(),
+        facts_watch(
+            &ctx,
+            &scope,
+            canaries_known(&scope),
+            "Deployment",
+            DeploymentFacts::strip_lag,
+            on_deployment_event,
+        ),
+        facts_watch(
+            &ctx,
+            &scope,
+            canaries_known(&scope),
+            "Service",
+            ServiceFacts::strip,
+            on_service_event,
+        ),
+        facts_watch(
+            &ctx,
+            &scope,
+            canaries_known(&scope),
+            "EndpointSlice",
+            EndpointSliceFacts::strip,
+            on_endpoint_slice_event,
+        ),
+        facts_watch(
+            &ctx,
+            &scope,
+            selectors_known(&scope),
+            "Pod",
+            PodFacts::strip,
+            on_pod_event,
+        ),
+        mesh_watch(&ctx, &scope, true),
+        mesh_watch(&ctx, &scope, false),
+        from_other_scopes(trigger_rx),
     ]);
-
-    Controller::for_stream(canary_stream, canary_reader)
+    Controller::for_stream(canaries, canary_reader)
         .with_config(ControllerConfig::default().concurrency(ctx.max_reconciles))
         .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)

@@ -141,107 +141,12 @@ pub(super) async fn prime(
     c: &RecordingCanary,
     p: Prime,
 ) -> Result<(), Error> {
-    let ns = c.namespace().unwrap_or_default();
-    let name = c.name_any();
-    let deployments: Api<DeploymentFacts> = Api::namespaced(ctx.client.clone(), &ns);
-    let services: Api<ServiceFacts> = Api::namespaced(ctx.client.clone(), &ns);
-    let target_name = c.spec.target_ref.name.clone();
-    let service_name = c.spec.service_name().to_string();
     if p.objects || p.clone {
-        let clone_name = c.spec.clone_name();
-        let slices: Api<EndpointSliceFacts> = Api::namespaced(ctx.client.clone(), &ns);
-        // Not older than what the EndpointSlice watch has delivered (as for the pods below).
-        let slice_params = ListParams::default()
-            .labels(&format!("{}={service_name}", endpoints::SERVICE_NAME_LABEL));
-        let slice_params = match scope.endpoint_slices.newest_seen() {
-            Some(rv) => slice_params.at(&rv).matching(VersionMatch::NotOlderThan),
-            None => slice_params.match_any(),
-        };
-        let (target, service, clone, listed_slices) = futures::try_join!(
-            opt_if(
-                p.objects && !target_name.is_empty(),
-                deployments.get_opt(&target_name)
-            ),
-            opt_if(p.objects, services.get_opt(&service_name)),
-            opt_if(p.clone, deployments.get_opt(&clone_name)),
-            opt_if(p.objects, async {
-                slices.list(&slice_params).await.map(Some)
-            }),
-        )?;
-        for mut s in listed_slices.into_iter().flat_map(|l| l.items) {
-            s.strip();
-            scope.endpoint_slices.insert_newer(s);
-        }
-        for mut d in target.into_iter().chain(clone) {
-            d.strip_lag();
-            scope.deployments.insert_newer(d);
-        }
-        if p.objects {
-            let selector = service.as_ref().map(ServiceFacts::selector);
-            if let Some(mut svc) = service {
-                svc.strip();
-                scope.services.insert_newer(svc);
-            }
-            scope.index_mut().service_seen(&ns, &service_name, selector);
-        }
-        scope.index_mut().primed(
-            &ns,
-            &name,
-            Prime {
-                objects: p.objects,
-                clone: p.clone,
-                pods: false,
-            },
-        );
+        prime_objects(ctx, scope, c, p).await?;
     }
-    let needs_pods = scope.index().get(&ns, &name).is_some_and(|e| e.prime.pods);
-    if needs_pods {
-        let mut selector = scope
-            .services
-            .get(&ns, &service_name)
-            .map(|s| s.selector())
-            .unwrap_or_default();
-        if selector.is_empty() {
-            selector = scope
-                .deployments
-                .get(&ns, &target_name)
-                .and_then(|t| t.deployment().spec?.selector.match_labels)
-                .unwrap_or_default();
-        }
-        if !selector.is_empty() {
-            let labels = selector
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(",");
-            let pods: Api<PodFacts> = Api::namespaced(ctx.client.clone(), &ns);
-            // Not older than what the pod watch has delivered: every change it passed by (before
-            // the canary was indexed) is in the list, and the apiserver answers from its watch
-            // cache at once. A consistent read (no resourceVersion) would wait for that cache to
-            // catch up with etcd, seconds under load, and then read etcd instead.
-            let params = ListParams::default().labels(&labels);
-            let params = match scope.pods.newest_seen() {
-                Some(rv) => params.at(&rv).matching(VersionMatch::NotOlderThan),
-                // The pod watch has delivered nothing: its first list is still to come.
-                None => params.match_any(),
-            };
-            let listed = pods.list(&params).await?;
-            let idx = scope.index();
-            for mut p in listed.items {
-                if !idx.for_pod(&p.metadata).is_empty() {
-                    p.strip();
-                    scope.pods.insert_newer(p);
-                }
-            }
-        }
-        scope.index_mut().primed(
-            &ns,
-            &name,
-            Prime {
-                pods: true,
-                ..Prime::default()
-            },
-        );
+    let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
+    if scope.index().get(&ns, &name).is_some_and(|e| e.prime.pods) {
+        prime_pods(ctx, scope, c).await?;
     }
     // The watch handlers set these gauges; what a prime inserted counts as well.
     ctx.metrics.cached("Deployment", scope.deployments.len());
@@ -249,6 +154,120 @@ pub(super) async fn prime(
     ctx.metrics.cached("Pod", scope.pods.len());
     ctx.metrics
         .cached("EndpointSlice", scope.endpoint_slices.len());
+    Ok(())
+}
+
+/// `params` asking for a state not older than what the watch behind `store` has delivered: every
+/// change it passed by (before the canary was indexed) is in the list, and the apiserver answers
+/// from its watch cache at once. A consistent read (no resourceVersion) would wait for that cache
+/// to catch up with etcd, seconds under load, and then read etcd instead.
+fn not_older_than_the_watch<K: Resource + Clone>(
+    params: ListParams,
+    store: &Selective<K>,
+) -> ListParams {
+    match store.newest_seen() {
+        Some(rv) => params.at(&rv).matching(VersionMatch::NotOlderThan),
+        // The watch has delivered nothing: its first list is still to come.
+        None => params.match_any(),
+    }
+}
+
+/// The target, the Service, its EndpointSlices (`p.objects`) and the clone (`p.clone`), read once.
+async fn prime_objects(
+    ctx: &Context,
+    scope: &Scope,
+    c: &RecordingCanary,
+    p: Prime,
+) -> Result<(), Error> {
+    let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
+    let deployments: Api<DeploymentFacts> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<ServiceFacts> = Api::namespaced(ctx.client.clone(), &ns);
+    let slices: Api<EndpointSliceFacts> = Api::namespaced(ctx.client.clone(), &ns);
+    let (target_name, clone_name) = (c.spec.target_ref.name.clone(), c.spec.clone_name());
+    let service_name = c.spec.service_name().to_string();
+    let slice_params = not_older_than_the_watch(
+        ListParams::default().labels(&format!("{}={service_name}", endpoints::SERVICE_NAME_LABEL)),
+        &scope.endpoint_slices,
+    );
+    let (target, service, clone, listed_slices) = futures::try_join!(
+        opt_if(
+            p.objects && !target_name.is_empty(),
+            deployments.get_opt(&target_name)
+        ),
+        opt_if(p.objects, services.get_opt(&service_name)),
+        opt_if(p.clone, deployments.get_opt(&clone_name)),
+        opt_if(p.objects, async {
+            slices.list(&slice_params).await.map(Some)
+        }),
+    )?;
+    for mut s in listed_slices.into_iter().flat_map(|l| l.items) {
+        s.strip();
+        scope.endpoint_slices.insert_newer(s);
+    }
+    for mut d in target.into_iter().chain(clone) {
+        d.strip_lag();
+        scope.deployments.insert_newer(d);
+    }
+    if p.objects {
+        let selector = service.as_ref().map(ServiceFacts::selector);
+        if let Some(mut svc) = service {
+            svc.strip();
+            scope.services.insert_newer(svc);
+        }
+        scope.index_mut().service_seen(&ns, &service_name, selector);
+    }
+    scope.index_mut().primed(
+        &ns,
+        &name,
+        Prime {
+            objects: p.objects,
+            clone: p.clone,
+            pods: false,
+        },
+    );
+    Ok(())
+}
+
+/// The pods the canary's Service selects (the target's selector without a Service), read once.
+async fn prime_pods(ctx: &Context, scope: &Scope, c: &RecordingCanary) -> Result<(), Error> {
+    let (ns, name) = (c.namespace().unwrap_or_default(), c.name_any());
+    let mut selector = scope
+        .services
+        .get(&ns, c.spec.service_name())
+        .map(|s| s.selector())
+        .unwrap_or_default();
+    if selector.is_empty() {
+        selector = scope
+            .deployments
+            .get(&ns, &c.spec.target_ref.name)
+            .and_then(|t| t.deployment().spec?.selector.match_labels)
+            .unwrap_or_default();
+    }
+    if !selector.is_empty() {
+        let labels = selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let pods: Api<PodFacts> = Api::namespaced(ctx.client.clone(), &ns);
+        let params = not_older_than_the_watch(ListParams::default().labels(&labels), &scope.pods);
+        let listed = pods.list(&params).await?;
+        let idx = scope.index();
+        for mut p in listed.items {
+            if !idx.for_pod(&p.metadata).is_empty() {
+                p.strip();
+                scope.pods.insert_newer(p);
+            }
+        }
+    }
+    scope.index_mut().primed(
+        &ns,
+        &name,
+        Prime {
+            pods: true,
+            ..Prime::default()
+        },
+    );
     Ok(())
 }
 

@@ -184,3 +184,137 @@ pub(super) fn modify<K>(ev: &mut Event<K>, f: impl Fn(&mut K)) {
         Event::Init | Event::InitDone => {}
     }
 }
+
+/// The RecordingCanary watch: the store and the index follow it; another shard's canaries are
+/// not kept (its own process plans them); the echo of our own status writes wakes nobody.
+pub(super) fn canary_stream(
+    ctx: &Arc<Context>,
+    scope: &Arc<Scope>,
+    mut writer: reflector::store::Writer<RecordingCanary>,
+) -> impl futures::Stream<Item = Result<RecordingCanary, watcher::Error>> + Send + 'static {
+    let api: Api<RecordingCanary> = scoped(&ctx.client, &scope.namespace);
+    let (c, s) = (ctx.clone(), scope.clone());
+    watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .map_ok(move |mut ev| {
+            observe_lag(&c, "RecordingCanary", &ev);
+            modify(&mut ev, |c: &mut RecordingCanary| {
+                c.metadata.managed_fields = None
+            });
+            if of_shard(&c.shard, &ev) {
+                writer.apply_watcher_event(&ev);
+            }
+            let out = on_canary_event(&c, &s, &ev);
+            if matches!(ev, Event::InitDone) {
+                s.canaries_listed.send_replace(true);
+            }
+            stream::iter(out.into_iter().map(Ok::<_, watcher::Error>))
+        })
+        .try_flatten()
+}
+
+/// Resolves once the canaries, and so the index, are listed (the gate of most watches).
+pub(super) fn canaries_known(scope: &Arc<Scope>) -> impl Future<Output = ()> + Send + 'static {
+    let s = scope.clone();
+    async move {
+        let _ = s.canaries_listed.subscribe().wait_for(|l| *l).await;
+        s.index_mut().watches_started();
+    }
+}
+
+/// Resolves once the canaries and their Services' selectors are known (the gate of the pods).
+pub(super) fn selectors_known(scope: &Arc<Scope>) -> impl Future<Output = ()> + Send + 'static {
+    let (known, s) = (canaries_known(scope), scope.clone());
+    async move {
+        known.await;
+        s.services.wait_until_ready().await;
+        s.index_mut().pods_watch_started();
+    }
+}
+
+/// The watch of one compact kind (`K`: a facts type), gated, trimmed by `strip`, each event
+/// mapped to canaries by `handle`.
+pub(super) fn facts_watch<K>(
+    ctx: &Arc<Context>,
+    scope: &Arc<Scope>,
+    gate: impl Future<Output = ()> + Send + 'static,
+    kind: &'static str,
+    strip: fn(&mut K),
+    handle: fn(&Context, &Scope, &Event<K>) -> Vec<ObjectRef<RecordingCanary>>,
+) -> BoxStream<'static, ObjectRef<RecordingCanary>>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let api = scoped::<K>(&ctx.client, &scope.namespace);
+    let (c, s) = (ctx.clone(), scope.clone());
+    triggers_of(
+        ctx,
+        gated(gate, api, watcher::Config::default()),
+        kind,
+        strip,
+        move |ev: &Event<K>| handle(&c, &s, ev),
+    )
+}
+
+/// The VirtualService (`vs`) or DestinationRule watch. A revision that differs from the cached
+/// one only in what the caches drop (istiod's progress messages, say) changes nothing the
+/// planner reads: it only refreshes the cache (and may be an echo of our own write).
+pub(super) fn mesh_watch(
+    ctx: &Arc<Context>,
+    scope: &Arc<Scope>,
+    vs: bool,
+) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
+    let (c, s) = (ctx.clone(), scope.clone());
+    let api = scoped_dyn(&ctx.client, &scope.namespace, &mesh_resource(vs));
+    let kind = if vs {
+        "VirtualService"
+    } else {
+        "DestinationRule"
+    };
+    let mut listed = false;
+    triggers_of(
+        ctx,
+        gated(
+            canaries_known(scope),
+            api,
+            watcher::Config::default().any_semantic(),
+        ),
+        kind,
+        strip_mesh,
+        move |ev: &Event<MeshObject>| {
+            let store = s.mesh_store(vs);
+            let unchanged = match ev {
+                Event::Apply(o) => store
+                    .get(&o.namespace().unwrap_or_default(), &o.name_any())
+                    .is_some_and(|old| old.same_but_revision(o)),
+                _ => false,
+            };
+            let out = match ev {
+                // Cached already, so it concerned this shard, and still does.
+                Event::Apply(o) if unchanged => {
+                    store.apply(ev, |_| true);
+                    with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
+                }
+                _ => on_mesh_event(&c, &s, vs, ev),
+            };
+            c.metrics.cached(kind, store.len());
+            if matches!(ev, Event::InitDone) && !listed {
+                listed = true;
+                s.mesh_listed.done();
+            }
+            out
+        },
+    )
+}
+
+/// Triggers sent by other scopes (a VirtualService elsewhere naming a host here).
+pub(super) fn from_other_scopes(
+    rx: mpsc::UnboundedReceiver<ObjectRef<RecordingCanary>>,
+) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
+    stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|t| (t, rx)) }).boxed()
+}

@@ -4,7 +4,7 @@
 //! configured by any of them). Held as `serde_json::Value` trees, each costs 6–7 KiB: every
 //! JSON object is a B-tree whose nodes are allocated for eleven entries. So the caches keep the
 //! metadata as a struct and the rest (`spec`, and of `status` only what
-//! [`istio::status::compact`] keeps) as compact JSON text, parsed again when a canary is planned
+//! [`crate::istio::status::compact`] keeps) as compact JSON text, parsed again when a canary is planned
 //! (a few microseconds for a VirtualService of a few routes).
 
 use std::borrow::Cow;

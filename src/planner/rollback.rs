@@ -19,7 +19,6 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     let o = b.o;
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
-    let me = c.name_any();
     if b.prev.phase.as_deref() != Some(phase::TERMINATING) {
         b.event(
             false,
@@ -83,6 +82,16 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
         )
     };
 
+    // 3.-6. Subsets, clone, labels, finalizer.
+    remove_the_rest(b, &waited)
+}
+
+/// The rest of the rollback once the routes have reached the proxies: the subsets out of the
+/// DestinationRule, the clone, the labels on the target's pods, the finalizer.
+fn remove_the_rest(mut b: Builder, waited: &str) -> Plan {
+    let o = b.o;
+    let c = o.canary;
+    let me = c.name_any();
     // 3. Subsets out of the DestinationRule.
     remove_subsets(&mut b);
 

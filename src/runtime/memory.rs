@@ -13,6 +13,7 @@ use std::time::Duration;
 pub const PERIOD: Duration = Duration::from_secs(30);
 
 /// Returns freed heap pages to the system; true when some were returned.
+#[allow(unsafe_code)] // the one FFI call of the crate; see SAFETY below
 pub fn trim() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

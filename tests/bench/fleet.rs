@@ -19,6 +19,8 @@
 //! The namespaces `rc-fleet-<run>-<j>` are deleted at the end; the controllers' logs stay in
 //! target/fleet-logs/.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 #[path = "../fleet/driver.rs"]
 mod driver;
 

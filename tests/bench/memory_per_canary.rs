@@ -12,6 +12,8 @@
 //! one is pending), the freshness tracker (a few records per canary, only while a write's echo
 //! is awaited), and the memory of requests in flight.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -42,6 +44,7 @@ fn chunk(size: usize) -> usize {
     ((size + 8 + 15) & !15).max(32)
 }
 
+#[allow(unsafe_code)] // a GlobalAlloc is unsafe by definition; it forwards to System
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ASKED.fetch_add(l.size(), Relaxed);

@@ -15,6 +15,8 @@
 //! scheduled, so that only the API server and the controller see them).
 //! Uses a namespace of its own and deletes it at the end.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -39,6 +39,8 @@
 //! Flagger and `kubectl proxy`. The naive watcher also goes through such a proxy, which checks the
 //! proxy's count against the watcher's own.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
+
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};

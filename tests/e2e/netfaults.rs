@@ -17,7 +17,7 @@ use crate::support::{
     writes_after_the_deadline,
 };
 
-/// The controller's renew deadline (src/lease.rs): a leader writes no later than this after the
+/// The controller's renew deadline (src/runtime/lease.rs): a leader writes no later than this after the
 /// last renewal it sent.
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 

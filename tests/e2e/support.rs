@@ -922,10 +922,10 @@ pub fn logged_at(log: &str, needle: &str) -> Vec<k8s_openapi::jiff::Timestamp> {
         .collect()
 }
 
-/// The line a controller logs just before it sends each write (src/writers.rs).
+/// The line a controller logs just before it sends each write (src/controller/writers.rs).
 pub const WRITE_LINE: &str = "applying action=";
 
-/// The first line of a controller's log that says it missed its renew deadline (src/lease.rs),
+/// The first line of a controller's log that says it missed its renew deadline (src/runtime/lease.rs),
 /// and every write it logged after that line.
 pub fn writes_after_the_deadline(
     log: &str,
