@@ -733,15 +733,6 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
                     k.host.name
                 ),
             )
-        } else if health == CloneHealth::NoEndpoint {
-            (
-                phase::PROGRESSING,
-                "WaitingForCloneEndpoints",
-                format!(
-                    "{clone_name} has a ready replica; waiting for it to be a Ready endpoint of Service {} (its EndpointSlices), which the mesh routes to",
-                    k.host.name
-                ),
-            )
         } else if o.clone.is_some() && was_serving {
             (
                 phase::DEGRADED,
@@ -749,10 +740,15 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
                 format!("{clone_name} has no ready replica; no traffic goes to the clone"),
             )
         } else {
+            // One reason and message while the clone's first replica becomes Ready and then an
+            // endpoint (usually milliseconds apart): no status write in between.
             (
                 phase::PROGRESSING,
                 "WaitingForClone",
-                format!("Waiting for a ready replica of {clone_name}"),
+                format!(
+                    "Waiting for a replica of {clone_name} that is Ready and a Ready endpoint of Service {} (its EndpointSlices, which the mesh routes to)",
+                    k.host.name
+                ),
             )
         };
         b.report(phase, reason, &message);

@@ -190,7 +190,12 @@ fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service(
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(p.status.clone_ready_replicas, 0);
-    assert_eq!(ready_reason(&p), "WaitingForCloneEndpoints");
+    assert_eq!(ready_reason(&p), "WaitingForClone");
+    assert!(
+        ready_message(&p).contains("Ready endpoint"),
+        "{}",
+        ready_message(&p)
+    );
     assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
     // One clone pod listed as a Ready endpoint: the weight goes to what one replica carries.
     let mut eps = target_endpoints(&w);
