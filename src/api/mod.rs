@@ -19,6 +19,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use self::status::{Phase, PropagationWait, StableLabelling};
+
 /// API group of the custom resource.
 pub const GROUP: &str = "recordingcanary.dev";
 /// Finalizer that runs the rollback before a RecordingCanary goes away.
@@ -327,7 +329,7 @@ pub struct RecordingCanaryStatus {
     pub observed_generation: Option<i64>,
     /// Progressing, Ready, Degraded, Blocked or Terminating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     /// Share of requests that the VirtualService routes to the clone now, read back from it.
     #[serde(default)]
     pub current_percent: i32,
@@ -365,7 +367,7 @@ pub struct RecordingCanaryStatus {
     /// (the delay ran out first, or Istio does not report). On rollback the `RolledBack` Event
     /// says what ended the wait before the subsets left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_propagation_wait: Option<String>,
+    pub last_propagation_wait: Option<PropagationWait>,
     /// How many times in a row someone else put the VirtualService's routes back (a GitOps
     /// tool's self-heal, say) after this canary split them; 0 once a split stays.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -377,7 +379,7 @@ pub struct RecordingCanaryStatus {
     /// Who labels the target's new pods for the stable subset: `AdmissionPolicy` (the API server
     /// at admission, also while no controller runs) or `Controller` (this controller, while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stable_labelling: Option<String>,
+    pub stable_labelling: Option<StableLabelling>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -193,6 +193,42 @@ fn max_replicas_is_at_least_1() {
     assert_eq!(v.max_replicas, Some(1));
 }
 
+#[test]
+fn a_status_written_before_the_enums_reads_and_writes_back_the_same() {
+    // A canary as an apiserver sent it, when phase, lastPropagationWait and stableLabelling were
+    // free strings.
+    let wire: Value =
+        serde_json::from_str(include_str!("../../tests/bench/fixtures/canary.json")).unwrap();
+    let c: RecordingCanary = serde_json::from_value(wire.clone()).expect("it still reads");
+    let status = c.status.as_ref().expect("a status");
+    assert_eq!(status.phase, Some(Phase::Ready));
+    assert_eq!(
+        status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
+    );
+    assert_eq!(status.stable_labelling, Some(StableLabelling::Controller));
+    assert_eq!(serde_json::to_value(status).unwrap(), wire["status"]);
+}
+
+#[test]
+fn the_crd_lists_the_values_of_the_status_enums() {
+    let status = &schema()["properties"]["status"]["properties"];
+    for (field, values) in [
+        (
+            "phase",
+            json!(["Progressing", "Ready", "Degraded", "Blocked", "Terminating"]),
+        ),
+        (
+            "lastPropagationWait",
+            json!(["IstioReconciled", "PropagationDelay"]),
+        ),
+        ("stableLabelling", json!(["AdmissionPolicy", "Controller"])),
+    ] {
+        assert_eq!(status[field]["enum"], values, "{field}");
+        assert_eq!(status[field]["nullable"], true, "{field}");
+    }
+}
+
 // --- The CRD's CEL rules, offline ---
 
 fn schema() -> Value {

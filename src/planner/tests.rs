@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::apps::v1::DeploymentStatus;
 
 use super::*;
+use crate::api::status::PropagationWait;
 use crate::api::{RECORDING_SUBSET, RESTORE_ANNOTATION, STABLE_SUBSET};
 
 // ---------------------------------------------------------------------------------------------
@@ -113,12 +114,12 @@ fn ready_condition(reason: &str, ok: bool) -> Condition {
 }
 
 /// Status of a canary whose subsets were added long ago and that routes `current` %.
-fn status(phase_: &str, reason: &str, current: i32) -> RecordingCanaryStatus {
+fn status(phase_: Phase, reason: &str, current: i32) -> RecordingCanaryStatus {
     RecordingCanaryStatus {
-        phase: Some(phase_.into()),
+        phase: Some(phase_),
         current_percent: current,
         subsets_added_time: Some(rfc(at(-600))),
-        conditions: vec![ready_condition(reason, phase_ == phase::READY)],
+        conditions: vec![ready_condition(reason, phase_ == Phase::Ready)],
         ..Default::default()
     }
 }
@@ -393,7 +394,7 @@ fn fresh_world() -> World {
 fn subsets_world() -> World {
     let mut w = fresh_world();
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
+        .status(status(Phase::Progressing, "WaitingForStablePods", 0))
         .build();
     w.pods = vec![
         target_pod("frontend-7d9f-a").stable().build(),
@@ -407,7 +408,7 @@ fn subsets_world() -> World {
 fn serving_world(pct: i32) -> World {
     let c = canary()
         .percent(pct.into())
-        .status(status(phase::READY, "TargetReached", pct));
+        .status(status(Phase::Ready, "TargetReached", pct));
     let built = c.build();
     let t = target(4);
     // Ready replicas enough for any weight of a 4-replica target.
@@ -438,7 +439,7 @@ fn waiting_for_clone_world() -> World {
     let mut w = serving_world(10);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
+        .status(status(Phase::Progressing, "WaitingForClone", 0))
         .build();
     w
 }
@@ -543,7 +544,7 @@ fn event_reasons(p: &Plan) -> Vec<&str> {
 }
 
 fn assert_blocked(p: &Plan, reason: &str) {
-    assert_eq!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_eq!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert_eq!(ready_reason(p), reason, "{p:#?}");
     assert!(
         p.events.iter().any(|e| e.warning && e.reason == reason),
@@ -664,7 +665,7 @@ fn sidecar_annotations_go_on_the_clone_deployment_metadata_not_its_pods() {
                 "sidecar",
                 json!({"annotations": {INJECT: "true", "sidecar.speedscale.com/tls-out": "true"}}),
             )
-            .status(status(phase::PROGRESSING, "WaitingForStablePods", 0)),
+            .status(status(Phase::Progressing, "WaitingForStablePods", 0)),
     );
     let p = w.plan();
     let d = created_clone(&p).expect("clone created");
@@ -907,7 +908,7 @@ fn changed_sidecar_annotations_replace_the_clone() {
     let w = serving_world(10).with_canary(
         canary()
             .spec("sidecar", json!({"annotations": {INJECT: "true", "sidecar.speedscale.com/capture-mode": "proxy"}}))
-            .status(status(phase::READY, "TargetReached", 10)),
+            .status(status(Phase::Ready, "TargetReached", 10)),
     );
     let p = w.plan();
     let replaced = p.actions.iter().find_map(|a| match a {
@@ -1007,7 +1008,7 @@ fn switching_a_live_clone_from_sidecar_to_ebpf_removes_the_inject_annotation() {
     let mut w = serving_world(10).with_canary(
         canary()
             .spec("capture", json!("EBPF"))
-            .status(status(phase::READY, "TargetReached", 10)),
+            .status(status(Phase::Ready, "TargetReached", 10)),
     );
     if let Some(cl) = w.clone.as_mut() {
         cl.metadata
@@ -1326,7 +1327,7 @@ fn a_shared_route_at_an_ambiguous_percent_stays_put_and_ramps_exactly() {
         .ramp(7, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-30))),
-            ..status(phase::PROGRESSING, "Ramping", 7)
+            ..status(Phase::Progressing, "Ramping", 7)
         })
         .build();
     let p = w.plan();
@@ -1336,7 +1337,7 @@ fn a_shared_route_at_an_ambiguous_percent_stays_put_and_ramps_exactly() {
     );
     assert_eq!(p.status.current_percent, 14);
     assert_eq!(weights(&after, 0), vec![69, 11, 20]);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
@@ -1445,7 +1446,7 @@ fn a_gateway_only_virtual_service_does_not_make_the_mesh_choice_ambiguous() {
     gw["spec"]["hosts"] = json!(["shop.example.com"]);
     w.vss.push(gw);
     let p = w.plan();
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY), "{p:#?}");
+    assert_eq!(p.status.phase, Some(Phase::Ready), "{p:#?}");
     // It is not split either, since spec.gateways does not name it.
     assert!(patch_of(&p, MeshKind::VirtualService, "frontend-public").is_none());
 }
@@ -1455,7 +1456,7 @@ fn a_gateway_virtual_service_named_in_the_spec_is_split_too() {
     let mut w = serving_world(10);
     w.canary = canary()
         .spec("gateways", json!(["istio-system/public"]))
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let mut gw = vs(
         "frontend-public",
@@ -1497,7 +1498,7 @@ fn a_destination_rule_in_the_istio_root_namespace_does_not_block() {
     w.drs
         .push(dr_in("istio-system", "mesh-default", json!({"host": FQDN})));
     let p = w.plan();
-    assert_ne!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_ne!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert!(patch_of(&p, MeshKind::DestinationRule, "frontend").is_some());
 }
 
@@ -1535,7 +1536,7 @@ fn pod_labels_that_override_a_key_the_service_selects_on_block_before_any_write(
     let mut w =
         fresh_world().with_canary(canary().spec("sidecar", json!({"podLabels": {"extra": "yes"}})));
     w.service_selector.insert("tier".into(), "web".into());
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -1660,17 +1661,13 @@ fn an_adopted_destination_rule_exported_more_narrowly_than_the_routes_blocks() {
         w.drs[0]["spec"]["exportTo"] = json!(["."]);
         w.vss[0]["spec"]["exportTo"] = vs_export.clone();
         let p = w.plan();
-        assert_ne!(
-            p.status.phase.as_deref(),
-            Some(phase::BLOCKED),
-            "{vs_export}: {p:#?}"
-        );
+        assert_ne!(p.status.phase, Some(Phase::Blocked), "{vs_export}: {p:#?}");
     }
     // A DR exported to a list that holds every namespace of the VS's list: fine; one missing: not.
     let mut w = fresh_world();
     w.drs[0]["spec"]["exportTo"] = json!([".", "istio-system"]);
     w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop"]);
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
     w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop", "edge"]);
     assert_blocked(&w.plan(), "DestinationRuleNotExported");
 }
@@ -1707,7 +1704,7 @@ fn a_propagation_delay_of_zero_is_refused() {
 fn max_replicas_below_the_proportional_size_caps_the_weight_at_what_they_carry() {
     // 50 % of a 100-replica target on at most 2 replicas: 2 % is what they carry, not 50.
     let c = canary().percent(50).max_replicas(2).status(status(
-        phase::PROGRESSING,
+        Phase::Progressing,
         "WaitingForClone",
         0,
     ));
@@ -1726,7 +1723,7 @@ fn max_replicas_below_the_proportional_size_caps_the_weight_at_what_they_carry()
     );
     // A canary serving 50 % whose target grows past what maxReplicas carry is brought down.
     let mut w = serving_world(50).with_canary(canary().percent(50).max_replicas(2).status(status(
-        phase::READY,
+        Phase::Ready,
         "TargetReached",
         50,
     )));
@@ -1756,7 +1753,7 @@ fn a_users_destination_rule_that_already_holds_our_subsets_is_never_written_nor_
     w.vss = vec![user_vs()];
     w.canary.status = Some(RecordingCanaryStatus {
         routes_removed_time: Some(rfc(at(-3600))),
-        ..status(phase::TERMINATING, "RolledBack", 0)
+        ..status(Phase::Terminating, "RolledBack", 0)
     });
     let p = w.plan();
     assert!(
@@ -1794,7 +1791,7 @@ fn only_the_missing_subset_is_added_and_only_it_is_removed_on_rollback() {
     w.vss = vec![user_vs()];
     w.canary.status = Some(RecordingCanaryStatus {
         routes_removed_time: Some(rfc(at(-3600))),
-        ..status(phase::TERMINATING, "RolledBack", 0)
+        ..status(Phase::Terminating, "RolledBack", 0)
     });
     let p = w.plan();
     let after = apply_ops(
@@ -1894,7 +1891,7 @@ fn a_wildcard_destination_rule_with_tls_other_than_istio_mutual_blocks_instead_o
         json!({"host": "*.shop.svc.cluster.local",
         "workloadSelector": {"matchLabels": {"app": "x"}}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}),
     )];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -1966,7 +1963,7 @@ fn the_vs_waits_a_full_propagation_delay_after_the_subsets() {
         .delay("3s")
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.now = at_ms(2_999);
@@ -1995,7 +1992,7 @@ fn a_restarted_controller_waits_the_propagation_delay_from_its_start() {
     w.canary = canary()
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.started = at(2);
@@ -2041,7 +2038,7 @@ fn a_clone_without_a_ready_replica_gets_no_weight() {
         .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     assert_eq!(ready_reason(&p), "WaitingForClone");
     assert!(p.events.is_empty(), "no transition: {:?}", p.events);
 }
@@ -2056,7 +2053,7 @@ fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
     );
     assert_eq!(weights(&after, 0), vec![90, 10]);
     assert_eq!(p.status.current_percent, 10);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(event_reasons(&p), vec!["RoutesSplit", "TargetReached"]);
 }
 
@@ -2124,7 +2121,7 @@ fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service(
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(p.status.clone_ready_replicas, 0);
     assert_eq!(ready_reason(&p), "WaitingForCloneEndpoints");
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     // One clone pod listed as a Ready endpoint: the weight goes to what one replica carries.
     let mut eps = target_endpoints(&w);
     eps.insert(format!("frontend-recording-5c4b-{}", pod_suffix(0)));
@@ -2138,7 +2135,7 @@ fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service(
 fn the_weight_rises_only_as_far_as_the_clones_ready_endpoints_carry_it() {
     // 4 Ready clone pods, 1 of them an endpoint: the capacity is one replica's worth.
     let mut w = waiting_for_clone_world().with_canary(canary().percent(100).status(status(
-        phase::PROGRESSING,
+        Phase::Progressing,
         "WaitingForClone",
         0,
     )));
@@ -2158,7 +2155,7 @@ fn a_serving_clone_whose_pods_stop_being_endpoints_is_drained() {
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
     assert_eq!(ready_reason(&p), "CloneNotAnEndpoint");
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
 }
 
 #[test]
@@ -2241,7 +2238,7 @@ fn waiting_world(delay: &str) -> World {
         .delay(delay)
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.now = at(1);
@@ -2260,8 +2257,8 @@ fn without_istio_status_the_split_waits_the_full_propagation_delay() {
     let p = w.plan();
     assert!(has(&p, is_vs_write), "{:#?}", p.actions);
     assert_eq!(
-        p.status.last_propagation_wait.as_deref(),
-        Some(wait::PROPAGATION_DELAY)
+        p.status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
     );
 }
 
@@ -2277,8 +2274,8 @@ fn the_split_goes_in_as_soon_as_istio_reports_the_destination_rule_reconciled_fo
             p.actions
         );
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
         assert_ne!(ready_reason(&p), "AddingSubsets");
     }
@@ -2325,8 +2322,8 @@ fn istio_reconciled_also_ends_the_wait_of_a_restarted_controller() {
 
 #[test]
 fn a_status_only_change_of_the_destination_rule_after_the_split_changes_nothing() {
-    let mut prev = status(phase::READY, "TargetReached", 10);
-    prev.last_propagation_wait = Some(wait::ISTIO_RECONCILED.into());
+    let mut prev = status(Phase::Ready, "TargetReached", 10);
+    prev.last_propagation_wait = Some(PropagationWait::IstioReconciled);
     let mut w = serving_world(10);
     w.canary = canary().status(prev).build();
     let quiet = w.plan();
@@ -2340,8 +2337,8 @@ fn a_status_only_change_of_the_destination_rule_after_the_split_changes_nothing(
         assert!(p.events.is_empty(), "{:?}", p.events);
         assert_eq!(p.status, quiet.status, "no status write");
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
     }
 }
@@ -2355,7 +2352,7 @@ fn routes_removed_world() -> World {
         .status(RecordingCanaryStatus {
             routes_removed_time: Some(rfc(at(0))),
             virtual_services: vec!["shop/frontend".into()],
-            ..status(phase::TERMINATING, "TargetReached", 0)
+            ..status(Phase::Terminating, "TargetReached", 0)
         })
         .build();
     w.vss = vec![user_vs()];
@@ -2375,8 +2372,8 @@ fn rollback_removes_the_subsets_once_istio_reports_the_restored_virtual_service_
         assert!(has(&p, is_dr_write), "{:#?}", p.actions);
         assert_eq!(p.actions.last(), Some(&Action::RemoveFinalizer));
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
         let note = &p
             .events
@@ -2431,8 +2428,8 @@ fn rollback_after_deleting_our_own_virtual_service_waits_the_propagation_delay()
         p.actions
     );
     assert_eq!(
-        p.status.last_propagation_wait.as_deref(),
-        Some(wait::PROPAGATION_DELAY)
+        p.status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
     );
     let note = &p
         .events
@@ -2455,7 +2452,7 @@ fn ramp_world(vs_pct: i64, last_step: Option<i64>) -> World {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: last_step.map(|s| rfc(at(s))),
-            ..status(phase::PROGRESSING, "Ramping", vs_pct as i32)
+            ..status(Phase::Progressing, "Ramping", vs_pct as i32)
         })
         .build();
     w
@@ -2475,7 +2472,7 @@ fn the_first_ramp_step_is_immediate() {
     assert_eq!(p.status.last_step_time, Some(rfc(at(0))));
     assert_eq!(p.requeue_after, Some(Duration::from_secs(30)));
     assert_eq!(ready_reason(&p), "Ramping");
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
 }
 
 #[test]
@@ -2497,7 +2494,7 @@ fn the_ramp_steps_after_the_interval_and_stops_at_the_target() {
     let w = ramp_world(20, Some(-30));
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![70, 30]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(p.requeue_after, None, "no further step");
     // At the target, nothing moves any more.
     let w = ramp_world(30, Some(-300));
@@ -2514,7 +2511,7 @@ fn the_last_ramp_step_does_not_overshoot() {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-30))),
-            ..status(phase::PROGRESSING, "Ramping", 20)
+            ..status(Phase::Progressing, "Ramping", 20)
         })
         .build();
     let p = w.plan();
@@ -2542,7 +2539,7 @@ fn decreasing_the_percent_applies_at_once_even_with_a_ramp() {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-1))),
-            ..status(phase::READY, "TargetReached", 30)
+            ..status(Phase::Ready, "TargetReached", 30)
         })
         .build();
     let p = w.plan();
@@ -2612,7 +2609,7 @@ fn clone_replicas_are_the_ceiling_of_the_target_share() {
     w.canary = canary()
         .percent(50)
         .max_replicas(3)
-        .status(status(phase::READY, "TargetReached", 50))
+        .status(status(Phase::Ready, "TargetReached", 50))
         .build();
     let p = w.plan();
     assert!(
@@ -2627,7 +2624,7 @@ fn percent_zero_scales_the_clone_to_zero_and_routes_nothing() {
     let mut w = serving_world(10);
     w.canary = canary()
         .percent(0)
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
@@ -2651,7 +2648,7 @@ fn a_clone_that_loses_its_ready_replicas_gets_weight_zero_and_a_warning() {
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
     assert_eq!(p.status.current_percent, 0);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneNotReady");
     assert!(
         p.events
@@ -2679,7 +2676,7 @@ fn a_crash_looping_clone_gets_weight_zero_at_once() {
     );
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneCrashLooping");
     assert!(
         p.events
@@ -2701,7 +2698,7 @@ fn a_crash_looping_target_pod_does_not_degrade_the_canary() {
     );
     let p = w.plan();
     assert!(!has(&p, is_vs_write));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
@@ -2709,11 +2706,11 @@ fn a_degraded_clone_gets_its_weight_back_when_healthy() {
     let mut w = serving_world(10);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::DEGRADED, "CloneNotReady", 0))
+        .status(status(Phase::Degraded, "CloneNotReady", 0))
         .build();
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![90, 10]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert!(
         p.events
             .iter()
@@ -2728,12 +2725,12 @@ fn staying_degraded_repeats_no_event_and_no_write() {
     let mut w = serving_world(10).clone_ready(0);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::DEGRADED, "CloneNotReady", 0))
+        .status(status(Phase::Degraded, "CloneNotReady", 0))
         .build();
     let p = w.plan();
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert!(p.events.is_empty(), "{:?}", p.events);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2744,7 +2741,7 @@ fn deleting_world() -> World {
     let mut w = serving_world(10);
     w.canary = canary()
         .deleting()
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     w
 }
@@ -2758,7 +2755,7 @@ fn rollback_restores_the_vs_first_and_then_waits() {
         matches!(&p.actions[0], Action::PatchMesh { kind: MeshKind::VirtualService, name, .. } if name == "frontend")
     );
     assert!(p.requeue_after.expect("requeue") >= Duration::from_secs(3));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::TERMINATING));
+    assert_eq!(p.status.phase, Some(Phase::Terminating));
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(p.status.routes_removed_time, Some(rfc(at(0))));
     assert!(event_reasons(&p).contains(&"TrafficRestored"));
@@ -2806,7 +2803,7 @@ fn rollback_waits_the_propagation_delay_before_removing_subsets() {
     let p = w.plan();
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::TERMINATING));
+    assert_eq!(p.status.phase, Some(Phase::Terminating));
 }
 
 #[test]
@@ -3099,7 +3096,7 @@ fn a_canary_for_the_same_service_conflicts_too() {
         service: "backend".into(),
         ..rival("beta", -7200)
     }];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -3125,13 +3122,13 @@ fn the_older_canary_is_not_blocked_by_a_younger_one() {
     younger.rivals = vec![rival(CANARY, -3600)];
     assert_blocked(&younger.plan(), "Conflict");
     let p = w.plan();
-    assert_ne!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_ne!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert!(has(&p, is_dr_write));
     // Same creation time: the name decides, deterministically.
     w.rivals = vec![rival("aaa", -3600)];
     assert_blocked(&w.plan(), "Conflict");
     w.rivals = vec![rival("zzz", -3600)];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -3350,7 +3347,7 @@ fn a_steady_state_plans_nothing_and_publishes_no_event() {
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert!(p.events.is_empty(), "{:?}", p.events);
     assert_eq!(p.requeue_after, None);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(p.status.current_percent, 10);
     assert_eq!(p.status.target_replicas, 4);
     assert_eq!(p.status.clone_replicas, 1);
@@ -3723,12 +3720,12 @@ impl Sim {
         if let Some(i) = pos(&p, |a| *a == Action::RemoveFinalizer) {
             assert_eq!(i + 1, p.actions.len(), "RemoveFinalizer is last");
         }
-        let prev_phase = self.w.canary.status.as_ref().and_then(|s| s.phase.clone());
+        let prev_phase = self.w.canary.status.as_ref().and_then(|s| s.phase);
         let weight_before = recording_weight(&self.w.vss);
         for a in &p.actions {
             self.apply(a);
         }
-        if prev_phase != p.status.phase && p.status.phase.as_deref() != Some(phase::TERMINATING) {
+        if prev_phase != p.status.phase && p.status.phase != Some(Phase::Terminating) {
             assert!(
                 !p.events.is_empty(),
                 "phase {prev_phase:?} -> {:?} without an event",
@@ -3796,7 +3793,7 @@ fn simulated_loop_converges_and_never_routes_to_missing_subsets() {
     assert_eq!(v["spec"]["http"][2], original_vs["spec"]["http"][2]);
     assert_eq!(v["spec"]["tcp"], original_vs["spec"]["tcp"]);
     let st = sim.w.canary.status.clone().unwrap();
-    assert_eq!(st.phase.as_deref(), Some(phase::READY));
+    assert_eq!(st.phase, Some(Phase::Ready));
     assert_eq!(st.current_percent, 10);
     assert!(sim.w.canary.finalizers().contains(&FINALIZER.to_string()));
     assert_eq!(
@@ -3878,8 +3875,8 @@ fn simulated_loop_with_owned_objects_ramps_in_steps_and_rolls_back() {
     let v = sim.w.vs_named(&format!("{CANARY}-recording")).clone();
     assert_eq!(weights(&v, 0), vec![88, 12]);
     assert_eq!(
-        sim.w.canary.status.as_ref().unwrap().phase.as_deref(),
-        Some(phase::READY)
+        sim.w.canary.status.as_ref().unwrap().phase,
+        Some(Phase::Ready)
     );
 
     // The weights the VS went through, and when.
@@ -3975,7 +3972,7 @@ fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
     }
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneStalled");
     assert!(
         p.events
@@ -3990,7 +3987,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
     let mut w = serving_world(10).clone_ready(1);
     w.canary = canary()
         .percent(100)
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let p = w.plan();
     // One Ready replica carries ceil(4 × w / 100) <= 1, i.e. w <= 25.
@@ -3999,7 +3996,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
         patch_of(&p, MeshKind::VirtualService, "frontend").unwrap(),
     );
     assert_eq!(weights(&after, 0), vec![75, 25]);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     assert_eq!(ready_reason(&p), "WaitingForCloneCapacity");
     // The clone is asked for what 100% needs.
     assert!(
@@ -4014,7 +4011,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
     let mut w2 = w2;
     w2.canary = canary()
         .percent(100)
-        .status(status(phase::PROGRESSING, "WaitingForCloneCapacity", 25))
+        .status(status(Phase::Progressing, "WaitingForCloneCapacity", 25))
         .build();
     let p2 = w2.plan();
     let after2 = apply_ops(
@@ -4098,7 +4095,7 @@ fn a_service_that_also_selects_another_workload_blocks() {
         ("app".to_string(), "frontend".to_string()),
         ("tier".to_string(), "web".to_string()),
     ]);
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -4122,13 +4119,13 @@ fn a_ramp_step_is_recorded_before_the_weight_moves() {
 fn the_status_says_who_labels_the_targets_new_pods() {
     let mut w = serving_world(10);
     assert_eq!(
-        w.plan().status.stable_labelling.as_deref(),
-        Some("Controller")
+        w.plan().status.stable_labelling,
+        Some(StableLabelling::Controller)
     );
     w.stable_labelling = StableLabelling::AdmissionPolicy;
     assert_eq!(
-        w.plan().status.stable_labelling.as_deref(),
-        Some("AdmissionPolicy")
+        w.plan().status.stable_labelling,
+        Some(StableLabelling::AdmissionPolicy)
     );
 }
 
@@ -4155,7 +4152,7 @@ fn the_controller_still_labels_the_targets_pods_when_the_admission_policy_is_in_
 fn serving_canary(f: impl Fn(CanaryB) -> CanaryB) -> RecordingCanary {
     f(canary()
         .percent(10)
-        .status(status(phase::READY, "TargetReached", 10)))
+        .status(status(Phase::Ready, "TargetReached", 10)))
     .build()
 }
 
@@ -4331,11 +4328,7 @@ fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
                 .push(pod_of(TARGET, "8e0a", "frontend-8e0a-new").build());
             let p = w.plan();
             let case = format!("{reason}, clone {how}");
-            assert_eq!(
-                p.status.phase.as_deref(),
-                Some(phase::BLOCKED),
-                "{case}: {p:#?}"
-            );
+            assert_eq!(p.status.phase, Some(Phase::Blocked), "{case}: {p:#?}");
             assert_eq!(ready_reason(&p), reason, "{case}");
             let ops = patch_of(&p, MeshKind::VirtualService, "frontend")
                 .unwrap_or_else(|| panic!("{case}: no drain of the split: {:#?}", p.actions));
@@ -4465,21 +4458,21 @@ fn a_split_put_back_by_another_writer_is_reapplied_at_once_and_the_writer_is_nam
         .expect("a SplitReverted event");
     assert!(e.warning && e.note.contains("argocd-controller"), "{e:?}");
     assert_eq!(p.status.revert_count, 1);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
 fn a_split_put_back_again_and_again_is_reapplied_after_a_doubling_delay() {
     // The second revert in a row: wait 2 s, Degraded, no write.
     let mut w = reverted_by("kubectl-client-side-apply", 10);
-    let mut st = status(phase::READY, "TargetReached", 10);
+    let mut st = status(Phase::Ready, "TargetReached", 10);
     st.revert_count = 1;
     st.last_revert_time = Some(rfc(at(-5)));
     w.canary = canary().percent(10).status(st).build();
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
     assert_eq!(p.status.revert_count, 2);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "SplitReverted");
     assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
     assert_eq!(
@@ -4505,7 +4498,7 @@ fn a_split_put_back_again_and_again_is_reapplied_after_a_doubling_delay() {
 #[test]
 fn the_revert_count_starts_over_once_a_split_has_held_for_ten_minutes() {
     let mut w = serving_world(10);
-    let mut st = status(phase::READY, "TargetReached", 10);
+    let mut st = status(Phase::Ready, "TargetReached", 10);
     st.revert_count = 5;
     st.last_revert_time = Some(rfc(at(-60)));
     w.canary = canary().percent(10).status(st.clone()).build();
@@ -4591,7 +4584,7 @@ fn weights_that_do_not_sum_to_100_keep_their_sum_when_split() {
         target_pod("frontend-7d9f-b").stable().build(),
     ];
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
+        .status(status(Phase::Progressing, "WaitingForStablePods", 0))
         .build();
     w.clone = Some(live_clone(&w.canary, &target(4), 1, 1));
     let w = w.clone_ready(1);
@@ -4663,7 +4656,7 @@ fn forced_and_excluded_requests_are_routed_ahead_of_the_split_once_the_clone_is_
     let c = canary()
         .spec("always", always_qa())
         .spec("never", never_health())
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let (mut w, v) = planned_vs(c.clone(), 10);
     assert_eq!(route_names(&v), ["rcanary-never", "rcanary-always", "-"]);
     assert_eq!(subsets_of_route(&v, 0), [Some(STABLE_SUBSET.to_string())]);
@@ -4692,7 +4685,7 @@ fn percent_zero_with_always_records_only_the_forced_requests_on_one_replica() {
     let c = canary()
         .percent(0)
         .spec("always", always_qa())
-        .status(status(phase::READY, "TargetReached", 0));
+        .status(status(Phase::Ready, "TargetReached", 0));
     let mut w = serving_world(0).with_canary(c);
     // serving_world(0) has no clone replica: it is sized to one, and nothing is forced yet.
     w = w.clone_ready(0);
@@ -4719,7 +4712,7 @@ fn a_sick_clone_loses_its_forced_requests_too() {
     let c = canary()
         .spec("always", always_qa())
         .spec("never", never_health())
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let (mut w, v) = planned_vs(c, 10);
     w.vss = vec![v];
     w.pods = vec![
@@ -4745,8 +4738,7 @@ fn a_sick_clone_loses_its_forced_requests_too() {
         "{drained:#}"
     );
     assert!(
-        event_reasons(&p).contains(&"TrafficDrained")
-            || p.status.phase.as_deref() == Some(phase::DEGRADED)
+        event_reasons(&p).contains(&"TrafficDrained") || p.status.phase == Some(Phase::Degraded)
     );
 }
 
@@ -4767,7 +4759,7 @@ fn switching_a_live_split_to_mirror_is_one_write_that_keeps_the_subsets() {
     let c = canary()
         .spec("mode", json!("Mirror"))
         .spec("acknowledgeMirrorSideEffects", json!(true))
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let w = serving_world(10).with_canary(c);
     let p = w.plan();
     let vs_writes = p.actions.iter().filter(|a| is_vs_write(a)).count();
@@ -4841,7 +4833,7 @@ fn target_pods_without_istio_sidecars_are_reported_once_without_stopping_progres
             .iter()
             .any(|e| e.warning && e.reason == "NoIstioSidecar")
     );
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert!(!has(&p, is_mesh_write), "{:#?}", p.actions);
     // Said once: the next plan, with that status, keeps the condition and sends no Event.
     let mut again = w;
