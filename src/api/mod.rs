@@ -1,7 +1,10 @@
 //! The `RecordingCanary` custom resource: spec, status and the generated CRD.
 //!
-//! Admission rules that the type system cannot express (ranges, CEL rules) are added to the
-//! generated schema in [`crd`], so that `kubectl apply` rejects bad specs with a readable message.
+//! Each admission rule sits on the field it checks: bounds and patterns as schemars attributes,
+//! CEL rules (`x-kubernetes-validations`) as `#[x_kube(validation)]` on a field or a struct and
+//! `#[kube(validation)]` on the resource, so that `kubectl apply` rejects a bad spec with a
+//! readable message and a renamed field keeps its rules. [`RecordingCanarySpec::validate`] checks
+//! the same rules again for an apiserver that does not run them.
 
 pub mod labels;
 pub mod status;
@@ -9,12 +12,14 @@ pub mod status;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, CustomResourceExt};
+use kube::core::{Message, Rule};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use self::status::{Phase, PropagationWait, StableLabelling};
 
 /// API group of the custom resource.
 pub const GROUP: &str = "recordingcanary.dev";
@@ -44,8 +49,11 @@ pub const EBPF_CAPTURE_ANNOTATION: &str = "capture.speedscale.com/enabled";
 pub const FIELD_MANAGER: &str = "recording-canary";
 
 /// Sends a share of a Service's live requests, through Istio, to a recording clone of a Deployment.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
+    doc = "RecordingCanary sends `percent` of a Service's requests, through Istio, to a clone of a Deployment that carries a traffic-recording sidecar.",
+    // The name is a label value on everything the canary creates.
+    validation = Rule::new("self.metadata.name.size() <= 63").message(NAME_TOO_LONG),
     group = "recordingcanary.dev",
     version = "v1alpha1",
     kind = "RecordingCanary",
@@ -63,18 +71,33 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     printcolumn = r#"{"name":"Capture","type":"string","priority":1,"jsonPath":".spec.capture"}"#
 )]
 #[serde(rename_all = "camelCase")]
+// Rules across fields, and the immutable fields: a rule on an optional field itself would not
+// see the field come or go. The bounds on the fields keep these within the apiserver's CEL cost budget.
+#[x_kube(
+    validation = Rule::new("self.targetRef.name.trim() != ''").message("spec.targetRef.name must not be empty"),
+    validation = Rule::new(BOTH_CAPTURES_RULE).message(BOTH_CAPTURES),
+    validation = Rule::new("!has(self.mode) || self.mode != 'Mirror' || (has(self.acknowledgeMirrorSideEffects) && self.acknowledgeMirrorSideEffects)").message(MIRROR_ACK),
+    validation = immutable("spec.targetRef", "self.targetRef.name == oldSelf.targetRef.name"),
+    validation = immutable("spec.service", "has(self.service) == has(oldSelf.service) && (!has(self.service) || self.service == oldSelf.service)"),
+    validation = immutable("spec.virtualService", "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)"),
+    validation = immutable("spec.gateways", "has(self.gateways) == has(oldSelf.gateways) && (!has(self.gateways) || self.gateways == oldSelf.gateways)"),
+    validation = immutable("spec.destinationRule", "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)"),
+)]
 pub struct RecordingCanarySpec {
     /// The apps/v1 Deployment to clone, in the same namespace as the RecordingCanary.
     pub target_ref: TargetRef,
     /// The Service whose traffic is split. Defaults to the target's name. The split applies to mesh
     /// traffic for this Service's host and to the routes of the gateways listed in `gateways`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(SERVICE_NAME))]
     pub service: Option<String>,
     /// Gateways (`name` or `namespace/name`) whose VirtualService routes to the Service are split too.
     /// Mesh traffic is always split.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
     pub gateways: Vec<String>,
     /// Share of requests, 0 to 100, sent to the recording clone (copied to it, in mode Mirror).
+    #[schemars(range(min = 0, max = 100))]
     pub percent: i32,
     /// `Split` (the default): `percent` of the requests are served by the clone. `Mirror`: every
     /// response comes from the stable pods, and `percent` of the requests are copied to the clone
@@ -89,10 +112,12 @@ pub struct RecordingCanarySpec {
     /// `percent` says: Istio `HTTPMatchRequest`s (headers, uri, method, queryParams), any of
     /// which matches. `percent: 0` with `always` records only these requests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub always: Vec<RequestMatch>,
     /// Requests never sent (nor mirrored) to the recording clone: health checks, admin calls,
     /// requests carrying data that must not be recorded. Wins over `always`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub never: Vec<RequestMatch>,
     /// Raise the weight step by step instead of moving straight to `percent`. Decreases apply at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,17 +134,22 @@ pub struct RecordingCanarySpec {
     /// Name of an existing VirtualService, in this namespace, to adopt. When unset, an existing mesh
     /// VirtualService for the Service's host is discovered, or one owned by this RecordingCanary is created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), pattern(DNS_SUBDOMAIN))]
     pub virtual_service: Option<String>,
     /// Name of an existing DestinationRule, in this namespace, to adopt. When unset, an existing
     /// DestinationRule for the Service's host is discovered, or one owned by this RecordingCanary is created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253), pattern(DNS_SUBDOMAIN))]
     pub destination_rule: Option<String>,
     /// Upper bound for the clone's replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_replicas: Option<i32>,
     /// Time left between dependent DestinationRule and VirtualService writes, so that every Envoy has
     /// the subsets before a route uses them (a duration such as `3s`).
     #[serde(default = "default_propagation_delay")]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(NOT_ZERO_DURATION).message(ZERO_DELAY))]
     pub propagation_delay: String,
 }
 
@@ -128,16 +158,21 @@ pub struct RecordingCanarySpec {
 #[serde(rename_all = "camelCase")]
 pub struct TargetRef {
     /// Name of the apps/v1 Deployment, in the RecordingCanary's namespace.
+    // The clone is named `<target>-recording`: both must be DNS subdomains.
+    #[schemars(length(min = 1, max = 243), pattern(DNS_SUBDOMAIN))]
     pub name: String,
 }
 
 /// Step-wise increase of the weight toward `percent`.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Ramp {
     /// Percentage points added per step (1 to 100).
+    #[schemars(range(min = 1, max = 100))]
     pub step_percent: i32,
     /// Time between two steps, a duration such as `30s` or `2m`.
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(NOT_ZERO_DURATION).message("spec.ramp.interval must be longer than 0s"))]
     pub interval: String,
 }
 
@@ -153,11 +188,13 @@ pub enum Mode {
 
 /// A request condition, shaped like Istio's `HTTPMatchRequest` (the parts a canary may use).
 /// Every condition set must hold.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.headers) || has(self.uri) || has(self.method) || has(self.queryParams)").message(EMPTY_MATCH))]
 pub struct RequestMatch {
     /// Request headers by lower-case name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
     pub headers: BTreeMap<String, StringMatch>,
     /// The request path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -167,22 +204,28 @@ pub struct RequestMatch {
     pub method: Option<StringMatch>,
     /// Query parameters by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 16))]
     pub query_params: BTreeMap<String, StringMatch>,
 }
 
 /// One of `exact`, `prefix` or `regex` (RE2), as in Istio's `StringMatch`.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1").message(NOT_ONE_KIND))]
 pub struct StringMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub regex: Option<String>,
 }
 
 impl StringMatch {
-    fn set(&self) -> usize {
+    /// How many of `exact`, `prefix` and `regex` are set (exactly one may be).
+    fn kinds_set(&self) -> usize {
         [&self.exact, &self.prefix, &self.regex]
             .iter()
             .filter(|v| v.is_some())
@@ -207,7 +250,7 @@ impl RequestMatch {
             .chain(self.method.iter().map(|m| ("method".to_string(), m)));
         for (name, m) in named {
             conditions += 1;
-            if m.set() != 1 {
+            if m.kinds_set() != 1 {
                 return Err(InvalidSpec(format!(
                     "{field}.{name} must set exactly one of exact, prefix or regex"
                 )));
@@ -246,8 +289,9 @@ impl Capture {
     }
 }
 
-/// Metadata given to the clone and its pods.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+/// Metadata given to the clone and its pods: bounded, and valid as label values where it becomes
+/// labels (an invalid label key is refused when the clone is written: a WriteRefused Event).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Sidecar {
     /// Annotations on the clone Deployment's metadata, where the Speedscale operator reads them.
@@ -255,12 +299,16 @@ pub struct Sidecar {
     /// `sidecar.speedscale.com/inject: "false"` to turn the sidecar off, say), so adding another
     /// Speedscale annotation keeps the capture on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub annotations: BTreeMap<String, String>,
     /// Extra labels for the clone's pod template.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE}))]
+    #[x_kube(validation = Rule::new("!('recordingcanary.dev/role' in self) && !('pod-template-hash' in self)").message(RESERVED_POD_LABELS))]
     pub pod_labels: BTreeMap<String, String>,
     /// Extra annotations for the clone's pod template.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 4096}))]
     pub pod_annotations: BTreeMap<String, String>,
 }
 
@@ -281,7 +329,7 @@ pub struct RecordingCanaryStatus {
     pub observed_generation: Option<i64>,
     /// Progressing, Ready, Degraded, Blocked or Terminating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
     /// Share of requests that the VirtualService routes to the clone now, read back from it.
     #[serde(default)]
     pub current_percent: i32,
@@ -319,7 +367,7 @@ pub struct RecordingCanaryStatus {
     /// (the delay ran out first, or Istio does not report). On rollback the `RolledBack` Event
     /// says what ended the wait before the subsets left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_propagation_wait: Option<String>,
+    pub last_propagation_wait: Option<PropagationWait>,
     /// How many times in a row someone else put the VirtualService's routes back (a GitOps
     /// tool's self-heal, say) after this canary split them; 0 once a split stays.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -331,7 +379,7 @@ pub struct RecordingCanaryStatus {
     /// Who labels the target's new pods for the stable subset: `AdmissionPolicy` (the API server
     /// at admission, also while no controller runs) or `Controller` (this controller, while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stable_labelling: Option<String>,
+    pub stable_labelling: Option<StableLabelling>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -472,7 +520,7 @@ fn parse_duration(field: &str, s: &str) -> Result<Duration, InvalidSpec> {
     })
 }
 
-/// A CEL expression that accepts the durations `humantime` parses in practice: one or more
+/// A schema `pattern` that accepts the durations `humantime` parses in practice: one or more
 /// `<number><unit>` groups, e.g. `30s`, `1m30s`, `500ms`.
 const DURATION_PATTERN: &str = r"^\s*([0-9]+\s*(ns|us|µs|ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|d|day|days)\s*)+$";
 
@@ -488,213 +536,36 @@ const BOTH_CAPTURES: &str = "the clone would carry both sidecar.speedscale.com/i
 
 /// A DNS-1123 subdomain: what Kubernetes object names must be.
 const DNS_SUBDOMAIN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A DNS-1035 label: what Service names must be.
+const SERVICE_NAME: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
 /// A label value.
 const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$";
 
-/// The CRD, with the admission rules the derive cannot express.
-pub fn crd() -> CustomResourceDefinition {
-    let mut crd = RecordingCanary::crd();
-    for version in &mut crd.spec.versions {
-        let Some(schema) = version
-            .schema
-            .as_mut()
-            .and_then(|s| s.open_api_v3_schema.as_mut())
-        else {
-            continue;
-        };
-        let mut value = match serde_json::to_value(&*schema) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        harden_schema(&mut value);
-        if let Ok(s) = serde_json::from_value(value) {
-            *schema = s;
-        }
-    }
-    crd
-}
+/// CEL, on a string that matched [`DURATION_PATTERN`]: not a zero duration (`0s`, `0m0s`).
+const NOT_ZERO_DURATION: &str = r"!self.matches('^\\s*(0+\\s*[a-zµ]+\\s*)+$')";
 
-fn harden_schema(root: &mut Value) {
-    if let Some(Value::Object(o)) = Some(&mut *root) {
-        o.insert(
-            "description".into(),
-            json!("RecordingCanary sends `percent` of a Service's requests, through Istio, to a clone of a Deployment that carries a traffic-recording sidecar."),
-        );
-        // The name is a label value on everything the canary creates.
-        o.insert(
-            "x-kubernetes-validations".into(),
-            json!([{"rule": "self.metadata.name.size() <= 63", "message": "a RecordingCanary's name must be at most 63 characters: it becomes the value of the label recordingcanary.dev/canary on the objects it creates"}]),
-        );
-    }
-    let Some(spec) = root.pointer_mut("/properties/spec") else {
-        return;
-    };
-    set(
-        spec,
-        "/properties/percent",
-        json!({"minimum": 0, "maximum": 100}),
-    );
-    // The clone is named `<target>-recording`: both must be DNS subdomains.
-    set(
-        spec,
-        "/properties/targetRef/properties/name",
-        json!({"minLength": 1, "maxLength": 243, "pattern": DNS_SUBDOMAIN}),
-    );
-    set(
-        spec,
-        "/properties/service",
-        json!({"minLength": 1, "maxLength": 63, "pattern": "^[a-z]([-a-z0-9]*[a-z0-9])?$"}),
-    );
-    // What goes on the clone's metadata: bounded, and valid as label values where it becomes
-    // labels (an invalid label key is refused when the clone is written: a WriteRefused Event).
-    for field in ["annotations", "podAnnotations"] {
-        set(
-            spec,
-            &format!("/properties/sidecar/properties/{field}"),
-            json!({"maxProperties": 64}),
-        );
-        set(
-            spec,
-            &format!("/properties/sidecar/properties/{field}/additionalProperties"),
-            json!({"maxLength": 4096}),
-        );
-    }
-    set(
-        spec,
-        "/properties/sidecar/properties/podLabels",
-        json!({"maxProperties": 32, "x-kubernetes-validations": [
-            {"rule": "!('recordingcanary.dev/role' in self) && !('pod-template-hash' in self)", "message": "spec.sidecar.podLabels must not set recordingcanary.dev/role or pod-template-hash: the controller's subsets depend on them"}
-        ]}),
-    );
-    set(
-        spec,
-        "/properties/sidecar/properties/podLabels/additionalProperties",
-        json!({"maxLength": 63, "pattern": LABEL_VALUE}),
-    );
-    set(spec, "/properties/maxReplicas", json!({"minimum": 1}));
-    for field in ["always", "never"] {
-        harden_matches(spec, field);
-    }
-    // Bounds keep the CEL immutability rules within the apiserver's cost budget.
-    set(spec, "/properties/gateways", json!({"maxItems": 32}));
-    set(
-        spec,
-        "/properties/gateways/items",
-        json!({"maxLength": 253}),
-    );
-    set(
-        spec,
-        "/properties/virtualService",
-        json!({"maxLength": 253, "pattern": DNS_SUBDOMAIN}),
-    );
-    set(
-        spec,
-        "/properties/destinationRule",
-        json!({"maxLength": 253, "pattern": DNS_SUBDOMAIN}),
-    );
-    set(
-        spec,
-        "/properties/propagationDelay",
-        json!({"maxLength": 64}),
-    );
-    set(
-        spec,
-        "/properties/ramp/properties/interval",
-        json!({"maxLength": 64}),
-    );
-    set(
-        spec,
-        "/properties/ramp/properties/stepPercent",
-        json!({"minimum": 1, "maximum": 100}),
-    );
-    set(
-        spec,
-        "/properties/ramp/properties/interval",
-        json!({"pattern": DURATION_PATTERN, "x-kubernetes-validations": [
-            {"rule": "!self.matches('^\\\\s*(0+\\\\s*[a-zµ]+\\\\s*)+$')", "message": "spec.ramp.interval must be longer than 0s"}
-        ]}),
-    );
-    set(
-        spec,
-        "/properties/propagationDelay",
-        json!({"pattern": DURATION_PATTERN, "x-kubernetes-validations": [
-            {"rule": "!self.matches('^\\\\s*(0+\\\\s*[a-zµ]+\\\\s*)+$')", "message": ZERO_DELAY}
-        ]}),
-    );
-    set(
-        spec,
-        "",
-        json!({"x-kubernetes-validations": [
-            {"rule": "self.targetRef.name.trim() != ''", "message": "spec.targetRef.name must not be empty"},
-            {"rule": BOTH_CAPTURES_RULE, "message": BOTH_CAPTURES},
-            {"rule": "!has(self.mode) || self.mode != 'Mirror' || (has(self.acknowledgeMirrorSideEffects) && self.acknowledgeMirrorSideEffects)", "message": MIRROR_ACK},
-            {"rule": "self.targetRef.name == oldSelf.targetRef.name", "message": "spec.targetRef is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
-            {"rule": "has(self.service) == has(oldSelf.service) && (!has(self.service) || self.service == oldSelf.service)", "message": "spec.service is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
-            {"rule": "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)", "message": "spec.virtualService is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
-            {"rule": "has(self.gateways) == has(oldSelf.gateways) && (!has(self.gateways) || self.gateways == oldSelf.gateways)", "message": "spec.gateways is immutable: delete this RecordingCanary (it rolls back) and create a new one"},
-            {"rule": "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)", "message": "spec.destinationRule is immutable: delete this RecordingCanary (it rolls back) and create a new one"}
-        ]}),
-    );
-}
+const NAME_TOO_LONG: &str = "a RecordingCanary's name must be at most 63 characters: it becomes the value of the label recordingcanary.dev/canary on the objects it creates";
 
-/// Bounds and rules of `spec.always` / `spec.never`: a few entries, each with at least one
-/// condition, each condition exactly one of exact/prefix/regex.
-fn harden_matches(spec: &mut Value, field: &str) {
-    let entry = format!("/properties/{field}/items");
-    set(
-        spec,
-        &format!("/properties/{field}"),
-        json!({"maxItems": 16}),
-    );
-    set(
-        spec,
-        &entry,
-        json!({"x-kubernetes-validations": [{
-            "rule": "has(self.headers) || has(self.uri) || has(self.method) || has(self.queryParams)",
-            "message": format!("each spec.{field} entry must set at least one condition (headers, uri, method or queryParams): an empty match is every request")
-        }]}),
-    );
-    let one_of = json!({
-        "x-kubernetes-validations": [{
-            "rule": "(has(self.exact) ? 1 : 0) + (has(self.prefix) ? 1 : 0) + (has(self.regex) ? 1 : 0) == 1",
-            "message": format!("each condition of spec.{field} must set exactly one of exact, prefix or regex")
-        }]
-    });
-    let text = json!({"maxLength": 1024});
-    for string_match in ["uri", "method"] {
-        let p = format!("{entry}/properties/{string_match}");
-        set(spec, &p, one_of.clone());
-        for k in ["exact", "prefix", "regex"] {
-            set(spec, &format!("{p}/properties/{k}"), text.clone());
-        }
-    }
-    for map in ["headers", "queryParams"] {
-        let p = format!("{entry}/properties/{map}");
-        set(spec, &p, json!({"maxProperties": 16}));
-        set(spec, &format!("{p}/additionalProperties"), one_of.clone());
-        for k in ["exact", "prefix", "regex"] {
-            set(
-                spec,
-                &format!("{p}/additionalProperties/properties/{k}"),
-                text.clone(),
-            );
-        }
-    }
-}
+const RESERVED_POD_LABELS: &str = "spec.sidecar.podLabels must not set recordingcanary.dev/role or pod-template-hash: the controller's subsets depend on them";
 
-/// Merges `extra` into the object at `path` below `node`.
-fn set(node: &mut Value, path: &str, extra: Value) {
-    let Some(Value::Object(target)) = node.pointer_mut(path) else {
-        return;
-    };
-    if let Value::Object(extra) = extra {
-        for (k, v) in extra {
-            target.insert(k, v);
-        }
-    }
+/// The apiserver puts the path (`spec.always[0]`, `spec.never[1].uri`) before the message: one
+/// rule serves both lists.
+const EMPTY_MATCH: &str = "must set at least one condition (headers, uri, method or queryParams): an empty match is every request";
+
+/// See [`EMPTY_MATCH`].
+const NOT_ONE_KIND: &str = "must set exactly one of exact, prefix or regex";
+
+/// A rule that keeps a field as it was created: the canary's split depends on it.
+fn immutable(field: &str, rule: &str) -> Rule {
+    Rule::new(rule).message(Message::Message(format!(
+        "{field} is immutable: delete this RecordingCanary (it rolls back) and create a new one"
+    )))
 }
 
 /// The CRD as YAML, exactly what `recording-canary crd` prints and `crds/` holds.
 pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
-    serde_yaml_ng::to_string(&crd())
+    serde_yaml_ng::to_string(&RecordingCanary::crd())
 }
+
+#[cfg(test)]
+mod tests;

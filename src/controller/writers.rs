@@ -429,7 +429,7 @@ mod tests {
         assert!(matches!(r, Err(Error::Fenced)), "{r:?}");
         assert_eq!(seen.lock().map(|v| v.len()).unwrap_or_default(), 1);
         let status = RecordingCanaryStatus {
-            phase: Some("Ready".into()),
+            phase: Some(crate::api::status::Phase::Ready),
             ..Default::default()
         };
         let r = write_status(&client, &fence, &canary(), &status, Some("41".into())).await;
@@ -451,7 +451,7 @@ mod tests {
         // The answer's resourceVersion (9) is what the next status write is guarded by.
         assert_eq!(canary_rv(&c, &written).as_deref(), Some("9"));
         let status = RecordingCanaryStatus {
-            phase: Some("Ready".into()),
+            phase: Some(crate::api::status::Phase::Ready),
             ..Default::default()
         };
         write_status(&client, &fence, &c, &status, canary_rv(&c, &written))
@@ -472,13 +472,13 @@ mod tests {
     #[test]
     fn a_status_field_that_goes_away_is_cleared_by_the_patch() {
         let prev = RecordingCanaryStatus {
-            phase: Some("Ready".into()),
+            phase: Some(crate::api::status::Phase::Ready),
             last_step_time: Some("2026-01-01T00:00:00Z".into()),
             virtual_services: vec!["ns/vs".into()],
             ..Default::default()
         };
         let now = RecordingCanaryStatus {
-            phase: Some("Progressing".into()),
+            phase: Some(crate::api::status::Phase::Progressing),
             ..Default::default()
         };
         let p = status_patch(Some(&prev), &now);
@@ -495,7 +495,7 @@ mod tests {
     #[test]
     fn a_first_status_patch_names_only_what_is_set() {
         let now = RecordingCanaryStatus {
-            phase: Some("Progressing".into()),
+            phase: Some(crate::api::status::Phase::Progressing),
             ..Default::default()
         };
         let p = status_patch(None, &now);

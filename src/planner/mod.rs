@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 pub use crate::api::labels::{MANAGED_BY, clone_of, meta_of_deployment};
-use crate::api::status::StableLabelling;
+use crate::api::status::{Phase, StableLabelling};
 use crate::api::{
     CANARY_LABEL, FINALIZER, Mode, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
     RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
@@ -158,24 +158,6 @@ pub struct Plan {
     pub requeue_after: Option<Duration>,
 }
 
-/// What ended a wait before a dependent write, as `status.lastPropagationWait` reports it.
-pub mod wait {
-    /// Istio reported the object written before (the DestinationRule with the subsets, or the
-    /// VirtualServices without the routes) `Reconciled` for its current generation.
-    pub const ISTIO_RECONCILED: &str = "IstioReconciled";
-    /// `spec.propagationDelay` ran out first (or Istio does not report).
-    pub const PROPAGATION_DELAY: &str = "PropagationDelay";
-}
-
-/// Phases shown in `kubectl get rcanary`.
-pub mod phase {
-    pub const PROGRESSING: &str = "Progressing";
-    pub const READY: &str = "Ready";
-    pub const DEGRADED: &str = "Degraded";
-    pub const BLOCKED: &str = "Blocked";
-    pub const TERMINATING: &str = "Terminating";
-}
-
 struct Builder<'a> {
     o: &'a Observed<'a>,
     prev: RecordingCanaryStatus,
@@ -191,7 +173,7 @@ impl<'a> Builder<'a> {
         let mut status = prev.clone();
         status.observed_generation = o.canary.metadata.generation;
         status.clone_name = Some(o.canary.spec.clone_name());
-        status.stable_labelling = Some(o.stable_labelling.as_str().into());
+        status.stable_labelling = Some(o.stable_labelling);
         Self {
             o,
             prev,
@@ -237,28 +219,25 @@ impl<'a> Builder<'a> {
     }
 
     /// Sets phase and the three conditions together, and an Event when the phase changes.
-    fn report(&mut self, phase: &str, reason: &str, message: &str) {
-        let ready = phase == phase::READY;
-        let degraded = phase == phase::DEGRADED;
-        let progressing = phase == phase::PROGRESSING;
+    fn report(&mut self, phase: Phase, reason: &str, message: &str) {
+        let ready = phase == Phase::Ready;
+        let degraded = phase == Phase::Degraded;
+        let progressing = phase == Phase::Progressing;
         // The reason belongs to the condition it explains; the others say where things stand.
         let ready_reason = reason;
-        let progressing_reason = if progressing { reason } else { phase };
+        let progressing_reason = if progressing { reason } else { phase.as_str() };
         let degraded_reason = if degraded { reason } else { "NotDegraded" };
         self.condition("Ready", ready, ready_reason, message);
         self.condition("Progressing", progressing, progressing_reason, message);
         self.condition("Degraded", degraded, degraded_reason, message);
         // Events mark transitions: a new phase, or a new problem (Blocked, Degraded); progress
         // within a phase shows in the conditions.
-        let warning = degraded || phase == phase::BLOCKED;
+        let warning = degraded || phase == Phase::Blocked;
         let said = self.events.iter().any(|e| e.reason == reason);
-        if !said
-            && (self.prev.phase.as_deref() != Some(phase)
-                || (warning && self.reason_changed(reason)))
-        {
+        if !said && (self.prev.phase != Some(phase) || (warning && self.reason_changed(reason))) {
             self.event(warning, reason, message.to_string());
         }
-        self.status.phase = Some(phase.into());
+        self.status.phase = Some(phase);
     }
 
     fn reason_changed(&self, reason: &str) -> bool {
@@ -284,7 +263,7 @@ impl<'a> Builder<'a> {
             Some(m) => format!("{}. Meanwhile: {m}", why.message()),
             None => why.message(),
         };
-        self.report(phase::BLOCKED, &why.reason(), &message);
+        self.report(Phase::Blocked, &why.reason(), &message);
         self.finish()
     }
 }

@@ -13,9 +13,10 @@ use super::safety::{self, CloneHealth};
 use super::{
     Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
-    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, phase, pod_of_deployment, remaining,
-    shape, sidecar_annotations_differ, source_hash, spec_of, splits_at, wait,
+    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, pod_of_deployment, remaining, shape,
+    sidecar_annotations_differ, source_hash, spec_of, splits_at,
 };
+use crate::api::status::{Phase, PropagationWait};
 use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
 use crate::facts::pods::PodFacts;
 use crate::istio;
@@ -283,7 +284,7 @@ fn after_revert<'a>(
     b.status.current_percent = 0;
     b.requeue(wait);
     b.report(
-        phase::DEGRADED,
+        Phase::Degraded,
         "SplitReverted",
         &format!(
             "The routes of VirtualService {} were put back {count} times in a row; the split is re-applied in {}s",
@@ -334,7 +335,7 @@ fn wait_before_split<'a>(
         b.requeue(wait);
         let dr = b.status.destination_rule.clone().unwrap_or_default();
         b.report(
-            phase::PROGRESSING,
+            Phase::Progressing,
             "AddingSubsets",
             &format!(
                 "Waiting for the DestinationRule subsets to reach the sidecars: until Istio reports DestinationRule {dr} Reconciled, at most propagationDelay ({})",
@@ -360,7 +361,7 @@ fn wait_before_split<'a>(
         .count();
     if !ready.is_empty() && labelled == ready.len() && endpoints == 0 {
         b.report(
-            phase::PROGRESSING,
+            Phase::Progressing,
             "WaitingForStableEndpoints",
             &format!(
                 "none of the {} ready pods of Deployment {target_name} is a Ready endpoint of Service {} yet (its EndpointSlices); the stable subset would have no upstream",
@@ -372,18 +373,15 @@ fn wait_before_split<'a>(
     }
     if !ready.is_empty() && labelled == ready.len() {
         // This plan makes the dependent write: say what ended its wait.
-        b.status.last_propagation_wait = Some(
-            if propagated.reconciled {
-                wait::ISTIO_RECONCILED
-            } else {
-                wait::PROPAGATION_DELAY
-            }
-            .into(),
-        );
+        b.status.last_propagation_wait = Some(if propagated.reconciled {
+            PropagationWait::IstioReconciled
+        } else {
+            PropagationWait::PropagationDelay
+        });
         return Ok(b);
     }
     b.report(
-        phase::PROGRESSING,
+        Phase::Progressing,
         "WaitingForStablePods",
         &format!(
             "{labelled} of {} ready pods of Deployment {target_name} are in the stable subset",
@@ -707,10 +705,10 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
     let desired = w.desired;
     // With `always`, the clone records at `percent: 0` too.
     if (percent > 0 || !k.spec.always.is_empty()) && !health.healthy() {
-        let was_serving = w.current > 0 || b.prev.phase.as_deref() == Some(phase::DEGRADED);
+        let was_serving = w.current > 0 || b.prev.phase == Some(Phase::Degraded);
         let (phase, reason, message) = if health == CloneHealth::CrashLooping {
             (
-                phase::DEGRADED,
+                Phase::Degraded,
                 "CloneCrashLooping",
                 format!(
                     "A pod of {clone_name} is in CrashLoopBackOff; no traffic goes to the clone"
@@ -718,7 +716,7 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             )
         } else if o.clone.is_some_and(clone_stalled) {
             (
-                phase::DEGRADED,
+                Phase::Degraded,
                 "CloneStalled",
                 format!(
                     "{clone_name} has made no progress within its progressDeadlineSeconds (image pull, scheduling or readiness?); no traffic goes to the clone"
@@ -726,7 +724,7 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             )
         } else if health == CloneHealth::NoEndpoint && was_serving {
             (
-                phase::DEGRADED,
+                Phase::Degraded,
                 "CloneNotAnEndpoint",
                 format!(
                     "no ready replica of {clone_name} is a Ready endpoint of Service {} (its EndpointSlices); no traffic goes to the clone",
@@ -735,7 +733,7 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             )
         } else if o.clone.is_some() && was_serving {
             (
-                phase::DEGRADED,
+                Phase::Degraded,
                 "CloneNotReady",
                 format!("{clone_name} has no ready replica; no traffic goes to the clone"),
             )
@@ -743,7 +741,7 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             // One reason and message while the clone's first replica becomes Ready and then an
             // endpoint (usually milliseconds apart): no status write in between.
             (
-                phase::PROGRESSING,
+                Phase::Progressing,
                 "WaitingForClone",
                 format!(
                     "Waiting for a replica of {clone_name} that is Ready and a Ready endpoint of Service {} (its EndpointSlices, which the mesh routes to)",
@@ -761,10 +759,10 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
         if b.reason_changed("LimitedByMaxReplicas") {
             b.event(true, "LimitedByMaxReplicas", message.clone());
         }
-        b.report(phase::PROGRESSING, "LimitedByMaxReplicas", &message);
+        b.report(Phase::Progressing, "LimitedByMaxReplicas", &message);
     } else if w.capped {
         b.report(
-            phase::PROGRESSING,
+            Phase::Progressing,
             "WaitingForCloneCapacity",
             &format!(
                 "{} of {} replicas of {clone_name} are Ready; the weight stays at {desired}% until the clone can carry more (target {percent}%)",
@@ -775,9 +773,9 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
         let message =
             format!("{desired}% of requests go to the recording clone (target {percent}%)");
         if desired == percent {
-            b.report(phase::READY, "TargetReached", &message);
+            b.report(Phase::Ready, "TargetReached", &message);
         } else {
-            b.report(phase::PROGRESSING, "Ramping", &message);
+            b.report(Phase::Progressing, "Ramping", &message);
         }
     }
     b.finish()

@@ -8,9 +8,10 @@ use serde_json::json;
 
 use super::{
     Action, Builder, CANARY_LABEL, MeshKind, Plan, ROLE_LABEL, ROLE_STABLE, after, first_rival,
-    fmt_time, meta_name, meta_ns, meta_uid, owned_by, parse_time, phase, pod_of_deployment,
-    remaining, role_label_is_not_ours, spec_of, wait,
+    fmt_time, meta_name, meta_ns, meta_uid, owned_by, parse_time, pod_of_deployment, remaining,
+    role_label_is_not_ours, spec_of,
 };
+use crate::api::status::{Phase, PropagationWait};
 use crate::istio::{self, ServiceHost};
 
 /// Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
@@ -19,7 +20,7 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     let o = b.o;
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
-    if b.prev.phase.as_deref() != Some(phase::TERMINATING) {
+    if b.prev.phase != Some(Phase::Terminating) {
         b.event(
             false,
             "RollbackStarted",
@@ -27,7 +28,7 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
                 .into(),
         );
     }
-    b.status.phase = Some(phase::TERMINATING.into());
+    b.status.phase = Some(Phase::Terminating);
     if first_rival(o).is_some() {
         // This one never changed anything.
         b.actions.push(Action::RemoveFinalizer);
@@ -72,10 +73,10 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
         return b.finish();
     }
     let waited = if reconciled {
-        b.status.last_propagation_wait = Some(wait::ISTIO_RECONCILED.into());
+        b.status.last_propagation_wait = Some(PropagationWait::IstioReconciled);
         "once Istio reported the VirtualServices Reconciled without the routes".to_string()
     } else {
-        b.status.last_propagation_wait = Some(wait::PROPAGATION_DELAY.into());
+        b.status.last_propagation_wait = Some(PropagationWait::PropagationDelay);
         format!(
             "propagationDelay ({}) after the routes went",
             humantime::format_duration(delay)

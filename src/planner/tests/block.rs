@@ -48,7 +48,7 @@ fn a_canary_for_the_same_service_conflicts_too() {
         service: "backend".into(),
         ..rival("beta", -7200)
     }];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -74,13 +74,13 @@ fn the_older_canary_is_not_blocked_by_a_younger_one() {
     younger.rivals = vec![rival(CANARY, -3600)];
     assert_blocked(&younger.plan(), "Conflict");
     let p = w.plan();
-    assert_ne!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_ne!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert!(has(&p, is_dr_write));
     // Same creation time: the name decides, deterministically.
     w.rivals = vec![rival("aaa", -3600)];
     assert_blocked(&w.plan(), "Conflict");
     w.rivals = vec![rival("zzz", -3600)];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -350,7 +350,7 @@ fn weights_that_do_not_sum_to_100_keep_their_sum_when_split() {
         target_pod("frontend-7d9f-b").stable().build(),
     ];
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
+        .status(status(Phase::Progressing, "WaitingForStablePods", 0))
         .build();
     w.clone = Some(live_clone(&w.canary, &target(4), 1, 1));
     let w = w.clone_ready(1);

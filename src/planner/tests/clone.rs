@@ -63,7 +63,7 @@ fn sidecar_annotations_go_on_the_clone_deployment_metadata_not_its_pods() {
                 "sidecar",
                 json!({"annotations": {INJECT: "true", "sidecar.speedscale.com/tls-out": "true"}}),
             )
-            .status(status(phase::PROGRESSING, "WaitingForStablePods", 0)),
+            .status(status(Phase::Progressing, "WaitingForStablePods", 0)),
     );
     let p = w.plan();
     let d = created_clone(&p).expect("clone created");
@@ -306,7 +306,7 @@ fn changed_sidecar_annotations_replace_the_clone() {
     let w = serving_world(10).with_canary(
         canary()
             .spec("sidecar", json!({"annotations": {INJECT: "true", "sidecar.speedscale.com/capture-mode": "proxy"}}))
-            .status(status(phase::READY, "TargetReached", 10)),
+            .status(status(Phase::Ready, "TargetReached", 10)),
     );
     let p = w.plan();
     let replaced = p.actions.iter().find_map(|a| match a {
@@ -406,7 +406,7 @@ fn switching_a_live_clone_from_sidecar_to_ebpf_removes_the_inject_annotation() {
     let mut w = serving_world(10).with_canary(
         canary()
             .spec("capture", json!("EBPF"))
-            .status(status(phase::READY, "TargetReached", 10)),
+            .status(status(Phase::Ready, "TargetReached", 10)),
     );
     if let Some(cl) = w.clone.as_mut() {
         cl.metadata

@@ -37,21 +37,21 @@ fn a_split_put_back_by_another_writer_is_reapplied_at_once_and_the_writer_is_nam
         .expect("a SplitReverted event");
     assert!(e.warning && e.note.contains("argocd-controller"), "{e:?}");
     assert_eq!(p.status.revert_count, 1);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
 fn a_split_put_back_again_and_again_is_reapplied_after_a_doubling_delay() {
     // The second revert in a row: wait 2 s, Degraded, no write.
     let mut w = reverted_by("kubectl-client-side-apply", 10);
-    let mut st = status(phase::READY, "TargetReached", 10);
+    let mut st = status(Phase::Ready, "TargetReached", 10);
     st.revert_count = 1;
     st.last_revert_time = Some(rfc(at(-5)));
     w.canary = canary().percent(10).status(st).build();
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
     assert_eq!(p.status.revert_count, 2);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "SplitReverted");
     assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
     assert_eq!(
@@ -77,7 +77,7 @@ fn a_split_put_back_again_and_again_is_reapplied_after_a_doubling_delay() {
 #[test]
 fn the_revert_count_starts_over_once_a_split_has_held_for_ten_minutes() {
     let mut w = serving_world(10);
-    let mut st = status(phase::READY, "TargetReached", 10);
+    let mut st = status(Phase::Ready, "TargetReached", 10);
     st.revert_count = 5;
     st.last_revert_time = Some(rfc(at(-60)));
     w.canary = canary().percent(10).status(st.clone()).build();

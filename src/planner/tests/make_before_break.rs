@@ -33,7 +33,7 @@ fn the_vs_waits_a_full_propagation_delay_after_the_subsets() {
         .delay("3s")
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.now = at_ms(2_999);
@@ -62,7 +62,7 @@ fn a_restarted_controller_waits_the_propagation_delay_from_its_start() {
     w.canary = canary()
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.started = at(2);
@@ -108,7 +108,7 @@ fn a_clone_without_a_ready_replica_gets_no_weight() {
         .push(clone_pod("frontend-recording-5c4b-a").not_ready().build());
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     assert_eq!(ready_reason(&p), "WaitingForClone");
     assert!(p.events.is_empty(), "no transition: {:?}", p.events);
 }
@@ -123,7 +123,7 @@ fn weight_goes_to_the_clone_once_it_has_a_ready_replica() {
     );
     assert_eq!(weights(&after, 0), vec![90, 10]);
     assert_eq!(p.status.current_percent, 10);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(event_reasons(&p), vec!["RoutesSplit", "TargetReached"]);
 }
 
@@ -196,7 +196,7 @@ fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service(
         "{}",
         ready_message(&p)
     );
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     // One clone pod listed as a Ready endpoint: the weight goes to what one replica carries.
     let mut eps = target_endpoints(&w);
     eps.insert(format!("frontend-recording-5c4b-{}", pod_suffix(0)));
@@ -210,7 +210,7 @@ fn a_ready_clone_pod_gets_no_weight_until_it_is_a_ready_endpoint_of_the_service(
 fn the_weight_rises_only_as_far_as_the_clones_ready_endpoints_carry_it() {
     // 4 Ready clone pods, 1 of them an endpoint: the capacity is one replica's worth.
     let mut w = waiting_for_clone_world().with_canary(canary().percent(100).status(status(
-        phase::PROGRESSING,
+        Phase::Progressing,
         "WaitingForClone",
         0,
     )));
@@ -230,7 +230,7 @@ fn a_serving_clone_whose_pods_stop_being_endpoints_is_drained() {
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
     assert_eq!(ready_reason(&p), "CloneNotAnEndpoint");
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
 }
 
 #[test]
@@ -318,7 +318,7 @@ pub(super) fn waiting_world(delay: &str) -> World {
         .delay(delay)
         .status(RecordingCanaryStatus {
             subsets_added_time: Some(rfc(at(0))),
-            ..status(phase::PROGRESSING, "AddingSubsets", 0)
+            ..status(Phase::Progressing, "AddingSubsets", 0)
         })
         .build();
     w.now = at(1);
@@ -337,8 +337,8 @@ fn without_istio_status_the_split_waits_the_full_propagation_delay() {
     let p = w.plan();
     assert!(has(&p, is_vs_write), "{:#?}", p.actions);
     assert_eq!(
-        p.status.last_propagation_wait.as_deref(),
-        Some(wait::PROPAGATION_DELAY)
+        p.status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
     );
 }
 
@@ -354,8 +354,8 @@ fn the_split_goes_in_as_soon_as_istio_reports_the_destination_rule_reconciled_fo
             p.actions
         );
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
         assert_ne!(ready_reason(&p), "AddingSubsets");
     }
@@ -402,8 +402,8 @@ fn istio_reconciled_also_ends_the_wait_of_a_restarted_controller() {
 
 #[test]
 fn a_status_only_change_of_the_destination_rule_after_the_split_changes_nothing() {
-    let mut prev = status(phase::READY, "TargetReached", 10);
-    prev.last_propagation_wait = Some(wait::ISTIO_RECONCILED.into());
+    let mut prev = status(Phase::Ready, "TargetReached", 10);
+    prev.last_propagation_wait = Some(PropagationWait::IstioReconciled);
     let mut w = serving_world(10);
     w.canary = canary().status(prev).build();
     let quiet = w.plan();
@@ -417,8 +417,8 @@ fn a_status_only_change_of_the_destination_rule_after_the_split_changes_nothing(
         assert!(p.events.is_empty(), "{:?}", p.events);
         assert_eq!(p.status, quiet.status, "no status write");
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
     }
 }
@@ -432,7 +432,7 @@ pub(super) fn routes_removed_world() -> World {
         .status(RecordingCanaryStatus {
             routes_removed_time: Some(rfc(at(0))),
             virtual_services: vec!["shop/frontend".into()],
-            ..status(phase::TERMINATING, "TargetReached", 0)
+            ..status(Phase::Terminating, "TargetReached", 0)
         })
         .build();
     w.vss = vec![user_vs()];
@@ -452,8 +452,8 @@ fn rollback_removes_the_subsets_once_istio_reports_the_restored_virtual_service_
         assert!(has(&p, is_dr_write), "{:#?}", p.actions);
         assert_eq!(p.actions.last(), Some(&Action::RemoveFinalizer));
         assert_eq!(
-            p.status.last_propagation_wait.as_deref(),
-            Some(wait::ISTIO_RECONCILED)
+            p.status.last_propagation_wait,
+            Some(PropagationWait::IstioReconciled)
         );
         let note = &p
             .events
@@ -508,8 +508,8 @@ fn rollback_after_deleting_our_own_virtual_service_waits_the_propagation_delay()
         p.actions
     );
     assert_eq!(
-        p.status.last_propagation_wait.as_deref(),
-        Some(wait::PROPAGATION_DELAY)
+        p.status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
     );
     let note = &p
         .events

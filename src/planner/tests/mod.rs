@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::apps::v1::DeploymentStatus;
 
 use super::*;
+use crate::api::status::PropagationWait;
 use crate::api::{RECORDING_SUBSET, RESTORE_ANNOTATION, STABLE_SUBSET};
 
 mod block;
@@ -133,12 +134,12 @@ fn ready_condition(reason: &str, ok: bool) -> Condition {
 }
 
 /// Status of a canary whose subsets were added long ago and that routes `current` %.
-fn status(phase_: &str, reason: &str, current: i32) -> RecordingCanaryStatus {
+fn status(phase_: Phase, reason: &str, current: i32) -> RecordingCanaryStatus {
     RecordingCanaryStatus {
-        phase: Some(phase_.into()),
+        phase: Some(phase_),
         current_percent: current,
         subsets_added_time: Some(rfc(at(-600))),
-        conditions: vec![ready_condition(reason, phase_ == phase::READY)],
+        conditions: vec![ready_condition(reason, phase_ == Phase::Ready)],
         ..Default::default()
     }
 }
@@ -413,7 +414,7 @@ fn fresh_world() -> World {
 fn subsets_world() -> World {
     let mut w = fresh_world();
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForStablePods", 0))
+        .status(status(Phase::Progressing, "WaitingForStablePods", 0))
         .build();
     w.pods = vec![
         target_pod("frontend-7d9f-a").stable().build(),
@@ -427,7 +428,7 @@ fn subsets_world() -> World {
 fn serving_world(pct: i32) -> World {
     let c = canary()
         .percent(pct.into())
-        .status(status(phase::READY, "TargetReached", pct));
+        .status(status(Phase::Ready, "TargetReached", pct));
     let built = c.build();
     let t = target(4);
     // Ready replicas enough for any weight of a 4-replica target.
@@ -458,7 +459,7 @@ fn waiting_for_clone_world() -> World {
     let mut w = serving_world(10);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::PROGRESSING, "WaitingForClone", 0))
+        .status(status(Phase::Progressing, "WaitingForClone", 0))
         .build();
     w
 }
@@ -563,7 +564,7 @@ fn event_reasons(p: &Plan) -> Vec<&str> {
 }
 
 fn assert_blocked(p: &Plan, reason: &str) {
-    assert_eq!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_eq!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert_eq!(ready_reason(p), reason, "{p:#?}");
     assert!(
         p.events.iter().any(|e| e.warning && e.reason == reason),

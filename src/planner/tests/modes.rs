@@ -38,7 +38,7 @@ fn forced_and_excluded_requests_are_routed_ahead_of_the_split_once_the_clone_is_
     let c = canary()
         .spec("always", always_qa())
         .spec("never", never_health())
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let (mut w, v) = planned_vs(c.clone(), 10);
     assert_eq!(route_names(&v), ["rcanary-never", "rcanary-always", "-"]);
     assert_eq!(subsets_of_route(&v, 0), [Some(STABLE_SUBSET.to_string())]);
@@ -67,7 +67,7 @@ fn percent_zero_with_always_records_only_the_forced_requests_on_one_replica() {
     let c = canary()
         .percent(0)
         .spec("always", always_qa())
-        .status(status(phase::READY, "TargetReached", 0));
+        .status(status(Phase::Ready, "TargetReached", 0));
     let mut w = serving_world(0).with_canary(c);
     // serving_world(0) has no clone replica: it is sized to one, and nothing is forced yet.
     w = w.clone_ready(0);
@@ -94,7 +94,7 @@ fn a_sick_clone_loses_its_forced_requests_too() {
     let c = canary()
         .spec("always", always_qa())
         .spec("never", never_health())
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let (mut w, v) = planned_vs(c, 10);
     w.vss = vec![v];
     w.pods = vec![
@@ -120,8 +120,7 @@ fn a_sick_clone_loses_its_forced_requests_too() {
         "{drained:#}"
     );
     assert!(
-        event_reasons(&p).contains(&"TrafficDrained")
-            || p.status.phase.as_deref() == Some(phase::DEGRADED)
+        event_reasons(&p).contains(&"TrafficDrained") || p.status.phase == Some(Phase::Degraded)
     );
 }
 
@@ -142,7 +141,7 @@ fn switching_a_live_split_to_mirror_is_one_write_that_keeps_the_subsets() {
     let c = canary()
         .spec("mode", json!("Mirror"))
         .spec("acknowledgeMirrorSideEffects", json!(true))
-        .status(status(phase::READY, "TargetReached", 10));
+        .status(status(Phase::Ready, "TargetReached", 10));
     let w = serving_world(10).with_canary(c);
     let p = w.plan();
     let vs_writes = p.actions.iter().filter(|a| is_vs_write(a)).count();
@@ -216,7 +215,7 @@ fn target_pods_without_istio_sidecars_are_reported_once_without_stopping_progres
             .iter()
             .any(|e| e.warning && e.reason == "NoIstioSidecar")
     );
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert!(!has(&p, is_mesh_write), "{:#?}", p.actions);
     // Said once: the next plan, with that status, keeps the condition and sends no Event.
     let mut again = w;

@@ -14,7 +14,7 @@ pub(super) fn ramp_world(vs_pct: i64, last_step: Option<i64>) -> World {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: last_step.map(|s| rfc(at(s))),
-            ..status(phase::PROGRESSING, "Ramping", vs_pct as i32)
+            ..status(Phase::Progressing, "Ramping", vs_pct as i32)
         })
         .build();
     w
@@ -34,7 +34,7 @@ fn the_first_ramp_step_is_immediate() {
     assert_eq!(p.status.last_step_time, Some(rfc(at(0))));
     assert_eq!(p.requeue_after, Some(Duration::from_secs(30)));
     assert_eq!(ready_reason(&p), "Ramping");
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
 }
 
 #[test]
@@ -56,7 +56,7 @@ fn the_ramp_steps_after_the_interval_and_stops_at_the_target() {
     let w = ramp_world(20, Some(-30));
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![70, 30]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(p.requeue_after, None, "no further step");
     // At the target, nothing moves any more.
     let w = ramp_world(30, Some(-300));
@@ -73,7 +73,7 @@ fn the_last_ramp_step_does_not_overshoot() {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-30))),
-            ..status(phase::PROGRESSING, "Ramping", 20)
+            ..status(Phase::Progressing, "Ramping", 20)
         })
         .build();
     let p = w.plan();
@@ -101,7 +101,7 @@ fn decreasing_the_percent_applies_at_once_even_with_a_ramp() {
         .ramp(10, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-1))),
-            ..status(phase::READY, "TargetReached", 30)
+            ..status(Phase::Ready, "TargetReached", 30)
         })
         .build();
     let p = w.plan();
@@ -171,7 +171,7 @@ fn clone_replicas_are_the_ceiling_of_the_target_share() {
     w.canary = canary()
         .percent(50)
         .max_replicas(3)
-        .status(status(phase::READY, "TargetReached", 50))
+        .status(status(Phase::Ready, "TargetReached", 50))
         .build();
     let p = w.plan();
     assert!(
@@ -186,7 +186,7 @@ fn percent_zero_scales_the_clone_to_zero_and_routes_nothing() {
     let mut w = serving_world(10);
     w.canary = canary()
         .percent(0)
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));

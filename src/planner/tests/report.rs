@@ -13,7 +13,7 @@ fn a_steady_state_plans_nothing_and_publishes_no_event() {
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert!(p.events.is_empty(), "{:?}", p.events);
     assert_eq!(p.requeue_after, None);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert_eq!(p.status.current_percent, 10);
     assert_eq!(p.status.target_replicas, 4);
     assert_eq!(p.status.clone_replicas, 1);
@@ -70,13 +70,13 @@ fn a_phase_change_publishes_an_event_and_keeps_transition_times_otherwise() {
 fn the_status_says_who_labels_the_targets_new_pods() {
     let mut w = serving_world(10);
     assert_eq!(
-        w.plan().status.stable_labelling.as_deref(),
-        Some("Controller")
+        w.plan().status.stable_labelling,
+        Some(StableLabelling::Controller)
     );
     w.stable_labelling = StableLabelling::AdmissionPolicy;
     assert_eq!(
-        w.plan().status.stable_labelling.as_deref(),
-        Some("AdmissionPolicy")
+        w.plan().status.stable_labelling,
+        Some(StableLabelling::AdmissionPolicy)
     );
 }
 

@@ -10,7 +10,7 @@ pub(super) fn deleting_world() -> World {
     let mut w = serving_world(10);
     w.canary = canary()
         .deleting()
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     w
 }
@@ -24,7 +24,7 @@ fn rollback_restores_the_vs_first_and_then_waits() {
         matches!(&p.actions[0], Action::PatchMesh { kind: MeshKind::VirtualService, name, .. } if name == "frontend")
     );
     assert!(p.requeue_after.expect("requeue") >= Duration::from_secs(3));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::TERMINATING));
+    assert_eq!(p.status.phase, Some(Phase::Terminating));
     assert_eq!(p.status.current_percent, 0);
     assert_eq!(p.status.routes_removed_time, Some(rfc(at(0))));
     assert!(event_reasons(&p).contains(&"TrafficRestored"));
@@ -72,7 +72,7 @@ fn rollback_waits_the_propagation_delay_before_removing_subsets() {
     let p = w.plan();
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::TERMINATING));
+    assert_eq!(p.status.phase, Some(Phase::Terminating));
 }
 
 #[test]

@@ -271,7 +271,7 @@ fn a_shared_route_at_an_ambiguous_percent_stays_put_and_ramps_exactly() {
         .ramp(7, "30s")
         .status(RecordingCanaryStatus {
             last_step_time: Some(rfc(at(-30))),
-            ..status(phase::PROGRESSING, "Ramping", 7)
+            ..status(Phase::Progressing, "Ramping", 7)
         })
         .build();
     let p = w.plan();
@@ -281,7 +281,7 @@ fn a_shared_route_at_an_ambiguous_percent_stays_put_and_ramps_exactly() {
     );
     assert_eq!(p.status.current_percent, 14);
     assert_eq!(weights(&after, 0), vec![69, 11, 20]);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
@@ -390,7 +390,7 @@ fn a_gateway_only_virtual_service_does_not_make_the_mesh_choice_ambiguous() {
     gw["spec"]["hosts"] = json!(["shop.example.com"]);
     w.vss.push(gw);
     let p = w.plan();
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY), "{p:#?}");
+    assert_eq!(p.status.phase, Some(Phase::Ready), "{p:#?}");
     // It is not split either, since spec.gateways does not name it.
     assert!(patch_of(&p, MeshKind::VirtualService, "frontend-public").is_none());
 }
@@ -400,7 +400,7 @@ fn a_gateway_virtual_service_named_in_the_spec_is_split_too() {
     let mut w = serving_world(10);
     w.canary = canary()
         .spec("gateways", json!(["istio-system/public"]))
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let mut gw = vs(
         "frontend-public",
@@ -442,7 +442,7 @@ fn a_destination_rule_in_the_istio_root_namespace_does_not_block() {
     w.drs
         .push(dr_in("istio-system", "mesh-default", json!({"host": FQDN})));
     let p = w.plan();
-    assert_ne!(p.status.phase.as_deref(), Some(phase::BLOCKED), "{p:#?}");
+    assert_ne!(p.status.phase, Some(Phase::Blocked), "{p:#?}");
     assert!(patch_of(&p, MeshKind::DestinationRule, "frontend").is_some());
 }
 
@@ -480,7 +480,7 @@ fn pod_labels_that_override_a_key_the_service_selects_on_block_before_any_write(
     let mut w =
         fresh_world().with_canary(canary().spec("sidecar", json!({"podLabels": {"extra": "yes"}})));
     w.service_selector.insert("tier".into(), "web".into());
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
@@ -605,17 +605,13 @@ fn an_adopted_destination_rule_exported_more_narrowly_than_the_routes_blocks() {
         w.drs[0]["spec"]["exportTo"] = json!(["."]);
         w.vss[0]["spec"]["exportTo"] = vs_export.clone();
         let p = w.plan();
-        assert_ne!(
-            p.status.phase.as_deref(),
-            Some(phase::BLOCKED),
-            "{vs_export}: {p:#?}"
-        );
+        assert_ne!(p.status.phase, Some(Phase::Blocked), "{vs_export}: {p:#?}");
     }
     // A DR exported to a list that holds every namespace of the VS's list: fine; one missing: not.
     let mut w = fresh_world();
     w.drs[0]["spec"]["exportTo"] = json!([".", "istio-system"]);
     w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop"]);
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
     w.vss[0]["spec"]["exportTo"] = json!(["istio-system", "shop", "edge"]);
     assert_blocked(&w.plan(), "DestinationRuleNotExported");
 }
@@ -652,7 +648,7 @@ fn a_propagation_delay_of_zero_is_refused() {
 fn max_replicas_below_the_proportional_size_caps_the_weight_at_what_they_carry() {
     // 50 % of a 100-replica target on at most 2 replicas: 2 % is what they carry, not 50.
     let c = canary().percent(50).max_replicas(2).status(status(
-        phase::PROGRESSING,
+        Phase::Progressing,
         "WaitingForClone",
         0,
     ));
@@ -671,7 +667,7 @@ fn max_replicas_below_the_proportional_size_caps_the_weight_at_what_they_carry()
     );
     // A canary serving 50 % whose target grows past what maxReplicas carry is brought down.
     let mut w = serving_world(50).with_canary(canary().percent(50).max_replicas(2).status(status(
-        phase::READY,
+        Phase::Ready,
         "TargetReached",
         50,
     )));
@@ -701,7 +697,7 @@ fn a_users_destination_rule_that_already_holds_our_subsets_is_never_written_nor_
     w.vss = vec![user_vs()];
     w.canary.status = Some(RecordingCanaryStatus {
         routes_removed_time: Some(rfc(at(-3600))),
-        ..status(phase::TERMINATING, "RolledBack", 0)
+        ..status(Phase::Terminating, "RolledBack", 0)
     });
     let p = w.plan();
     assert!(
@@ -739,7 +735,7 @@ fn only_the_missing_subset_is_added_and_only_it_is_removed_on_rollback() {
     w.vss = vec![user_vs()];
     w.canary.status = Some(RecordingCanaryStatus {
         routes_removed_time: Some(rfc(at(-3600))),
-        ..status(phase::TERMINATING, "RolledBack", 0)
+        ..status(Phase::Terminating, "RolledBack", 0)
     });
     let p = w.plan();
     let after = apply_ops(
@@ -839,7 +835,7 @@ fn a_wildcard_destination_rule_with_tls_other_than_istio_mutual_blocks_instead_o
         json!({"host": "*.shop.svc.cluster.local",
         "workloadSelector": {"matchLabels": {"app": "x"}}, "trafficPolicy": {"tls": {"mode": "DISABLE"}}}),
     )];
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]

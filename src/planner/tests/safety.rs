@@ -12,7 +12,7 @@ fn a_clone_that_loses_its_ready_replicas_gets_weight_zero_and_a_warning() {
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
     assert_eq!(p.status.current_percent, 0);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneNotReady");
     assert!(
         p.events
@@ -40,7 +40,7 @@ fn a_crash_looping_clone_gets_weight_zero_at_once() {
     );
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![100, 0]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneCrashLooping");
     assert!(
         p.events
@@ -62,7 +62,7 @@ fn a_crash_looping_target_pod_does_not_degrade_the_canary() {
     );
     let p = w.plan();
     assert!(!has(&p, is_vs_write));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
 }
 
 #[test]
@@ -70,11 +70,11 @@ fn a_degraded_clone_gets_its_weight_back_when_healthy() {
     let mut w = serving_world(10);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::DEGRADED, "CloneNotReady", 0))
+        .status(status(Phase::Degraded, "CloneNotReady", 0))
         .build();
     let p = w.plan();
     assert_eq!(vs_weight_after(&w, &p), Some(vec![90, 10]));
-    assert_eq!(p.status.phase.as_deref(), Some(phase::READY));
+    assert_eq!(p.status.phase, Some(Phase::Ready));
     assert!(
         p.events
             .iter()
@@ -89,12 +89,12 @@ fn staying_degraded_repeats_no_event_and_no_write() {
     let mut w = serving_world(10).clone_ready(0);
     w.vss = vec![split_vs(0)];
     w.canary = canary()
-        .status(status(phase::DEGRADED, "CloneNotReady", 0))
+        .status(status(Phase::Degraded, "CloneNotReady", 0))
         .build();
     let p = w.plan();
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
     assert!(p.events.is_empty(), "{:?}", p.events);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ fn staying_degraded_repeats_no_event_and_no_write() {
 pub(super) fn serving_canary(f: impl Fn(CanaryB) -> CanaryB) -> RecordingCanary {
     f(canary()
         .percent(10)
-        .status(status(phase::READY, "TargetReached", 10)))
+        .status(status(Phase::Ready, "TargetReached", 10)))
     .build()
 }
 
@@ -281,11 +281,7 @@ fn every_block_reason_still_drains_a_sick_clone_and_labels_new_target_pods() {
                 .push(pod_of(TARGET, "8e0a", "frontend-8e0a-new").build());
             let p = w.plan();
             let case = format!("{reason}, clone {how}");
-            assert_eq!(
-                p.status.phase.as_deref(),
-                Some(phase::BLOCKED),
-                "{case}: {p:#?}"
-            );
+            assert_eq!(p.status.phase, Some(Phase::Blocked), "{case}: {p:#?}");
             assert_eq!(ready_reason(&p), reason, "{case}");
             let ops = patch_of(&p, MeshKind::VirtualService, "frontend")
                 .unwrap_or_else(|| panic!("{case}: no drain of the split: {:#?}", p.actions));

@@ -326,12 +326,12 @@ impl Sim {
         if let Some(i) = pos(&p, |a| *a == Action::RemoveFinalizer) {
             assert_eq!(i + 1, p.actions.len(), "RemoveFinalizer is last");
         }
-        let prev_phase = self.w.canary.status.as_ref().and_then(|s| s.phase.clone());
+        let prev_phase = self.w.canary.status.as_ref().and_then(|s| s.phase);
         let weight_before = recording_weight(&self.w.vss);
         for a in &p.actions {
             self.apply(a);
         }
-        if prev_phase != p.status.phase && p.status.phase.as_deref() != Some(phase::TERMINATING) {
+        if prev_phase != p.status.phase && p.status.phase != Some(Phase::Terminating) {
             assert!(
                 !p.events.is_empty(),
                 "phase {prev_phase:?} -> {:?} without an event",
@@ -399,7 +399,7 @@ fn simulated_loop_converges_and_never_routes_to_missing_subsets() {
     assert_eq!(v["spec"]["http"][2], original_vs["spec"]["http"][2]);
     assert_eq!(v["spec"]["tcp"], original_vs["spec"]["tcp"]);
     let st = sim.w.canary.status.clone().unwrap();
-    assert_eq!(st.phase.as_deref(), Some(phase::READY));
+    assert_eq!(st.phase, Some(Phase::Ready));
     assert_eq!(st.current_percent, 10);
     assert!(sim.w.canary.finalizers().contains(&FINALIZER.to_string()));
     assert_eq!(
@@ -481,8 +481,8 @@ fn simulated_loop_with_owned_objects_ramps_in_steps_and_rolls_back() {
     let v = sim.w.vs_named(&format!("{CANARY}-recording")).clone();
     assert_eq!(weights(&v, 0), vec![88, 12]);
     assert_eq!(
-        sim.w.canary.status.as_ref().unwrap().phase.as_deref(),
-        Some(phase::READY)
+        sim.w.canary.status.as_ref().unwrap().phase,
+        Some(Phase::Ready)
     );
 
     // The weights the VS went through, and when.
@@ -578,7 +578,7 @@ fn a_clone_whose_rollout_stalled_is_reported_degraded_with_no_traffic() {
     }
     let p = w.plan();
     assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::DEGRADED));
+    assert_eq!(p.status.phase, Some(Phase::Degraded));
     assert_eq!(ready_reason(&p), "CloneStalled");
     assert!(
         p.events
@@ -593,7 +593,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
     let mut w = serving_world(10).clone_ready(1);
     w.canary = canary()
         .percent(100)
-        .status(status(phase::READY, "TargetReached", 10))
+        .status(status(Phase::Ready, "TargetReached", 10))
         .build();
     let p = w.plan();
     // One Ready replica carries ceil(4 × w / 100) <= 1, i.e. w <= 25.
@@ -602,7 +602,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
         patch_of(&p, MeshKind::VirtualService, "frontend").unwrap(),
     );
     assert_eq!(weights(&after, 0), vec![75, 25]);
-    assert_eq!(p.status.phase.as_deref(), Some(phase::PROGRESSING));
+    assert_eq!(p.status.phase, Some(Phase::Progressing));
     assert_eq!(ready_reason(&p), "WaitingForCloneCapacity");
     // The clone is asked for what 100% needs.
     assert!(
@@ -617,7 +617,7 @@ fn the_weight_rises_only_as_far_as_the_clones_ready_replicas_carry_it() {
     let mut w2 = w2;
     w2.canary = canary()
         .percent(100)
-        .status(status(phase::PROGRESSING, "WaitingForCloneCapacity", 25))
+        .status(status(Phase::Progressing, "WaitingForCloneCapacity", 25))
         .build();
     let p2 = w2.plan();
     let after2 = apply_ops(
@@ -701,7 +701,7 @@ fn a_service_that_also_selects_another_workload_blocks() {
         ("app".to_string(), "frontend".to_string()),
         ("tier".to_string(), "web".to_string()),
     ]);
-    assert_ne!(w.plan().status.phase.as_deref(), Some(phase::BLOCKED));
+    assert_ne!(w.plan().status.phase, Some(Phase::Blocked));
 }
 
 #[test]
