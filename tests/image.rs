@@ -1,11 +1,15 @@
-//! The container image: the OCI image layout that `cargo run --bin oci-image` writes.
+//! The container image: the OCI image layout that `cargo xtask image` writes.
 //!
 //! With `RC_OCI_LAYOUT=DIR` the tests inspect that layout (tests/run.sh builds it first);
-//! otherwise they run the `oci-image` binary, which builds the static binary (about 15 min cold on
-//! 2 cores) and writes a layout under the cargo target dir's tmp/.
+//! otherwise they run `cargo xtask image`, which builds the static binary (about 15 min cold on
+//! 2 cores; `RC_STATIC_TARGET_DIR` picks its target dir, as in tests/run.sh) and writes a layout
+//! under the cargo target dir's tmp/.
 //!
-//! The tar reader and the ELF check here are written independently of src/bin/oci-image.rs, so
-//! that they check its output rather than share its mistakes.
+//! The readers here are not the writer's: the `tar` crate's archive reader (it checks each
+//! header's checksum; xtask writes with its `Header` and sets the checksum field itself),
+//! flate2's decoder, `object`'s generic reader (format, architecture, `.interp`) beside the ELF
+//! program headers, and plain `serde_json` values where xtask writes `oci-spec` types. So they
+//! check its output rather than share its assumptions.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
@@ -15,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use object::read::elf::{ElfFile64, ProgramHeader};
+use object::{Architecture, BinaryFormat, Object};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -33,25 +39,31 @@ fn layout() -> &'static Path {
             assert!(
                 dir.join("oci-layout").is_file(),
                 "RC_OCI_LAYOUT={} is not an OCI image layout (no oci-layout file); write one with\n  \
-                 cargo run --bin oci-image -- --out {0}\nor unset RC_OCI_LAYOUT to have this test build it",
+                 cargo xtask image --out {0}\nor unset RC_OCI_LAYOUT to have this test build it",
                 dir.display()
             );
             return dir;
         }
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("oci-image-test");
         eprintln!(
-            "RC_OCI_LAYOUT is not set: running oci-image --out {} (the static build takes about 15 min cold)",
+            "RC_OCI_LAYOUT is not set: running cargo xtask image --out {} (the static build takes about 15 min cold)",
             out.display()
         );
-        let run = Command::new(env!("CARGO_BIN_EXE_oci-image"))
-            .arg("--out")
-            .arg(&out)
+        let mut xtask = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        xtask
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "--quiet", "--package", "xtask", "--", "image", "--out"])
+            .arg(&out);
+        if let Some(dir) = std::env::var_os("RC_STATIC_TARGET_DIR") {
+            xtask.arg("--target-dir").arg(dir);
+        }
+        let run = xtask
             .stderr(Stdio::inherit())
             .output()
-            .expect("run the oci-image binary");
+            .expect("run cargo xtask image");
         assert!(
             run.status.success(),
-            "oci-image failed ({}); its messages are above. By hand: cargo run --bin oci-image -- --out {}",
+            "cargo xtask image failed ({}); its messages are above. By hand: cargo xtask image --out {}",
             run.status,
             out.display()
         );
@@ -65,10 +77,6 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The blob a descriptor points at, after checking its digest and size.
 fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
     let digest = descriptor["digest"].as_str().expect("descriptor digest");
@@ -78,7 +86,7 @@ fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
     let path = layout.join("blobs/sha256").join(hash);
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     assert_eq!(
-        hex(&Sha256::digest(&bytes)),
+        format!("{:x}", Sha256::digest(&bytes)),
         hash,
         "{} does not hash to its name",
         path.display()
@@ -89,88 +97,64 @@ fn blob(layout: &Path, descriptor: &Value) -> Vec<u8> {
 
 struct TarEntry {
     name: String,
-    mode: u64,
+    mode: u32,
     uid: u64,
     gid: u64,
-    typeflag: u8,
+    entry_type: tar::EntryType,
     contents: Vec<u8>,
 }
 
-fn octal(field: &[u8]) -> u64 {
-    let s = std::str::from_utf8(field).expect("octal field is ASCII");
-    let s = s.trim_matches(|c: char| c == '\0' || c == ' ');
-    u64::from_str_radix(s, 8).unwrap_or_else(|e| panic!("octal field {s:?}: {e}"))
-}
-
-fn cstr(field: &[u8]) -> String {
-    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    String::from_utf8_lossy(&field[..end]).into_owned()
-}
-
-/// Every header of a tar archive (extension headers included, as entries of their own type).
-fn tar_entries(tar: &[u8]) -> Vec<TarEntry> {
-    let mut entries = Vec::new();
-    let mut off = 0;
-    loop {
-        let h = tar
-            .get(off..off + 512)
-            .expect("the tar ends with two zero blocks");
-        if h.iter().all(|&b| b == 0) {
-            let next = tar.get(off + 512..off + 1024).expect("a second zero block");
-            assert!(next.iter().all(|&b| b == 0), "one zero block, then data");
-            break;
-        }
-        let mut spaced = h.to_vec();
-        spaced[148..156].fill(b' ');
-        let sum: u64 = spaced.iter().map(|&b| u64::from(b)).sum();
-        assert_eq!(octal(&h[148..156]), sum, "tar header checksum at {off}");
-        assert_eq!(&h[257..263], b"ustar\0", "a POSIX ustar header");
-        let prefix = cstr(&h[345..500]);
-        let name = cstr(&h[..100]);
-        let size = usize::try_from(octal(&h[124..136])).expect("size");
-        let data = off + 512;
-        entries.push(TarEntry {
-            name: if prefix.is_empty() {
-                name
-            } else {
-                format!("{prefix}/{name}")
-            },
-            mode: octal(&h[100..108]),
-            uid: octal(&h[108..116]),
-            gid: octal(&h[116..124]),
-            typeflag: h[156],
-            contents: tar.get(data..data + size).expect("entry data").to_vec(),
-        });
-        off = data + size.next_multiple_of(512);
-    }
+/// Every header of a tar archive, as the `tar` crate reads it (it checks each header's checksum),
+/// extension headers (PAX, GNU long names) included as entries of their own type.
+fn tar_entries(archive: &[u8]) -> Vec<TarEntry> {
+    let mut archive = tar::Archive::new(archive);
+    let entries = archive.entries().expect("tar entries").raw(true);
     entries
+        .map(|entry| {
+            let mut entry = entry.expect("a tar entry (valid header and checksum)");
+            let header = entry.header();
+            assert!(header.as_ustar().is_some(), "a POSIX ustar header");
+            let mut e = TarEntry {
+                name: String::from_utf8_lossy(&entry.path_bytes()).into_owned(),
+                mode: header.mode().expect("mode"),
+                uid: header.uid().expect("uid"),
+                gid: header.gid().expect("gid"),
+                entry_type: header.entry_type(),
+                contents: Vec::new(),
+            };
+            entry.read_to_end(&mut e.contents).expect("entry data");
+            e
+        })
+        .collect()
 }
 
-/// The PT_INTERP segment of a 64-bit little-endian ELF file, if it has one.
-fn elf_interpreter(elf: &[u8]) -> Option<String> {
-    assert_eq!(
-        &elf[..6],
-        b"\x7fELF\x02\x01",
-        "a 64-bit little-endian ELF file"
+/// The PT_INTERP segment of a 64-bit little-endian x86-64 ELF file, if it has one.
+fn elf_interpreter(bytes: &[u8]) -> Option<String> {
+    let file = object::File::parse(bytes).expect("an object file");
+    assert_eq!(file.format(), BinaryFormat::Elf, "an ELF file");
+    assert!(
+        file.is_64() && file.is_little_endian(),
+        "64-bit little-endian"
     );
     assert_eq!(
-        u16::from_le_bytes([elf[18], elf[19]]),
-        62,
+        file.architecture(),
+        Architecture::X86_64,
         "e_machine x86-64"
     );
-    let word = |off: usize, len: usize| {
-        elf[off..off + len]
-            .iter()
-            .rev()
-            .fold(0usize, |acc, &b| acc << 8 | usize::from(b))
-    };
-    let (phoff, phentsize, phnum) = (word(32, 8), word(54, 2), word(56, 2));
-    (0..phnum).map(|i| phoff + i * phentsize).find_map(|ph| {
-        (word(ph, 4) == 3).then(|| {
-            let (off, size) = (word(ph + 8, 8), word(ph + 32, 8));
-            cstr(&elf[off..off + size])
-        })
-    })
+    let interp_section = file.section_by_name(".interp").is_some();
+    let elf = ElfFile64::<object::Endianness>::parse(bytes).expect("a 64-bit ELF file");
+    let interp = elf.elf_program_headers().iter().find_map(|segment| {
+        segment
+            .interpreter(elf.endian(), bytes)
+            .expect("a readable PT_INTERP segment")
+            .map(|i| String::from_utf8_lossy(i).into_owned())
+    });
+    assert_eq!(
+        interp_section,
+        interp.is_some(),
+        "an .interp section goes with a PT_INTERP segment"
+    );
+    interp
 }
 
 #[test]
@@ -273,7 +257,7 @@ fn the_image_layout_runs_the_static_binary_as_a_non_root_user_and_holds_nothing_
     flate2::read::GzDecoder::new(&layer[..])
         .read_to_end(&mut tar)
         .expect("the layer is gzip");
-    let diff_id = format!("sha256:{}", hex(&Sha256::digest(&tar)));
+    let diff_id = format!("sha256:{:x}", Sha256::digest(&tar));
     assert_eq!(config["rootfs"]["type"], "layers");
     assert_eq!(config["rootfs"]["diff_ids"], serde_json::json!([diff_id]));
     let entries = tar_entries(&tar);
@@ -284,7 +268,14 @@ fn the_image_layout_runs_the_static_binary_as_a_non_root_user_and_holds_nothing_
         "the layer holds the binary and nothing else"
     );
     let bin = &entries[0];
-    assert_eq!(bin.typeflag, b'0', "a regular file");
+    assert_eq!(bin.entry_type, tar::EntryType::Regular, "a regular file");
+    // Its header, its data to a whole block, and the end: two zero blocks, nothing after.
+    let end = 512 + bin.contents.len().next_multiple_of(512);
+    assert_eq!(tar.len(), end + 1024, "the tar ends with two zero blocks");
+    assert!(
+        tar[end..].iter().all(|&b| b == 0),
+        "the end-of-archive blocks are zero"
+    );
     assert_eq!(
         (bin.mode, bin.uid, bin.gid),
         (0o755, 0, 0),

@@ -160,14 +160,17 @@ target_dir=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")
 
 # --- the container image -----------------------------------------------------------------------
-# The static release build (a build of its own: about 15 min cold on 2 cores, seconds warm) and the
-# OCI image layout (src/bin/oci-image.rs); tests/image.rs, among the integration tests below,
-# inspects this layout. The static build's target directory is cached outside the work tree, like
-# the control plane (a fresh clone then rebuilds only this crate); RC_STATIC_TARGET_DIR overrides it.
-section "image: static build and OCI layout (cargo run --bin oci-image)"
+# The image tool (xtask/, a workspace crate the steps above do not cover): its lints and unit tests
+# (the tar header, the ELF check, the same bytes for the same binary). Then the static release build
+# (a build of its own: about 15 min cold on 2 cores, seconds warm) and the OCI image layout;
+# tests/image.rs, among the integration tests below, inspects this layout. The static build's target
+# directory is cached outside the work tree, like the control plane (a fresh clone then rebuilds only
+# this crate); RC_STATIC_TARGET_DIR overrides it.
+section "image: xtask's lints and unit tests, static build and OCI layout (cargo xtask image)"
 export RC_OCI_LAYOUT=$target_dir/oci/recording-canary
-cargo build --quiet --bin oci-image
-CARGO_TARGET_DIR=${RC_STATIC_TARGET_DIR:-$RC_CACHE_DIR/cargo-static} "$target_dir/debug/oci-image" --out "$RC_OCI_LAYOUT"
+cargo clippy --quiet --package xtask --all-targets -- -D warnings
+cargo test --quiet --package xtask
+cargo xtask image --target-dir "${RC_STATIC_TARGET_DIR:-$RC_CACHE_DIR/cargo-static}" --out "$RC_OCI_LAYOUT"
 done_section
 
 # --- integration / end-to-end tests ------------------------------------------------------------
