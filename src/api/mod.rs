@@ -68,7 +68,8 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Stable-Labels","type":"string","priority":1,"jsonPath":".status.stableLabelling"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","priority":1,"jsonPath":".spec.mode"}"#,
-    printcolumn = r#"{"name":"Capture","type":"string","priority":1,"jsonPath":".spec.capture"}"#
+    printcolumn = r#"{"name":"Capture","type":"string","priority":1,"jsonPath":".spec.capture"}"#,
+    printcolumn = r#"{"name":"Router","type":"string","priority":1,"jsonPath":".status.router"}"#
 )]
 #[serde(rename_all = "camelCase")]
 // Rules across fields, and the immutable fields: a rule on an optional field itself would not
@@ -82,6 +83,7 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     validation = immutable("spec.virtualService", "has(self.virtualService) == has(oldSelf.virtualService) && (!has(self.virtualService) || self.virtualService == oldSelf.virtualService)"),
     validation = immutable("spec.gateways", "has(self.gateways) == has(oldSelf.gateways) && (!has(self.gateways) || self.gateways == oldSelf.gateways)"),
     validation = immutable("spec.destinationRule", "has(self.destinationRule) == has(oldSelf.destinationRule) && (!has(self.destinationRule) || self.destinationRule == oldSelf.destinationRule)"),
+    validation = immutable("spec.router", "(has(self.router) ? self.router : 'Auto') == (has(oldSelf.router) ? oldSelf.router : 'Auto')"),
 )]
 pub struct RecordingCanarySpec {
     /// The apps/v1 Deployment to clone, in the same namespace as the RecordingCanary.
@@ -145,6 +147,14 @@ pub struct RecordingCanarySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_replicas: Option<i32>,
+    /// How the traffic is split: `Auto` (the default) picks `GatewayAPI` when an HTTPRoute already
+    /// has the Service as a parent or the Service's namespace is in Istio's ambient mode, else
+    /// `Istio`; `Istio`: DestinationRule subsets and VirtualService weights; `GatewayAPI`:
+    /// HTTPRoute weights between two Services the canary owns; `Replicas`: no mesh at all, the
+    /// clone's pods join the Service's endpoints and the share is theirs (only when asked).
+    /// Immutable; `status.router` says which one is in force.
+    #[serde(default, skip_serializing_if = "RouterChoice::is_auto")]
+    pub router: RouterChoice,
     /// Time left between dependent DestinationRule and VirtualService writes, so that every Envoy has
     /// the subsets before a route uses them (a duration such as `3s`).
     #[serde(default = "default_propagation_delay")]
@@ -174,6 +184,28 @@ pub struct Ramp {
     #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     #[x_kube(validation = Rule::new(NOT_ZERO_DURATION).message("spec.ramp.interval must be longer than 0s"))]
     pub interval: String,
+}
+
+/// Which router splits the traffic (`spec.router`).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RouterChoice {
+    /// `GatewayAPI` when an HTTPRoute has the Service as a parent or the namespace is ambient, else `Istio`.
+    #[default]
+    Auto,
+    /// DestinationRule subsets and VirtualService weights (Istio's sidecar mode).
+    Istio,
+    /// HTTPRoute backendRef weights between two Services the canary owns (Istio ambient with a
+    /// waypoint, GAMMA meshes, Istio in sidecar mode with Gateway API routes).
+    #[serde(rename = "GatewayAPI")]
+    GatewayApi,
+    /// No mesh: the clone's pods join the Service's endpoints; the share is theirs.
+    Replicas,
+}
+
+impl RouterChoice {
+    fn is_auto(&self) -> bool {
+        *self == RouterChoice::Auto
+    }
 }
 
 /// How the recording clone gets its requests.
@@ -380,6 +412,9 @@ pub struct RecordingCanaryStatus {
     /// at admission, also while no controller runs) or `Controller` (this controller, while it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_labelling: Option<StableLabelling>,
+    /// The router in force: `Istio`, `GatewayAPI` or `Replicas` (set once; never changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<status::Router>,
     /// Ready, Progressing and Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -124,3 +124,27 @@ mod tests {
         }
     }
 }
+
+/// Istio, GatewayAPI or Replicas: the router in force (`spec.router`, or what `Auto` chose). Set
+/// once; it never changes on a running canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Router {
+    /// DestinationRule subsets and VirtualService weights.
+    Istio,
+    /// HTTPRoute backendRef weights between two Services the canary owns.
+    #[serde(rename = "GatewayAPI")]
+    GatewayApi,
+    /// No mesh: the clone's share of the Service's Ready endpoints.
+    Replicas,
+}
+
+impl Router {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Router::Istio => "Istio",
+            Router::GatewayApi => "GatewayAPI",
+            Router::Replicas => "Replicas",
+        }
+    }
+}

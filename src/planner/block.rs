@@ -3,14 +3,14 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
-use serde_json::Value;
 
+use super::router::{self, Routing};
 use super::{
     CANARY_LABEL, MeshKind, Observed, ROLE_LABEL, clone_of, clone_pod_labels, first_rival,
-    is_root_namespace, meta_name, meta_ns, owned_by, pod_of_deployment, shape, spec_of,
+    pod_of_deployment,
 };
 use crate::api::ValidSpec;
-use crate::istio::{self, ServiceHost};
+use crate::istio::ServiceHost;
 
 /// Why a canary makes no progress. Safety actions still run (see `safety`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,36 +332,13 @@ impl Block {
     }
 }
 
-/// The VirtualService or DestinationRule to work on.
-#[derive(Clone, Copy)]
-pub(super) enum Choice<'v> {
-    /// The user's: patched surgically, restored on rollback.
-    Adopt(&'v Value),
-    /// One of our own: `None` until it is created.
-    Own(Option<&'v Value>),
-}
-
-impl<'v> Choice<'v> {
-    pub(super) fn object(self) -> Option<&'v Value> {
-        match self {
-            Choice::Adopt(v) | Choice::Own(Some(v)) => Some(v),
-            Choice::Own(None) => None,
-        }
-    }
-}
-
 /// What the checks established, for the progress stage.
 pub(super) struct Checked<'a> {
     pub spec: ValidSpec,
     pub target: &'a Deployment,
     pub host: ServiceHost,
-    pub vs: Choice<'a>,
-    pub dr: Choice<'a>,
-    /// VirtualServices bound to the gateways listed in the spec that route to the host.
-    pub gateway_vss: Vec<&'a Value>,
-    /// With a DestinationRule of our own: the wildcard DestinationRule whose traffic policy it
-    /// carries over, and that policy (see `wildcard_policy`).
-    pub carried: Option<(&'a Value, &'a Value)>,
+    /// The router in force, with what its checks established.
+    pub routing: Routing<'a>,
 }
 
 /// Runs every check, in order; the first that fails blocks progress.
@@ -405,45 +382,14 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
             clone: c.spec.clone_name(),
         });
     }
-    let uid = c.metadata.uid.clone().unwrap_or_default();
     let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
-    let vs = choose_vs(o, &host, &uid)?;
-    let dr = choose_dr(o, &host, &uid)?;
-    check_adopted(o, &host, vs, dr)?;
-    let gateway_vss = gateway_routes(o, &host, vs)?;
-    check_exported(o, dr, vs, &gateway_vss)?;
-    check_root_dr(o, &host)?;
-    let carried = match dr {
-        Choice::Own(_) => super::wildcard_policy(o, &host),
-        Choice::Adopt(_) => None,
-    };
-    if let Some((d, policy)) = carried
-        && let Some(tls) = istio::tls_beyond_istio_mutual(policy)
-    {
-        return Err(Block::WildcardDestinationRuleTls {
-            destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
-            tls,
-        });
-    }
-    // Every part of the spec's shape, the forced requests included.
-    let shape = shape(&spec, spec.percent, true);
-    for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
-        if let Some(problem) = istio::shape_problem(spec_of(v), &host, meta_ns(v), &shape) {
-            return Err(Block::UnsupportedRoute {
-                virtual_service: format!("{}/{}", meta_ns(v), meta_name(v)),
-                problem,
-            });
-        }
-    }
+    let routing = Routing::Istio(router::istio::check(o, &host, &spec)?);
     check_service_selects_only_ours(o)?;
     Ok(Checked {
         spec,
         target,
         host,
-        vs,
-        dr,
-        gateway_vss,
-        carried,
+        routing,
     })
 }
 
@@ -484,157 +430,6 @@ fn check_labels(o: &Observed, target: &Deployment) -> Result<(), Block> {
     Ok(())
 }
 
-/// Every VirtualService whose routes will use the subsets must be seen only by namespaces that
-/// also see the DestinationRule defining them (an adopted one; ours is exported everywhere).
-fn check_exported(
-    o: &Observed,
-    dr: Choice,
-    vs: Choice,
-    gateway_vss: &[&Value],
-) -> Result<(), Block> {
-    let Choice::Adopt(d) = dr else {
-        return Ok(());
-    };
-    let ns = o.canary.namespace().unwrap_or_default();
-    let routes = vs.object().into_iter().chain(gateway_vss.iter().copied());
-    // A VirtualService still to be created (ours) is exported everywhere.
-    let mut views: Vec<(String, istio::Audience)> = routes
-        .map(|v| {
-            (
-                format!("{}/{}", meta_ns(v), meta_name(v)),
-                istio::Audience::of(v),
-            )
-        })
-        .collect();
-    if vs.object().is_none() {
-        views.push((
-            format!("{ns}/{}", super::owned_mesh_name(o.canary)),
-            istio::Audience::All,
-        ));
-    }
-    let dr_view = istio::Audience::of(d);
-    for (name, view) in views {
-        if !dr_view.covers(&view) {
-            return Err(Block::DestinationRuleNotExported {
-                destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
-                its_export_to: dr_view.describe(),
-                virtual_service: name,
-                vs_export_to: view.describe(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// With gateways listed, no DestinationRule for the host in the root namespace (see
-/// [`Block::RootDestinationRuleForGateways`]).
-fn check_root_dr(o: &Observed, host: &ServiceHost) -> Result<(), Block> {
-    if o.canary.spec.gateways.is_empty() {
-        return Ok(());
-    }
-    match o.destination_rules.iter().find(|d| {
-        is_root_namespace(meta_ns(d))
-            && d.pointer("/spec/workloadSelector").is_none()
-            && host.matches(
-                d.pointer("/spec/host")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-                meta_ns(d),
-            )
-    }) {
-        Some(d) => Err(Block::RootDestinationRuleForGateways {
-            destination_rule: format!("{}/{}", meta_ns(d), meta_name(d)),
-            host: host.fqdn(),
-        }),
-        None => Ok(()),
-    }
-}
-
-/// A user's VirtualService and DestinationRule must be ones a split can work with.
-fn check_adopted(o: &Observed, host: &ServiceHost, vs: Choice, dr: Choice) -> Result<(), Block> {
-    if let Choice::Adopt(v) = vs {
-        let name = meta_name(v).to_string();
-        if !istio::vs_routes_to_host(spec_of(v), host, meta_ns(v)) {
-            return Err(Block::NoRouteToService {
-                virtual_service: name,
-                host: host.fqdn(),
-            });
-        }
-        let st = istio::read_split(spec_of(v), host, meta_ns(v));
-        if st.pairs == 0 && st.unsplit == 0 {
-            return Err(Block::NoSplittableRoute {
-                virtual_service: name,
-                host: host.fqdn(),
-            });
-        }
-        let (owner, _) = istio::parse_restore_note(istio::restore_note_of(v));
-        if let Some(owner) = owner.filter(|n| *n != o.canary.name_any()) {
-            return Err(Block::SplitByOther {
-                virtual_service: name,
-                owner,
-            });
-        }
-    }
-    if let Choice::Adopt(d) = dr {
-        let its_host = d
-            .pointer("/spec/host")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        if !host.matches(its_host, meta_ns(d)) {
-            return Err(Block::DestinationRuleHostMismatch {
-                destination_rule: meta_name(d).into(),
-                its_host: its_host.into(),
-                host: host.fqdn(),
-            });
-        }
-        if let Some(subset) = istio::foreign_subset_with_our_name(spec_of(d)) {
-            return Err(Block::SubsetNameTaken {
-                destination_rule: meta_name(d).into(),
-                subset: subset.to_string(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The gateway VirtualServices to split too; every gateway listed must have one (a typo would
-/// otherwise go unnoticed).
-fn gateway_routes<'a>(
-    o: &'a Observed<'a>,
-    host: &ServiceHost,
-    vs: Choice,
-) -> Result<Vec<&'a Value>, Block> {
-    let c = o.canary;
-    if c.spec.gateways.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ns = c.namespace().unwrap_or_default();
-    let routes_host = |v: &Value, gateways: &[String]| {
-        meta_ns(v) == ns
-            && istio::is_bound_to_gateways(spec_of(v), &ns, gateways, &ns)
-            && istio::vs_routes_to_host(spec_of(v), host, &ns)
-    };
-    if let Some(g) = c.spec.gateways.iter().find(|g| {
-        !o.virtual_services
-            .iter()
-            .any(|v| routes_host(v, std::slice::from_ref(g)))
-    }) {
-        return Err(Block::GatewayRouteNotFound {
-            namespace: ns,
-            gateway: g.clone(),
-            host: host.fqdn(),
-        });
-    }
-    let adopted = match vs {
-        Choice::Adopt(a) => Some(meta_name(a)),
-        Choice::Own(_) => None,
-    };
-    Ok(o.virtual_services
-        .iter()
-        .filter(|v| Some(meta_name(v)) != adopted && routes_host(v, &c.spec.gateways))
-        .collect())
-}
-
 /// The Service must front only the target (and the clone): the stable subset holds the
 /// target's pods alone, so other workloads behind it would silently lose their mesh traffic.
 fn check_service_selects_only_ours(o: &Observed) -> Result<(), Block> {
@@ -665,109 +460,4 @@ fn check_service_selects_only_ours(o: &Observed) -> Result<(), Block> {
         target: target.clone(),
         pods: others,
     })
-}
-
-fn choose_vs<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, Block> {
-    let ns = o.canary.namespace().unwrap_or_default();
-    let (mesh, elsewhere): (Vec<&Value>, Vec<&Value>) = o
-        .virtual_services
-        .iter()
-        .filter(|v| {
-            istio::is_mesh_bound(spec_of(v)) && istio::vs_has_host(spec_of(v), host, meta_ns(v))
-        })
-        .partition(|v| meta_ns(v) == ns);
-    if let Some(other) = elsewhere.first() {
-        return Err(Block::VirtualServiceElsewhere {
-            namespace: meta_ns(other).into(),
-            name: meta_name(other).into(),
-            host: host.fqdn(),
-            here: ns,
-        });
-    }
-    choose(
-        MeshKind::VirtualService,
-        o.canary.spec.virtual_service.as_deref(),
-        o.virtual_services,
-        mesh,
-        (&ns, uid),
-        host,
-    )
-}
-
-fn choose_dr<'v>(o: &'v Observed<'v>, host: &ServiceHost, uid: &str) -> Result<Choice<'v>, Block> {
-    let ns = o.canary.namespace().unwrap_or_default();
-    let dr_host = |v: &Value| {
-        v.pointer("/spec/host")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    if let Some(other) = o.destination_rules.iter().find(|v| {
-        meta_ns(v) != ns && host.matches(&dr_host(v), meta_ns(v)) && !is_root_namespace(meta_ns(v))
-    }) {
-        return Err(Block::ShadowingDestinationRule {
-            namespace: meta_ns(other).into(),
-            name: meta_name(other).into(),
-            host: host.fqdn(),
-        });
-    }
-    let local: Vec<&Value> = o
-        .destination_rules
-        .iter()
-        .filter(|v| {
-            meta_ns(v) == ns
-                && host.matches(&dr_host(v), &ns)
-                && v.pointer("/spec/workloadSelector").is_none()
-        })
-        .collect();
-    choose(
-        MeshKind::DestinationRule,
-        o.canary.spec.destination_rule.as_deref(),
-        o.destination_rules,
-        local,
-        (&ns, uid),
-        host,
-    )
-}
-
-/// The object to work on: the one `named` in the spec, else the only candidate for the host
-/// (ours or the user's), else one to create. Never a guess between several.
-fn choose<'v>(
-    kind: MeshKind,
-    named: Option<&str>,
-    all: &'v [Value],
-    candidates: Vec<&'v Value>,
-    (ns, uid): (&str, &str),
-    host: &ServiceHost,
-) -> Result<Choice<'v>, Block> {
-    if let Some(name) = named {
-        return match all
-            .iter()
-            .find(|v| meta_name(v) == name && meta_ns(v) == ns)
-        {
-            Some(v) if owned_by(v, uid) => Ok(Choice::Own(Some(v))),
-            Some(v) => Ok(Choice::Adopt(v)),
-            None => Err(Block::NamedNotFound {
-                kind,
-                namespace: ns.into(),
-                name: name.into(),
-            }),
-        };
-    }
-    let (owned, foreign): (Vec<&Value>, Vec<&Value>) =
-        candidates.into_iter().partition(|v| owned_by(v, uid));
-    match (foreign.as_slice(), owned.as_slice()) {
-        ([], []) => Ok(Choice::Own(None)),
-        ([], [mine]) => Ok(Choice::Own(Some(mine))),
-        ([one], []) => Ok(Choice::Adopt(one)),
-        _ => Err(Block::Ambiguous {
-            kind,
-            host: host.fqdn(),
-            names: foreign
-                .iter()
-                .chain(owned.iter())
-                .map(|v| meta_name(v).to_string())
-                .collect(),
-        }),
-    }
 }

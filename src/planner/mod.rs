@@ -30,6 +30,7 @@ use crate::istio::{self, ServiceHost};
 mod block;
 mod progress;
 mod rollback;
+mod router;
 mod safety;
 
 pub use block::Block;

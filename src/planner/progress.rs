@@ -4,26 +4,24 @@
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use super::block::{Checked, Choice};
+use super::block::Checked;
+use super::router::{self, Propagation, Routes};
 use super::safety::{self, CloneHealth};
 use super::{
-    Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
+    Action, Builder, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
-    meta_ns, owned_dr, owned_mesh_name, owned_vs, parse_time, pod_of_deployment, remaining, shape,
-    sidecar_annotations_differ, source_hash, spec_of, splits_at,
+    parse_time, pod_of_deployment, remaining, shape, sidecar_annotations_differ, source_hash,
 };
+use crate::api::FIELD_MANAGER;
 use crate::api::status::{Phase, PropagationWait};
-use crate::api::{FIELD_MANAGER, RECORDING_SUBSET, STABLE_SUBSET};
 use crate::facts::pods::PodFacts;
-use crate::istio;
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
-    let propagated = subsets(&mut b, k);
-    let routes = read_routes(&mut b, k);
+    let propagated = router::backends(&mut b, k);
+    let routes = router::read(&mut b, k);
     b = match after_revert(b, k, &routes) {
         Ok(b) => b,
         Err(waiting) => return *waiting,
@@ -37,189 +35,9 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
     let w = weight(&mut b, k, health, routes.current);
     // Forced requests go to the clone only while it is healthy and has a Ready replica.
     let serves = health.healthy() && w.clone_ready > 0;
-    write_weights(&mut b, k, &routes, &shape(&k.spec, w.desired, serves));
+    router::write(&mut b, k, &routes, &shape(&k.spec, w.desired, serves));
     sync_clone(&mut b, k, w.replicas);
     report(b, k, health, &w)
-}
-
-/// When the subsets in the DestinationRule will have reached the sidecars.
-struct Propagation {
-    /// `propagationDelay` after they were added: the fallback, and the upper bound.
-    until: Timestamp,
-    /// Istio reports the DestinationRule, with the subsets in it, `Reconciled` for its current
-    /// generation: they reached every proxy, whatever the delay says.
-    reconciled: bool,
-}
-
-/// Step 1: our subsets in the DestinationRule. Returns when they will have reached the sidecars.
-fn subsets(b: &mut Builder, k: &Checked) -> Propagation {
-    let c = b.o.canary;
-    let ns = c.namespace().unwrap_or_default();
-    b.status.destination_rule = Some(match k.dr.object() {
-        Some(d) => format!("{}/{}", meta_ns(d), meta_name(d)),
-        None => format!("{ns}/{}", owned_mesh_name(c)),
-    });
-    let present =
-        k.dr.object()
-            .is_some_and(|d| istio::has_our_subsets(spec_of(d)));
-    if !present {
-        // The time is reported with the status after the write; a crash in between is covered
-        // by `Observed::started` (no earlier than the last write of this process, or its start).
-        b.status.subsets_added_time = Some(fmt_time(b.o.now));
-        match k.dr {
-            Choice::Adopt(d) | Choice::Own(Some(d)) => {
-                let mut ops = istio::rv_test(d);
-                let op = if spec_of(d).get("subsets").is_some() {
-                    "replace"
-                } else {
-                    "add"
-                };
-                let (subsets, added) = istio::with_our_subsets(spec_of(d));
-                ops.push(json!({"op": op, "path": "/spec/subsets", "value": subsets}));
-                if matches!(k.dr, Choice::Adopt(_)) {
-                    // The note names every subset this canary added, over several writes (the
-                    // user may have removed one of ours meanwhile): rollback removes those only.
-                    let prev = istio::parse_dr_restore_note(istio::restore_note_of(d));
-                    let (absent, mut all) = match prev.canary {
-                        Some(ref n) if *n == c.name_any() => (prev.subsets_absent, prev.added),
-                        _ => (spec_of(d).get("subsets").is_none(), Vec::new()),
-                    };
-                    for a in added {
-                        if !all.contains(&a) {
-                            all.push(a);
-                        }
-                    }
-                    ops.extend(istio::annotation_ops(
-                        d,
-                        Some(&istio::dr_restore_note(absent, &c.name_any(), &all)),
-                    ));
-                }
-                b.actions.push(Action::PatchMesh {
-                    kind: MeshKind::DestinationRule,
-                    name: meta_name(d).into(),
-                    ops,
-                });
-            }
-            Choice::Own(None) => b.actions.push(Action::CreateMesh {
-                kind: MeshKind::DestinationRule,
-                object: owned_dr(c, &k.host, k.carried.map(|(_, p)| p)),
-            }),
-        }
-    }
-    carry_policy(b, k, present);
-    let since = parse_time(b.status.subsets_added_time.as_deref())
-        .unwrap_or(b.o.started)
-        .max(b.o.started);
-    Propagation {
-        until: after(since, k.spec.propagation_delay),
-        // The cached object is one revision: its status speaks of its own generation, which
-        // holds the subsets (subsets added by this very plan are in no revision yet).
-        reconciled: present && k.dr.object().is_some_and(istio::status::reconciled),
-    }
-}
-
-/// Our own DestinationRule follows the traffic policy of the wildcard DestinationRule it
-/// displaces for the host (connection pools, outlier detection, load balancing, mTLS): set when
-/// it is created, kept up to date after that, said in an Event when it changes.
-fn carry_policy(b: &mut Builder, k: &Checked, subsets_present: bool) {
-    let Choice::Own(own) = k.dr else {
-        return;
-    };
-    let want = k.carried.map(|(_, p)| p);
-    match own {
-        // Created with it (see `subsets`): say so.
-        None if want.is_some() => {}
-        // Kept up to date; a DestinationRule whose subsets are being added is patched for them
-        // first (both writes are guarded by the same resourceVersion).
-        Some(d) if subsets_present && want != d.pointer("/spec/trafficPolicy") => {
-            let op = match (want, d.pointer("/spec/trafficPolicy")) {
-                (Some(p), Some(_)) => {
-                    json!({"op": "replace", "path": "/spec/trafficPolicy", "value": p})
-                }
-                (Some(p), None) => json!({"op": "add", "path": "/spec/trafficPolicy", "value": p}),
-                (None, _) => json!({"op": "remove", "path": "/spec/trafficPolicy"}),
-            };
-            let mut ops = istio::rv_test(d);
-            ops.push(op);
-            b.actions.push(Action::PatchMesh {
-                kind: MeshKind::DestinationRule,
-                name: meta_name(d).into(),
-                ops,
-            });
-        }
-        _ => return,
-    }
-    let dr = format!(
-        "{}/{}",
-        b.o.canary.namespace().unwrap_or_default(),
-        owned_mesh_name(b.o.canary)
-    );
-    let note = match k.carried {
-        Some((from, _)) => format!(
-            "DestinationRule {dr} carries the trafficPolicy of DestinationRule {}/{} (host {}), which no longer applies to host {} while this canary's DestinationRule exists",
-            meta_ns(from),
-            meta_name(from),
-            from.pointer("/spec/host")
-                .and_then(Value::as_str)
-                .unwrap_or_default(),
-            k.host.fqdn()
-        ),
-        None => format!(
-            "DestinationRule {dr} carries no trafficPolicy any more: no wildcard DestinationRule sets one for host {}",
-            k.host.fqdn()
-        ),
-    };
-    b.event(false, "TrafficPolicyCarried", note);
-}
-
-/// The VirtualService as it is: split or not, at which percent.
-struct Routes<'a> {
-    vs: Option<&'a Value>,
-    is_split: bool,
-    current: i32,
-}
-
-/// Step 2: reads the split back from the VirtualService.
-fn read_routes<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
-    let c = b.o.canary;
-    let ns = c.namespace().unwrap_or_default();
-    let vs = k.vs.object();
-    let split = vs
-        .map(|v| istio::read_split(spec_of(v), &k.host, meta_ns(v)))
-        .unwrap_or_default();
-    let is_split = split.pairs > 0;
-    // The percent read back from rounded weights is ambiguous on a shared route (80 at 7% and at
-    // 8% both give 74/6): when the VS is exactly the split at the last reported percent, that is it.
-    let current = match vs {
-        Some(v)
-            if is_split
-                && splits_at(
-                    v,
-                    &k.host,
-                    &shape(&k.spec, b.prev.current_percent, split.always_routes > 0),
-                    &c.name_any(),
-                ) =>
-        {
-            b.prev.current_percent
-        }
-        _ if is_split => split.percent.unwrap_or(0),
-        _ => 0,
-    };
-    b.status.virtual_services = std::iter::once(match vs {
-        Some(v) => format!("{}/{}", meta_ns(v), meta_name(v)),
-        None => format!("{ns}/{}", owned_mesh_name(c)),
-    })
-    .chain(
-        k.gateway_vss
-            .iter()
-            .map(|v| format!("{}/{}", meta_ns(v), meta_name(v))),
-    )
-    .collect();
-    Routes {
-        vs,
-        is_split,
-        current,
-    }
 }
 
 /// How long reverts are remembered: a revert after a split that held this long starts the
@@ -245,7 +63,7 @@ fn after_revert<'a>(
     routes: &Routes,
 ) -> Result<Builder<'a>, Box<Plan>> {
     let o = b.o;
-    let Some(vs) = routes.vs.filter(|_| !routes.is_split) else {
+    let Some(vs) = routes.object.filter(|_| !routes.is_split) else {
         if routes.is_split && b.prev.revert_count > 0 {
             // The split holds again; the count starts over after REVERT_MEMORY.
             let last = parse_time(b.prev.last_revert_time.as_deref());
@@ -493,86 +311,6 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
         replicas,
         clone_ready,
     }
-}
-
-/// Step 4: splits the VirtualServices (ours, the adopted one, the gateways') at `desired`, with
-/// one Event when the clone first gets traffic and one per weight change after that.
-fn write_weights(b: &mut Builder, k: &Checked, routes: &Routes, shape: &istio::Shape) {
-    let desired = shape.percent;
-    let c = b.o.canary;
-    let ns = c.namespace().unwrap_or_default();
-    let mut targets: Vec<(Option<&Value>, bool)> =
-        vec![(routes.vs, matches!(k.vs, Choice::Own(_)))];
-    targets.extend(k.gateway_vss.iter().map(|v| (Some(*v), false)));
-    let mut wrote = false;
-    for (v, own) in targets {
-        let Some(v) = v else {
-            let mut obj = owned_vs(c, &k.host);
-            let s = istio::split_http(spec_of(&obj), &k.host, &ns, shape, None, &c.name_any());
-            obj["spec"]["http"] = s.http;
-            b.actions.push(Action::CreateMesh {
-                kind: MeshKind::VirtualService,
-                object: obj,
-            });
-            wrote = true;
-            continue;
-        };
-        let st = istio::read_split(spec_of(v), &k.host, meta_ns(v));
-        if st.pairs > 0 && st.unsplit == 0 && splits_at(v, &k.host, shape, &c.name_any()) {
-            continue;
-        }
-        let note = istio::restore_note_of(v);
-        let s = istio::split_http(spec_of(v), &k.host, meta_ns(v), shape, note, &c.name_any());
-        let mut ops = istio::rv_test(v);
-        let op = if spec_of(v).get("http").is_some() {
-            "replace"
-        } else {
-            "add"
-        };
-        ops.push(json!({"op": op, "path": "/spec/http", "value": s.http}));
-        if !own {
-            ops.extend(istio::annotation_ops(v, Some(&s.note)));
-        }
-        b.actions.push(Action::PatchMesh {
-            kind: MeshKind::VirtualService,
-            name: meta_name(v).into(),
-            ops,
-        });
-        wrote = true;
-    }
-    let current = routes.current;
-    if wrote && desired > 0 && current == 0 {
-        b.event(
-            false,
-            "RoutesSplit",
-            format!(
-                "Routes to {} split between subsets {STABLE_SUBSET} and {RECORDING_SUBSET}; {desired}% go to the recording clone",
-                k.host.fqdn()
-            ),
-        );
-    } else if wrote && desired != current {
-        b.event(
-            false,
-            "WeightChanged",
-            format!(
-                "{desired}% of requests to {} now go to the recording clone (was {current}%)",
-                k.host.fqdn()
-            ),
-        );
-    } else if wrote && routes.is_split {
-        b.event(
-            false,
-            "RoutesReshaped",
-            format!(
-                "Routes to {} now {}: {desired}%, {} forced and {} excluded request matches",
-                k.host.fqdn(),
-                if shape.mirror { "mirror" } else { "split" },
-                shape.always.len(),
-                shape.never.len()
-            ),
-        );
-    }
-    b.status.current_percent = desired;
 }
 
 /// Step 5: the clone follows the target's pod template and replicas.

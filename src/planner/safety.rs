@@ -9,15 +9,12 @@
 //! - A clone that carries traffic while blocked keeps up with the target's scale (never shrinks).
 
 use kube::ResourceExt;
-use serde_json::json;
 
 use super::{
-    Action, Builder, CANARY_LABEL, MeshKind, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
-    clone_replicas, clone_stalled, first_rival, meta_name, meta_ns, owned_by, pod_of_deployment,
-    role_label_is_not_ours, spec_of,
+    Action, Builder, CANARY_LABEL, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, clone_replicas,
+    clone_stalled, first_rival, pod_of_deployment, role_label_is_not_ours,
 };
 use crate::api::ValidSpec;
-use crate::istio::{self, ServiceHost};
 
 /// The clone's fitness to carry traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +134,7 @@ pub(super) fn while_blocked(
     let c = o.canary;
     let clone_name = c.spec.clone_name();
     if !health.healthy() {
-        let drained = drain(b);
+        let drained = super::router::drain(b);
         if drained == 0 {
             return None;
         }
@@ -177,45 +174,4 @@ pub(super) fn while_blocked(
     Some(format!(
         "{clone_name} scaled from {have} to {want} replicas to carry {current}% of {target_replicas} replicas' traffic"
     ))
-}
-
-/// Sets the recording weight to 0 in every VirtualService of the namespace that this canary
-/// split (ours, or the user's with our restore note) and that sends the clone traffic.
-fn drain(b: &mut Builder) -> usize {
-    let o = b.o;
-    let c = o.canary;
-    let ns = c.namespace().unwrap_or_default();
-    let (me, uid) = (c.name_any(), c.metadata.uid.clone().unwrap_or_default());
-    let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
-    let mut n = 0;
-    for v in o.virtual_services.iter().filter(|v| meta_ns(v) == ns) {
-        let own = owned_by(v, &uid);
-        let note = istio::restore_note_of(v);
-        let (note_owner, _) = istio::parse_restore_note(note);
-        if !(own || note_owner.as_deref() == Some(me.as_str())) {
-            continue;
-        }
-        let st = istio::read_split(spec_of(v), &host, meta_ns(v));
-        if !st.recording_gets_traffic && st.always_routes == 0 {
-            continue;
-        }
-        // Nothing to the clone: weight (or mirror) 0, no forced requests, the mode kept.
-        let shape = istio::Shape {
-            mirror: st.mirrored,
-            ..istio::Shape::weights(0)
-        };
-        let s = istio::split_http(spec_of(v), &host, meta_ns(v), &shape, note, &me);
-        let mut ops = istio::rv_test(v);
-        ops.push(json!({"op": "replace", "path": "/spec/http", "value": s.http}));
-        if !own {
-            ops.extend(istio::annotation_ops(v, Some(&s.note)));
-        }
-        b.actions.push(Action::PatchMesh {
-            kind: MeshKind::VirtualService,
-            name: meta_name(v).into(),
-            ops,
-        });
-        n += 1;
-    }
-    n
 }
