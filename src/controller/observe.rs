@@ -11,6 +11,11 @@ pub(super) struct Snapshot {
     pub(super) pods: Vec<PodFacts>,
     /// The pods that are Ready endpoints in the Service's EndpointSlices.
     pub(super) endpoints: std::collections::BTreeSet<String>,
+    /// HTTPRoutes that have the Service (or a listed Gateway) as a parent (the Gateway API
+    /// router's watches fill this; none before).
+    pub(super) http_routes: Vec<Value>,
+    /// The namespace is in Istio's ambient mode.
+    pub(super) ambient: bool,
     pub(super) virtual_services: Vec<Value>,
     pub(super) destination_rules: Vec<Value>,
     pub(super) rivals: Vec<Rival>,
@@ -48,6 +53,8 @@ impl Snapshot {
             pods: &self.pods,
             endpoints: &self.endpoints,
             virtual_services: &self.virtual_services,
+            http_routes: &self.http_routes,
+            ambient: self.ambient,
             destination_rules: &self.destination_rules,
             rivals: &self.rivals,
             stable_labelling: ctx.stable_labelling(),
@@ -126,6 +133,8 @@ impl Snapshot {
             service,
             pods,
             endpoints,
+            http_routes: Vec::new(),
+            ambient: false,
             virtual_services,
             destination_rules,
             rivals,

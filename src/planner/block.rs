@@ -10,6 +10,7 @@ use super::{
     pod_of_deployment,
 };
 use crate::api::ValidSpec;
+use crate::api::status::Router;
 use crate::istio::ServiceHost;
 
 /// Why a canary makes no progress. Safety actions still run (see `safety`).
@@ -144,6 +145,18 @@ pub enum Block {
         target: String,
         what: Vec<String>,
     },
+    /// The router in force cannot honour a part of the spec.
+    UnsupportedByRouter {
+        router: String,
+        what: String,
+        why: String,
+    },
+    /// Both a mesh VirtualService and an HTTPRoute with the Service as a parent route the host:
+    /// Istio says mixing them is undefined.
+    BothRouteKinds {
+        virtual_service: String,
+        http_route: String,
+    },
     /// A wildcard DestinationRule for the host carries TLS settings that the DestinationRule the
     /// canary creates would have to copy (see `WildcardPolicy`); only ISTIO_MUTUAL is carried.
     WildcardDestinationRuleTls {
@@ -182,6 +195,8 @@ impl Block {
             Block::RootDestinationRuleForGateways { .. } => "RootDestinationRuleForGateways".into(),
             Block::PrivilegedTarget { .. } => "PrivilegedTarget".into(),
             Block::WildcardDestinationRuleTls { .. } => "WildcardDestinationRuleTls".into(),
+            Block::UnsupportedByRouter { .. } => "UnsupportedByRouter".into(),
+            Block::BothRouteKinds { .. } => "BothRouteKinds".into(),
         }
     }
 
@@ -322,6 +337,15 @@ impl Block {
                 "the pods of Deployment {target} use {}; the controller does not create a clone with these privileges (its admission fences refuse them). Record a workload without them",
                 what.join(", ")
             ),
+            Block::UnsupportedByRouter { router, what, why } => {
+                format!("the {router} router cannot honour {what}: {why}")
+            }
+            Block::BothRouteKinds {
+                virtual_service,
+                http_route,
+            } => format!(
+                "both VirtualService {virtual_service} and HTTPRoute {http_route} route this Service; Istio says mixing them is undefined. Keep one of them (spec.router picks which one the canary splits)"
+            ),
             Block::WildcardDestinationRuleTls {
                 destination_rule,
                 tls,
@@ -383,7 +407,20 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
         });
     }
     let host = ServiceHost::new(c.spec.service_name(), &ns, o.cluster_domain);
-    let routing = Routing::Istio(router::istio::check(o, &host, &spec)?);
+    let routing = match router::chosen(o) {
+        Router::Istio => Routing::Istio(router::istio::check(o, &host, &spec)?),
+        Router::Replicas => {
+            router::replicas::check(o)?;
+            Routing::Replicas
+        }
+        Router::GatewayApi => {
+            return Err(Block::UnsupportedByRouter {
+                router: "GatewayAPI".into(),
+                what: "this Service".into(),
+                why: "the Gateway API router is not in this build yet".into(),
+            });
+        }
+    };
     check_service_selects_only_ours(o)?;
     Ok(Checked {
         spec,

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 pub use crate::api::labels::{MANAGED_BY, clone_of, meta_of_deployment};
-use crate::api::status::{Phase, StableLabelling};
+use crate::api::status::{Phase, Router, StableLabelling};
 use crate::api::{
     CANARY_LABEL, FINALIZER, Mode, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, RecordingCanary,
     RecordingCanaryStatus, SOURCE_HASH_ANNOTATION, ValidSpec,
@@ -67,6 +67,11 @@ pub struct Observed<'a> {
     pub endpoints: &'a BTreeSet<String>,
     /// VirtualServices in the canary's namespace (full objects as JSON).
     pub virtual_services: &'a [Value],
+    /// HTTPRoutes of the canary's namespace that have the Service (or a listed Gateway) as a
+    /// parent (full objects as JSON).
+    pub http_routes: &'a [Value],
+    /// The Service's namespace is in Istio's ambient mode (`istio.io/dataplane-mode: ambient`).
+    pub ambient: bool,
     /// DestinationRules in the canary's namespace, and any elsewhere whose host is the Service's.
     pub destination_rules: &'a [Value],
     pub rivals: &'a [Rival],
@@ -567,8 +572,13 @@ pub fn plan(o: &Observed) -> Plan {
     if !has_finalizer {
         b.actions.push(Action::AddFinalizer);
     }
-    // 1. Safety, whatever blocks: the target's pods join the stable subset as they appear.
-    safety::label_target_pods(&mut b);
+    let router = router::chosen(o);
+    b.status.router = Some(router);
+    // 1. Safety, whatever blocks: the target's pods join the stable subset as they appear (no
+    // subset without routes: the Replicas router splits by endpoints alone).
+    if router != Router::Replicas {
+        safety::label_target_pods(&mut b);
+    }
     let health = safety::clone_health(&b);
     // 2. The checks that may block progress; blocked, a sick clone is still drained.
     let checked = match block::check(o) {
@@ -580,7 +590,10 @@ pub fn plan(o: &Observed) -> Plan {
         }
     };
     // 3. Progress, and the report.
-    progress::plan_progress(b, &checked, health)
+    match checked.routing {
+        router::Routing::Replicas => router::replicas::plan_progress(b, &checked, health),
+        _ => progress::plan_progress(b, &checked, health),
+    }
 }
 
 /// The Deployment controller gave up waiting for the clone's rollout (ProgressDeadlineExceeded).

@@ -314,7 +314,7 @@ fn weight(b: &mut Builder, k: &Checked, health: CloneHealth, current: i32) -> We
 }
 
 /// Step 5: the clone follows the target's pod template and replicas.
-fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
+pub(super) fn sync_clone(b: &mut Builder, k: &Checked, replicas: i32) {
     let o = b.o;
     let c = o.canary;
     let (target_name, clone_name) = (&c.spec.target_ref.name, c.spec.clone_name());

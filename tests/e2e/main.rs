@@ -23,6 +23,7 @@ mod ha;
 mod mbb;
 mod modes;
 mod propagation;
+mod replicas;
 mod stable_labels;
 mod support;
 mod validation;

@@ -17,6 +17,7 @@ mod modes;
 mod ramp_and_scale;
 mod report;
 mod rollback;
+mod routers;
 mod routes;
 mod safety;
 mod simulation;
@@ -329,6 +330,8 @@ struct World {
     stable_labelling: StableLabelling,
     /// The pods that are Ready endpoints of the Service; `None`: every serving pod is one.
     endpoints: Option<BTreeSet<String>>,
+    http_routes: Vec<Value>,
+    ambient: bool,
 }
 
 impl World {
@@ -352,6 +355,8 @@ impl World {
             pods: &self.pods,
             endpoints: &endpoints,
             virtual_services: &self.vss,
+            http_routes: &self.http_routes,
+            ambient: self.ambient,
             destination_rules: &self.drs,
             rivals: &self.rivals,
             stable_labelling: self.stable_labelling,
@@ -407,6 +412,8 @@ fn fresh_world() -> World {
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
+        http_routes: Vec::new(),
+        ambient: false,
     }
 }
 
@@ -450,6 +457,8 @@ fn serving_world(pct: i32) -> World {
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
+        http_routes: Vec::new(),
+        ambient: false,
     };
     w.clone_ready(4)
 }

@@ -272,6 +272,8 @@ fn rollback_completes_when_everything_is_already_gone() {
         stable_labelling: StableLabelling::Controller,
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
+        http_routes: Vec::new(),
+        ambient: false,
     };
     let p = w.plan();
     assert_eq!(p.actions, vec![Action::RemoveFinalizer]);
