@@ -27,10 +27,10 @@ fn a_running_canarys_router_never_changes() {
     // Split by Istio; an HTTPRoute appears for the Service: the VirtualService stays the one
     // this canary drains and restores.
     let mut w = serving_world(10);
-    w.canary.status.as_mut().map(|s| {
+    if let Some(s) = w.canary.status.as_mut() {
         s.router = Some(Router::Istio);
         s.destination_rule = Some("shop/frontend".into());
-    });
+    }
     w.http_routes = vec![json!({"metadata": {"name": "r", "namespace": NS}})];
     let p = w.plan();
     assert_eq!(p.status.router, Some(Router::Istio));
@@ -80,7 +80,6 @@ fn replicas_sizes_the_clone_so_that_its_share_of_the_endpoints_never_exceeds_the
     assert_eq!(ready_reason(&p), "ShareReached");
     assert!(!has(&p, is_mesh_or_label_write), "{:#?}", p.actions);
     // The HPA scales the target to 3: one clone pod would be 25 %; the clone goes to 0 at once.
-    let mut w = w;
     w.target = Some(target(3));
     w.pods.truncate(3);
     w.pods
