@@ -204,7 +204,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
         )
         .with_shard(shard)
         .with_fence(fence.clone())
-        .with_max_reconciles(usize::from(args.max_concurrent_reconciles)),
+        .with_max_reconciles(usize::from(args.max_concurrent_reconciles))
+        .with_gateway_api(
+            recording_canary::runtime::client::gateway_api_served(
+                &client,
+                args.namespaces.first().map(String::as_str),
+            )
+            .await,
+        ),
     );
     if let Some(policy) = args.stable_label_policy.clone() {
         // Known before the first status is written; then checked again now and then.

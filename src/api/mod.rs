@@ -186,6 +186,56 @@ pub struct Ramp {
     pub interval: String,
 }
 
+/// A kind of routing object the controller reads and writes: Istio's VirtualService and
+/// DestinationRule, the Gateway API's HTTPRoute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MeshKind {
+    VirtualService,
+    DestinationRule,
+    HttpRoute,
+}
+
+impl MeshKind {
+    /// The kind's name, as the API and the messages say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MeshKind::VirtualService => "VirtualService",
+            MeshKind::DestinationRule => "DestinationRule",
+            MeshKind::HttpRoute => "HTTPRoute",
+        }
+    }
+
+    /// Its API resource: Istio's `networking.istio.io/v1` (served since Istio 1.22), the Gateway
+    /// API's `gateway.networking.k8s.io/v1`.
+    pub fn api_resource(self) -> kube::api::ApiResource {
+        let (group, kind, plural) = match self {
+            MeshKind::VirtualService => {
+                ("networking.istio.io", "VirtualService", "virtualservices")
+            }
+            MeshKind::DestinationRule => {
+                ("networking.istio.io", "DestinationRule", "destinationrules")
+            }
+            MeshKind::HttpRoute => ("gateway.networking.k8s.io", "HTTPRoute", "httproutes"),
+        };
+        kube::api::ApiResource {
+            group: group.into(),
+            version: "v1".into(),
+            api_version: format!("{group}/v1"),
+            kind: kind.into(),
+            plural: plural.into(),
+        }
+    }
+
+    /// The RecordingCanary spec field that names one to adopt.
+    pub fn spec_field(self) -> &'static str {
+        match self {
+            MeshKind::VirtualService => "virtualService",
+            MeshKind::DestinationRule => "destinationRule",
+            MeshKind::HttpRoute => "httpRoute",
+        }
+    }
+}
+
 /// Which router splits the traffic (`spec.router`).
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RouterChoice {

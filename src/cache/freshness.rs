@@ -30,6 +30,18 @@ pub enum Kind {
     Pod,
     VirtualService,
     DestinationRule,
+    HttpRoute,
+    Service,
+}
+
+impl From<crate::api::MeshKind> for Kind {
+    fn from(k: crate::api::MeshKind) -> Self {
+        match k {
+            crate::api::MeshKind::VirtualService => Kind::VirtualService,
+            crate::api::MeshKind::DestinationRule => Kind::DestinationRule,
+            crate::api::MeshKind::HttpRoute => Kind::HttpRoute,
+        }
+    }
 }
 
 impl Kind {
@@ -41,6 +53,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::Service => "Service",
         }
     }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use serde_json::Value;
 
-use crate::api::{CANARY_LABEL, RecordingCanary};
+use crate::api::{CANARY_LABEL, MeshKind, RecordingCanary};
 use crate::istio;
 
 /// A canary, by namespace and name.
@@ -99,8 +99,8 @@ pub struct Index {
     pods_watch_started: bool,
 }
 
-/// A VirtualService (`true`) or DestinationRule (`false`), by namespace and name.
-pub type MeshKey = (bool, String, String);
+/// A VirtualService, DestinationRule or HTTPRoute, by kind, namespace and name.
+pub type MeshKey = (MeshKind, String, String);
 
 /// What a VirtualService or DestinationRule refers to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -119,23 +119,28 @@ pub struct MeshRefs {
 }
 
 impl MeshRefs {
-    /// Reads the references of a VirtualService (`vs`) or DestinationRule.
-    pub fn of(meta: &ObjectMeta, spec: &Value, vs: bool, domain: &str) -> Self {
+    /// Reads the references of a VirtualService, DestinationRule or HTTPRoute.
+    pub fn of(meta: &ObjectMeta, spec: &Value, kind: MeshKind, domain: &str) -> Self {
         let ns = meta.namespace.as_deref().unwrap_or_default();
-        let hosts: Vec<&str> = if vs {
-            istio::vs_named_hosts(spec)
-        } else {
-            spec.get("host")
+        let hosts: Vec<&str> = match kind {
+            MeshKind::VirtualService => istio::vs_named_hosts(spec),
+            MeshKind::DestinationRule => spec
+                .get("host")
                 .and_then(Value::as_str)
                 .into_iter()
-                .collect()
+                .collect(),
+            MeshKind::HttpRoute => Vec::new(),
         };
-        Self {
-            services: hosts
+        let services: SmallSet<(String, String)> = match kind {
+            MeshKind::HttpRoute => http_route_services(spec, ns).into_iter().collect(),
+            _ => hosts
                 .iter()
                 .filter_map(|h| istio::service_of_host(h, ns, domain))
                 .map(|(svc, svc_ns)| (svc_ns, svc))
                 .collect(),
+        };
+        Self {
+            services,
             owners: meta
                 .owner_references
                 .iter()
@@ -148,16 +153,57 @@ impl MeshRefs {
                     .and_then(|a| a.get(crate::api::RESTORE_ANNOTATION))
                     .map(String::as_str),
             ),
-            wildcard: if vs {
-                None
-            } else {
-                hosts
+            wildcard: match kind {
+                MeshKind::DestinationRule => hosts
                     .first()
                     .and_then(|h| istio::Wildcard::of(h, domain))
-                    .filter(|_| spec.get("workloadSelector").is_none())
+                    .filter(|_| spec.get("workloadSelector").is_none()),
+                _ => None,
             },
         }
     }
+}
+
+/// The Services (namespace, name) an HTTPRoute names: as parents (GAMMA: the route splits that
+/// Service's traffic) and as backends, each in the route's namespace unless it names another.
+fn http_route_services(spec: &Value, ns: &str) -> Vec<(String, String)> {
+    let is_service = |r: &Value| {
+        r.get("group")
+            .and_then(Value::as_str)
+            .is_none_or(|g| g.is_empty() || g == "core")
+            && r.get("kind").and_then(Value::as_str).unwrap_or("Service") == "Service"
+    };
+    let of = |r: &Value| {
+        let name = r.get("name").and_then(Value::as_str)?;
+        let rns = r.get("namespace").and_then(Value::as_str).unwrap_or(ns);
+        Some((rns.to_string(), name.to_string()))
+    };
+    let parents = spec
+        .get("parentRefs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        // A parentRef's kind defaults to Gateway.
+        .filter(|r| {
+            r.get("kind").and_then(Value::as_str) == Some("Service")
+                && r.get("group")
+                    .and_then(Value::as_str)
+                    .is_none_or(|g| g.is_empty() || g == "core")
+        })
+        .filter_map(of);
+    let backends = spec
+        .get("rules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("backendRefs").and_then(Value::as_array))
+        .flatten()
+        .filter(|r| is_service(r))
+        .filter_map(of);
+    let mut out: Vec<(String, String)> = parents.chain(backends).collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The canary named by our label on an object the controller created.
@@ -449,7 +495,7 @@ impl Index {
     /// Canaries a VirtualService (`m.0`) or DestinationRule `m` with references `refs` concerns:
     /// by the Services its hosts name, its owner, its restore note, or a spec that names it.
     pub fn for_mesh(&self, m: &MeshKey, refs: &MeshRefs) -> Vec<CanaryKey> {
-        let (vs, ns, name) = m;
+        let (kind, ns, name) = m;
         let mut out: BTreeSet<CanaryKey> = BTreeSet::new();
         for svc in &refs.services {
             for n in self.by_service.get(svc).into_iter().flatten() {
@@ -478,12 +524,10 @@ impl Index {
         }
         for n in self.by_named_mesh.get(&key(ns, name)).into_iter().flatten() {
             let k = key(ns, n);
-            let named = self.canaries.get(&k).and_then(|e| {
-                if *vs {
-                    e.virtual_service.as_deref()
-                } else {
-                    e.destination_rule.as_deref()
-                }
+            let named = self.canaries.get(&k).and_then(|e| match kind {
+                MeshKind::VirtualService => e.virtual_service.as_deref(),
+                MeshKind::DestinationRule => e.destination_rule.as_deref(),
+                MeshKind::HttpRoute => None,
             });
             if named == Some(name.as_str()) {
                 out.insert(k);
@@ -572,9 +616,12 @@ impl Index {
         );
         candidates.extend(self.by_note.get(k).into_iter().flatten().cloned());
         candidates.extend(self.wildcards.iter().cloned());
-        for (vs, n) in [(true, &e.virtual_service), (false, &e.destination_rule)] {
+        for (kind, n) in [
+            (MeshKind::VirtualService, &e.virtual_service),
+            (MeshKind::DestinationRule, &e.destination_rule),
+        ] {
             if let Some(n) = n {
-                candidates.insert((vs, k.0.clone(), n.clone()));
+                candidates.insert((kind, k.0.clone(), n.clone()));
             }
         }
         for m in candidates {
@@ -661,13 +708,18 @@ mod tests {
 
     /// What the index says of an object given as JSON.
     fn mesh(i: &Index, obj: &Value, vs: bool) -> Vec<CanaryKey> {
+        let kind = if vs {
+            MeshKind::VirtualService
+        } else {
+            MeshKind::DestinationRule
+        };
         let meta: ObjectMeta = serde_json::from_value(obj["metadata"].clone()).unwrap();
         let m = (
-            vs,
+            kind,
             meta.namespace.clone().unwrap_or_default(),
             meta.name.clone().unwrap_or_default(),
         );
-        let refs = MeshRefs::of(&meta, &obj["spec"], vs, "cluster.local");
+        let refs = MeshRefs::of(&meta, &obj["spec"], kind, "cluster.local");
         i.for_mesh(&m, &refs)
     }
 
@@ -793,10 +845,19 @@ mod tests {
         // A canary created after it finds it.
         let mut i = Index::default();
         let meta: ObjectMeta = serde_json::from_value(root["metadata"].clone()).unwrap();
-        let m = (false, "istio-system".to_string(), "w".to_string());
+        let m = (
+            MeshKind::DestinationRule,
+            "istio-system".to_string(),
+            "w".to_string(),
+        );
         i.mesh_seen(
             m.clone(),
-            Some(MeshRefs::of(&meta, &root["spec"], false, "cluster.local")),
+            Some(MeshRefs::of(
+                &meta,
+                &root["spec"],
+                MeshKind::DestinationRule,
+                "cluster.local",
+            )),
         );
         i.upsert(&canary("shop", "front", "frontend", None));
         assert_eq!(i.mesh_of("shop", "front"), vec![m]);
@@ -854,8 +915,17 @@ mod tests {
         let vs = json!({"metadata": {"namespace": "shop", "name": "v"},
             "spec": {"hosts": ["frontend"]}});
         let meta: ObjectMeta = serde_json::from_value(vs["metadata"].clone()).unwrap();
-        let m = (true, "shop".to_string(), "v".to_string());
-        let refs = MeshRefs::of(&meta, &vs["spec"], true, "cluster.local");
+        let m = (
+            MeshKind::VirtualService,
+            "shop".to_string(),
+            "v".to_string(),
+        );
+        let refs = MeshRefs::of(
+            &meta,
+            &vs["spec"],
+            MeshKind::VirtualService,
+            "cluster.local",
+        );
         assert!(
             i.mesh_seen(m.clone(), Some(refs)).is_empty(),
             "no canary yet"
@@ -864,7 +934,7 @@ mod tests {
         assert_eq!(i.mesh_of("shop", "front"), vec![m.clone()]);
         // The user points the VirtualService elsewhere: the canary hears of it one last time.
         let moved = json!({"hosts": ["payments"]});
-        let refs = MeshRefs::of(&meta, &moved, true, "cluster.local");
+        let refs = MeshRefs::of(&meta, &moved, MeshKind::VirtualService, "cluster.local");
         assert_eq!(
             i.mesh_seen(m.clone(), Some(refs.clone())),
             vec![k("shop", "front")]

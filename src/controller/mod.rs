@@ -50,8 +50,8 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Error;
-use crate::api::RecordingCanary;
 use crate::api::status::StableLabelling;
+use crate::api::{MeshKind, RecordingCanary};
 use crate::cache::Selective;
 use crate::cache::freshness::{self, Kind, Writes, Written};
 use crate::cache::index::{
@@ -63,7 +63,6 @@ use crate::facts::endpoints::{self, EndpointSliceFacts};
 use crate::facts::mesh::MeshObject;
 use crate::facts::pods::PodFacts;
 use crate::facts::services::ServiceFacts;
-use crate::istio;
 use crate::planner::{self, Action, Observed, Rival};
 use crate::runtime::api_errors;
 use crate::runtime::lease::Fence;
@@ -91,6 +90,9 @@ pub struct Context {
     reconciles: Arc<tokio::sync::Semaphore>,
     /// The same limit, given to each scope's kube-runtime controller.
     max_reconciles: u16,
+    /// The cluster serves the Gateway API's HTTPRoutes: they are watched (and the Gateway API
+    /// router can work) only then.
+    pub gateway_api: bool,
 }
 
 /// The default of `--max-concurrent-reconciles`.
@@ -119,6 +121,7 @@ impl Context {
                 DEFAULT_MAX_RECONCILES,
             ))),
             max_reconciles: DEFAULT_MAX_RECONCILES,
+            gateway_api: false,
         }
     }
 
@@ -139,6 +142,21 @@ impl Context {
     pub fn with_fence(mut self, fence: Fence) -> Self {
         self.fence = fence;
         self
+    }
+
+    /// Watches HTTPRoutes too (the cluster serves the Gateway API).
+    pub fn with_gateway_api(mut self, served: bool) -> Self {
+        self.gateway_api = served;
+        self
+    }
+
+    /// The routing kinds this process watches.
+    fn mesh_kinds(&self) -> Vec<MeshKind> {
+        let mut kinds = vec![MeshKind::VirtualService, MeshKind::DestinationRule];
+        if self.gateway_api {
+            kinds.push(MeshKind::HttpRoute);
+        }
+        kinds
     }
 
     /// Reconciles only the canaries of `shard`.
@@ -192,9 +210,9 @@ impl Context {
         self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A cached VirtualService (`vs`) or DestinationRule, from whichever scope holds it.
-    fn mesh_object(&self, vs: bool, ns: &str, name: &str) -> Option<Arc<MeshObject>> {
-        self.scope_for(ns)?.mesh_store(vs).get(ns, name)
+    /// A cached VirtualService, DestinationRule or HTTPRoute, from whichever scope holds it.
+    fn mesh_object(&self, kind: MeshKind, ns: &str, name: &str) -> Option<Arc<MeshObject>> {
+        self.scope_for(ns)?.mesh_store(kind).get(ns, name)
     }
 
     /// Whether the caches still lack one of `key`'s writes (see [`Writes::stale`]); writes given
@@ -226,9 +244,15 @@ impl Context {
                 .map(|o| rv_uid(o.as_ref())),
             Kind::Deployment => scope.deployments.get(ns, name).map(|o| rv_uid(o.as_ref())),
             Kind::Pod => scope.pods.get(ns, name).map(|o| rv_uid(o.as_ref())),
-            Kind::VirtualService => self.mesh_object(true, ns, name).map(|o| rv_uid(o.as_ref())),
+            Kind::Service => scope.services.get(ns, name).map(|o| rv_uid(o.as_ref())),
+            Kind::VirtualService => self
+                .mesh_object(MeshKind::VirtualService, ns, name)
+                .map(|o| rv_uid(o.as_ref())),
             Kind::DestinationRule => self
-                .mesh_object(false, ns, name)
+                .mesh_object(MeshKind::DestinationRule, ns, name)
+                .map(|o| rv_uid(o.as_ref())),
+            Kind::HttpRoute => self
+                .mesh_object(MeshKind::HttpRoute, ns, name)
                 .map(|o| rv_uid(o.as_ref())),
         }
     }
@@ -242,50 +266,59 @@ pub async fn run(
 ) {
     let (canary_reader, canary_writer) = reflector::store::<RecordingCanary>();
     let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
-    let scope = Arc::new(Scope::new(namespace, canary_reader.clone(), trigger_tx));
+    let kinds = ctx.mesh_kinds();
+    let scope = Arc::new(Scope::new(
+        namespace,
+        canary_reader.clone(),
+        trigger_tx,
+        u8::try_from(kinds.len()).unwrap_or(u8::MAX),
+    ));
     if let Ok(mut g) = ctx.scopes.write() {
         g.push(scope.clone());
     }
     let canaries = canary_stream(&ctx, &scope, canary_writer);
     // The other watches list once the canaries are known, so that their first list keeps what
     // the canaries need; pods list once the Services' selectors are known too.
-    let triggers = stream::select_all([
-        facts_watch(
-            &ctx,
-            &scope,
-            canaries_known(&scope),
-            "Deployment",
-            DeploymentFacts::strip_lag,
-            on_deployment_event,
-        ),
-        facts_watch(
-            &ctx,
-            &scope,
-            canaries_known(&scope),
-            "Service",
-            ServiceFacts::strip,
-            on_service_event,
-        ),
-        facts_watch(
-            &ctx,
-            &scope,
-            canaries_known(&scope),
-            "EndpointSlice",
-            EndpointSliceFacts::strip,
-            on_endpoint_slice_event,
-        ),
-        facts_watch(
-            &ctx,
-            &scope,
-            selectors_known(&scope),
-            "Pod",
-            PodFacts::strip,
-            on_pod_event,
-        ),
-        mesh_watch(&ctx, &scope, true),
-        mesh_watch(&ctx, &scope, false),
-        from_other_scopes(trigger_rx),
-    ]);
+    let triggers = stream::select_all(
+        kinds
+            .into_iter()
+            .map(|kind| mesh_watch(&ctx, &scope, kind))
+            .chain([
+                facts_watch(
+                    &ctx,
+                    &scope,
+                    canaries_known(&scope),
+                    "Deployment",
+                    DeploymentFacts::strip_lag,
+                    on_deployment_event,
+                ),
+                facts_watch(
+                    &ctx,
+                    &scope,
+                    canaries_known(&scope),
+                    "Service",
+                    ServiceFacts::strip,
+                    on_service_event,
+                ),
+                facts_watch(
+                    &ctx,
+                    &scope,
+                    canaries_known(&scope),
+                    "EndpointSlice",
+                    EndpointSliceFacts::strip,
+                    on_endpoint_slice_event,
+                ),
+                facts_watch(
+                    &ctx,
+                    &scope,
+                    selectors_known(&scope),
+                    "Pod",
+                    PodFacts::strip,
+                    on_pod_event,
+                ),
+                from_other_scopes(trigger_rx),
+            ]),
+    );
     Controller::for_stream(canaries, canary_reader)
         .with_config(ControllerConfig::default().concurrency(ctx.max_reconciles))
         .reconcile_on(triggers)
@@ -381,7 +414,7 @@ mod tests {
     async fn a_deleted_canary_takes_out_of_the_caches_only_what_was_its_own() {
         let ctx = offline_context();
         let (canaries, _writer) = reflector::store::<RecordingCanary>();
-        let scope = Scope::new(None, canaries, mpsc::unbounded_channel().0);
+        let scope = Scope::new(None, canaries, mpsc::unbounded_channel().0, 2);
         use std::collections::BTreeMap;
         let canary = |ns: &str, name: &str, target: &str| -> RecordingCanary {
             serde_json::from_value(json!({
@@ -473,7 +506,7 @@ mod tests {
         // A cluster-wide scope in each, as `run` makes it.
         let new_scope = |ctx: &Context| {
             let (canaries, _writer) = reflector::store::<RecordingCanary>();
-            let scope = Arc::new(Scope::new(None, canaries, mpsc::unbounded_channel().0));
+            let scope = Arc::new(Scope::new(None, canaries, mpsc::unbounded_channel().0, 2));
             ctx.scopes.write().unwrap().push(scope.clone());
             scope
         };
@@ -531,9 +564,23 @@ mod tests {
             (vs(away, "local", "web"), false),
         ];
         for (o, kept) in &objects {
-            on_mesh_event(&ctx, &sharded, true, &Event::Apply(o.clone()));
-            on_mesh_event(&everyone, &unsharded, true, &Event::Apply(o.clone()));
-            let m: MeshKey = (true, o.namespace().unwrap(), o.name_any());
+            on_mesh_event(
+                &ctx,
+                &sharded,
+                MeshKind::VirtualService,
+                &Event::Apply(o.clone()),
+            );
+            on_mesh_event(
+                &everyone,
+                &unsharded,
+                MeshKind::VirtualService,
+                &Event::Apply(o.clone()),
+            );
+            let m: MeshKey = (
+                MeshKind::VirtualService,
+                o.namespace().unwrap(),
+                o.name_any(),
+            );
             assert_eq!(
                 sharded.virtual_services.get(&m.1, &m.2).is_some(),
                 *kept,
@@ -549,15 +596,15 @@ mod tests {
         on_mesh_event(
             &ctx,
             &sharded,
-            true,
+            MeshKind::VirtualService,
             &Event::Apply(vs(away, "to-mine", "web")),
         );
         assert!(sharded.virtual_services.get(away, "to-mine").is_none());
-        assert!(
-            !sharded
-                .index()
-                .knows_mesh(&(true, away.to_string(), "to-mine".to_string()))
-        );
+        assert!(!sharded.index().knows_mesh(&(
+            MeshKind::VirtualService,
+            away.to_string(),
+            "to-mine".to_string()
+        )));
     }
 
     fn istiod(acked: i64, observed: &str, cond: &str) -> Value {

@@ -105,15 +105,16 @@ impl Snapshot {
         };
         let mut virtual_services = Vec::new();
         let mut destination_rules = Vec::new();
-        for (vs, mns, mname) in mesh {
-            let Some(obj) = ctx.mesh_object(vs, &mns, &mname) else {
+        let mut http_routes = Vec::new();
+        for (kind, mns, mname) in mesh {
+            let Some(obj) = ctx.mesh_object(kind, &mns, &mname) else {
                 continue;
             };
             let v = obj.to_value();
-            if vs {
-                virtual_services.push(v);
-            } else {
-                destination_rules.push(v);
+            match kind {
+                MeshKind::VirtualService => virtual_services.push(v),
+                MeshKind::DestinationRule => destination_rules.push(v),
+                MeshKind::HttpRoute => http_routes.push(v),
             }
         }
         let rivals = sharing
@@ -133,7 +134,7 @@ impl Snapshot {
             service,
             pods,
             endpoints,
-            http_routes: Vec::new(),
+            http_routes,
             ambient: false,
             virtual_services,
             destination_rules,

@@ -8,6 +8,8 @@ pub struct Scope {
     pub(super) canaries: Store<RecordingCanary>,
     pub(super) virtual_services: Selective<MeshObject>,
     pub(super) destination_rules: Selective<MeshObject>,
+    /// HTTPRoutes (the Gateway API router), kept as VirtualServices are.
+    pub(super) http_routes: Selective<MeshObject>,
     pub(super) deployments: Selective<DeploymentFacts>,
     pub(super) services: Selective<ServiceFacts>,
     pub(super) pods: Selective<PodFacts>,
@@ -19,7 +21,8 @@ pub struct Scope {
     /// Set once the canaries, and so the index, are listed. (kube's `Store::wait_until_ready`
     /// wakes only one of several waiters.)
     pub(super) canaries_listed: tokio::sync::watch::Sender<bool>,
-    /// Counts the VirtualService and DestinationRule watches that have listed (2: ready).
+    /// Counts down the routing watches (VirtualServices, DestinationRules, and HTTPRoutes where
+    /// the Gateway API is served) that have not listed yet (0: ready).
     pub(super) mesh_listed: Countdown,
 }
 
@@ -54,12 +57,14 @@ impl Scope {
         namespace: Option<String>,
         canaries: Store<RecordingCanary>,
         triggers: mpsc::UnboundedSender<ObjectRef<RecordingCanary>>,
+        mesh_watches: u8,
     ) -> Self {
         Self {
             namespace,
             canaries,
             virtual_services: Selective::default(),
             destination_rules: Selective::default(),
+            http_routes: Selective::default(),
             deployments: Selective::default(),
             services: Selective::default(),
             pods: Selective::default(),
@@ -67,7 +72,7 @@ impl Scope {
             index: RwLock::new(Index::default()),
             triggers,
             canaries_listed: tokio::sync::watch::channel(false).0,
-            mesh_listed: Countdown::new(2),
+            mesh_listed: Countdown::new(mesh_watches),
         }
     }
 
@@ -83,11 +88,11 @@ impl Scope {
         self.index.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn mesh_store(&self, vs: bool) -> &Selective<MeshObject> {
-        if vs {
-            &self.virtual_services
-        } else {
-            &self.destination_rules
+    pub(super) fn mesh_store(&self, kind: MeshKind) -> &Selective<MeshObject> {
+        match kind {
+            MeshKind::VirtualService => &self.virtual_services,
+            MeshKind::DestinationRule => &self.destination_rules,
+            MeshKind::HttpRoute => &self.http_routes,
         }
     }
 

@@ -206,22 +206,22 @@ pub(super) fn on_pod_event(
 pub(super) fn on_mesh_event(
     ctx: &Context,
     scope: &Scope,
-    vs: bool,
+    mesh: MeshKind,
     ev: &Event<MeshObject>,
 ) -> Vec<ObjectRef<RecordingCanary>> {
     let Some((obj, deleted)) = event_object(ev) else {
-        scope.mesh_store(vs).apply(ev, |_| true);
+        scope.mesh_store(mesh).apply(ev, |_| true);
         return if matches!(ev, Event::InitDone) {
             all_canaries(scope)
         } else {
             Vec::new()
         };
     };
-    let m: MeshKey = (vs, obj.namespace().unwrap_or_default(), obj.name_any());
+    let m: MeshKey = (mesh, obj.namespace().unwrap_or_default(), obj.name_any());
     let spec = obj.spec();
-    let refs = MeshRefs::of(&obj.metadata, &spec, vs, &ctx.cluster_domain);
+    let refs = MeshRefs::of(&obj.metadata, &spec, mesh, &ctx.cluster_domain);
     let kept = concerns_shard(&ctx.shard, &m.1, &refs);
-    scope.mesh_store(vs).apply(ev, |_| kept);
+    scope.mesh_store(mesh).apply(ev, |_| kept);
     let mut mine = Vec::new();
     for other in ctx.scopes() {
         // Another scope records only objects that name a Service it covers (or that it knew);
@@ -247,7 +247,7 @@ pub(super) fn on_mesh_event(
             }
         }
     }
-    with_echo(ctx, mesh_kind(vs), &obj.metadata, deleted, || mine)
+    with_echo(ctx, Kind::from(mesh), &obj.metadata, deleted, || mine)
 }
 
 /// Whether a VirtualService or DestinationRule in namespace `ns` may concern the canaries of
@@ -259,12 +259,4 @@ pub(super) fn concerns_shard(shard: &Shard, ns: &str, refs: &MeshRefs) -> bool {
         || refs.services.iter().any(|(svc_ns, _)| shard.owns(svc_ns))
         || refs.note.is_some()
         || refs.wildcard.is_some()
-}
-
-pub(super) fn mesh_kind(vs: bool) -> Kind {
-    if vs {
-        Kind::VirtualService
-    } else {
-        Kind::DestinationRule
-    }
 }

@@ -3,12 +3,8 @@
 
 use super::*;
 
-pub(super) fn mesh_resource(vs: bool) -> ApiResource {
-    if vs {
-        istio::virtual_service_resource()
-    } else {
-        istio::destination_rule_resource()
-    }
+pub(super) fn mesh_resource(kind: MeshKind) -> ApiResource {
+    kind.api_resource()
 }
 
 pub(super) fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -261,21 +257,17 @@ where
     )
 }
 
-/// The VirtualService (`vs`) or DestinationRule watch. A revision that differs from the cached
+/// The watch of a routing kind (VirtualServices, DestinationRules, HTTPRoutes). A revision that differs from the cached
 /// one only in what the caches drop (istiod's progress messages, say) changes nothing the
 /// planner reads: it only refreshes the cache (and may be an echo of our own write).
 pub(super) fn mesh_watch(
     ctx: &Arc<Context>,
     scope: &Arc<Scope>,
-    vs: bool,
+    mesh: MeshKind,
 ) -> BoxStream<'static, ObjectRef<RecordingCanary>> {
     let (c, s) = (ctx.clone(), scope.clone());
-    let api = scoped_dyn(&ctx.client, &scope.namespace, &mesh_resource(vs));
-    let kind = if vs {
-        "VirtualService"
-    } else {
-        "DestinationRule"
-    };
+    let api = scoped_dyn(&ctx.client, &scope.namespace, &mesh_resource(mesh));
+    let kind = mesh.name();
     let mut listed = false;
     triggers_of(
         ctx,
@@ -287,7 +279,7 @@ pub(super) fn mesh_watch(
         kind,
         strip_mesh,
         move |ev: &Event<MeshObject>| {
-            let store = s.mesh_store(vs);
+            let store = s.mesh_store(mesh);
             let unchanged = match ev {
                 Event::Apply(o) => store
                     .get(&o.namespace().unwrap_or_default(), &o.name_any())
@@ -298,9 +290,9 @@ pub(super) fn mesh_watch(
                 // Cached already, so it concerned this shard, and still does.
                 Event::Apply(o) if unchanged => {
                     store.apply(ev, |_| true);
-                    with_echo(&c, mesh_kind(vs), &o.metadata, false, Vec::new)
+                    with_echo(&c, Kind::from(mesh), &o.metadata, false, Vec::new)
                 }
-                _ => on_mesh_event(&c, &s, vs, ev),
+                _ => on_mesh_event(&c, &s, mesh, ev),
             };
             c.metrics.cached(kind, store.len());
             if matches!(ev, Event::InitDone) && !listed {

@@ -49,13 +49,6 @@ fn gone(kind: Kind, name: &str, uid: &str) -> Written {
     }
 }
 
-fn mesh_kind(kind: MeshKind) -> Kind {
-    match kind {
-        MeshKind::VirtualService => Kind::VirtualService,
-        MeshKind::DestinationRule => Kind::DestinationRule,
-    }
-}
-
 /// The API server answers a failed JSON-patch `test` (our resourceVersion guard) with 422,
 /// and a stale resourceVersion on an update with 409: both mean "planned from an old read".
 /// Any other 422 (a validation error, an admission policy's denial) is a real refusal.
@@ -80,11 +73,7 @@ fn json_patch(ops: Vec<Value>) -> Result<Patch<Value>, Error> {
 }
 
 fn mesh_api(client: &Client, ns: &str, kind: MeshKind) -> Api<DynamicObject> {
-    let ar = match kind {
-        MeshKind::VirtualService => istio::virtual_service_resource(),
-        MeshKind::DestinationRule => istio::destination_rule_resource(),
-    };
-    Api::namespaced_with(client.clone(), ns, &ar)
+    Api::namespaced_with(client.clone(), ns, &kind.api_resource())
 }
 
 fn delete_with_uid(uid: &str) -> DeleteParams {
@@ -133,6 +122,9 @@ fn died_after(kind: MeshKind) {
         }
         MeshKind::VirtualService => {
             fail::fail_point!("after-virtual-service-write", |_| std::process::abort())
+        }
+        MeshKind::HttpRoute => {
+            fail::fail_point!("after-http-route-write", |_| std::process::abort())
         }
     }
 }
@@ -278,7 +270,7 @@ pub async fn apply(
             Action::CreateMesh { kind, object } => {
                 let obj: DynamicObject = serde_json::from_value(object.clone())?;
                 let r = guarded(mesh_api(client, &ns, *kind).create(&post, &obj).await)?;
-                written.extend(at(mesh_kind(*kind), r));
+                written.extend(at(Kind::from(*kind), r));
                 died_after(*kind);
             }
             Action::PatchMesh { kind, name, ops } => {
@@ -287,7 +279,7 @@ pub async fn apply(
                         .patch(name, &pp, &json_patch(ops.clone())?)
                         .await,
                 )?;
-                written.extend(at(mesh_kind(*kind), r));
+                written.extend(at(Kind::from(*kind), r));
                 died_after(*kind);
             }
             Action::DeleteMesh { kind, name, uid } => {
@@ -296,7 +288,7 @@ pub async fn apply(
                         .delete(name, &delete_with_uid(uid))
                         .await,
                 )?;
-                written.push(gone(mesh_kind(*kind), name, uid));
+                written.push(gone(Kind::from(*kind), name, uid));
                 died_after(*kind);
             }
         }

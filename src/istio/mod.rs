@@ -13,29 +13,14 @@ use crate::api::{
     RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET,
 };
 
-/// Istio's networking API version used for reads and writes (served since Istio 1.22).
-pub const ISTIO_VERSION: &str = "v1";
-
-/// The VirtualService resource.
+/// The VirtualService resource (`networking.istio.io/v1`, served since Istio 1.22).
 pub fn virtual_service_resource() -> ApiResource {
-    ApiResource {
-        group: "networking.istio.io".into(),
-        version: ISTIO_VERSION.into(),
-        api_version: format!("networking.istio.io/{ISTIO_VERSION}"),
-        kind: "VirtualService".into(),
-        plural: "virtualservices".into(),
-    }
+    crate::api::MeshKind::VirtualService.api_resource()
 }
 
 /// The DestinationRule resource.
 pub fn destination_rule_resource() -> ApiResource {
-    ApiResource {
-        group: "networking.istio.io".into(),
-        version: ISTIO_VERSION.into(),
-        api_version: format!("networking.istio.io/{ISTIO_VERSION}"),
-        kind: "DestinationRule".into(),
-        plural: "destinationrules".into(),
-    }
+    crate::api::MeshKind::DestinationRule.api_resource()
 }
 
 /// How a Service's host may be written in a VirtualService or DestinationRule.

@@ -79,29 +79,7 @@ pub struct Observed<'a> {
     pub stable_labelling: StableLabelling,
 }
 
-/// Which Istio kind an action is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MeshKind {
-    VirtualService,
-    DestinationRule,
-}
-
-impl MeshKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            MeshKind::VirtualService => "VirtualService",
-            MeshKind::DestinationRule => "DestinationRule",
-        }
-    }
-
-    /// The RecordingCanary spec field that names one.
-    pub fn spec_field(self) -> &'static str {
-        match self {
-            MeshKind::VirtualService => "virtualService",
-            MeshKind::DestinationRule => "destinationRule",
-        }
-    }
-}
+pub use crate::api::MeshKind;
 
 /// One write, in the order the plan lists them.
 #[derive(Debug, Clone, PartialEq)]

@@ -122,6 +122,40 @@ where
     }
 }
 
+/// Whether the cluster serves the Gateway API's HTTPRoutes (`gateway.networking.k8s.io/v1`) and
+/// this process may list them (in `namespace`, or cluster-wide): the controller watches them, and
+/// its Gateway API router works, only then (a watch it may not list would keep every canary
+/// waiting for its first list). Asked once at start; a cluster that gets the CRDs later needs a
+/// restart of the controller.
+pub async fn gateway_api_served(client: &kube::Client, namespace: Option<&str>) -> bool {
+    let served = match client
+        .list_api_group_resources("gateway.networking.k8s.io/v1")
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "httproutes"),
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not ask whether the Gateway API is served; HTTPRoutes are not watched");
+            false
+        }
+    };
+    if !served {
+        return false;
+    }
+    let ar = crate::api::MeshKind::HttpRoute.api_resource();
+    let api: kube::Api<kube::api::DynamicObject> = match namespace {
+        Some(ns) => kube::Api::namespaced_with(client.clone(), ns, &ar),
+        None => kube::Api::all_with(client.clone(), &ar),
+    };
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the Gateway API is served, but HTTPRoutes cannot be listed (RBAC?): they are not watched, and the Gateway API router is off");
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ use kube::api::DynamicObject;
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 
+use recording_canary::api::MeshKind;
 use recording_canary::api::RecordingCanary;
 use recording_canary::cache::Selective;
 use recording_canary::cache::index::{Index, MeshRefs};
@@ -198,12 +199,15 @@ fn main() {
                 let s: ServiceFacts = parse(&w[3], "service");
                 let sel = Some(s.selector());
                 index.service_seen(&s.namespace().unwrap_or_default(), &s.name_any(), sel);
-                for (vs, j) in [(true, 6), (false, 7)] {
+                for (kind, j) in [
+                    (MeshKind::VirtualService, 6),
+                    (MeshKind::DestinationRule, 7),
+                ] {
                     let o: DynamicObject = parse(&w[j], "mesh object");
                     let spec = o.data.get("spec").cloned().unwrap_or_default();
-                    let refs = MeshRefs::of(&o.metadata, &spec, vs, "cluster.local");
+                    let refs = MeshRefs::of(&o.metadata, &spec, kind, "cluster.local");
                     index.mesh_seen(
-                        (vs, o.namespace().unwrap_or_default(), o.name_any()),
+                        (kind, o.namespace().unwrap_or_default(), o.name_any()),
                         Some(refs),
                     );
                 }

@@ -148,6 +148,7 @@ impl Sim {
         match kind {
             MeshKind::VirtualService => &mut self.w.vss,
             MeshKind::DestinationRule => &mut self.w.drs,
+            MeshKind::HttpRoute => &mut self.w.http_routes,
         }
     }
 
