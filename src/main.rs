@@ -213,6 +213,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
             .await,
         ),
     );
+    if controller::namespaces::may_watch(&client, &args.namespaces).await {
+        tokio::spawn(controller::namespaces::watch(
+            ctx.clone(),
+            args.namespaces.clone(),
+        ));
+    }
     if let Some(policy) = args.stable_label_policy.clone() {
         // Known before the first status is written; then checked again now and then.
         ctx.set_stable_labelling(admission::check(&client, &policy).await);

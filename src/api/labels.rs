@@ -33,3 +33,73 @@ pub fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
             .any(|r| r.controller == Some(true) && r.kind == "ReplicaSet" && r.name == rs)
     })
 }
+
+/// The two Services a canary owns on the Gateway API router, `(stable, recording)`: its name made
+/// a DNS label (dots become hyphens; a name that does not start with a letter gets `rc-` before
+/// it), then `-stable` / `-recording`; a name too long for 63 characters is cut and ends in 8 hex
+/// digits of its SHA-256, so two canaries never share one.
+pub fn backend_service_names(canary: &str) -> (String, String) {
+    use sha2::{Digest, Sha256};
+    const MAX: usize = 63;
+    const LONGEST_SUFFIX: &str = "-recording";
+    let mut base: String = canary
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '-' => c,
+            'A'..='Z' => c.to_ascii_lowercase(),
+            _ => '-',
+        })
+        .collect();
+    if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
+        base = format!("rc-{base}");
+    }
+    if base.len() + LONGEST_SUFFIX.len() > MAX {
+        let hash: String = Sha256::digest(canary.as_bytes())
+            .iter()
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        base.truncate(MAX - LONGEST_SUFFIX.len() - hash.len() - 1);
+        let base = base.trim_end_matches('-');
+        return (
+            format!("{base}-{hash}-stable"),
+            format!("{base}-{hash}-recording"),
+        );
+    }
+    (format!("{base}-stable"), format!("{base}-recording"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_service_names_are_dns_labels_of_at_most_63_characters() {
+        assert_eq!(
+            backend_service_names("frontend"),
+            ("frontend-stable".into(), "frontend-recording".into())
+        );
+        assert_eq!(
+            backend_service_names("shop.front"),
+            ("shop-front-stable".into(), "shop-front-recording".into())
+        );
+        assert_eq!(backend_service_names("1st").0, "rc-1st-stable");
+        let long = "a".repeat(63);
+        let (s, r) = backend_service_names(&long);
+        assert!(s.len() <= 63 && r.len() <= 63, "{s} {r}");
+        assert!(r.ends_with("-recording") && s.ends_with("-stable"));
+        // Two long names that share their first characters stay apart.
+        let other = format!("{}b", "a".repeat(62));
+        assert_ne!(backend_service_names(&other).1, r);
+        for (s, r) in [backend_service_names(&long), backend_service_names("x.y-z")] {
+            for n in [s, r] {
+                assert!(
+                    n.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                );
+                assert!(n.starts_with(|c: char| c.is_ascii_lowercase()));
+                assert!(!n.ends_with('-'));
+            }
+        }
+    }
+}

@@ -93,6 +93,10 @@ pub struct Index {
     by_note: HashMap<(String, String), SmallSet<MeshKey>>,
     /// DestinationRules for wildcard hosts (few in any cluster).
     wildcards: SmallSet<MeshKey>,
+    /// `(ns, service)` → the canary that owns it as a Gateway API backend, for the few canaries
+    /// whose backend Service names are not `<name>-stable`/`<name>-recording` (see
+    /// [`Index::backend_owner`]; the others cost nothing here).
+    irregular_backends: HashMap<(String, String), String>,
     /// Once set, canaries seen for the first time are primed (the watches have listed).
     watches_started: bool,
     /// Once set, pods newly selected by a Service are read (the pod watch has listed).
@@ -214,6 +218,17 @@ fn labelled_owner(meta: &ObjectMeta) -> Option<&str> {
         .map(String::as_str)
 }
 
+/// The backend Service names of canary `name` that [`Index::backend_owner`] cannot find by
+/// stripping a suffix (a name with dots or capitals, or too long).
+fn irregular_backend_names(name: &str) -> Vec<String> {
+    let (stable, recording) = crate::api::labels::backend_service_names(name);
+    if stable == format!("{name}-stable") && recording == format!("{name}-recording") {
+        Vec::new()
+    } else {
+        vec![stable, recording]
+    }
+}
+
 fn key(ns: &str, name: &str) -> CanaryKey {
     (ns.to_string(), name.to_string())
 }
@@ -307,6 +322,9 @@ impl Index {
         add(&mut self.by_deployment, key(&ns, &e.target), &name);
         add(&mut self.by_deployment, key(&ns, &e.clone), &name);
         add(&mut self.by_service, key(&ns, &e.service), &name);
+        for b in irregular_backend_names(&name) {
+            self.irregular_backends.insert(key(&ns, &b), name.clone());
+        }
         for m in [&e.virtual_service, &e.destination_rule]
             .into_iter()
             .flatten()
@@ -325,6 +343,9 @@ impl Index {
         del(&mut self.by_deployment, key(ns, &e.target), name);
         del(&mut self.by_deployment, key(ns, &e.clone), name);
         del(&mut self.by_service, key(ns, &e.service), name);
+        for b in irregular_backend_names(name) {
+            self.irregular_backends.remove(&key(ns, &b));
+        }
         for m in [&e.virtual_service, &e.destination_rule]
             .into_iter()
             .flatten()
@@ -482,14 +503,38 @@ impl Index {
         out.into_iter().collect()
     }
 
-    /// Canaries a Service concerns.
+    /// Canaries a Service concerns: those of that Service, and the canary whose Gateway API
+    /// backend it is (its Services and their EndpointSlices are kept and wake it).
     pub fn for_service(&self, ns: &str, name: &str) -> Vec<CanaryKey> {
-        self.by_service
+        let mut out: Vec<CanaryKey> = self
+            .by_service
             .get(&key(ns, name))
             .into_iter()
             .flatten()
             .map(|n| key(ns, n))
-            .collect()
+            .collect();
+        if let Some(k) = self.backend_owner(ns, name)
+            && !out.contains(&k)
+        {
+            out.push(k);
+        }
+        out
+    }
+
+    /// The canary of this index whose Gateway API backend Service `ns/name` is (see
+    /// [`crate::api::labels::backend_service_names`]): `<canary>-stable` or
+    /// `<canary>-recording`, found by stripping the suffix, else one of the few irregular names.
+    pub fn backend_owner(&self, ns: &str, name: &str) -> Option<CanaryKey> {
+        let regular = name
+            .strip_suffix("-stable")
+            .or_else(|| name.strip_suffix("-recording"))
+            .map(|base| key(ns, base))
+            .filter(|k| self.canaries.contains_key(k));
+        regular.or_else(|| {
+            self.irregular_backends
+                .get(&key(ns, name))
+                .map(|c| key(ns, c))
+        })
     }
 
     /// Canaries a VirtualService (`m.0`) or DestinationRule `m` with references `refs` concerns:
@@ -721,6 +766,39 @@ mod tests {
         );
         let refs = MeshRefs::of(&meta, &obj["spec"], kind, "cluster.local");
         i.for_mesh(&m, &refs)
+    }
+
+    #[test]
+    fn a_canarys_gateway_api_backend_services_concern_it_and_only_it() {
+        let mut i = index();
+        assert_eq!(
+            i.for_service("shop", "front-stable"),
+            vec![k("shop", "front")]
+        );
+        assert_eq!(
+            i.for_service("shop", "front-recording"),
+            vec![k("shop", "front")]
+        );
+        assert_eq!(
+            i.for_service("other", "front-recording"),
+            vec![k("other", "front")]
+        );
+        assert!(i.for_service("shop", "cart-svc-stable").is_empty());
+        assert!(i.for_service("shop", "gone-stable").is_empty());
+        // A name that is not a DNS label: found through the irregular names, forgotten with it.
+        i.upsert(&canary("shop", "web.v2", "web", None));
+        let (stable, recording) = crate::api::labels::backend_service_names("web.v2");
+        assert_eq!(i.for_service("shop", &stable), vec![k("shop", "web.v2")]);
+        assert_eq!(i.for_service("shop", &recording), vec![k("shop", "web.v2")]);
+        i.remove("shop", "web.v2");
+        assert!(i.for_service("shop", &stable).is_empty());
+        assert!(i.irregular_backends.is_empty());
+        // The Service of one canary and the backend of another.
+        i.upsert(&canary("shop", "api", "api", Some("front-stable")));
+        assert_eq!(
+            i.for_service("shop", "front-stable"),
+            vec![k("shop", "api"), k("shop", "front")]
+        );
     }
 
     #[test]

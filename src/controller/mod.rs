@@ -14,6 +14,7 @@
 //! them, and their echoes wake nobody else.
 
 pub mod events;
+pub mod namespaces;
 mod observe;
 mod reconcile;
 mod scope;
@@ -93,6 +94,8 @@ pub struct Context {
     /// The cluster serves the Gateway API's HTTPRoutes: they are watched (and the Gateway API
     /// router can work) only then.
     pub gateway_api: bool,
+    /// Istio's ambient labels of every namespace ([`namespaces`]).
+    namespaces: RwLock<HashMap<String, namespaces::NamespaceFacts>>,
 }
 
 /// The default of `--max-concurrent-reconciles`.
@@ -122,6 +125,7 @@ impl Context {
             ))),
             max_reconciles: DEFAULT_MAX_RECONCILES,
             gateway_api: false,
+            namespaces: RwLock::new(HashMap::new()),
         }
     }
 
@@ -198,7 +202,7 @@ impl Context {
         }
     }
 
-    fn scopes(&self) -> Vec<Arc<Scope>> {
+    pub(crate) fn scopes(&self) -> Vec<Arc<Scope>> {
         self.scopes.read().map(|g| g.clone()).unwrap_or_default()
     }
 

@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use crate::facts::newest_change_only;
 
+/// The label that enrols a namespace or a Service with a waypoint in Istio's ambient mode.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+
 /// A Service as the controller keeps it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(from = "Wire")]
@@ -22,6 +25,15 @@ pub struct ServiceFacts {
     pub metadata: ObjectMeta,
     /// `spec.selector`, sorted by key (empty: none).
     selector: Box<[(String, String)]>,
+    /// `spec.ports` as compact JSON text (the Gateway API router copies them to the Services it
+    /// owns); empty without ports.
+    ports: Box<str>,
+    /// Its `istio.io/use-waypoint` label: the waypoint that handles its L7 traffic in Istio's
+    /// ambient mode.
+    pub use_waypoint: Option<Box<str>>,
+    /// The UID of its controlling owner (the Gateway API router's own Services name their
+    /// RecordingCanary).
+    pub controller_uid: Option<Box<str>>,
 }
 
 impl ServiceFacts {
@@ -33,6 +45,11 @@ impl ServiceFacts {
     /// Its pod selector (empty: none).
     pub fn selector(&self) -> BTreeMap<String, String> {
         self.selector.iter().cloned().collect()
+    }
+
+    /// Its `spec.ports`, as the API lists them.
+    pub fn ports(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.ports).unwrap_or_default()
     }
 }
 
@@ -51,11 +68,32 @@ struct Wire {
 struct WireSpec {
     #[serde(default)]
     selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    ports: Option<Vec<serde_json::Value>>,
 }
 
 impl From<Wire> for ServiceFacts {
     fn from(w: Wire) -> Self {
         let m = w.metadata.unwrap_or_default();
+        let use_waypoint = m
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(USE_WAYPOINT_LABEL))
+            .map(|v| v.as_str().into());
+        let controller_uid = m
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|r| r.controller == Some(true))
+            .map(|r| r.uid.as_str().into());
+        let (selector, ports) = match w.spec {
+            Some(spec) => (spec.selector, spec.ports),
+            None => (None, None),
+        };
+        let ports = match ports {
+            Some(p) if !p.is_empty() => serde_json::Value::Array(p).to_string().into(),
+            _ => Box::from(""),
+        };
         ServiceFacts {
             metadata: ObjectMeta {
                 name: m.name,
@@ -66,12 +104,10 @@ impl From<Wire> for ServiceFacts {
                 managed_fields: newest_change_only(m.managed_fields),
                 ..ObjectMeta::default()
             },
-            selector: w
-                .spec
-                .and_then(|s| s.selector)
-                .unwrap_or_default()
-                .into_iter()
-                .collect(),
+            selector: selector.unwrap_or_default().into_iter().collect(),
+            ports,
+            use_waypoint,
+            controller_uid,
         }
     }
 }
