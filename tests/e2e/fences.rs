@@ -1020,9 +1020,14 @@ async fn a_stolen_token_is_refused_every_gateway_api_abuse_with_a_readable_messa
     pointed_away[0] = with(
         pointed_away[0].clone(),
         "/backendRefs",
-        json!([backend("frontend-stable", 90), backend("frontend-recording", 10), backend("payments", 10)]),
+        json!([
+            backend("frontend-stable", 90),
+            backend("frontend-recording", 10),
+            backend("payments", 10)
+        ]),
     );
-    let mut repointed = with_modes.clone();
+    // The restore, but with another Service put back in the default rule.
+    let mut repointed = user_rules.clone();
     repointed[default] = with(
         repointed[default].clone(),
         "/backendRefs",
