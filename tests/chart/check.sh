@@ -90,6 +90,14 @@ controller_rights() {
   can yes delete deployments.apps "$where"
   can yes patch  pods "$where"
   can yes watch  services "$where"
+  can yes create services "$where"
+  can yes patch  services "$where"
+  can yes delete services "$where"
+  can yes watch  httproutes.gateway.networking.k8s.io "$where"
+  can yes create httproutes.gateway.networking.k8s.io "$where"
+  can yes patch  httproutes.gateway.networking.k8s.io "$where"
+  can yes delete httproutes.gateway.networking.k8s.io "$where"
+  can yes watch  grpcroutes.gateway.networking.k8s.io "$where"
   can yes watch  endpointslices.discovery.k8s.io "$where"
   can yes patch  recordingcanaries.recordingcanary.dev "$where"
   can yes patch  recordingcanaries.recordingcanary.dev "$where" --subresource=status
@@ -99,6 +107,13 @@ controller_rights() {
   can no  list   configmaps "$where"
   can no  delete pods "$where"
   can no  update services "$where"
+  can no  update httproutes.gateway.networking.k8s.io "$where"
+  can no  patch  grpcroutes.gateway.networking.k8s.io "$where"
+  can no  create grpcroutes.gateway.networking.k8s.io "$where"
+  can no  delete grpcroutes.gateway.networking.k8s.io "$where"
+  can no  patch  gateways.gateway.networking.k8s.io "$where"
+  can no  create referencegrants.gateway.networking.k8s.io "$where"
+  can no  patch  namespaces/"$where" "$where"
   can no  create recordingcanaries.recordingcanary.dev "$where"
   can no  update recordingcanaries.recordingcanary.dev "$where"
   can no  delete recordingcanaries.recordingcanary.dev "$where"
@@ -109,6 +124,9 @@ no_rights() {
   local where=$1
   can no patch  virtualservices.networking.istio.io "$where"
   can no create deployments.apps "$where"
+  can no create services "$where"
+  can no patch  httproutes.gateway.networking.k8s.io "$where"
+  can no get    namespaces/"$where" "$where"
   can no patch  pods "$where"
   can no list   recordingcanaries.recordingcanary.dev "$where"
 }
@@ -167,7 +185,7 @@ stable_label_policy() {
 
 # The fences: every policy installed with its binding, and none with a CEL type-checking warning
 # (the API server checks each expression against the schemas of the kinds it matches).
-fences=(namespaces owners deployments clone-templates pods pod-roles virtualservices destinationrules canaries)
+fences=(namespaces owners deployments clone-templates pods pod-roles virtualservices destinationrules services httproutes canaries)
 fence_policies() {
   local f name gen seen warn
   for f in "${fences[@]}"; do
@@ -234,6 +252,10 @@ if install; then
   else bad "Deployment $ns/$release missing"; fi
   controller_rights default
   controller_rights "$watched"
+  # Namespaces (their Istio ambient labels): read, every one.
+  can yes watch namespaces default
+  can yes get   namespaces/"$other" default
+  can no  patch namespaces/"$watched" default
   lease_rights
   stable_label_policy no
   fence_policies
@@ -257,6 +279,11 @@ if install --set "watchNamespaces={$watched}"; then
     *) bad "controller args lack --namespace=$watched: $args" ;;
   esac
   controller_rights "$watched"
+  # Namespaces: only the watched ones, by name (get, or watch with a metadata.name field selector).
+  can yes get   namespaces/"$watched" default
+  can yes watch namespaces/"$watched" default
+  can no  list  namespaces default
+  can no  watch namespaces default
   no_rights "$other"
   no_rights default
   lease_rights

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the local control plane from Go modules into a per-user cache, keyed by version:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl, helm,
-#   and the Istio CRDs from the istio.io/api module.
+#   the Istio CRDs from the istio.io/api module, and the Gateway API standard channel CRDs (with
+#   their safe-upgrades ValidatingAdmissionPolicy) from the sigs.k8s.io/gateway-api module.
 # Versions: tests/cluster/versions.sh. RC_K8S_VERSION=1.37|1.35 picks Kubernetes (default 1.37),
 # RC_HELM_MAJOR=4|3 picks Helm (default 4); each version has its own cache dir, so building the
 # other one later (e.g. RC_K8S_VERSION=1.35 bash tests/cluster/build.sh) adds only what is missing.
@@ -98,8 +99,24 @@ fetch_istio_crds() {
   cp "$dir/kubernetes/customresourcedefinitions.gen.yaml" "$out/crds.yaml"
 }
 
+# The standard channel only: config/crd/standard/*.yaml (every CRD, then the safe-upgrades
+# ValidatingAdmissionPolicy and its binding) as one file; no experimental CRD (that policy refuses
+# them over standard ones).
+fetch_gateway_api_crds() {
+  local out=$1 dir f
+  say "sigs.k8s.io/gateway-api $GATEWAY_API_VERSION: fetching the standard channel CRDs"
+  dir=$(cd /tmp && GOFLAGS='' go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -n "$dir" ] || { echo "could not download sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" >&2; exit 1; }
+  for f in "$dir"/config/crd/standard/*.yaml; do
+    { echo "---"; cat "$f"; } >>"$out/crds.yaml"
+  done
+  grep -q '^kind: CustomResourceDefinition$' "$out/crds.yaml" && grep -q '^kind: ValidatingAdmissionPolicy$' "$out/crds.yaml" ||
+    { echo "gateway-api: config/crd/standard lacks its CRDs or its safe-upgrades ValidatingAdmissionPolicy" >&2; exit 1; }
+}
+
 mkdir -p "$RC_CACHE_DIR"
 build_into "$ISTIO_DIR" fetch_istio_crds
+build_into "$GATEWAY_API_DIR" fetch_gateway_api_crds
 build_into "$ETCD_BIN" build_etcd
 build_into "$KWOK_BIN" build_kwok
 build_into "$K8S_BIN" build_kubernetes

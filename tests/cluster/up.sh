@@ -9,7 +9,9 @@
 # Then:  export KUBECONFIG=$RC_CACHE_DIR/clusters/NAME/kubeconfig   (printed at the end)
 #
 # Idempotent: a healthy cluster of that name is reused; a stale one (e.g. after a reboot) is deleted and recreated.
-# After start: Istio CRDs (istio.io/api) and this repo's crds/*.yaml are applied server-side and waited for.
+# After start: this repo's crds/*.yaml, the Istio CRDs (istio.io/api) and the Gateway API standard channel
+# CRDs (sigs.k8s.io/gateway-api, with its safe-upgrades ValidatingAdmissionPolicy) are applied server-side
+# and waited for.
 # Env: RC_SMOKE=0 skips the Deployment smoke check done on a freshly created cluster.
 #      RC_NODE_LEASE_SECONDS=N: the fake nodes' leases last N times kwokctl's heartbeat factor (5) seconds
 #      (default: kwokctl's, 200 s). tests/run.sh sets 8 (40 s, a kubelet's) for tests/restart.rs: with
@@ -109,14 +111,28 @@ k wait --for=condition=Ready node --all --timeout=60s >/dev/null
 running=$(server_version)
 [ "$running" = "$K8S_VERSION" ] || rc_die "apiserver reports '$running', expected $K8S_VERSION"
 
-# Our CRDs first, Istio's second: the GC probe below uses an Istio kind, so once the garbage collector
-# watches that kind it also watches every CRD created before it.
+# Our CRDs first, Istio's second, the Gateway API's last: the GC probe below uses a Gateway API kind,
+# so once the garbage collector watches that kind it also watches every CRD created before it.
 if compgen -G "$repo/crds/*.yaml" >/dev/null || compgen -G "$repo/crds/*.yml" >/dev/null; then
   rc_say "applying this repo's CRDs from crds/"
   k apply --server-side --force-conflicts -f "$repo/crds/" >&2
 fi
 rc_say "applying Istio CRDs (istio.io/api $ISTIO_API_VERSION)"
 k apply --server-side --force-conflicts -f "$ISTIO_DIR/crds.yaml" >/dev/null
+# 1.2 MB, about 4 s to apply: skipped on a cluster that has them all at this version already.
+gateway_api_installed() {
+  local want have
+  want=$(grep -c '^kind: CustomResourceDefinition$' "$GATEWAY_API_DIR/crds.yaml")
+  have=$(k get crd -o jsonpath='{range .items[*]}{.metadata.annotations.gateway\.networking\.k8s\.io/bundle-version}{"\n"}{end}' |
+    grep -cx "$GATEWAY_API_VERSION" || true)
+  [ "$have" = "$want" ] && k get validatingadmissionpolicybinding safe-upgrades.gateway.networking.k8s.io >/dev/null 2>&1
+}
+if gateway_api_installed; then
+  rc_say "Gateway API CRDs $GATEWAY_API_VERSION (standard channel) already installed"
+else
+  rc_say "applying Gateway API CRDs (sigs.k8s.io/gateway-api $GATEWAY_API_VERSION, standard channel)"
+  k apply --server-side --force-conflicts -f "$GATEWAY_API_DIR/crds.yaml" >/dev/null
+fi
 k wait --for condition=established crd --all --timeout=60s >/dev/null
 rc_say "all CRDs established ($(k get crd --no-headers | wc -l) CRDs)"
 
@@ -130,19 +146,20 @@ sed "s/API_VERSION/$map_api/" "$repo/tests/cluster/istio-injector.yaml" | k appl
 # kube-controller-manager's garbage collector picks up new resource types only on its discovery
 # resync, every 30 s (hard-coded). Until then, objects owned by a custom resource (e.g. the clone
 # Deployment owned by a RecordingCanary) are NOT deleted with their owner. Wait until it watches them:
-# owner = an Istio Telemetry, dependent = a ConfigMap; retry until deleting the owner removes the dependent.
+# owner = a Gateway API HTTPRoute (the kind applied last), dependent = a ConfigMap; retry until
+# deleting the owner removes the dependent.
 gc_probe() {
   local ns=rc-gc-probe i uid deadline=$(( $(date +%s) + 90 ))
   k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
   for ((i = 0; ; i++)); do
-    printf 'apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: owner-%s}\nspec: {}\n' "$i" |
+    printf 'apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: owner-%s}\nspec: {}\n' "$i" |
       k -n "$ns" apply -f - >/dev/null
-    uid=$(k -n "$ns" get telemetry "owner-$i" -o jsonpath='{.metadata.uid}')
+    uid=$(k -n "$ns" get httproute.gateway.networking.k8s.io "owner-$i" -o jsonpath='{.metadata.uid}')
     printf '%s\n' "apiVersion: v1" "kind: ConfigMap" "metadata:" "  name: dependent-$i" \
-      "  ownerReferences: [{apiVersion: telemetry.istio.io/v1, kind: Telemetry, name: owner-$i, uid: \"$uid\"}]" |
+      "  ownerReferences: [{apiVersion: gateway.networking.k8s.io/v1, kind: HTTPRoute, name: owner-$i, uid: \"$uid\"}]" |
       k -n "$ns" apply -f - >/dev/null
     sleep 1 # let the GC see the dependent before its owner goes
-    k -n "$ns" delete telemetry "owner-$i" >/dev/null
+    k -n "$ns" delete httproute.gateway.networking.k8s.io "owner-$i" >/dev/null
     for _ in 1 2 3 4 5 6; do
       if ! k -n "$ns" get configmap "dependent-$i" >/dev/null 2>&1; then
         k delete namespace "$ns" --wait=false >/dev/null

@@ -45,6 +45,9 @@ case $RC_HELM_MAJOR in
     ;;
 esac
 ISTIO_API_VERSION=v1.32.0
+# The Gateway API standard channel (config/crd/standard of the Go module sigs.k8s.io/gateway-api):
+# its CRDs and its safe-upgrades ValidatingAdmissionPolicy, as `standard-install.yaml` installs them.
+GATEWAY_API_VERSION=v1.6.3
 
 RC_CACHE_DIR=${RC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recording-canary}
 K8S_BIN=$RC_CACHE_DIR/kubernetes-$K8S_VERSION
@@ -54,3 +57,4 @@ HELM_BIN=$RC_CACHE_DIR/helm-$HELM_VERSION
 HELM3_BIN=$RC_CACHE_DIR/helm-$HELM3_VERSION
 HELM4_BIN=$RC_CACHE_DIR/helm-$HELM4_VERSION
 ISTIO_DIR=$RC_CACHE_DIR/istio-api-$ISTIO_API_VERSION
+GATEWAY_API_DIR=$RC_CACHE_DIR/gateway-api-$GATEWAY_API_VERSION
