@@ -9,8 +9,9 @@
 //! | [`api`] | the `RecordingCanary` resource, its CRD, status enums, labels and keys | nothing of this crate |
 //! | [`facts`] | compact views of the Kubernetes objects the controller reads | `api` |
 //! | [`istio`] | VirtualService and DestinationRule handling on plain JSON: split, restore, matches, Istio's status | `api` |
-//! | [`planner`] | the pure function from observed objects to ordered actions | `api`, `facts`, `istio` |
-//! | [`cache`] | selective watch stores, the index from events to canaries, read-your-writes | `api`, `facts`, `istio` |
+//! | [`gateway`] | Gateway API HTTPRoute handling on plain JSON: split, restore, matches and their precedence, route status | `api` |
+//! | [`planner`] | the pure function from observed objects to ordered actions | `api`, `facts`, `istio`, `gateway` |
+//! | [`cache`] | selective watch stores, the index from events to canaries, read-your-writes | `api`, `facts`, `istio`, `gateway` |
 //! | [`controller`] | watches, the reconcile by phase, the writers and Events | everything above, `runtime` |
 //! | [`runtime`] | client, metrics, admin server, lease, shards, admission check, memory | `api` |
 //!
@@ -21,6 +22,7 @@ pub mod api;
 pub mod cache;
 pub mod controller;
 pub mod facts;
+pub mod gateway;
 pub mod istio;
 pub mod planner;
 pub mod runtime;

@@ -12,12 +12,15 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("api", &[]),
     ("facts", &["api", "istio"]),
     ("istio", &["api"]),
-    ("planner", &["api", "facts", "istio"]),
-    ("cache", &["api", "facts", "istio"]),
+    ("gateway", &["api"]),
+    ("planner", &["api", "facts", "istio", "gateway"]),
+    ("cache", &["api", "facts", "istio", "gateway"]),
     ("runtime", &["api"]),
     (
         "controller",
-        &["api", "facts", "istio", "planner", "cache", "runtime"],
+        &[
+            "api", "facts", "istio", "gateway", "planner", "cache", "runtime",
+        ],
     ),
 ];
 
