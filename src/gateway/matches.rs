@@ -423,6 +423,53 @@ pub fn may_overlap(a: &Value, b: &Value) -> bool {
     !matches!(and_entry(a, b), Ok(None))
 }
 
+/// Whether every request that matches `inner` also matches `outer` (conservatively: `false`
+/// when that cannot be shown, e.g. for regular expressions or fields this code does not know).
+pub fn covers(outer: &Value, inner: &Value) -> bool {
+    let known = ["path", "method", "headers", "queryParams"];
+    if outer
+        .as_object()
+        .is_none_or(|o| o.keys().any(|k| !known.contains(&k.as_str())))
+    {
+        return false;
+    }
+    let path = match (path_of(outer), path_of(inner)) {
+        (a, b) if a == b => true,
+        (Path::Prefix(p), Path::Prefix(q) | Path::Exact(q)) => under_prefix(&p, &q),
+        (Path::Prefix(p), Path::Opaque(_)) => p.trim_end_matches('/').is_empty(),
+        _ => false,
+    };
+    let method = outer
+        .get("method")
+        .is_none_or(|m| inner.get("method") == Some(m));
+    let named = |field: &str, ignore_case: bool| {
+        let mut seen: Vec<String> = Vec::new();
+        list(outer, field).iter().all(|o| {
+            let name = name_of(o);
+            let key = if ignore_case {
+                name.to_ascii_lowercase()
+            } else {
+                name.to_string()
+            };
+            if seen.contains(&key) {
+                return true; // ignored by the Gateway API
+            }
+            seen.push(key);
+            list(inner, field)
+                .iter()
+                .find(|i| {
+                    if ignore_case {
+                        name_of(i).eq_ignore_ascii_case(name)
+                    } else {
+                        name_of(i) == name
+                    }
+                })
+                .is_some_and(|i| typed(i) == typed(o))
+        })
+    };
+    path && method && named("headers", true) && named("queryParams", false)
+}
+
 /// The precedence the Gateway API gives a match (`HTTPRouteRule.matches`): an `Exact` path, then
 /// the `PathPrefix` with the most characters, then a method, then the most headers, then the most
 /// query parameters; a greater `Rank` wins. Ties go to the older route, then to the first rule in
@@ -637,6 +684,21 @@ mod tests {
         );
         let get = json!({"method": "GET"});
         assert_eq!(and_entry(&get, &json!({"method": "POST"})).unwrap(), None);
+    }
+
+    #[test]
+    fn an_entry_covers_one_whose_every_request_it_matches() {
+        let all = catch_all();
+        let api = json!({"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "X-A", "value": "1"}]});
+        let api_x = json!({"path": {"type": "Exact", "value": "/api/x"}, "method": "GET",
+                           "headers": [{"name": "x-a", "type": "Exact", "value": "1"}, {"name": "b", "value": "2"}]});
+        assert!(covers(&all, &api) && covers(&api, &api_x) && covers(&api_x, &api_x));
+        assert!(!covers(&api, &all) && !covers(&api_x, &api));
+        let other_value = json!({"path": {"type": "PathPrefix", "value": "/api"}, "headers": [{"name": "x-a", "value": "2"}]});
+        assert!(!covers(&other_value, &api_x));
+        let regex = json!({"path": {"type": "RegularExpression", "value": "/.*"}});
+        assert!(covers(&all, &regex) && !covers(&regex, &all));
+        assert!(!covers(&json!({"futureField": 1}), &api));
     }
 
     #[test]

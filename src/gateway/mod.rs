@@ -1,4 +1,4 @@
-//! Gateway API HTTPRoute handling, on plain JSON values: for HTTPRoutes what [`crate::istio`]
+//! Gateway API HTTPRoute handling, on plain JSON values: for HTTPRoutes what the `istio` module
 //! does for VirtualServices (the pure core; the planner decides when to call it).
 //!
 //! User routes are never deserialised into structs: every field this code does not know,
@@ -52,10 +52,13 @@
 //!
 //! - Split: as above.
 //! - Mirror: each backendRef to `S` points at `stable` with its whole weight, and the rule gets a
-//!   `RequestMirror` filter (standard since Gateway API v1.2, `percent` since then too) copying
-//!   `percent` of its requests to `recording`. A rule-level mirror copies every request of the
-//!   rule, so a rule that also sends requests to other backends is refused in this mode (their
-//!   requests would be copied to the clone).
+//!   `RequestMirror` filter copying `percent` of its requests to `recording`. The filter is in the
+//!   standard channel since v1.0, its `percent` only since v1.3 (experimental in v1.2; both
+//!   "Extended": optional for a mesh): on older standard CRDs the apiserver prunes `percent` and
+//!   the filter mirrors every request, so Mirror mode needs the CRDs of v1.3 or later
+//!   ([`mirror_percent_supported`]). A rule-level mirror copies every request of the rule, so a
+//!   rule that also sends requests to other backends is refused in this mode (their requests
+//!   would be copied to the clone).
 //! - `always` / `never`: the canary's Istio-shaped matches ([`matches::from_istio`]) ANDed with
 //!   the split rule's matches, in rules named `rcanary-never-<i>` and `rcanary-always-<i>` (`i`:
 //!   the split rule's index in the original route), inserted right before the split rule. The
@@ -72,7 +75,9 @@
 //! split rule's entry it comes from, and, listed before it, wins ties. A `never` entry `m∧n`
 //! might rank below an `always` entry `m∧a` (an `always` with an exact path, a `never` with a
 //! header): then `m∧n∧a` is added to the `never` rule, which ranks at least as high as `m∧a` and,
-//! listed first, wins. Adding conditions can also lift a generated entry above another rule's
+//! listed first, wins. An entry of the split rule that never wins (another rule's entry matches
+//! all its requests and ranks above it) gets nothing carved out of it. Adding conditions can also
+//! lift a generated entry above another rule's
 //! entry that used to win over the split rule: the requests they share would change rules; such
 //! a route is refused ([`ProblemKind::Precedence`]). Routes of other objects attached to the same
 //! parent are not seen here.
@@ -130,6 +135,24 @@ pub fn http_route_resource() -> ApiResource {
 /// The GRPCRoute resource (not split: see [`other_route_problem`]).
 pub fn grpc_route_resource() -> ApiResource {
     resource("GRPCRoute", "grpcroutes")
+}
+
+/// The annotation on the Gateway API CRDs that names their release (`v1.6.1`).
+pub const BUNDLE_VERSION_ANNOTATION: &str = "gateway.networking.k8s.io/bundle-version";
+
+/// Whether CRDs of release `bundle_version` (the HTTPRoute CRD's [`BUNDLE_VERSION_ANNOTATION`])
+/// keep `RequestMirror.percent`: standard since v1.3.0 (an experimental-channel CRD has it since
+/// v1.2.0, which the caller may check through `gateway.networking.k8s.io/channel`). Without it the
+/// apiserver prunes the field and the mirror copies every request. Unknown: `false`.
+pub fn mirror_percent_supported(bundle_version: Option<&str>) -> bool {
+    let Some(v) = bundle_version.map(|v| v.trim().trim_start_matches('v')) else {
+        return false;
+    };
+    let mut parts = v.split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (1, 3),
+        _ => false,
+    }
 }
 
 /// Rules per route (CRD `maxItems`).
@@ -910,7 +933,7 @@ pub fn split_rules(
     let mut notes = Vec::new();
     let mut generated = Vec::new();
     for (i, rule) in base.iter().enumerate() {
-        match split_rule(i, rule, t, ns, shape, &never, &always)? {
+        match split_rule(i, base, t, ns, shape, &never, &always)? {
             None => out.push(rule.clone()),
             Some(s) => {
                 out.extend(s.forced);
@@ -934,13 +957,14 @@ pub fn split_rules(
 
 fn split_rule(
     i: usize,
-    rule: &Value,
+    base: &[Value],
     t: &Target,
     ns: &str,
     shape: &Shape,
     never: &[Value],
     always: &[Value],
 ) -> Result<Option<SplitRule>, Problem> {
+    let rule = &base[i];
     let refs = backend_refs(rule);
     let is_s = |r: &Value| refers_to(r, &t.service, &t.namespace, ns);
     if !refs.iter().any(is_s) {
@@ -1068,7 +1092,12 @@ fn split_rule(
     let mut forced = Vec::new();
     let mut generated = Vec::new();
     if to_s > 0 {
-        let sources = matches::entries(rule);
+        // Entries of the rule that never win (another rule's entry covers them and ranks above)
+        // get nothing carved out of them: that would only take requests from the winner.
+        let sources: Vec<Value> = matches::entries(rule)
+            .into_iter()
+            .filter(|m| !shadowed(m, i, base))
+            .collect();
         let rewrites = filters(rule)
             .iter()
             .chain(refs.iter().flat_map(filters))
@@ -1187,6 +1216,18 @@ fn split_rule(
         note,
         generated,
     }))
+}
+
+/// Whether another rule's entry wins over entry `m` of rule `i` for every request `m` matches.
+fn shadowed(m: &Value, i: usize, base: &[Value]) -> bool {
+    let rm = matches::rank(m);
+    base.iter().enumerate().any(|(j, other)| {
+        j != i
+            && matches::entries(other).iter().any(|o| {
+                let ro = matches::rank(o);
+                (ro > rm || (ro == rm && j < i)) && matches::covers(o, m)
+            })
+    })
 }
 
 /// The Gateway API's limits on the split rules, and the names of the inserted rules.

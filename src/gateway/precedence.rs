@@ -100,7 +100,7 @@ fn named_all(entry: &Value, field: &str, get: impl Fn(&str) -> Option<String>) -
             continue; // only the first entry of a name counts
         }
         seen.push(key);
-        let Some(v) = get(name) else { return None };
+        let v = get(name)?;
         let want = m["value"].as_str().unwrap_or_default();
         let ok = match m["type"].as_str().unwrap_or("Exact") {
             "Exact" => v == want,

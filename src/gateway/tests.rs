@@ -379,6 +379,21 @@ fn mirror_mode_gives_stable_the_whole_weight_and_mirrors_the_percent_after_the_u
 }
 
 #[test]
+fn mirror_percent_needs_the_crds_of_v1_3_or_later() {
+    for (v, ok) in [
+        (Some("v1.6.1"), true),
+        (Some("v1.3.0"), true),
+        (Some("v2.0.0-rc.1"), true),
+        (Some("v1.2.1"), false),
+        (Some("v1.10.0"), true),
+        (Some("garbage"), false),
+        (None, false),
+    ] {
+        assert_eq!(mirror_percent_supported(v), ok, "{v:?}");
+    }
+}
+
+#[test]
 fn mirror_mode_refuses_a_rule_that_also_sends_requests_elsewhere_or_to_two_ports() {
     let shape = Shape {
         mirror: true,
