@@ -7,7 +7,7 @@
 //! | folder | what it holds | may import |
 //! | --- | --- | --- |
 //! | [`api`] | the `RecordingCanary` resource, its CRD, status enums, labels and keys | nothing of this crate |
-//! | [`facts`] | compact views of the Kubernetes objects the controller reads | `api` |
+//! | [`facts`] | compact views of the Kubernetes objects the controller reads | `api`, `istio` and `gateway` (what it keeps of their status) |
 //! | [`istio`] | VirtualService and DestinationRule handling on plain JSON: split, restore, matches, Istio's status | `api` |
 //! | [`gateway`] | Gateway API HTTPRoute handling on plain JSON: split, restore, matches and their precedence, route status | `api` |
 //! | [`planner`] | the pure function from observed objects to ordered actions | `api`, `facts`, `istio`, `gateway` |

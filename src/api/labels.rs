@@ -35,14 +35,15 @@ pub fn meta_of_deployment(meta: &ObjectMeta, deploy: &str) -> bool {
 }
 
 /// The two Services a canary owns on the Gateway API router, `(stable, recording)`: its name made
-/// a DNS label (dots become hyphens; a name that does not start with a letter gets `rc-` before
-/// it), then `-stable` / `-recording`; a name too long for 63 characters is cut and ends in 8 hex
-/// digits of its SHA-256, so two canaries never share one.
+/// a DNS label (dots become hyphens), then `-stable` / `-recording`; a name too long for 63
+/// characters is cut and ends in 8 hex digits of its SHA-256, so two canaries never share one. A
+/// Service name must start with a letter: a canary whose name starts with a digit cannot use the
+/// Gateway API router (see [`backend_names_valid`]). The chart's fences check the same shape.
 pub fn backend_service_names(canary: &str) -> (String, String) {
     use sha2::{Digest, Sha256};
     const MAX: usize = 63;
     const LONGEST_SUFFIX: &str = "-recording";
-    let mut base: String = canary
+    let base: String = canary
         .chars()
         .map(|c| match c {
             'a'..='z' | '0'..='9' | '-' => c,
@@ -50,15 +51,13 @@ pub fn backend_service_names(canary: &str) -> (String, String) {
             _ => '-',
         })
         .collect();
-    if !base.starts_with(|c: char| c.is_ascii_lowercase()) {
-        base = format!("rc-{base}");
-    }
     if base.len() + LONGEST_SUFFIX.len() > MAX {
         let hash: String = Sha256::digest(canary.as_bytes())
             .iter()
             .take(4)
             .map(|b| format!("{b:02x}"))
             .collect();
+        let mut base = base;
         base.truncate(MAX - LONGEST_SUFFIX.len() - hash.len() - 1);
         let base = base.trim_end_matches('-');
         return (
@@ -67,6 +66,12 @@ pub fn backend_service_names(canary: &str) -> (String, String) {
         );
     }
     (format!("{base}-stable"), format!("{base}-recording"))
+}
+
+/// Whether the canary's backend Service names are valid Service names (they start with a
+/// letter).
+pub fn backend_names_valid(canary: &str) -> bool {
+    canary.starts_with(|c: char| c.is_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -83,7 +88,7 @@ mod tests {
             backend_service_names("shop.front"),
             ("shop-front-stable".into(), "shop-front-recording".into())
         );
-        assert_eq!(backend_service_names("1st").0, "rc-1st-stable");
+        assert!(!backend_names_valid("1st") && backend_names_valid("frontend"));
         let long = "a".repeat(63);
         let (s, r) = backend_service_names(&long);
         assert!(s.len() <= 63 && r.len() <= 63, "{s} {r}");
@@ -92,6 +97,7 @@ mod tests {
         let other = format!("{}b", "a".repeat(62));
         assert_ne!(backend_service_names(&other).1, r);
         for (s, r) in [backend_service_names(&long), backend_service_names("x.y-z")] {
+            // What the chart's fence accepts: the name with dots as hyphens, or cut with a hash.
             for n in [s, r] {
                 assert!(
                     n.chars()

@@ -2,6 +2,7 @@
 //! read of what the caches may lack for a canary ([`prime`]).
 
 use super::*;
+use crate::planner::BackendService;
 
 /// What the planner looks at, taken from the caches.
 pub(super) struct Snapshot {
@@ -16,6 +17,11 @@ pub(super) struct Snapshot {
     pub(super) http_routes: Vec<Value>,
     /// The namespace is in Istio's ambient mode.
     pub(super) ambient: bool,
+    /// The Service's waypoint (its label, else its namespace's).
+    pub(super) waypoint: Option<String>,
+    pub(super) service_ports: Vec<Value>,
+    /// The Gateway API router's Services of this canary, stable then recording.
+    pub(super) backend_services: [Option<BackendService>; 2],
     pub(super) virtual_services: Vec<Value>,
     pub(super) destination_rules: Vec<Value>,
     pub(super) rivals: Vec<Rival>,
@@ -55,6 +61,12 @@ impl Snapshot {
             virtual_services: &self.virtual_services,
             http_routes: &self.http_routes,
             ambient: self.ambient,
+            waypoint: self.waypoint.as_deref(),
+            service_ports: &self.service_ports,
+            backend_services: [
+                self.backend_services[0].as_ref(),
+                self.backend_services[1].as_ref(),
+            ],
             destination_rules: &self.destination_rules,
             rivals: &self.rivals,
             stable_labelling: ctx.stable_labelling(),
@@ -99,6 +111,37 @@ impl Snapshot {
                 .iter()
                 .map(|s| s.as_ref()),
         );
+        let ns_facts = ctx.namespace(&ns);
+        let waypoint = service
+            .as_deref()
+            .and_then(|s| s.use_waypoint.as_deref().map(String::from))
+            .or(ns_facts.use_waypoint);
+        let service_ports = service
+            .as_deref()
+            .map(ServiceFacts::ports)
+            .unwrap_or_default();
+        let (stable_name, recording_name) = crate::api::labels::backend_service_names(&name);
+        let backend = |svc_name: &str| {
+            let s = scope.services.get(&ns, svc_name)?;
+            let endpoints = endpoints::ready_endpoints(
+                scope
+                    .endpoint_slices
+                    .in_namespace(&ns, |e| e.service == svc_name)
+                    .iter()
+                    .map(|e| e.as_ref()),
+            );
+            Some(BackendService {
+                name: svc_name.to_string(),
+                uid: s.metadata.uid.clone().unwrap_or_default(),
+                resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+                controller_uid: s.controller_uid.as_deref().map(String::from),
+                deleting: s.metadata.deletion_timestamp.is_some(),
+                selector: s.selector(),
+                ports: s.ports(),
+                endpoints,
+            })
+        };
+        let backend_services = [backend(&stable_name), backend(&recording_name)];
         let (mesh, sharing) = {
             let idx = scope.index();
             (idx.mesh_of(&ns, &name), idx.sharing(&ns, &name))
@@ -135,7 +178,10 @@ impl Snapshot {
             pods,
             endpoints,
             http_routes,
-            ambient: false,
+            ambient: ns_facts.ambient,
+            waypoint,
+            service_ports,
+            backend_services,
             virtual_services,
             destination_rules,
             rivals,
@@ -195,10 +241,28 @@ async fn prime_objects(
     let slices: Api<EndpointSliceFacts> = Api::namespaced(ctx.client.clone(), &ns);
     let (target_name, clone_name) = (c.spec.target_ref.name.clone(), c.spec.clone_name());
     let service_name = c.spec.service_name().to_string();
+    // The slices of the Service and of the Gateway API router's two Services, in one list.
+    let (stable_name, recording_name) = crate::api::labels::backend_service_names(&name);
     let slice_params = not_older_than_the_watch(
-        ListParams::default().labels(&format!("{}={service_name}", endpoints::SERVICE_NAME_LABEL)),
+        ListParams::default().labels(&format!(
+            "{} in ({service_name},{stable_name},{recording_name})",
+            endpoints::SERVICE_NAME_LABEL
+        )),
         &scope.endpoint_slices,
     );
+    // The backend Services, when a write found the caches wrong (a Service of that name that is
+    // not ours, created before the canary, is kept by no watch until read once).
+    let backends = p.clone
+        && c.spec.router != crate::api::RouterChoice::Istio
+        && c.spec.router != crate::api::RouterChoice::Replicas;
+    let (stable, recording) = futures::try_join!(
+        opt_if(backends, services.get_opt(&stable_name)),
+        opt_if(backends, services.get_opt(&recording_name)),
+    )?;
+    for mut svc in stable.into_iter().chain(recording) {
+        svc.strip();
+        scope.services.insert_newer(svc);
+    }
     let (target, service, clone, listed_slices) = futures::try_join!(
         opt_if(
             p.objects && !target_name.is_empty(),

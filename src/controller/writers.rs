@@ -6,7 +6,7 @@
 //! conflict and the canary is planned again from fresh state. Deletes carry a UID precondition.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -109,6 +109,14 @@ pub fn describe(action: &Action) -> String {
             format!("patch {kind:?} {name}: {}", Value::Array(ops.clone()))
         }
         Action::DeleteMesh { kind, name, .. } => format!("delete {kind:?} {name}"),
+        Action::CreateService(o) => format!(
+            "create Service {}",
+            o.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+        ),
+        Action::PatchService { name, .. } => format!("patch Service {name}"),
+        Action::DeleteService { name, .. } => format!("delete Service {name}"),
     }
 }
 
@@ -170,6 +178,7 @@ pub async fn apply(
     let canaries: Api<RecordingCanary> = Api::namespaced(client.clone(), &ns);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pp = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
@@ -290,6 +299,19 @@ pub async fn apply(
                 )?;
                 written.push(gone(Kind::from(*kind), name, uid));
                 died_after(*kind);
+            }
+            Action::CreateService(object) => {
+                let svc: Service = serde_json::from_value(Value::clone(object))?;
+                let r = guarded(services.create(&post, &svc).await)?;
+                written.extend(at(Kind::Service, r));
+            }
+            Action::PatchService { name, ops } => {
+                let r = guarded(services.patch(name, &pp, &json_patch(ops.clone())?).await)?;
+                written.extend(at(Kind::Service, r));
+            }
+            Action::DeleteService { name, uid } => {
+                gone_is_ok(services.delete(name, &delete_with_uid(uid)).await)?;
+                written.push(gone(Kind::Service, name, uid));
             }
         }
     }

@@ -1,4 +1,4 @@
-//! What the caches keep of a VirtualService or DestinationRule: [`MeshObject`].
+//! What the caches keep of a VirtualService, DestinationRule or HTTPRoute: [`MeshObject`].
 //!
 //! The controller watches every VirtualService and DestinationRule of its scope (a host may be
 //! configured by any of them). Held as `serde_json::Value` trees, each costs 6–7 KiB: every
@@ -24,16 +24,24 @@ pub struct MeshObject {
 }
 
 impl MeshObject {
-    /// Keeps `o`, with of its status only whether Istio has distributed its current generation.
+    /// Keeps `o`, with of its status only whether Istio has distributed its current generation
+    /// (an HTTPRoute: its parents' verdicts).
     pub fn new(o: DynamicObject) -> Self {
         let DynamicObject {
             types,
             metadata,
             mut data,
         } = o;
+        // An HTTPRoute's status says per parent whether it accepted the route; Istio's objects
+        // say whether they were distributed.
+        let http_route = types.as_ref().is_some_and(|t| t.kind == "HTTPRoute");
         if let Some(fields) = data.as_object_mut()
             && let Some(status) = fields.remove("status")
-            && let Some(kept) = crate::istio::status::compact(&status)
+            && let Some(kept) = if http_route {
+                crate::gateway::status::compact(&status)
+            } else {
+                crate::istio::status::compact(&status)
+            }
         {
             fields.insert("status".into(), kept);
         }

@@ -164,6 +164,31 @@ pub enum Block {
         /// The TLS settings, as JSON.
         tls: String,
     },
+    /// Istio's ambient mode, and no waypoint for the Service: only a waypoint applies HTTPRoutes
+    /// (ztunnel routes at layer 4), so a split would not take effect.
+    NoWaypoint {
+        namespace: String,
+        service: String,
+    },
+    /// A Service with the name of one of the canary's two, not created by it.
+    BackendServiceTaken {
+        service: String,
+    },
+    /// The HTTPRoute is split by another canary already.
+    HttpRouteSplitByOther {
+        http_route: String,
+        owner: String,
+    },
+    /// No HTTPRoute with the listed Gateway as a parent sends to the Service.
+    GatewayHttpRouteNotFound {
+        gateway: String,
+        service: String,
+    },
+    /// A rule of the HTTPRoute cannot take the spec's mode or `always`/`never` exactly.
+    UnsupportedHttpRoute {
+        http_route: String,
+        problem: String,
+    },
 }
 
 impl Block {
@@ -197,6 +222,11 @@ impl Block {
             Block::WildcardDestinationRuleTls { .. } => "WildcardDestinationRuleTls".into(),
             Block::UnsupportedByRouter { .. } => "UnsupportedByRouter".into(),
             Block::BothRouteKinds { .. } => "BothRouteKinds".into(),
+            Block::NoWaypoint { .. } => "NoWaypoint".into(),
+            Block::BackendServiceTaken { .. } => "BackendServiceTaken".into(),
+            Block::HttpRouteSplitByOther { .. } => "Conflict".into(),
+            Block::GatewayHttpRouteNotFound { .. } => "GatewayRouteNotFound".into(),
+            Block::UnsupportedHttpRoute { .. } => "UnsupportedRoute".into(),
         }
     }
 
@@ -352,6 +382,22 @@ impl Block {
             } => format!(
                 "DestinationRule {destination_rule} (a wildcard host) sets TLS {tls} for this host; the DestinationRule this canary creates for the exact host would replace it, and it carries over only {{\"mode\":\"ISTIO_MUTUAL\"}}. Create a DestinationRule for the Service's exact host with the trafficPolicy you need: the canary adopts it and restores it exactly"
             ),
+            Block::NoWaypoint { namespace, service } => format!(
+                "namespace {namespace} is in Istio's ambient mode and neither it nor Service {service} names a waypoint (label istio.io/use-waypoint): ztunnel routes at layer 4 and applies no HTTPRoute, so a split would not take effect. Deploy a waypoint (istioctl waypoint apply -n {namespace} --enroll-namespace) or label the Service"
+            ),
+            Block::BackendServiceTaken { service } => format!(
+                "Service {service} exists and was not created by this RecordingCanary; the Gateway API router needs that name for one of its two Services. Rename that Service, or create the canary under another name"
+            ),
+            Block::HttpRouteSplitByOther { http_route, owner } => {
+                format!("HTTPRoute {http_route} is already split by RecordingCanary {owner}")
+            }
+            Block::GatewayHttpRouteNotFound { gateway, service } => format!(
+                "no HTTPRoute with Gateway {gateway} (spec.gateways) as a parent sends to Service {service}"
+            ),
+            Block::UnsupportedHttpRoute {
+                http_route,
+                problem,
+            } => format!("HTTPRoute {http_route}: {problem}"),
         }
     }
 }
@@ -413,13 +459,7 @@ pub(super) fn check<'a>(o: &'a Observed<'a>) -> Result<Checked<'a>, Block> {
             router::replicas::check(o)?;
             Routing::Replicas
         }
-        Router::GatewayApi => {
-            return Err(Block::UnsupportedByRouter {
-                router: "GatewayAPI".into(),
-                what: "this Service".into(),
-                why: "the Gateway API router is not in this build yet".into(),
-            });
-        }
+        Router::GatewayApi => Routing::Gateway(router::gateway::check(o, &host, &spec)?),
     };
     check_service_selects_only_ours(o)?;
     Ok(Checked {

@@ -45,6 +45,22 @@ pub struct Rival {
     pub deleting: bool,
 }
 
+/// One of the Gateway API router's two Services (see
+/// [`backend_service_names`](crate::api::labels::backend_service_names)), as observed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackendService {
+    pub name: String,
+    pub uid: String,
+    pub resource_version: String,
+    /// The UID of its controlling owner (ours: the canary's).
+    pub controller_uid: Option<String>,
+    pub deleting: bool,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<Value>,
+    /// The pods that are Ready endpoints in its EndpointSlices.
+    pub endpoints: BTreeSet<String>,
+}
+
 /// Everything the planner looks at, read by the controller just before planning.
 #[derive(Debug, Clone)]
 pub struct Observed<'a> {
@@ -72,6 +88,12 @@ pub struct Observed<'a> {
     pub http_routes: &'a [Value],
     /// The Service's namespace is in Istio's ambient mode (`istio.io/dataplane-mode: ambient`).
     pub ambient: bool,
+    /// The waypoint of the Service (its `istio.io/use-waypoint` label, else its namespace's).
+    pub waypoint: Option<&'a str>,
+    /// The Service's `spec.ports`.
+    pub service_ports: &'a [Value],
+    /// The Gateway API router's Services of this canary, stable then recording, where they exist.
+    pub backend_services: [Option<&'a BackendService>; 2],
     /// DestinationRules in the canary's namespace, and any elsewhere whose host is the Service's.
     pub destination_rules: &'a [Value],
     pub rivals: &'a [Rival],
@@ -119,6 +141,17 @@ pub enum Action {
     },
     DeleteMesh {
         kind: MeshKind,
+        name: String,
+        uid: String,
+    },
+    /// One of the Gateway API router's own Services.
+    CreateService(Box<Value>),
+    /// A JSON patch of one of its own Services whose first operation tests the resourceVersion.
+    PatchService {
+        name: String,
+        ops: Vec<Value>,
+    },
+    DeleteService {
         name: String,
         uid: String,
     },

@@ -8,10 +8,11 @@ use kube::ResourceExt;
 use serde_json::Value;
 
 use super::block::Checked;
-use super::router::{self, Propagation, Routes};
+use super::router::gateway::RouteVerdict;
+use super::router::{self, Propagation, Routes, Routing};
 use super::safety::{self, CloneHealth};
 use super::{
-    Action, Builder, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
+    Action, Builder, MeshKind, Observed, Plan, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE,
     SOURCE_HASH_ANNOTATION, after, build_clone, clone_replicas, clone_stalled, fmt_time, meta_name,
     parse_time, pod_of_deployment, remaining, shape, sidecar_annotations_differ, source_hash,
 };
@@ -80,12 +81,17 @@ fn after_revert<'a>(
         let count = if in_a_row { b.prev.revert_count + 1 } else { 1 };
         b.status.revert_count = count;
         b.status.last_revert_time = Some(fmt_time(o.now));
-        let who = last_writer(vs, "f:http").unwrap_or_else(|| "another client".into());
+        let field = match routes.kind {
+            MeshKind::HttpRoute => "rules",
+            _ => "http",
+        };
+        let who = last_writer(vs, &format!("f:{field}")).unwrap_or_else(|| "another client".into());
         b.event(
             true,
             "SplitReverted",
             format!(
-                "{who} put back the routes of VirtualService {} to {} ({count} in a row); the split is re-applied in {}. If a GitOps tool self-heals it, make it ignore .spec.http (see docs/gitops.md)",
+                "{who} put back the routes of {} {} to {} ({count} in a row); the split is re-applied in {}. If a GitOps tool self-heals it, make it ignore .spec.{field} (see docs/gitops.md)",
+                routes.kind.name(),
                 meta_name(vs),
                 k.host.fqdn(),
                 humantime::format_duration(revert_backoff(count))
@@ -105,7 +111,8 @@ fn after_revert<'a>(
         Phase::Degraded,
         "SplitReverted",
         &format!(
-            "The routes of VirtualService {} were put back {count} times in a row; the split is re-applied in {}s",
+            "The routes of {} {} were put back {count} times in a row; the split is re-applied in {}s",
+            routes.kind.name(),
             meta_name(vs),
             wait.as_secs().max(1)
         ),
@@ -149,17 +156,15 @@ fn wait_before_split<'a>(
         remaining(o.now, propagated.until)
     };
     b.status.current_percent = 0;
+    if let Some(p) = &propagated.pending {
+        // The wait starts once the backends are complete; their changes wake the canary.
+        b.report(Phase::Progressing, p.reason, &p.message);
+        return Err(Box::new(b.finish()));
+    }
     if let Some(wait) = wait {
         b.requeue(wait);
-        let dr = b.status.destination_rule.clone().unwrap_or_default();
-        b.report(
-            Phase::Progressing,
-            "AddingSubsets",
-            &format!(
-                "Waiting for the DestinationRule subsets to reach the sidecars: until Istio reports DestinationRule {dr} Reconciled, at most propagationDelay ({})",
-                humantime::format_duration(k.spec.propagation_delay)
-            ),
-        );
+        let (reason, message) = &propagated.waiting;
+        b.report(Phase::Progressing, reason, message);
         return Err(Box::new(b.finish()));
     }
     let ready = ready_target_pods(o);
@@ -436,7 +441,9 @@ fn report_sidecars(b: &mut Builder, k: &Checked) {
 
 /// Step 6: what to report.
 fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan {
-    report_sidecars(&mut b, k);
+    if matches!(k.routing, Routing::Istio(_)) {
+        report_sidecars(&mut b, k);
+    }
     let o = b.o;
     let clone_name = o.canary.spec.clone_name();
     let percent = k.spec.percent;
@@ -510,10 +517,28 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
     } else {
         let message =
             format!("{desired}% of requests go to the recording clone (target {percent}%)");
-        if desired == percent {
-            b.report(Phase::Ready, "TargetReached", &message);
-        } else {
-            b.report(Phase::Progressing, "Ramping", &message);
+        let verdict = match &k.routing {
+            Routing::Gateway(g) if desired == percent && desired > 0 => {
+                Some(router::gateway::route_verdict(&b, g))
+            }
+            _ => None,
+        };
+        match verdict {
+            Some(RouteVerdict::Refused(why)) => b.report(
+                Phase::Degraded,
+                "RouteRefused",
+                &format!("{why}; the split ({desired}%) may not take effect"),
+            ),
+            Some(RouteVerdict::Waiting(routes)) => b.report(
+                Phase::Progressing,
+                "WaitingForRouteAccepted",
+                &format!(
+                    "{desired}% of requests go to the recording clone once the mesh accepts the current rules of HTTPRoute {} (its status.parents)",
+                    routes.join(", ")
+                ),
+            ),
+            _ if desired == percent => b.report(Phase::Ready, "TargetReached", &message),
+            _ => b.report(Phase::Progressing, "Ramping", &message),
         }
     }
     b.finish()

@@ -108,15 +108,14 @@ pub(super) fn clone_health(b: &Builder) -> CloneHealth {
 /// at once.
 pub(super) fn clone_ready_pods(b: &Builder) -> i32 {
     let clone_name = b.o.canary.spec.clone_name();
+    let endpoints = super::router::clone_endpoints(b.o);
     let n =
         b.o.pods
             .iter()
             .filter(|p| {
                 p.serving()
                     && pod_of_deployment(p, &clone_name)
-                    && b.o
-                        .endpoints
-                        .contains(p.metadata.name.as_deref().unwrap_or_default())
+                    && endpoints.contains(p.metadata.name.as_deref().unwrap_or_default())
             })
             .count();
     i32::try_from(n).unwrap_or(i32::MAX)
@@ -139,8 +138,12 @@ pub(super) fn while_blocked(
             return None;
         }
         b.status.current_percent = 0;
+        let kind = match super::router::chosen(o) {
+            crate::api::status::Router::GatewayApi => "HTTPRoute(s)",
+            _ => "VirtualService(s)",
+        };
         let what = format!(
-            "{}, so its weight went to 0 in {drained} VirtualService(s)",
+            "{}, so its weight went to 0 in {drained} {kind}",
             health.why(&clone_name)
         );
         b.event(true, "TrafficDrained", format!("While blocked: {what}"));

@@ -423,6 +423,15 @@ pub(super) fn subsets(b: &mut Builder, k: &Checked, i: &IstioSubsets) -> Propaga
         // The cached object is one revision: its status speaks of its own generation, which
         // holds the subsets (subsets added by this very plan are in no revision yet).
         reconciled: present && i.dr.object().is_some_and(istio::status::reconciled),
+        pending: None,
+        waiting: (
+            "AddingSubsets",
+            format!(
+                "Waiting for the DestinationRule subsets to reach the sidecars: until Istio reports DestinationRule {} Reconciled, at most propagationDelay ({})",
+                b.status.destination_rule.clone().unwrap_or_default(),
+                humantime::format_duration(k.spec.propagation_delay)
+            ),
+        ),
     }
 }
 
@@ -520,6 +529,7 @@ pub(super) fn read_routes<'a>(b: &mut Builder, k: &Checked, i: &IstioSubsets<'a>
         object: vs,
         is_split,
         current,
+        kind: MeshKind::VirtualService,
     }
 }
 

@@ -3,34 +3,51 @@
 //! modes, the report) is shared.
 //!
 //! - [`istio`]: DestinationRule subsets and VirtualService weights (Istio's sidecar mode);
+//! - [`gateway`]: two Services of the canary's and HTTPRoute weights (the Gateway API: Istio's
+//!   ambient mode, GAMMA meshes);
 //! - [`replicas`]: no mesh; the clone's share of the Service's Ready endpoints.
 
+pub(super) mod gateway;
 pub(super) mod istio;
 pub(super) mod replicas;
 
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;
 
-/// When the subsets in the DestinationRule will have reached the sidecars.
+/// When the backends (subsets, Services) will have reached the proxies.
 pub(super) struct Propagation {
     /// `propagationDelay` after they were added: the fallback, and the upper bound.
     pub until: Timestamp,
     /// Istio reports the DestinationRule, with the subsets in it, `Reconciled` for its current
     /// generation: they reached every proxy, whatever the delay says.
     pub reconciled: bool,
+    /// The backends are not complete yet: what the split waits for (the wait has not started).
+    pub pending: Option<Pending>,
+    /// The reason and message while the wait runs.
+    pub waiting: (&'static str, String),
 }
 
-/// The VirtualService as it is: split or not, at which percent.
+/// What the backends still lack before their propagation wait can start.
+pub(super) struct Pending {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The routes as they are: split or not, at which percent.
 pub(super) struct Routes<'a> {
-    /// The main route object (the VirtualService the canary splits), if there is one yet.
+    /// The main route object (the VirtualService the canary splits; the first HTTPRoute that is
+    /// not split, else the first), if there is one yet.
     pub object: Option<&'a Value>,
     pub is_split: bool,
     pub current: i32,
+    /// The kind of `object`.
+    pub kind: crate::api::MeshKind,
 }
 
 /// The router of a canary whose checks passed, with what its checks established.
 pub(super) enum Routing<'a> {
     Istio(istio::IstioSubsets<'a>),
+    Gateway(gateway::GatewayRoutes<'a>),
     /// No routes: the clone's share of the Service's endpoints.
     Replicas,
 }
@@ -46,6 +63,8 @@ pub(super) fn chosen(o: &super::Observed) -> Router {
         && let Some(r) = st.router
         && (st.destination_rule.is_some()
             || !st.virtual_services.is_empty()
+            || !st.http_routes.is_empty()
+            || !st.backend_services.is_empty()
             || st.clone_replicas > 0
             || st.current_percent > 0)
     {
@@ -65,6 +84,17 @@ fn in_force(b: &Builder) -> Router {
     b.status.router.unwrap_or(Router::Istio)
 }
 
+/// The Ready endpoints that the routes of the router in force send the clone's share to: the
+/// recording Service's (Gateway API), else the Service's.
+pub(super) fn clone_endpoints<'a>(
+    o: &'a super::Observed,
+) -> &'a std::collections::BTreeSet<String> {
+    match chosen(o) {
+        Router::GatewayApi => o.backend_services[1].map_or(o.endpoints, |s| &s.endpoints),
+        Router::Istio | Router::Replicas => o.endpoints,
+    }
+}
+
 use super::block::Checked;
 use super::{Action, Builder};
 use crate::api::RouterChoice;
@@ -75,9 +105,12 @@ use crate::istio::ServiceHost;
 pub(super) fn backends(b: &mut Builder, k: &Checked) -> Propagation {
     match &k.routing {
         Routing::Istio(i) => istio::subsets(b, k, i),
+        Routing::Gateway(g) => gateway::services(b, k, g),
         Routing::Replicas => Propagation {
             until: b.o.now,
             reconciled: true,
+            pending: None,
+            waiting: ("", String::new()),
         },
     }
 }
@@ -86,10 +119,12 @@ pub(super) fn backends(b: &mut Builder, k: &Checked) -> Propagation {
 pub(super) fn read<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
     match &k.routing {
         Routing::Istio(i) => istio::read_routes(b, k, i),
+        Routing::Gateway(g) => gateway::read_routes(b, k, g),
         Routing::Replicas => Routes {
             object: None,
             is_split: true,
             current: b.prev.current_percent,
+            kind: crate::api::MeshKind::VirtualService,
         },
     }
 }
@@ -98,6 +133,7 @@ pub(super) fn read<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
 pub(super) fn write(b: &mut Builder, k: &Checked, routes: &Routes, shape: &crate::istio::Shape) {
     match &k.routing {
         Routing::Istio(i) => istio::write_weights(b, k, i, routes, shape),
+        Routing::Gateway(g) => gateway::write_weights(b, k, g, routes, shape),
         Routing::Replicas => {}
     }
 }
@@ -106,8 +142,9 @@ pub(super) fn write(b: &mut Builder, k: &Checked, routes: &Routes, shape: &crate
 pub(super) fn drain(b: &mut Builder) -> usize {
     match in_force(b) {
         Router::Istio => istio::drain(b),
+        Router::GatewayApi => gateway::drain(b),
         // A sick clone pod is not a Ready endpoint: the Service sends it nothing.
-        Router::Replicas | Router::GatewayApi => 0,
+        Router::Replicas => 0,
     }
 }
 
@@ -116,7 +153,8 @@ pub(super) fn drain(b: &mut Builder) -> usize {
 pub(super) fn restore(b: &Builder, host: &ServiceHost) -> Vec<Action> {
     match in_force(b) {
         Router::Istio => istio::restore_routes(b, host),
-        Router::Replicas | Router::GatewayApi => Vec::new(),
+        Router::GatewayApi => gateway::restore_routes(b),
+        Router::Replicas => Vec::new(),
     }
 }
 
@@ -124,8 +162,10 @@ pub(super) fn restore(b: &Builder, host: &ServiceHost) -> Vec<Action> {
 pub(super) fn restored_and_reported(b: &Builder, host: &ServiceHost) -> bool {
     match in_force(b) {
         Router::Istio => istio::routes_reconciled(b, host),
+        // The Gateway API does not report when a route reached every proxy: the delay.
+        Router::GatewayApi => false,
         // Nothing to wait for: no route was written.
-        Router::Replicas | Router::GatewayApi => true,
+        Router::Replicas => true,
     }
 }
 
@@ -133,6 +173,7 @@ pub(super) fn restored_and_reported(b: &Builder, host: &ServiceHost) -> bool {
 pub(super) fn remove_backends(b: &mut Builder) {
     match in_force(b) {
         Router::Istio => istio::remove_subsets(b),
-        Router::Replicas | Router::GatewayApi => {}
+        Router::GatewayApi => gateway::remove_services(b),
+        Router::Replicas => {}
     }
 }

@@ -11,6 +11,7 @@ use crate::api::{RECORDING_SUBSET, RESTORE_ANNOTATION, STABLE_SUBSET};
 
 mod block;
 mod clone;
+mod gateway;
 mod gitops;
 mod make_before_break;
 mod modes;
@@ -332,9 +333,37 @@ struct World {
     endpoints: Option<BTreeSet<String>>,
     http_routes: Vec<Value>,
     ambient: bool,
+    waypoint: Option<String>,
+    service_ports: Vec<Value>,
+    /// The Gateway API router's Services, stable then recording, as created (their endpoints:
+    /// the serving pods they select, unless `backend_endpoints` says otherwise).
+    backends: [Option<BackendService>; 2],
+    backend_endpoints: Option<[BTreeSet<String>; 2]>,
 }
 
 impl World {
+    /// The backend Services as the planner sees them, with their endpoints.
+    fn backend_services(&self) -> [Option<BackendService>; 2] {
+        let mut out = self.backends.clone();
+        for (i, b) in out.iter_mut().enumerate() {
+            if let Some(b) = b.as_mut() {
+                b.endpoints = match &self.backend_endpoints {
+                    Some(e) => e[i].clone(),
+                    None => self
+                        .pods
+                        .iter()
+                        .filter(|p| {
+                            p.serving()
+                                && b.selector.iter().all(|(k, v)| p.labels().get(k) == Some(v))
+                        })
+                        .filter_map(|p| p.metadata.name.clone())
+                        .collect(),
+                };
+            }
+        }
+        out
+    }
+
     fn plan(&self) -> Plan {
         let endpoints = self.endpoints.clone().unwrap_or_else(|| {
             self.pods
@@ -343,6 +372,7 @@ impl World {
                 .filter_map(|p| p.metadata.name.clone())
                 .collect()
         });
+        let backends = self.backend_services();
         plan(&Observed {
             canary: &self.canary,
             now: self.now,
@@ -357,6 +387,9 @@ impl World {
             virtual_services: &self.vss,
             http_routes: &self.http_routes,
             ambient: self.ambient,
+            waypoint: self.waypoint.as_deref(),
+            service_ports: &self.service_ports,
+            backend_services: [backends[0].as_ref(), backends[1].as_ref()],
             destination_rules: &self.drs,
             rivals: &self.rivals,
             stable_labelling: self.stable_labelling,
@@ -414,6 +447,12 @@ fn fresh_world() -> World {
         endpoints: None,
         http_routes: Vec::new(),
         ambient: false,
+        waypoint: None,
+        service_ports: vec![
+            json!({"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}),
+        ],
+        backends: [None, None],
+        backend_endpoints: None,
     }
 }
 
@@ -459,6 +498,12 @@ fn serving_world(pct: i32) -> World {
         endpoints: None,
         http_routes: Vec::new(),
         ambient: false,
+        waypoint: None,
+        service_ports: vec![
+            json!({"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}),
+        ],
+        backends: [None, None],
+        backend_endpoints: None,
     };
     w.clone_ready(4)
 }

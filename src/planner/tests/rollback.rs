@@ -274,6 +274,10 @@ fn rollback_completes_when_everything_is_already_gone() {
         endpoints: None,
         http_routes: Vec::new(),
         ambient: false,
+        waypoint: None,
+        service_ports: Vec::new(),
+        backends: [None, None],
+        backend_endpoints: None,
     };
     let p = w.plan();
     assert_eq!(p.actions, vec![Action::RemoveFinalizer]);

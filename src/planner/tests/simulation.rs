@@ -256,6 +256,52 @@ impl Sim {
                     "delete of {name} with the right uid"
                 );
             }
+            Action::CreateService(o) => {
+                self.next_uid += 1;
+                let name = meta_name(o).to_string();
+                let i = usize::from(name.ends_with("-recording"));
+                assert!(self.w.backends[i].is_none(), "create of an existing {name}");
+                self.w.backends[i] = Some(BackendService {
+                    name,
+                    uid: format!("uid-svc-{}", self.next_uid),
+                    resource_version: "1".into(),
+                    controller_uid: Some(CANARY_UID.into()),
+                    deleting: false,
+                    selector: serde_json::from_value(o["spec"]["selector"].clone()).unwrap(),
+                    ports: serde_json::from_value(o["spec"]["ports"].clone()).unwrap(),
+                    endpoints: BTreeSet::new(),
+                });
+            }
+            Action::PatchService { name, ops } => {
+                let b = self
+                    .w
+                    .backends
+                    .iter_mut()
+                    .flatten()
+                    .find(|b| b.name == *name)
+                    .expect("patched Service exists");
+                assert_eq!(ops[0]["value"], json!(b.resource_version));
+                for op in &ops[1..] {
+                    match op["path"].as_str() {
+                        Some("/spec/selector") => {
+                            b.selector = serde_json::from_value(op["value"].clone()).unwrap()
+                        }
+                        Some("/spec/ports") => {
+                            b.ports = serde_json::from_value(op["value"].clone()).unwrap()
+                        }
+                        other => panic!("unexpected Service patch path {other:?}"),
+                    }
+                }
+            }
+            Action::DeleteService { name, uid } => {
+                let before = self.w.backends.iter().flatten().count();
+                for b in self.w.backends.iter_mut() {
+                    if b.as_ref().is_some_and(|b| b.name == *name && b.uid == *uid) {
+                        *b = None;
+                    }
+                }
+                assert_eq!(self.w.backends.iter().flatten().count() + 1, before);
+            }
         }
 
         // Invariants after every single write.
