@@ -574,6 +574,8 @@ pub fn plan(o: &Observed) -> Plan {
     let mut b = Builder::new(o);
     let c = o.canary;
     let has_finalizer = c.finalizers().iter().any(|f| f == FINALIZER);
+    let router = router::chosen(o);
+    b.status.router = Some(router);
     if c.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
             return b.finish();
@@ -583,8 +585,6 @@ pub fn plan(o: &Observed) -> Plan {
     if !has_finalizer {
         b.actions.push(Action::AddFinalizer);
     }
-    let router = router::chosen(o);
-    b.status.router = Some(router);
     // 1. Safety, whatever blocks: the target's pods join the stable subset as they appear (no
     // subset without routes: the Replicas router splits by endpoints alone).
     if router != Router::Replicas {

@@ -59,16 +59,19 @@ pub(super) fn chosen(o: &super::Observed) -> Router {
     // Pinned once the canary has written a backend or a route (or sized a clone): a running
     // canary's routes are drained and restored by the router that wrote them. A canary blocked
     // from the start chooses again, as its objects appear.
-    if let Some(st) = o.canary.status.as_ref()
-        && let Some(r) = st.router
-        && (st.destination_rule.is_some()
-            || !st.virtual_services.is_empty()
+    if let Some(st) = o.canary.status.as_ref() {
+        let istio = st.destination_rule.is_some() || !st.virtual_services.is_empty();
+        let wrote = istio
             || !st.http_routes.is_empty()
             || !st.backend_services.is_empty()
             || st.clone_replicas > 0
-            || st.current_percent > 0)
-    {
-        return r;
+            || st.current_percent > 0;
+        match st.router {
+            Some(r) if wrote => return r,
+            // Written by a controller from before routers: Istio's.
+            None if istio => return Router::Istio,
+            _ => {}
+        }
     }
     match o.canary.spec.router {
         RouterChoice::Istio => Router::Istio,

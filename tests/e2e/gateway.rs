@@ -1,0 +1,516 @@
+//! The Gateway API router against a real apiserver with the Gateway API CRDs (v1.6.3, standard
+//! channel): the user's HTTPRoute (a GAMMA route, the Service as parent) split between the
+//! canary's two Services and restored exactly; the canary's own route when the Service has
+//! none; an ambient namespace without a waypoint blocked until it has one. The test plays the
+//! mesh: it accepts every route's current generation in its status, as Istio and other GAMMA
+//! meshes do. A watcher records every revision of the namespace's HTTPRoutes, the two Services
+//! and their EndpointSlices and replays them in etcd order: no route sends to a Service that does
+//! not exist, weight goes to the recording Service only while it has a Ready endpoint, and the
+//! stable Service has every Ready endpoint of the target before a route sends to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const STABLE_SVC: &str = "frontend-stable";
+const RECORDING_SVC: &str = "frontend-recording";
+
+fn routes_api(h: &Harness) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        h.client.clone(),
+        &h.ns,
+        &recording_canary::gateway::http_route_resource(),
+    )
+}
+
+/// Plays the mesh: every HTTPRoute of the namespace gets, per parentRef, `Accepted` and
+/// `ResolvedRefs` True for its current generation.
+fn mesh_accepts_routes(h: &Harness) -> tokio::task::JoinHandle<()> {
+    let api = routes_api(h);
+    tokio::spawn(async move {
+        let mut stream = watcher(api.clone(), watcher::Config::default())
+            .applied_objects()
+            .default_backoff()
+            .boxed();
+        while let Some(Ok(r)) = stream.next().await {
+            let generation = r.metadata.generation.unwrap_or(1);
+            let v = serde_json::to_value(&r).unwrap_or_default();
+            let parents = v["spec"]["parentRefs"].as_array().cloned().unwrap_or_default();
+            let cond = |t: &str| json!({"type": t, "status": "True", "reason": t,
+                "message": "accepted by the e2e mesh", "observedGeneration": generation,
+                "lastTransitionTime": "2026-01-01T00:00:00Z"});
+            let want: Vec<Value> = parents
+                .iter()
+                .map(|p| json!({"parentRef": p, "controllerName": "e2e.recordingcanary.dev/mesh",
+                                "conditions": [cond("Accepted"), cond("ResolvedRefs")]}))
+                .collect();
+            let current = v["status"]["parents"]
+                .as_array()
+                .is_some_and(|ps| {
+                    ps.len() == want.len()
+                        && ps.iter().all(|p| {
+                            p["conditions"][0]["observedGeneration"].as_i64() == Some(generation)
+                        })
+                });
+            if current {
+                continue;
+            }
+            let _ = api
+                .patch_status(
+                    &r.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"parents": want}})),
+                )
+                .await;
+        }
+    })
+}
+
+/// One revision seen by the watcher.
+#[derive(Debug, Clone)]
+enum Seen {
+    /// An HTTPRoute: the weights it gives each backend Service (summed over its rules).
+    Route {
+        name: String,
+        weights: BTreeMap<String, i64>,
+        deleted: bool,
+    },
+    /// One of the two Services.
+    Service { name: String, deleted: bool },
+    /// An EndpointSlice of a Service: its Ready endpoints (pod names).
+    Slice {
+        service: String,
+        name: String,
+        ready: BTreeSet<String>,
+    },
+}
+
+type Revisions = Arc<Mutex<Vec<(u64, Seen)>>>;
+
+fn rv_of(meta: &kube::api::ObjectMeta) -> u64 {
+    meta.resource_version
+        .as_deref()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
+fn route_weights(v: &Value) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for rule in v["spec"]["rules"].as_array().into_iter().flatten() {
+        for b in rule["backendRefs"].as_array().into_iter().flatten() {
+            *out.entry(b["name"].as_str().unwrap_or_default().to_string())
+                .or_default() += b["weight"].as_i64().unwrap_or(1);
+        }
+    }
+    out
+}
+
+/// Records every revision of the namespace's HTTPRoutes, Services and EndpointSlices.
+fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>) {
+    let out: Revisions = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let routes = routes_api(h);
+    let o = out.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut s = watcher(routes, watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = s.next().await {
+            let (r, deleted) = match ev {
+                watcher::Event::Apply(r) | watcher::Event::InitApply(r) => (r, false),
+                watcher::Event::Delete(r) => (r, true),
+                _ => continue,
+            };
+            let v = serde_json::to_value(&r).unwrap_or_default();
+            let seen = Seen::Route {
+                name: r.name_any(),
+                weights: route_weights(&v),
+                deleted,
+            };
+            o.lock().unwrap().push((rv_of(&r.metadata), seen));
+        }
+    }));
+    let services: Api<Service> = Api::namespaced(h.client.clone(), &h.ns);
+    let o = out.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut s = watcher(services, watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = s.next().await {
+            let (svc, deleted) = match ev {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
+                watcher::Event::Delete(s) => (s, true),
+                _ => continue,
+            };
+            let seen = Seen::Service {
+                name: svc.name_any(),
+                deleted,
+            };
+            o.lock().unwrap().push((rv_of(&svc.metadata), seen));
+        }
+    }));
+    let slices: Api<EndpointSlice> = Api::namespaced(h.client.clone(), &h.ns);
+    let o = out.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut s = watcher(slices, watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = s.next().await {
+            let (sl, deleted) = match ev {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
+                watcher::Event::Delete(s) => (s, true),
+                _ => continue,
+            };
+            let service = sl
+                .labels()
+                .get("kubernetes.io/service-name")
+                .cloned()
+                .unwrap_or_default();
+            let ready = if deleted {
+                BTreeSet::new()
+            } else {
+                sl.endpoints
+                    .iter()
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+                    .filter_map(|e| e.target_ref.as_ref().and_then(|r| r.name.clone()))
+                    .collect()
+            };
+            let seen = Seen::Slice {
+                service,
+                name: sl.name_any(),
+                ready,
+            };
+            o.lock().unwrap().push((rv_of(&sl.metadata), seen));
+        }
+    }));
+    (out, tasks)
+}
+
+/// Replays the revisions in etcd order; returns the violations and how many route revisions
+/// were checked.
+fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
+    let mut all = revisions.lock().unwrap().clone();
+    all.sort_by_key(|(rv, _)| *rv);
+    let mut services: BTreeSet<String> = BTreeSet::new();
+    let mut slices: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut routes: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut violations = Vec::new();
+    let mut checked = 0;
+    let ready_of = |slices: &BTreeMap<(String, String), BTreeSet<String>>, svc: &str| {
+        slices
+            .iter()
+            .filter(|((s, _), _)| s == svc)
+            .flat_map(|(_, r)| r.iter().cloned())
+            .collect::<BTreeSet<String>>()
+    };
+    for (rv, seen) in all {
+        match seen {
+            Seen::Service { name, deleted } => {
+                if deleted {
+                    services.remove(&name);
+                    if routes.values().any(|w| w.contains_key(&name)) {
+                        violations.push(format!("rv {rv}: Service {name} deleted while a route sends to it"));
+                    }
+                } else {
+                    services.insert(name);
+                }
+            }
+            Seen::Slice {
+                service,
+                name,
+                ready,
+            } => {
+                slices.insert((service, name), ready);
+            }
+            Seen::Route {
+                name,
+                weights,
+                deleted,
+            } => {
+                if deleted {
+                    routes.remove(&name);
+                    continue;
+                }
+                checked += 1;
+                for svc in [STABLE_SVC, RECORDING_SVC] {
+                    if weights.contains_key(svc) && !services.contains(svc) {
+                        violations.push(format!("rv {rv}: route {name} sends to Service {svc}, which does not exist"));
+                    }
+                }
+                if weights.get(RECORDING_SVC).copied().unwrap_or(0) > 0
+                    && ready_of(&slices, RECORDING_SVC).is_empty()
+                {
+                    violations.push(format!(
+                        "rv {rv}: route {name} gives weight to {RECORDING_SVC} without a Ready endpoint"
+                    ));
+                }
+                if weights.get(STABLE_SVC).copied().unwrap_or(0) > 0 {
+                    let stable = ready_of(&slices, STABLE_SVC);
+                    let target: BTreeSet<String> = ready_of(&slices, "frontend")
+                        .into_iter()
+                        .filter(|p| !p.starts_with(CLONE))
+                        .collect();
+                    if !target.is_subset(&stable) {
+                        violations.push(format!(
+                            "rv {rv}: route {name} sends to {STABLE_SVC}, whose endpoints {stable:?} lack some of the target's {target:?}"
+                        ));
+                    }
+                }
+                routes.insert(name, weights);
+            }
+        }
+    }
+    (violations, checked)
+}
+
+async fn route(h: &Harness, name: &str) -> Option<Value> {
+    get_json(&routes_api(h), name).await
+}
+
+/// Waits until route `name` gives the recording Service `share` of every 100 to the Service.
+async fn wait_route_share(h: &Harness, name: &str, percent: i64) -> Value {
+    h.until(
+        &format!("HTTPRoute {name} to send {percent}% to {RECORDING_SVC}"),
+        WAIT,
+        || async {
+            let r = route(h, name).await.ok_or("no route")?;
+            let w = route_weights(&r);
+            let (s, rec) = (
+                w.get(STABLE_SVC).copied().unwrap_or(0),
+                w.get(RECORDING_SVC).copied().unwrap_or(0),
+            );
+            if s + rec > 0 && rec * 100 == percent * (s + rec) {
+                Ok(r)
+            } else {
+                Err(r["spec"].to_string())
+            }
+        },
+    )
+    .await
+}
+
+async fn service_selector(h: &Harness, name: &str) -> Option<BTreeMap<String, String>> {
+    let api: Api<Service> = Api::namespaced(h.client.clone(), &h.ns);
+    api.get_opt(name)
+        .await
+        .unwrap()
+        .map(|s| s.spec.and_then(|s| s.selector).unwrap_or_default())
+}
+
+/// The spec and annotations of a route, as the user wrote them (what a restore must give back).
+fn users_part(r: &Value) -> Value {
+    json!({"spec": r["spec"], "annotations": r["metadata"]["annotations"]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endpoints_and_restores_it_exactly()
+ {
+    let mut h = Harness::start("gw").await;
+    let mesh = mesh_accepts_routes(&h);
+    let (revisions, watchers) = watch_revisions(&h);
+    h.apply_example("app.yaml").await;
+    let route_yaml = example("../gateway-api/route.yaml");
+    h.k(&["apply", "-f", route_yaml.to_str().unwrap()]).await;
+    let original = h
+        .until("the user's route accepted", WAIT, || async {
+            let r = route(&h, "frontend").await.ok_or("no route")?;
+            if r["status"]["parents"].is_array() {
+                Ok(r)
+            } else {
+                Err(r.to_string())
+            }
+        })
+        .await;
+
+    // The example canary, at 20 %, with a short propagationDelay.
+    let canary_yaml = example("../gateway-api/canary.yaml");
+    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"percent": 20, "propagationDelay": "1s"}}),
+    )
+    .await;
+    h.wait_ready("frontend").await;
+    let c = h.wait_status("frontend", "Ready", 20).await;
+    assert_eq!(c["status"]["router"], "GatewayAPI");
+    assert_eq!(
+        c["status"]["backendServices"],
+        json!([format!("{}/{STABLE_SVC}", h.ns), format!("{}/{RECORDING_SVC}", h.ns)])
+    );
+    assert_eq!(c["status"]["httpRoutes"], json!([format!("{}/frontend", h.ns)]));
+    assert!(c["status"]["backendsReadyTime"].is_string(), "{}", c["status"]);
+
+    // Both rules split 80/20 between the two Services; everything else of the route as it was.
+    let split = wait_route_share(&h, "frontend", 20).await;
+    for (i, rule) in split["spec"]["rules"].as_array().unwrap().iter().enumerate() {
+        let names: Vec<&str> = rule["backendRefs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, vec![STABLE_SVC, RECORDING_SVC], "rule {i}");
+        assert_eq!(rule["name"], original["spec"]["rules"][i]["name"]);
+        assert_eq!(rule["matches"], original["spec"]["rules"][i]["matches"]);
+        assert_eq!(rule["timeouts"], original["spec"]["rules"][i]["timeouts"]);
+    }
+    assert_eq!(split["spec"]["parentRefs"], original["spec"]["parentRefs"]);
+    // The Services select the Service's pods by role; the clone carries the eBPF capture.
+    let sel = service_selector(&h, STABLE_SVC).await.expect("stable Service");
+    assert_eq!(sel.get(ROLE_LABEL).map(String::as_str), Some("stable"));
+    assert_eq!(sel.get("app").map(String::as_str), Some("frontend"));
+    let sel = service_selector(&h, RECORDING_SVC).await.expect("recording Service");
+    assert_eq!(sel.get(ROLE_LABEL).map(String::as_str), Some("recording"));
+    let clone = h.deployment(CLONE).await.expect("the clone");
+    let ann = clone
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        ann.get("capture.speedscale.com/enabled").map(String::as_str),
+        Some("true"),
+        "{ann:?}"
+    );
+    // kubectl get shows the router.
+    let row = h.k(&["get", "rcanary", "frontend"]).await;
+    assert!(row.contains("GatewayAPI"), "{row}");
+
+    // Ramp up by patch: 20 → 50.
+    h.patch_canary("frontend", &json!({"spec": {"percent": 50}}))
+        .await;
+    h.wait_status("frontend", "Ready", 50).await;
+    wait_route_share(&h, "frontend", 50).await;
+
+    // Rollback: the route exactly as the user wrote it, then the Services and the clone go.
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"]).await;
+    h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
+        .await;
+    let restored = route(&h, "frontend").await.expect("the user's route stays");
+    assert_eq!(users_part(&restored), users_part(&original));
+    assert!(service_selector(&h, STABLE_SVC).await.is_none(), "stable Service gone");
+    assert!(service_selector(&h, RECORDING_SVC).await.is_none(), "recording Service gone");
+    h.until("the clone gone", WAIT, || async {
+        match h.deployment(CLONE).await {
+            None => Ok(()),
+            Some(_) => Err("still there".to_string()),
+        }
+    })
+    .await;
+    let labelled = h
+        .pods(Some(&format!("{ROLE_LABEL}=stable")))
+        .await
+        .len();
+    assert_eq!(labelled, 0, "the role label is off the target's pods");
+
+    mesh.abort();
+    // Let the watchers deliver the last revisions (they lag the API by milliseconds).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in watchers {
+        t.abort();
+    }
+    let (violations, checked) = check_revisions(&revisions);
+    println!("gateway make-before-break: checked {checked} HTTPRoute revisions");
+    assert!(checked >= 3, "split, ramp and restore seen: {checked}");
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+    h.finish(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_router_creates_its_own_route_when_the_service_has_none_and_deletes_it() {
+    let mut h = Harness::start("gwown").await;
+    let mesh = mesh_accepts_routes(&h);
+    let (revisions, watchers) = watch_revisions(&h);
+    h.apply_example("app.yaml").await;
+    let canary_yaml = example("../gateway-api/canary.yaml");
+    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
+    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "1s"}}))
+        .await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    // Its own route: the Service as parent, one catch-all rule, owned by the canary.
+    let own = wait_route_share(&h, OWNED, 10).await;
+    assert_eq!(
+        own["spec"]["parentRefs"],
+        json!([{"group": "", "kind": "Service", "name": "frontend"}])
+    );
+    assert_eq!(own["metadata"]["ownerReferences"][0]["kind"], "RecordingCanary");
+    assert_eq!(
+        own["spec"]["rules"][0]["matches"],
+        json!([{"path": {"type": "PathPrefix", "value": "/"}}])
+    );
+
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"]).await;
+    h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
+        .await;
+    assert!(route(&h, OWNED).await.is_none(), "its own route is deleted");
+    assert!(service_selector(&h, RECORDING_SVC).await.is_none());
+    mesh.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in watchers {
+        t.abort();
+    }
+    let (violations, checked) = check_revisions(&revisions);
+    assert!(checked >= 1, "the own route seen");
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
+    h.finish(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambient_namespace_without_a_waypoint_is_blocked_until_it_names_one() {
+    let mut h = Harness::start("gwamb").await;
+    let namespaces: Api<Namespace> = Api::all(h.client.clone());
+    let label = |v: Value| {
+        let namespaces = namespaces.clone();
+        let ns = h.ns.clone();
+        async move {
+            namespaces
+                .patch(
+                    &ns,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"labels": v}})),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    label(json!({"istio.io/dataplane-mode": "ambient"})).await;
+    let mesh = mesh_accepts_routes(&h);
+    h.apply_example("app.yaml").await;
+    // router: Auto (the default): the ambient namespace makes it the Gateway API's.
+    let canary = h.manifest(
+        "canary",
+        "apiVersion: recordingcanary.dev/v1alpha1\nkind: RecordingCanary\nmetadata:\n  name: frontend\nspec:\n  targetRef:\n    name: frontend\n  percent: 10\n  capture: EBPF\n  propagationDelay: 1s\n",
+    );
+    h.k(&["apply", "-f", canary.to_str().unwrap()]).await;
+    let c = h
+        .until("Blocked with NoWaypoint", WAIT, || async {
+            let c = h.canary("frontend").await.ok_or("gone")?;
+            let reason = c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready")
+                .map(|c| c["reason"].clone());
+            if reason == Some(json!("NoWaypoint")) {
+                Ok(c)
+            } else {
+                Err(c["status"].to_string())
+            }
+        })
+        .await;
+    assert_eq!(c["status"]["phase"], "Blocked");
+    assert_eq!(c["status"]["router"], "GatewayAPI");
+    assert!(service_selector(&h, STABLE_SVC).await.is_none(), "nothing written");
+    // The namespace gets its waypoint: the canary goes on by itself (the namespace watch).
+    label(json!({"istio.io/use-waypoint": "waypoint"})).await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    mesh.abort();
+    h.finish(false).await;
+}
