@@ -196,7 +196,7 @@ chart_checks() {
 }
 chart_checks
 
-# The e2e tests' make-before-break figures (tests/e2e/support.rs), summed up after each e2e run.
+# The e2e tests' make-before-break figures (testkit/src/support.rs), summed up after each e2e run.
 safety_log=$target_dir/e2e-logs/safety.jsonl
 
 # Every integration test target (tests/*.rs, or [[test]] in Cargo.toml), by name.
