@@ -8,8 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
-#[path = "fleet/driver.rs"]
-mod driver;
+use testkit::fleet as driver;
 
 use std::time::Duration;
 

@@ -11,19 +11,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
-#[path = "e2e/mbb.rs"]
-#[allow(dead_code)]
-mod mbb;
-#[path = "e2e/support.rs"]
-#[allow(dead_code)]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 
-use support::{
+use testkit::support::{
     Harness, Kubelet, OWNED, WRITE_LINE, assert_clean_step_down, controller_log_text,
     elected_controller_args, lease_holder, logged_at, split_weights,
 };

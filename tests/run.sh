@@ -3,7 +3,7 @@
 # image layout, inspected by tests/image.rs), then the integration/end-to-end tests under tests/
 # against a real Kubernetes control plane.
 #
-#   bash tests/run.sh
+#   bash tests/run.sh        (or: cargo xtask test)
 #
 # By default it builds (once, cached under ~/.cache/recording-canary; see docs/development.md for the cold
 # times on 2 cores) and starts a local control plane (etcd, kube-apiserver, kube-controller-manager,
@@ -143,33 +143,33 @@ section "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 done_section
 
-section "cargo clippy --all-targets -- -D warnings (and with --features failpoints, as the integration tests build)"
-cargo clippy --all-targets -- -D warnings
-cargo clippy --all-targets --features failpoints -- -D warnings
+# --workspace: the controller, testkit/ (the shared test code) and xtask/ (the developer commands).
+section "cargo clippy --workspace --all-targets -- -D warnings (and with --features failpoints, as the integration tests build)"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets --features failpoints -- -D warnings
 done_section
 
-section "docs: RUSTDOCFLAGS=-D warnings cargo doc --no-deps (every intra-doc link resolves)"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
+# xtask's doc comments are its --help text (`<DIR>` and the like), not rustdoc.
+section "docs: RUSTDOCFLAGS=-D warnings cargo doc --workspace --exclude xtask --no-deps (every intra-doc link resolves)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --exclude xtask --no-deps --quiet
 done_section
 
-section "unit tests: cargo test --lib --bins"
-cargo test --lib --bins
+section "unit tests: cargo test --workspace --lib --bins (the controller's, testkit's and xtask's)"
+cargo test --workspace --lib --bins
 done_section
 
 target_dir=$(cargo metadata --no-deps --format-version 1 2>/dev/null |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo "$repo/target")
 
 # --- the container image -----------------------------------------------------------------------
-# The image tool (xtask/, a workspace crate the steps above do not cover): its lints and unit tests
-# (the tar header, the ELF check, the same bytes for the same binary). Then the static release build
-# (a build of its own: about 15 min cold on 2 cores, seconds warm) and the OCI image layout;
+# The image tool, xtask/ (its lints and unit tests, among them the same bytes for the same binary,
+# ran above with the workspace's): the static release build (a build of its own: about 15 min cold
+# on 2 cores, seconds warm) and the OCI image layout;
 # tests/image.rs, among the integration tests below, inspects this layout. The static build's target
 # directory is cached outside the work tree, like the control plane (a fresh clone then rebuilds only
 # this crate); RC_STATIC_TARGET_DIR overrides it.
-section "image: xtask's lints and unit tests, static build and OCI layout (cargo xtask image)"
+section "image: static build and OCI layout (cargo xtask image)"
 export RC_OCI_LAYOUT=$target_dir/oci/recording-canary
-cargo clippy --quiet --package xtask --all-targets -- -D warnings
-cargo test --quiet --package xtask
 cargo xtask image --target-dir "${RC_STATIC_TARGET_DIR:-$RC_CACHE_DIR/cargo-static}" --out "$RC_OCI_LAYOUT"
 done_section
 
@@ -196,10 +196,11 @@ chart_checks() {
 }
 chart_checks
 
-# The e2e tests' make-before-break figures (tests/e2e/support.rs), summed up after each e2e run.
+# The e2e tests' make-before-break figures (testkit/src/support.rs), summed up after each e2e run.
 safety_log=$target_dir/e2e-logs/safety.jsonl
 
-# Every integration test target (tests/*.rs, or [[test]] in Cargo.toml), by name.
+# Every integration test target of the workspace's packages (tests/*.rs, or [[test]] in a
+# Cargo.toml), by name; the shared test code is testkit/, a library, not a test target.
 test_args=()
 restart_test=0
 if meta=$(cargo metadata --no-deps --format-version 1 2>/dev/null); then
@@ -229,11 +230,11 @@ if [ ${#test_args[@]} -eq 0 ]; then
   section "integration tests: none found under tests/"
 else
   # --features failpoints: the controller under test takes FAILPOINTS (tests/e2e/failpoints.rs).
-  section "integration tests: cargo test --features failpoints ${test_args[*]} -- --test-threads=${RC_TEST_THREADS:-2}"
+  section "integration tests: cargo test --workspace --features failpoints ${test_args[*]} -- --test-threads=${RC_TEST_THREADS:-2}"
   rc_say "RC_E2E_KUBECONFIG=$RC_E2E_KUBECONFIG"
   rc_say "RC_KUBECTL=$RC_KUBECTL ($("$RC_KUBECTL" version --client 2>/dev/null | head -1))"
   rc_say "RC_HELM=$RC_HELM"
-  cargo test --features failpoints "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
+  cargo test --workspace --features failpoints "${test_args[@]}" -- --test-threads="${RC_TEST_THREADS:-2}"
   done_section
 fi
 if [ "$restart_test" = 1 ]; then

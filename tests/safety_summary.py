@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Sums up the e2e tests' make-before-break figures (one JSON line per test, written by
-tests/e2e/support.rs) into the tables of the README's Safety section: what the watcher checked
+testkit/src/support.rs) into the tables of the README's Safety section: what the watcher checked
 (VirtualService, DestinationRule and EndpointSlice revisions, weights checked against Ready
 endpoints, waits checked against the canary's propagationDelay) and the faults injected, by kind.
 Exits non-zero if any violation was recorded or if no test recorded anything."""

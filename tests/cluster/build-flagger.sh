@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds Flagger (the reference tool of tests/bench/side_by_side.rs) from its Go module into the same
+# Builds Flagger (the reference tool of benches/side_by_side.rs) from its Go module into the same
 # per-user cache as the control plane, keyed by version:
 #   $RC_CACHE_DIR/flagger-v1.36.1/flagger    the binary (`go install github.com/fluxcd/flagger/cmd/flagger@v1.36.1`)
 #   $RC_CACHE_DIR/flagger-v1.36.1/crd.yaml   its CRDs (kustomize/base/flagger/crd.yaml of the same module)
@@ -13,7 +13,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=versions.sh
 source "$here/versions.sh"
 
-FLAGGER_VERSION=v1.36.1 # also in tests/bench/side_by_side.rs
+FLAGGER_VERSION=v1.36.1 # also in benches/side_by_side.rs
 FLAGGER_MODULE=github.com/fluxcd/flagger
 FLAGGER_DIR=$RC_CACHE_DIR/flagger-$FLAGGER_VERSION
 

@@ -5,7 +5,7 @@
 //! resulting state with kube-rs. Beside every test, a watcher records every revision of the
 //! namespace's VirtualServices, DestinationRules, EndpointSlices, pods and RecordingCanaries and
 //! checks at the end, in etcd order: make before break, waits as long as each canary asks, and
-//! weight only on subsets with a Ready endpoint (tests/e2e/mbb.rs).
+//! weight only on subsets with a Ready endpoint (testkit/src/mbb.rs).
 //!
 //! Needs RC_E2E_KUBECONFIG (and optionally RC_KUBECTL); `bash tests/run.sh` sets both.
 
@@ -20,14 +20,15 @@ mod faults;
 mod fences;
 mod flows;
 mod ha;
-mod mbb;
 mod modes;
 mod propagation;
 mod replicas;
 mod stable_labels;
-mod support;
 mod validation;
 
 // Network faults between one controller and the apiserver, through a fault-injecting proxy.
 mod netfaults;
-mod proxy;
+
+// The harness, the make-before-break watcher and the fault proxy (testkit/, shared with
+// tests/restart.rs), under the names the tests use: `crate::support`, `crate::mbb`, `crate::proxy`.
+use testkit::{mbb, proxy, support};

@@ -1,5 +1,5 @@
 //! Network faults between one controller process and the apiserver, through the fault proxy
-//! (tests/e2e/proxy.rs): a leader cut off while its standby stays connected, and slow and failing
+//! (testkit/src/proxy.rs): a leader cut off while its standby stays connected, and slow and failing
 //! requests on the leader's connection (one test shows a liveness finding: requests of a few
 //! seconds make a leader step down although every renewal succeeds). None of them stops the
 //! shared cluster.

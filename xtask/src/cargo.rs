@@ -19,7 +19,12 @@ pub fn cargo() -> String {
 /// passing them on would make a nested build and the same command typed in a shell invalidate
 /// each other's cache (11 minutes for the static build).
 pub fn command(repo: &Path) -> Command {
-    let mut cmd = Command::new(cargo());
+    program(repo, &cargo())
+}
+
+/// [`command`] for another program that runs cargo in turn (`bash tests/run.sh`).
+pub fn program(repo: &Path, program: &str) -> Command {
+    let mut cmd = Command::new(program);
     for (key, _) in std::env::vars_os() {
         if key.to_str().is_some_and(set_by_cargo_for_its_programs) {
             cmd.env_remove(&key);

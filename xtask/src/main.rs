@@ -3,12 +3,16 @@
 //! ```text
 //! cargo xtask image [--out DIR] [--binary PATH] [--no-build] [--target-dir DIR]
 //! cargo xtask crd
+//! cargo xtask test
+//! cargo xtask e2e [--kubeconfig PATH] [--threads N] [TEST ARGS]...
+//! cargo xtask bench NAME
 //! ```
 //!
 //! A crate of its own, so that nothing these commands use (gzip, tar, ELF and OCI types) is
 //! compiled into the controller, and `cargo build` of the controller does not build them.
 
 mod cargo;
+mod dev;
 mod image;
 
 use std::error::Error;
@@ -38,6 +42,22 @@ enum Task {
     ///
     /// crds/ holds its output; tests/crd_drift.rs checks that they agree.
     Crd,
+    /// Runs every test: `bash tests/run.sh`
+    ///
+    /// Formatting, lints, unit tests, the image, then the integration and end-to-end tests on
+    /// local control planes it builds, starts and stops (RC_KUBECONFIG: on that cluster instead).
+    /// Its environment variables are listed at the top of tests/run.sh.
+    Test,
+    /// Runs end-to-end tests against a running cluster:
+    /// `cargo test --features failpoints --test e2e -- [TEST ARGS]`
+    ///
+    /// For example `cargo xtask e2e flows::canary_at_10 --test-threads=1`. kubectl and helm are
+    /// taken from PATH (or RC_KUBECTL, RC_HELM); docs/development.md shows the exports.
+    E2e(dev::E2eArgs),
+    /// Runs one benchmark: `cargo bench --bench NAME`
+    ///
+    /// docs/performance.md has their figures and what each needs.
+    Bench(dev::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +65,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Image(args) => image::run(&args),
         Task::Crd => cargo::run_controller(&repo(), &["crd"]),
+        Task::Test => dev::test(&repo()),
+        Task::E2e(args) => dev::e2e(&repo(), &args),
+        Task::Bench(args) => dev::bench(&repo(), &args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! A fault-injecting TCP proxy on loopback, between one controller process and the kube-apiserver.
 //!
-//! The controller gets a kubeconfig whose server is the proxy ([`Proxy::kubeconfig`]); the TLS
+//! The controller gets a kubeconfig whose server is the proxy ([`Proxy::for_kubeconfig`]); the TLS
 //! bytes pass through untouched (the apiserver's certificate is for 127.0.0.1, which the proxy's
 //! address is too). On command the proxy
 //!

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The naive reference of tests/bench/side_by_side.rs: what a person would write in 20 lines.
+"""The naive reference of benches/side_by_side.rs: what a person would write in 20 lines.
 
 Watches one RecordingCanary and, on every event, GETs the VirtualService and PUTs it back with the
 weights of the routes to subsets rcanary-stable / rcanary-recording set to 100-p / p

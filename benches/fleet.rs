@@ -3,7 +3,7 @@
 //! Ready), the controller's API calls and Events per canary, its writes in the steady state, its
 //! RSS and CPU; then its calls by verb and resource to converge, and the apiserver's requests by
 //! verb. Asserts nothing but that every phase finished and that no canary flapped (left Ready
-//! with no change of its spec). See tests/fleet/driver.rs.
+//! with no change of its spec). See testkit/src/fleet.rs.
 //!
 //!   RC_E2E_KUBECONFIG=<kubeconfig> cargo bench --bench fleet
 //!
@@ -21,8 +21,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
-#[path = "../fleet/driver.rs"]
-mod driver;
+use testkit::fleet as driver;
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The fleet driver, shared by the benchmark `cargo bench --bench fleet` (tests/bench/fleet.rs) and
+//! The fleet driver, shared by the benchmark `cargo bench --bench fleet` (benches/fleet.rs) and
 //! the CI test tests/fleet_budget.rs: N RecordingCanaries created at once over M namespaces, and
 //! what the controller spends on them.
 //!
@@ -32,9 +32,6 @@
 //!
 //! The driver asserts nothing: a phase that does not finish is recorded as unfinished (with what
 //! was still missing) and the later phases are skipped. The namespaces are always deleted.
-
-// The bench and the test each use a part of this module.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -612,7 +609,7 @@ pub async fn run(cfg: FleetConfig) -> FleetReport {
     } else {
         random_suffix()
     };
-    let logs = target_dir().join("fleet-logs");
+    let logs = crate::target_dir().join("fleet-logs");
     let log = log_path(&logs, &run_id, &cfg.tag, 0, cfg.shards);
     let mut report = FleetReport {
         config: cfg.clone(),
@@ -1608,7 +1605,7 @@ impl Fleet {
             .try_clone()
             .map_err(|e| format!("cannot clone a log handle: {e}"))?;
         let shards = self.cfg.shards.max(1);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_recording-canary"));
+        let mut cmd = Command::new(crate::controller_bin());
         cmd.args(["run", "--admin-addr", "127.0.0.1:0"]);
         if shards > 1 {
             let (base, ns) = self.shard_lease();
@@ -2573,15 +2570,6 @@ impl Drop for Controller {
     }
 }
 
-/// `target/` (derived from the controller binary's path, so that CARGO_TARGET_DIR is honoured).
-fn target_dir() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_recording-canary"));
-    bin.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"))
-}
-
 fn random_suffix() -> String {
     use std::collections::hash_map::RandomState;
     use std::hash::{BuildHasher, Hasher};
@@ -2606,8 +2594,6 @@ fn random_suffix() -> String {
 
 #[cfg(test)]
 mod tests {
-    // The bench (harness = false) compiles this module without its #[test] functions.
-    #[allow(unused_imports)]
     use super::*;
 
     #[test]

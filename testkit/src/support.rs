@@ -18,6 +18,7 @@ use kube::{Api, Client, Config};
 use serde_json::Value;
 
 use crate::mbb::MakeBeforeBreak;
+use crate::{controller_bin, repo_dir, target_dir};
 
 /// Default deadline of a wait.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -76,19 +77,6 @@ pub struct KubectlOutput {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
-}
-
-fn repo_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/` (derived from the controller binary's path, so that CARGO_TARGET_DIR is honoured).
-fn target_dir() -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_recording-canary"));
-    bin.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| repo_dir().join("target"))
 }
 
 pub fn example(rel: &str) -> PathBuf {
@@ -326,7 +314,7 @@ impl Harness {
         };
         let log_file = File::create(&log).expect("create controller log");
         let out_file = log_file.try_clone().expect("clone log handle");
-        let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
+        let child = StdCommand::new(controller_bin())
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,recording_canary=debug")
@@ -1065,7 +1053,7 @@ impl Kubelet {
 fn spawn_logged(log: &Path, args: &[String], kubeconfig: &Path) -> ControllerProcess {
     let log_file = File::create(log).expect("create controller log");
     let out_file = log_file.try_clone().expect("clone log handle");
-    let child = StdCommand::new(env!("CARGO_BIN_EXE_recording-canary"))
+    let child = StdCommand::new(controller_bin())
         .args(args)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info,recording_canary=debug")

@@ -22,7 +22,7 @@
 //! - recording-canary: `run --namespace NS`; the action is `patch rcanary app percent 5 → 10`
 //!   (`maxReplicas: 1`, so the clone has its replica before the action); done
 //!   when the VirtualService `app-recording` gives subset `rcanary-recording` weight 10.
-//! - naive: tests/bench/naive_watcher.py through `kubectl proxy`; the same action on a
+//! - naive: benches/naive_watcher.py through `kubectl proxy`; the same action on a
 //!   RecordingCanary that no controller handles; done when the user's VirtualService `app` gives
 //!   subset `rcanary-recording` weight 10.
 //! - Flagger: run with `-mesh-provider istio -metrics-server http://127.0.0.1:9
@@ -1016,7 +1016,7 @@ async fn run_naive(ctx: &Ctx, row: &mut Row) -> Res<()> {
     let (kproxy, kaddr) = ctx.kubectl_proxy("naive")?;
     let counter = CountingProxy::start(kaddr)?;
     let python = python3()?;
-    let script = ctx.repo.join("tests/bench/naive_watcher.py");
+    let script = ctx.repo.join("benches/naive_watcher.py");
     let mut child = Command::new(&python)
         .arg(&script)
         .args([&format!("http://{}", counter.addr), &ns, "app", "app"])

@@ -1,6 +1,6 @@
 //! What the controller keeps per canary, by part: `cargo bench --bench memory_per_canary`.
 //!
-//! Reads one canary's objects as the API server sent them (`tests/bench/fixtures/`, taken from a
+//! Reads one canary's objects as the API server sent them (`benches/fixtures/`, taken from a
 //! local cluster with `kubectl get -o json --show-managed-fields`: a fleet-shaped canary at 20 %,
 //! its target and clone Deployments, their pods, the Service, the VirtualService and the
 //! DestinationRule), makes `RC_MEM_CANARIES` (1,000) copies under distinct names and namespaces,
@@ -136,7 +136,7 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000);
     let namespaces = 100.min(n).max(1);
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/bench/fixtures");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/fixtures");
     let fixtures: Vec<String> = FIXTURES
         .iter()
         .map(|f| {
