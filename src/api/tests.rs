@@ -198,7 +198,7 @@ fn a_status_written_before_the_enums_reads_and_writes_back_the_same() {
     // A canary as an apiserver sent it, when phase, lastPropagationWait and stableLabelling were
     // free strings.
     let wire: Value =
-        serde_json::from_str(include_str!("../../tests/bench/fixtures/canary.json")).unwrap();
+        serde_json::from_str(include_str!("../../benches/fixtures/canary.json")).unwrap();
     let c: RecordingCanary = serde_json::from_value(wire.clone()).expect("it still reads");
     let status = c.status.as_ref().expect("a status");
     assert_eq!(status.phase, Some(Phase::Ready));

@@ -212,6 +212,67 @@ async fn user_flow_passes_with_only_the_charts_service_account_rights() {
             "the user's routes are back"
         );
 
+        // The Gateway API router under the fences: its two Services, the split of the user's
+        // HTTPRoute with its restore note, a ramp with forced and excluded requests, and the
+        // restore, all written as the ServiceAccount.
+        h.k(&[
+            "delete",
+            "virtualservice/frontend",
+            "destinationrule/frontend",
+        ])
+        .await;
+        let mesh = crate::gateway::mesh_accepts_routes(&h);
+        let route_yaml = crate::support::example("../gateway-api/route.yaml");
+        h.k(&["apply", "-f", route_yaml.to_str().expect("utf-8 path")])
+            .await;
+        let user_route = crate::gateway::route(&h, "frontend")
+            .await
+            .expect("the user's HTTPRoute");
+        let canary_yaml = crate::support::example("../gateway-api/canary.yaml");
+        h.k(&["apply", "-f", canary_yaml.to_str().expect("utf-8 path")])
+            .await;
+        h.patch_canary(
+            "frontend",
+            &json!({"spec": {"propagationDelay": "1s", "percent": 20,
+                              "never": [{"headers": {"x-no-record": {"exact": "1"}}}]}}),
+        )
+        .await;
+        h.wait_ready("frontend").await;
+        h.wait_status("frontend", "Ready", 20).await;
+        h.patch_canary(
+            "frontend",
+            &json!({"spec": {"mode": "Mirror", "acknowledgeMirrorSideEffects": true}}),
+        )
+        .await;
+        h.wait_status("frontend", "Ready", 20).await;
+        h.k(&["delete", "rcanary", "frontend", "--timeout=60s"])
+            .await;
+        let restored = crate::gateway::route(&h, "frontend")
+            .await
+            .expect("the user's HTTPRoute");
+        assert_eq!(
+            restored["spec"], user_route["spec"],
+            "the user's route is back"
+        );
+        assert_eq!(
+            restored["metadata"]["annotations"], user_route["metadata"]["annotations"],
+            "no note left"
+        );
+        let refused = h
+            .k(&[
+                "get",
+                "events",
+                "--field-selector",
+                "reason=WriteRefused",
+                "-o",
+                "name",
+            ])
+            .await;
+        assert!(refused.trim().is_empty(), "a write was refused: {refused}");
+        mesh.abort();
+        // The user's VirtualService and DestinationRule back, for the fence's turn.
+        h.apply_example("adopt/user-vs-dr.yaml").await;
+
         // The fence: what RBAC allows the ServiceAccount but the chart's policies refuse.
         let pod = h
             .pods(Some("app=frontend"))

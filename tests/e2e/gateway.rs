@@ -35,7 +35,7 @@ fn routes_api(h: &Harness) -> Api<DynamicObject> {
 
 /// Plays the mesh: every HTTPRoute of the namespace gets, per parentRef, `Accepted` and
 /// `ResolvedRefs` True for its current generation.
-fn mesh_accepts_routes(h: &Harness) -> tokio::task::JoinHandle<()> {
+pub(crate) fn mesh_accepts_routes(h: &Harness) -> tokio::task::JoinHandle<()> {
     let api = routes_api(h);
     tokio::spawn(async move {
         let mut stream = watcher(api.clone(), watcher::Config::default())
@@ -45,23 +45,28 @@ fn mesh_accepts_routes(h: &Harness) -> tokio::task::JoinHandle<()> {
         while let Some(Ok(r)) = stream.next().await {
             let generation = r.metadata.generation.unwrap_or(1);
             let v = serde_json::to_value(&r).unwrap_or_default();
-            let parents = v["spec"]["parentRefs"].as_array().cloned().unwrap_or_default();
-            let cond = |t: &str| json!({"type": t, "status": "True", "reason": t,
+            let parents = v["spec"]["parentRefs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let cond = |t: &str| {
+                json!({"type": t, "status": "True", "reason": t,
                 "message": "accepted by the e2e mesh", "observedGeneration": generation,
-                "lastTransitionTime": "2026-01-01T00:00:00Z"});
+                "lastTransitionTime": "2026-01-01T00:00:00Z"})
+            };
             let want: Vec<Value> = parents
                 .iter()
-                .map(|p| json!({"parentRef": p, "controllerName": "e2e.recordingcanary.dev/mesh",
-                                "conditions": [cond("Accepted"), cond("ResolvedRefs")]}))
+                .map(|p| {
+                    json!({"parentRef": p, "controllerName": "e2e.recordingcanary.dev/mesh",
+                                "conditions": [cond("Accepted"), cond("ResolvedRefs")]})
+                })
                 .collect();
-            let current = v["status"]["parents"]
-                .as_array()
-                .is_some_and(|ps| {
-                    ps.len() == want.len()
-                        && ps.iter().all(|p| {
-                            p["conditions"][0]["observedGeneration"].as_i64() == Some(generation)
-                        })
-                });
+            let current = v["status"]["parents"].as_array().is_some_and(|ps| {
+                ps.len() == want.len()
+                    && ps.iter().all(|p| {
+                        p["conditions"][0]["observedGeneration"].as_i64() == Some(generation)
+                    })
+            });
             if current {
                 continue;
             }
@@ -213,7 +218,9 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
                 if deleted {
                     services.remove(&name);
                     if routes.values().any(|w| w.contains_key(&name)) {
-                        violations.push(format!("rv {rv}: Service {name} deleted while a route sends to it"));
+                        violations.push(format!(
+                            "rv {rv}: Service {name} deleted while a route sends to it"
+                        ));
                     }
                 } else {
                     services.insert(name);
@@ -238,7 +245,9 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
                 checked += 1;
                 for svc in [STABLE_SVC, RECORDING_SVC] {
                     if weights.contains_key(svc) && !services.contains(svc) {
-                        violations.push(format!("rv {rv}: route {name} sends to Service {svc}, which does not exist"));
+                        violations.push(format!(
+                            "rv {rv}: route {name} sends to Service {svc}, which does not exist"
+                        ));
                     }
                 }
                 if weights.get(RECORDING_SVC).copied().unwrap_or(0) > 0
@@ -267,7 +276,7 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
     (violations, checked)
 }
 
-async fn route(h: &Harness, name: &str) -> Option<Value> {
+pub(crate) async fn route(h: &Harness, name: &str) -> Option<Value> {
     get_json(&routes_api(h), name).await
 }
 
@@ -339,14 +348,29 @@ async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endp
     assert_eq!(c["status"]["router"], "GatewayAPI");
     assert_eq!(
         c["status"]["backendServices"],
-        json!([format!("{}/{STABLE_SVC}", h.ns), format!("{}/{RECORDING_SVC}", h.ns)])
+        json!([
+            format!("{}/{STABLE_SVC}", h.ns),
+            format!("{}/{RECORDING_SVC}", h.ns)
+        ])
     );
-    assert_eq!(c["status"]["httpRoutes"], json!([format!("{}/frontend", h.ns)]));
-    assert!(c["status"]["backendsReadyTime"].is_string(), "{}", c["status"]);
+    assert_eq!(
+        c["status"]["httpRoutes"],
+        json!([format!("{}/frontend", h.ns)])
+    );
+    assert!(
+        c["status"]["backendsReadyTime"].is_string(),
+        "{}",
+        c["status"]
+    );
 
     // Both rules split 80/20 between the two Services; everything else of the route as it was.
     let split = wait_route_share(&h, "frontend", 20).await;
-    for (i, rule) in split["spec"]["rules"].as_array().unwrap().iter().enumerate() {
+    for (i, rule) in split["spec"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let names: Vec<&str> = rule["backendRefs"]
             .as_array()
             .unwrap()
@@ -360,25 +384,25 @@ async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endp
     }
     assert_eq!(split["spec"]["parentRefs"], original["spec"]["parentRefs"]);
     // The Services select the Service's pods by role; the clone carries the eBPF capture.
-    let sel = service_selector(&h, STABLE_SVC).await.expect("stable Service");
+    let sel = service_selector(&h, STABLE_SVC)
+        .await
+        .expect("stable Service");
     assert_eq!(sel.get(ROLE_LABEL).map(String::as_str), Some("stable"));
     assert_eq!(sel.get("app").map(String::as_str), Some("frontend"));
-    let sel = service_selector(&h, RECORDING_SVC).await.expect("recording Service");
+    let sel = service_selector(&h, RECORDING_SVC)
+        .await
+        .expect("recording Service");
     assert_eq!(sel.get(ROLE_LABEL).map(String::as_str), Some("recording"));
     let clone = h.deployment(CLONE).await.expect("the clone");
-    let ann = clone
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.annotations.clone())
-        .unwrap_or_default();
+    let ann = clone.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(
-        ann.get("capture.speedscale.com/enabled").map(String::as_str),
+        ann.get("capture.speedscale.com/enabled")
+            .map(String::as_str),
         Some("true"),
         "{ann:?}"
     );
-    // kubectl get shows the router.
-    let row = h.k(&["get", "rcanary", "frontend"]).await;
+    // kubectl get -o wide shows the router.
+    let row = h.k(&["get", "rcanary", "frontend", "-o", "wide"]).await;
     assert!(row.contains("GatewayAPI"), "{row}");
 
     // Ramp up by patch: 20 → 50.
@@ -388,13 +412,20 @@ async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endp
     wait_route_share(&h, "frontend", 50).await;
 
     // Rollback: the route exactly as the user wrote it, then the Services and the clone go.
-    h.k(&["delete", "rcanary", "frontend", "--wait=false"]).await;
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"])
+        .await;
     h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
         .await;
     let restored = route(&h, "frontend").await.expect("the user's route stays");
     assert_eq!(users_part(&restored), users_part(&original));
-    assert!(service_selector(&h, STABLE_SVC).await.is_none(), "stable Service gone");
-    assert!(service_selector(&h, RECORDING_SVC).await.is_none(), "recording Service gone");
+    assert!(
+        service_selector(&h, STABLE_SVC).await.is_none(),
+        "stable Service gone"
+    );
+    assert!(
+        service_selector(&h, RECORDING_SVC).await.is_none(),
+        "recording Service gone"
+    );
     h.until("the clone gone", WAIT, || async {
         match h.deployment(CLONE).await {
             None => Ok(()),
@@ -402,10 +433,7 @@ async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endp
         }
     })
     .await;
-    let labelled = h
-        .pods(Some(&format!("{ROLE_LABEL}=stable")))
-        .await
-        .len();
+    let labelled = h.pods(Some(&format!("{ROLE_LABEL}=stable"))).await.len();
     assert_eq!(labelled, 0, "the role label is off the target's pods");
 
     mesh.abort();
@@ -439,13 +467,17 @@ async fn gateway_api_router_creates_its_own_route_when_the_service_has_none_and_
         own["spec"]["parentRefs"],
         json!([{"group": "", "kind": "Service", "name": "frontend"}])
     );
-    assert_eq!(own["metadata"]["ownerReferences"][0]["kind"], "RecordingCanary");
+    assert_eq!(
+        own["metadata"]["ownerReferences"][0]["kind"],
+        "RecordingCanary"
+    );
     assert_eq!(
         own["spec"]["rules"][0]["matches"],
         json!([{"path": {"type": "PathPrefix", "value": "/"}}])
     );
 
-    h.k(&["delete", "rcanary", "frontend", "--wait=false"]).await;
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"])
+        .await;
     h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
         .await;
     assert!(route(&h, OWNED).await.is_none(), "its own route is deleted");
@@ -506,11 +538,78 @@ async fn an_ambient_namespace_without_a_waypoint_is_blocked_until_it_names_one()
         .await;
     assert_eq!(c["status"]["phase"], "Blocked");
     assert_eq!(c["status"]["router"], "GatewayAPI");
-    assert!(service_selector(&h, STABLE_SVC).await.is_none(), "nothing written");
+    assert!(
+        service_selector(&h, STABLE_SVC).await.is_none(),
+        "nothing written"
+    );
     // The namespace gets its waypoint: the canary goes on by itself (the namespace watch).
     label(json!({"istio.io/use-waypoint": "waypoint"})).await;
     h.wait_ready("frontend").await;
     h.wait_status("frontend", "Ready", 10).await;
     mesh.abort();
     h.finish(false).await;
+}
+
+#[test]
+fn the_revision_check_catches_a_route_ahead_of_its_services_and_endpoints() {
+    let route = |rv: u64, stable: i64, recording: i64| {
+        (
+            rv,
+            Seen::Route {
+                name: "frontend".into(),
+                weights: BTreeMap::from([
+                    (STABLE_SVC.to_string(), stable),
+                    (RECORDING_SVC.to_string(), recording),
+                ]),
+                deleted: false,
+            },
+        )
+    };
+    let service = |rv: u64, name: &str, deleted: bool| {
+        (
+            rv,
+            Seen::Service {
+                name: name.into(),
+                deleted,
+            },
+        )
+    };
+    let slice = |rv: u64, service: &str, pods: &[&str]| {
+        (
+            rv,
+            Seen::Slice {
+                service: service.into(),
+                name: format!("{service}-x"),
+                ready: pods.iter().map(|p| p.to_string()).collect(),
+            },
+        )
+    };
+    let check = |seen: Vec<(u64, Seen)>| check_revisions(&Arc::new(Mutex::new(seen)));
+    let target = slice(1, "frontend", &["frontend-a", "frontend-b"]);
+    // In order: Services, their endpoints, then the route: clean.
+    let good = vec![
+        target.clone(),
+        service(2, STABLE_SVC, false),
+        service(3, RECORDING_SVC, false),
+        slice(4, STABLE_SVC, &["frontend-a", "frontend-b"]),
+        slice(5, RECORDING_SVC, &["frontend-recording-a"]),
+        route(6, 4, 1),
+    ];
+    assert_eq!(check(good.clone()), (Vec::new(), 1));
+    // Delivered out of order by the watches, but in etcd order the same: clean.
+    let mut shuffled = good.clone();
+    shuffled.reverse();
+    assert!(check(shuffled).0.is_empty());
+    // The route before the recording Service's endpoint.
+    let mut early = good.clone();
+    early[4].0 = 7;
+    assert_eq!(check(early).0.len(), 1);
+    // The route before the stable Service lists every target pod.
+    let mut partial = good.clone();
+    partial[3] = slice(4, STABLE_SVC, &["frontend-a"]);
+    assert_eq!(check(partial).0.len(), 1);
+    // A Service deleted while the route still sends to it.
+    let mut deleted = good;
+    deleted.push(service(8, RECORDING_SVC, true));
+    assert_eq!(check(deleted).0.len(), 1);
 }

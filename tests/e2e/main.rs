@@ -19,6 +19,7 @@ mod fault_matrix;
 mod faults;
 mod fences;
 mod flows;
+mod gateway;
 mod ha;
 mod modes;
 mod propagation;
