@@ -40,8 +40,9 @@ impl Phase {
 
 /// What ended the last wait before the split: `IstioReconciled` (Istio reported the
 /// DestinationRule holding the subsets `Reconciled` for its generation) or `PropagationDelay`
-/// (the delay ran out first, or Istio does not report). On rollback the `RolledBack` Event
-/// says what ended the wait before the subsets left.
+/// (the delay ran out first, or Istio does not report); on rollback with the Gateway API router
+/// also `RoutesAccepted` (every parent accepted the restored HTTPRoutes). The `RolledBack` Event
+/// says what ended the wait before the subsets (or Services) left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum PropagationWait {
     /// Istio reported the object written before (the DestinationRule with the subsets, or the
@@ -49,6 +50,9 @@ pub enum PropagationWait {
     IstioReconciled,
     /// `spec.propagationDelay` ran out first (or Istio does not report).
     PropagationDelay,
+    /// Every parent of the restored HTTPRoutes accepted their current generation (Gateway API
+    /// router, on rollback).
+    RoutesAccepted,
 }
 
 impl PropagationWait {
@@ -57,6 +61,7 @@ impl PropagationWait {
         match self {
             PropagationWait::IstioReconciled => "IstioReconciled",
             PropagationWait::PropagationDelay => "PropagationDelay",
+            PropagationWait::RoutesAccepted => "RoutesAccepted",
         }
     }
 }
@@ -105,6 +110,7 @@ mod tests {
         for w in [
             PropagationWait::IstioReconciled,
             PropagationWait::PropagationDelay,
+            PropagationWait::RoutesAccepted,
         ] {
             assert_eq!(serde_json::to_value(w).unwrap(), json!(w.as_str()));
             assert_eq!(

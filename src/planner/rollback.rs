@@ -71,7 +71,11 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
         b.requeue(wait);
         return b.finish();
     }
-    let waited = if reconciled {
+    let gateway = b.status.router == Some(crate::api::status::Router::GatewayApi);
+    let waited = if reconciled && gateway {
+        b.status.last_propagation_wait = Some(PropagationWait::RoutesAccepted);
+        "once every parent accepted the restored HTTPRoutes".to_string()
+    } else if reconciled {
         b.status.last_propagation_wait = Some(PropagationWait::IstioReconciled);
         "once Istio reported the VirtualServices Reconciled without the routes".to_string()
     } else {
@@ -126,8 +130,13 @@ fn remove_the_rest(mut b: Builder, waited: &str) -> Plan {
         false,
         "RolledBack",
         format!(
-            "Traffic, subsets, clone and labels of {} removed; the subsets left the DestinationRule {waited}",
-            c.spec.target_ref.name
+            "Traffic, {}, clone and labels of {} removed; {waited}",
+            if b.status.router == Some(crate::api::status::Router::GatewayApi) {
+                "Services"
+            } else {
+                "subsets"
+            },
+            c.spec.target_ref.name,
         ),
     );
     b.finish()

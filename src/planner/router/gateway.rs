@@ -585,6 +585,33 @@ pub(super) fn restore_routes(b: &Builder) -> Vec<Action> {
     writes
 }
 
+/// Rollback, step 2: whether the mesh reports the restored routes: every route this canary split
+/// (`status.httpRoutes`) is still there, no longer sends to its Services, and every parent that
+/// concerns the Service accepted its current generation. A deleted route (its own) has no status
+/// to tell: its removal is waited for with `propagationDelay`.
+pub(super) fn routes_accepted(b: &Builder) -> bool {
+    let o = b.o;
+    let t = target(o);
+    let split = &b.prev.http_routes;
+    !split.is_empty()
+        && split.iter().all(|key| {
+            let Some((ns, name)) = key.split_once('/') else {
+                return false;
+            };
+            o.http_routes
+                .iter()
+                .find(|r| meta_ns(r) == ns && meta_name(r) == name)
+                .is_some_and(|r| {
+                    let parents = gateway::concerning_parents(r, &t);
+                    !gateway::read_split(r, &t).references_backends
+                        && !parents.is_empty()
+                        && parents
+                            .iter()
+                            .all(|p| gateway::status::accepted_for_current_generation(r, p))
+                })
+        })
+}
+
 /// Rollback, step 3: the canary's two Services deleted.
 pub(super) fn remove_services(b: &mut Builder) {
     let uid = b.o.canary.metadata.uid.clone().unwrap_or_default();

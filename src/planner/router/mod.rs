@@ -165,8 +165,7 @@ pub(super) fn restore(b: &Builder, host: &ServiceHost) -> Vec<Action> {
 pub(super) fn restored_and_reported(b: &Builder, host: &ServiceHost) -> bool {
     match in_force(b) {
         Router::Istio => istio::routes_reconciled(b, host),
-        // The Gateway API does not report when a route reached every proxy: the delay.
-        Router::GatewayApi => false,
+        Router::GatewayApi => gateway::routes_accepted(b),
         // Nothing to wait for: no route was written.
         Router::Replicas => true,
     }

@@ -580,15 +580,34 @@ fn rollback_restores_the_users_route_byte_exact_then_waits_then_deletes_the_serv
     assert!(!has(&p, |a| matches!(a, Action::DeleteService { .. })));
     assert_eq!(p.requeue_after, Some(Duration::from_secs(3)));
 
-    // Restored; within propagationDelay nothing more.
-    w.http_routes = vec![restored];
+    // Restored (a new generation, not yet accepted); within propagationDelay nothing more.
+    let mut restored = restored;
+    restored["metadata"]["generation"] = json!(3);
+    w.http_routes = vec![restored.clone()];
     w.canary.status = Some(p.status.clone());
     w.now = at(1);
     let p = w.plan();
     assert!(p.actions.is_empty(), "{:#?}", p.actions);
-    // After it: the Services, the clone, the labels, the finalizer.
+    // Its parent accepts the restored rules: the Services go at once, said so.
+    let mut early = w.clone();
+    early.http_routes = vec![accepted(restored)];
+    let p = early.plan();
+    assert!(
+        has(&p, |a| matches!(a, Action::DeleteService { .. })),
+        "{:#?}",
+        p.actions
+    );
+    assert_eq!(
+        p.status.last_propagation_wait,
+        Some(PropagationWait::RoutesAccepted)
+    );
+    // Else after propagationDelay: the Services, the clone, the labels, the finalizer.
     w.now = at(3);
     let p = w.plan();
+    assert_eq!(
+        p.status.last_propagation_wait,
+        Some(PropagationWait::PropagationDelay)
+    );
     let deleted: Vec<&str> = p
         .actions
         .iter()
@@ -746,9 +765,14 @@ impl GatewaySim {
                     !references_backends(&self.w.http_routes),
                     "Service {name} deleted while a route sends to it"
                 );
+                // After propagationDelay, or once the mesh accepted the restored rules.
                 let clear = self.routes_clear_since.expect("routes cleared");
+                let reported = self.w.http_routes.iter().all(|r| {
+                    r["status"]["parents"][0]["conditions"][0]["observedGeneration"]
+                        == r["metadata"]["generation"]
+                });
                 assert!(
-                    now >= after(clear, Duration::from_secs(3)),
+                    reported || now >= after(clear, Duration::from_secs(3)),
                     "deleted too soon"
                 );
                 for b in self.w.backends.iter_mut() {
