@@ -211,6 +211,14 @@ async fn run(args: RunArgs) -> Result<(), String> {
                 args.namespaces.first().map(String::as_str),
             )
             .await,
+        )
+        .with_grpc_routes(
+            recording_canary::runtime::client::route_kind_served(
+                &client,
+                args.namespaces.first().map(String::as_str),
+                recording_canary::api::MeshKind::GrpcRoute,
+            )
+            .await,
         ),
     );
     if controller::namespaces::may_watch(&client, &args.namespaces).await {

@@ -193,6 +193,8 @@ pub enum MeshKind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    /// Watched, never written: a GRPCRoute attached to a split Service blocks its canary.
+    GrpcRoute,
 }
 
 impl MeshKind {
@@ -202,6 +204,7 @@ impl MeshKind {
             MeshKind::VirtualService => "VirtualService",
             MeshKind::DestinationRule => "DestinationRule",
             MeshKind::HttpRoute => "HTTPRoute",
+            MeshKind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -216,6 +219,7 @@ impl MeshKind {
                 ("networking.istio.io", "DestinationRule", "destinationrules")
             }
             MeshKind::HttpRoute => ("gateway.networking.k8s.io", "HTTPRoute", "httproutes"),
+            MeshKind::GrpcRoute => ("gateway.networking.k8s.io", "GRPCRoute", "grpcroutes"),
         };
         kube::api::ApiResource {
             group: group.into(),
@@ -232,6 +236,7 @@ impl MeshKind {
             MeshKind::VirtualService => "virtualService",
             MeshKind::DestinationRule => "destinationRule",
             MeshKind::HttpRoute => "httpRoute",
+            MeshKind::GrpcRoute => "grpcRoute",
         }
     }
 }

@@ -220,7 +220,7 @@ fn the_crd_lists_the_values_of_the_status_enums() {
         ),
         (
             "lastPropagationWait",
-            json!(["IstioReconciled", "PropagationDelay"]),
+            json!(["IstioReconciled", "PropagationDelay", "RoutesAccepted"]),
         ),
         ("stableLabelling", json!(["AdmissionPolicy", "Controller"])),
     ] {

@@ -31,6 +31,7 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     HttpRoute,
+    GrpcRoute,
     Service,
 }
 
@@ -40,6 +41,7 @@ impl From<crate::api::MeshKind> for Kind {
             crate::api::MeshKind::VirtualService => Kind::VirtualService,
             crate::api::MeshKind::DestinationRule => Kind::DestinationRule,
             crate::api::MeshKind::HttpRoute => Kind::HttpRoute,
+            crate::api::MeshKind::GrpcRoute => Kind::GrpcRoute,
         }
     }
 }
@@ -54,6 +56,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
             Kind::Service => "Service",
         }
     }

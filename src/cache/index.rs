@@ -133,10 +133,13 @@ impl MeshRefs {
                 .and_then(Value::as_str)
                 .into_iter()
                 .collect(),
-            MeshKind::HttpRoute => Vec::new(),
+            MeshKind::HttpRoute | MeshKind::GrpcRoute => Vec::new(),
         };
         let services: SmallSet<(String, String)> = match kind {
-            MeshKind::HttpRoute => http_route_services(spec, ns).into_iter().collect(),
+            // A GRPCRoute's parentRefs and backendRefs have the HTTPRoute's shape.
+            MeshKind::HttpRoute | MeshKind::GrpcRoute => {
+                http_route_services(spec, ns).into_iter().collect()
+            }
             _ => hosts
                 .iter()
                 .filter_map(|h| istio::service_of_host(h, ns, domain))
@@ -572,7 +575,7 @@ impl Index {
             let named = self.canaries.get(&k).and_then(|e| match kind {
                 MeshKind::VirtualService => e.virtual_service.as_deref(),
                 MeshKind::DestinationRule => e.destination_rule.as_deref(),
-                MeshKind::HttpRoute => None,
+                MeshKind::HttpRoute | MeshKind::GrpcRoute => None,
             });
             if named == Some(name.as_str()) {
                 out.insert(k);

@@ -94,6 +94,9 @@ pub struct Context {
     /// The cluster serves the Gateway API's HTTPRoutes: they are watched (and the Gateway API
     /// router can work) only then.
     pub gateway_api: bool,
+    /// The cluster serves GRPCRoutes and this process may list them: they are watched (never
+    /// written), so that one attached to a split Service blocks its canary.
+    pub grpc_routes: bool,
     /// Istio's ambient labels of every namespace ([`namespaces`]).
     namespaces: RwLock<HashMap<String, namespaces::NamespaceFacts>>,
 }
@@ -125,6 +128,7 @@ impl Context {
             ))),
             max_reconciles: DEFAULT_MAX_RECONCILES,
             gateway_api: false,
+            grpc_routes: false,
             namespaces: RwLock::new(HashMap::new()),
         }
     }
@@ -154,11 +158,20 @@ impl Context {
         self
     }
 
+    /// Watches GRPCRoutes too (served, and this process may list them).
+    pub fn with_grpc_routes(mut self, served: bool) -> Self {
+        self.grpc_routes = served;
+        self
+    }
+
     /// The routing kinds this process watches.
     fn mesh_kinds(&self) -> Vec<MeshKind> {
         let mut kinds = vec![MeshKind::VirtualService, MeshKind::DestinationRule];
         if self.gateway_api {
             kinds.push(MeshKind::HttpRoute);
+        }
+        if self.gateway_api && self.grpc_routes {
+            kinds.push(MeshKind::GrpcRoute);
         }
         kinds
     }
@@ -257,6 +270,9 @@ impl Context {
                 .map(|o| rv_uid(o.as_ref())),
             Kind::HttpRoute => self
                 .mesh_object(MeshKind::HttpRoute, ns, name)
+                .map(|o| rv_uid(o.as_ref())),
+            Kind::GrpcRoute => self
+                .mesh_object(MeshKind::GrpcRoute, ns, name)
                 .map(|o| rv_uid(o.as_ref())),
         }
     }

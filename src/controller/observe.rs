@@ -15,6 +15,8 @@ pub(super) struct Snapshot {
     /// HTTPRoutes that have the Service (or a listed Gateway) as a parent (the Gateway API
     /// router's watches fill this; none before).
     pub(super) http_routes: Vec<Value>,
+    /// GRPCRoutes that concern the Service the same way (never split).
+    pub(super) grpc_routes: Vec<Value>,
     /// The namespace is in Istio's ambient mode.
     pub(super) ambient: bool,
     /// The Service's waypoint (its label, else its namespace's).
@@ -60,6 +62,7 @@ impl Snapshot {
             endpoints: &self.endpoints,
             virtual_services: &self.virtual_services,
             http_routes: &self.http_routes,
+            grpc_routes: &self.grpc_routes,
             ambient: self.ambient,
             waypoint: self.waypoint.as_deref(),
             service_ports: &self.service_ports,
@@ -149,6 +152,7 @@ impl Snapshot {
         let mut virtual_services = Vec::new();
         let mut destination_rules = Vec::new();
         let mut http_routes = Vec::new();
+        let mut grpc_routes = Vec::new();
         for (kind, mns, mname) in mesh {
             let Some(obj) = ctx.mesh_object(kind, &mns, &mname) else {
                 continue;
@@ -158,6 +162,7 @@ impl Snapshot {
                 MeshKind::VirtualService => virtual_services.push(v),
                 MeshKind::DestinationRule => destination_rules.push(v),
                 MeshKind::HttpRoute => http_routes.push(v),
+                MeshKind::GrpcRoute => grpc_routes.push(v),
             }
         }
         let rivals = sharing
@@ -178,6 +183,7 @@ impl Snapshot {
             pods,
             endpoints,
             http_routes,
+            grpc_routes,
             ambient: ns_facts.ambient,
             waypoint,
             service_ports,

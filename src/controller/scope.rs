@@ -10,6 +10,7 @@ pub struct Scope {
     pub(super) destination_rules: Selective<MeshObject>,
     /// HTTPRoutes (the Gateway API router), kept as VirtualServices are.
     pub(super) http_routes: Selective<MeshObject>,
+    pub(super) grpc_routes: Selective<MeshObject>,
     pub(super) deployments: Selective<DeploymentFacts>,
     pub(super) services: Selective<ServiceFacts>,
     pub(super) pods: Selective<PodFacts>,
@@ -65,6 +66,7 @@ impl Scope {
             virtual_services: Selective::default(),
             destination_rules: Selective::default(),
             http_routes: Selective::default(),
+            grpc_routes: Selective::default(),
             deployments: Selective::default(),
             services: Selective::default(),
             pods: Selective::default(),
@@ -93,6 +95,7 @@ impl Scope {
             MeshKind::VirtualService => &self.virtual_services,
             MeshKind::DestinationRule => &self.destination_rules,
             MeshKind::HttpRoute => &self.http_routes,
+            MeshKind::GrpcRoute => &self.grpc_routes,
         }
     }
 

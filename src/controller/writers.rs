@@ -134,6 +134,8 @@ fn died_after(kind: MeshKind) {
         MeshKind::HttpRoute => {
             fail::fail_point!("after-http-route-write", |_| std::process::abort())
         }
+        // Never written.
+        MeshKind::GrpcRoute => {}
     }
 }
 

@@ -184,6 +184,11 @@ pub enum Block {
         gateway: String,
         service: String,
     },
+    /// A route of another kind than HTTPRoute (a GRPCRoute) is attached to the Service: its
+    /// requests would reach the clone unsplit.
+    OtherRouteKind {
+        problem: String,
+    },
     /// A rule of the HTTPRoute cannot take the spec's mode or `always`/`never` exactly.
     UnsupportedHttpRoute {
         http_route: String,
@@ -227,6 +232,7 @@ impl Block {
             Block::HttpRouteSplitByOther { .. } => "Conflict".into(),
             Block::GatewayHttpRouteNotFound { .. } => "GatewayRouteNotFound".into(),
             Block::UnsupportedHttpRoute { .. } => "UnsupportedRoute".into(),
+            Block::OtherRouteKind { .. } => "OtherRouteKind".into(),
         }
     }
 
@@ -398,6 +404,9 @@ impl Block {
                 http_route,
                 problem,
             } => format!("HTTPRoute {http_route}: {problem}"),
+            Block::OtherRouteKind { problem } => {
+                format!("{problem}; remove it, or record another Service")
+            }
         }
     }
 }

@@ -86,6 +86,9 @@ pub struct Observed<'a> {
     /// HTTPRoutes of the canary's namespace that have the Service (or a listed Gateway) as a
     /// parent (full objects as JSON).
     pub http_routes: &'a [Value],
+    /// GRPCRoutes of the canary's namespace that refer to the Service (never split: one attached
+    /// to it blocks the Gateway API router).
+    pub grpc_routes: &'a [Value],
     /// The Service's namespace is in Istio's ambient mode (`istio.io/dataplane-mode: ambient`).
     pub ambient: bool,
     /// The waypoint of the Service (its `istio.io/use-waypoint` label, else its namespace's).

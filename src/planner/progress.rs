@@ -82,7 +82,7 @@ fn after_revert<'a>(
         b.status.revert_count = count;
         b.status.last_revert_time = Some(fmt_time(o.now));
         let field = match routes.kind {
-            MeshKind::HttpRoute => "rules",
+            MeshKind::HttpRoute | MeshKind::GrpcRoute => "rules",
             _ => "http",
         };
         let who = last_writer(vs, &format!("f:{field}")).unwrap_or_else(|| "another client".into());

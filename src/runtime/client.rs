@@ -128,21 +128,28 @@ where
 /// waiting for its first list). Asked once at start; a cluster that gets the CRDs later needs a
 /// restart of the controller.
 pub async fn gateway_api_served(client: &kube::Client, namespace: Option<&str>) -> bool {
-    let served = match client
-        .list_api_group_resources("gateway.networking.k8s.io/v1")
-        .await
-    {
-        Ok(list) => list.resources.iter().any(|r| r.name == "httproutes"),
+    route_kind_served(client, namespace, crate::api::MeshKind::HttpRoute).await
+}
+
+/// Whether the cluster serves routes of `kind` (a Gateway API kind) and this process may list
+/// them (in `namespace`, or cluster-wide).
+pub async fn route_kind_served(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    kind: crate::api::MeshKind,
+) -> bool {
+    let ar = kind.api_resource();
+    let served = match client.list_api_group_resources(&ar.api_version).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == ar.plural),
         Err(kube::Error::Api(s)) if s.code == 404 => false,
         Err(e) => {
-            tracing::warn!(error = %e, "could not ask whether the Gateway API is served; HTTPRoutes are not watched");
+            tracing::warn!(error = %e, kind = kind.name(), "could not ask whether the kind is served; it is not watched");
             false
         }
     };
     if !served {
         return false;
     }
-    let ar = crate::api::MeshKind::HttpRoute.api_resource();
     let api: kube::Api<kube::api::DynamicObject> = match namespace {
         Some(ns) => kube::Api::namespaced_with(client.clone(), ns, &ar),
         None => kube::Api::all_with(client.clone(), &ar),
@@ -150,7 +157,7 @@ pub async fn gateway_api_served(client: &kube::Client, namespace: Option<&str>) 
     match api.list(&kube::api::ListParams::default().limit(1)).await {
         Ok(_) => true,
         Err(e) => {
-            tracing::warn!(error = %e, "the Gateway API is served, but HTTPRoutes cannot be listed (RBAC?): they are not watched, and the Gateway API router is off");
+            tracing::warn!(error = %e, kind = kind.name(), "the kind is served, but cannot be listed (RBAC?): it is not watched");
             false
         }
     }

@@ -613,3 +613,51 @@ fn the_revision_check_catches_a_route_ahead_of_its_services_and_endpoints() {
     deleted.push(service(8, RECORDING_SVC, true));
     assert_eq!(check(deleted).0.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_route_attached_to_the_service_blocks_until_it_goes() {
+    let mut h = Harness::start("gwgrpc").await;
+    let mesh = mesh_accepts_routes(&h);
+    h.apply_example("app.yaml").await;
+    let grpc = h.manifest(
+        "grpcroute",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: frontend-grpc\nspec:\n  parentRefs:\n    - group: \"\"\n      kind: Service\n      name: frontend\n  rules:\n    - backendRefs:\n        - name: frontend\n          port: 80\n",
+    );
+    h.k(&["apply", "-f", grpc.to_str().unwrap()]).await;
+    let canary_yaml = example("../gateway-api/canary.yaml");
+    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
+    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "1s"}}))
+        .await;
+    let c = h
+        .until("Blocked with OtherRouteKind", WAIT, || async {
+            let c = h.canary("frontend").await.ok_or("gone")?;
+            let ready = c["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready")
+                .cloned();
+            match ready {
+                Some(r) if r["reason"] == "OtherRouteKind" => Ok(r),
+                _ => Err(c["status"].to_string()),
+            }
+        })
+        .await;
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("GRPCRoute (frontend-grpc)"),
+        "{c}"
+    );
+    assert!(
+        service_selector(&h, STABLE_SVC).await.is_none(),
+        "nothing written"
+    );
+    // The GRPCRoute goes: the canary goes on by itself (the GRPCRoute watch).
+    h.k(&["delete", "grpcroute", "frontend-grpc"]).await;
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 10).await;
+    mesh.abort();
+    h.finish(false).await;
+}

@@ -107,6 +107,13 @@ pub(in crate::planner) fn check<'a>(
                 .unwrap_or_else(|| format!("{ns}/{} (the canary's own)", owned_mesh_name(c))),
         });
     }
+    if let Some(p) = o
+        .grpc_routes
+        .iter()
+        .find_map(|r| gateway::other_route_problem("GRPCRoute", r, &t))
+    {
+        return Err(Block::OtherRouteKind { problem: p.message });
+    }
     for s in o.backend_services.iter().flatten() {
         if s.controller_uid.as_deref() != Some(uid.as_str()) {
             return Err(Block::BackendServiceTaken {

@@ -888,3 +888,25 @@ impl GatewaySim {
         self.w.http_routes = self.w.http_routes.drain(..).map(accepted).collect();
     }
 }
+
+#[test]
+fn a_grpc_route_attached_to_the_service_blocks_with_its_own_reason() {
+    let mut w = gateway_world();
+    w.grpc_routes = vec![json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "frontend-grpc", "namespace": NS},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "frontend"}],
+                 "rules": [{"backendRefs": [{"name": "frontend", "port": 80}]}]},
+    })];
+    let p = w.plan();
+    assert_blocked(&p, "OtherRouteKind");
+    assert!(
+        ready_message(&p).contains("GRPCRoute (frontend-grpc)"),
+        "{}",
+        ready_message(&p)
+    );
+    assert!(created_services(&p).is_empty() && !has(&p, is_route_write));
+    // One for another Service changes nothing.
+    w.grpc_routes[0]["spec"]["parentRefs"][0]["name"] = json!("checkout");
+    assert_ne!(ready_reason(&w.plan()), "OtherRouteKind");
+}

@@ -332,6 +332,7 @@ struct World {
     /// The pods that are Ready endpoints of the Service; `None`: every serving pod is one.
     endpoints: Option<BTreeSet<String>>,
     http_routes: Vec<Value>,
+    grpc_routes: Vec<Value>,
     ambient: bool,
     waypoint: Option<String>,
     service_ports: Vec<Value>,
@@ -386,6 +387,7 @@ impl World {
             endpoints: &endpoints,
             virtual_services: &self.vss,
             http_routes: &self.http_routes,
+            grpc_routes: &self.grpc_routes,
             ambient: self.ambient,
             waypoint: self.waypoint.as_deref(),
             service_ports: &self.service_ports,
@@ -446,6 +448,7 @@ fn fresh_world() -> World {
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
         http_routes: Vec::new(),
+        grpc_routes: Vec::new(),
         ambient: false,
         waypoint: None,
         service_ports: vec![
@@ -497,6 +500,7 @@ fn serving_world(pct: i32) -> World {
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
         http_routes: Vec::new(),
+        grpc_routes: Vec::new(),
         ambient: false,
         waypoint: None,
         service_ports: vec![

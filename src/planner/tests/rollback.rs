@@ -273,6 +273,7 @@ fn rollback_completes_when_everything_is_already_gone() {
         service_selector: BTreeMap::from([("app".to_string(), "frontend".to_string())]),
         endpoints: None,
         http_routes: Vec::new(),
+        grpc_routes: Vec::new(),
         ambient: false,
         waypoint: None,
         service_ports: Vec::new(),

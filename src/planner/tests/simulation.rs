@@ -149,6 +149,7 @@ impl Sim {
             MeshKind::VirtualService => &mut self.w.vss,
             MeshKind::DestinationRule => &mut self.w.drs,
             MeshKind::HttpRoute => &mut self.w.http_routes,
+            MeshKind::GrpcRoute => &mut self.w.grpc_routes,
         }
     }
 
