@@ -20,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
+use crate::support::controller_args;
 use crate::support::*;
 
 const STABLE_SVC: &str = "frontend-stable";
@@ -100,7 +101,8 @@ enum Seen {
     },
 }
 
-type Revisions = Arc<Mutex<Vec<(u64, Seen)>>>;
+/// Every revision with its resourceVersion and when the watch delivered it.
+type Revisions = Arc<Mutex<Vec<(u64, Seen, std::time::Instant)>>>;
 
 fn rv_of(meta: &kube::api::ObjectMeta) -> u64 {
     meta.resource_version
@@ -140,7 +142,9 @@ fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>)
                 weights: route_weights(&v),
                 deleted,
             };
-            o.lock().unwrap().push((rv_of(&r.metadata), seen));
+            o.lock()
+                .unwrap()
+                .push((rv_of(&r.metadata), seen, std::time::Instant::now()));
         }
     }));
     let services: Api<Service> = Api::namespaced(h.client.clone(), &h.ns);
@@ -157,7 +161,9 @@ fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>)
                 name: svc.name_any(),
                 deleted,
             };
-            o.lock().unwrap().push((rv_of(&svc.metadata), seen));
+            o.lock()
+                .unwrap()
+                .push((rv_of(&svc.metadata), seen, std::time::Instant::now()));
         }
     }));
     let slices: Api<EndpointSlice> = Api::namespaced(h.client.clone(), &h.ns);
@@ -189,17 +195,30 @@ fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>)
                 name: sl.name_any(),
                 ready,
             };
-            o.lock().unwrap().push((rv_of(&sl.metadata), seen));
+            o.lock()
+                .unwrap()
+                .push((rv_of(&sl.metadata), seen, std::time::Instant::now()));
         }
     }));
     (out, tasks)
 }
 
+/// How much earlier than the write a watch may deliver a revision it follows (the slack of the
+/// wait check: both are seen through watches).
+const WATCH_SLACK: Duration = Duration::from_millis(150);
+
 /// Replays the revisions in etcd order; returns the violations and how many route revisions
-/// were checked.
+/// were checked. With `delay`, the first route revision that sends to the stable Service must
+/// come at least `delay` after the stable Service first listed every Ready target pod.
 fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
+    check_revisions_with(revisions, None)
+}
+
+fn check_revisions_with(revisions: &Revisions, delay: Option<Duration>) -> (Vec<String>, usize) {
     let mut all = revisions.lock().unwrap().clone();
-    all.sort_by_key(|(rv, _)| *rv);
+    all.sort_by_key(|(rv, _, _)| *rv);
+    let mut complete_since: Option<std::time::Instant> = None;
+    let mut sent = false;
     let mut services: BTreeSet<String> = BTreeSet::new();
     let mut slices: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     let mut routes: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
@@ -212,7 +231,7 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
             .flat_map(|(_, r)| r.iter().cloned())
             .collect::<BTreeSet<String>>()
     };
-    for (rv, seen) in all {
+    for (rv, seen, at) in all {
         match seen {
             Seen::Service { name, deleted } => {
                 if deleted {
@@ -232,6 +251,14 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
                 ready,
             } => {
                 slices.insert((service, name), ready);
+                let stable = ready_of(&slices, STABLE_SVC);
+                let target: BTreeSet<String> = ready_of(&slices, "frontend")
+                    .into_iter()
+                    .filter(|p| !p.starts_with(CLONE))
+                    .collect();
+                if complete_since.is_none() && !target.is_empty() && target.is_subset(&stable) {
+                    complete_since = Some(at);
+                }
             }
             Seen::Route {
                 name,
@@ -263,11 +290,24 @@ fn check_revisions(revisions: &Revisions) -> (Vec<String>, usize) {
                         .into_iter()
                         .filter(|p| !p.starts_with(CLONE))
                         .collect();
-                    if !target.is_subset(&stable) {
+                    if !target.is_subset(&stable) && !sent {
                         violations.push(format!(
                             "rv {rv}: route {name} sends to {STABLE_SVC}, whose endpoints {stable:?} lack some of the target's {target:?}"
                         ));
                     }
+                    if let (Some(delay), false) = (delay, sent) {
+                        match complete_since {
+                            Some(t) if at + WATCH_SLACK >= t + delay => {}
+                            Some(t) => violations.push(format!(
+                                "rv {rv}: route {name} sends to {STABLE_SVC} {:?} after it listed every target pod, less than propagationDelay ({delay:?})",
+                                at.saturating_duration_since(t)
+                            )),
+                            None => violations.push(format!(
+                                "rv {rv}: route {name} sends to {STABLE_SVC} before it listed every target pod"
+                            )),
+                        }
+                    }
+                    sent = true;
                 }
                 routes.insert(name, weights);
             }
@@ -584,7 +624,11 @@ fn the_revision_check_catches_a_route_ahead_of_its_services_and_endpoints() {
             },
         )
     };
-    let check = |seen: Vec<(u64, Seen)>| check_revisions(&Arc::new(Mutex::new(seen)));
+    let now = std::time::Instant::now();
+    let check = |seen: Vec<(u64, Seen)>| {
+        let timed = seen.into_iter().map(|(rv, s)| (rv, s, now)).collect();
+        check_revisions(&Arc::new(Mutex::new(timed)))
+    };
     let target = slice(1, "frontend", &["frontend-a", "frontend-b"]);
     // In order: Services, their endpoints, then the route: clean.
     let good = vec![
@@ -659,5 +703,284 @@ async fn a_grpc_route_attached_to_the_service_blocks_until_it_goes() {
     h.wait_ready("frontend").await;
     h.wait_status("frontend", "Ready", 10).await;
     mesh.abort();
+    h.finish(false).await;
+}
+
+#[test]
+fn the_revision_check_catches_a_split_sooner_than_propagation_delay() {
+    let t0 = std::time::Instant::now();
+    let seen = |split_after: Duration| {
+        let revs = vec![
+            (
+                1,
+                Seen::Slice {
+                    service: "frontend".into(),
+                    name: "f".into(),
+                    ready: BTreeSet::from(["frontend-a".to_string()]),
+                },
+                t0,
+            ),
+            (
+                2,
+                Seen::Service {
+                    name: STABLE_SVC.into(),
+                    deleted: false,
+                },
+                t0,
+            ),
+            (
+                3,
+                Seen::Service {
+                    name: RECORDING_SVC.into(),
+                    deleted: false,
+                },
+                t0,
+            ),
+            (
+                4,
+                Seen::Slice {
+                    service: STABLE_SVC.into(),
+                    name: "s".into(),
+                    ready: BTreeSet::from(["frontend-a".to_string()]),
+                },
+                t0,
+            ),
+            (
+                5,
+                Seen::Route {
+                    name: "frontend".into(),
+                    weights: BTreeMap::from([
+                        (STABLE_SVC.to_string(), 1),
+                        (RECORDING_SVC.to_string(), 0),
+                    ]),
+                    deleted: false,
+                },
+                t0 + split_after,
+            ),
+        ];
+        check_revisions_with(&Arc::new(Mutex::new(revs)), Some(Duration::from_secs(1))).0
+    };
+    assert!(seen(Duration::from_millis(1000)).is_empty());
+    assert_eq!(seen(Duration::from_millis(500)).len(), 1);
+}
+
+/// The user's route of three rules with filters: a header rule with a timeout and a request
+/// header filter, a path rule whose backendRef has a filter of its own, and a default rule.
+const THREE_RULES: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: frontend
+  annotations:
+    team: shop
+spec:
+  parentRefs:
+    - group: ""
+      kind: Service
+      name: frontend
+      port: 80
+  rules:
+    - name: canary-test
+      matches:
+        - headers:
+            - name: x-canary-test
+              value: "1"
+      timeouts:
+        request: 10s
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            add:
+              - name: x-routed-by
+                value: frontend-route
+      backendRefs:
+        - name: frontend
+          port: 80
+    - name: api
+      matches:
+        - path:
+            type: PathPrefix
+            value: /api
+      backendRefs:
+        - name: frontend
+          port: 80
+          weight: 3
+          filters:
+            - type: ResponseHeaderModifier
+              responseHeaderModifier:
+                set:
+                  - name: x-api
+                    value: "1"
+    - name: default
+      backendRefs:
+        - name: frontend
+          port: 80
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a_gitops_revert() {
+    let mut h = Harness::start_without_controller("gwtrials").await;
+    let kubeconfig = h.env.kubeconfig.clone();
+    let args: Vec<String> = controller_args(&h.ns);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mesh = mesh_accepts_routes(&h);
+    let (revisions, watchers) = watch_revisions(&h);
+    h.apply_example("app.yaml").await;
+    let route_file = h.manifest("route", THREE_RULES);
+    h.k(&["apply", "-f", route_file.to_str().unwrap()]).await;
+    let original = h
+        .until("the user's route accepted", WAIT, || async {
+            let r = route(&h, "frontend").await.ok_or("no route")?;
+            if r["status"]["parents"].is_array() {
+                Ok(r)
+            } else {
+                Err(r.to_string())
+            }
+        })
+        .await;
+    let canary_yaml = example("../gateway-api/canary.yaml");
+    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"percent": 20, "propagationDelay": "2s"}}),
+    )
+    .await;
+
+    // A controller that dies right after its first HTTPRoute write (the split, at 0 % while the
+    // clone comes up); the next one resumes.
+    let mut first = h.spawn_controller_with(
+        "killed",
+        &args,
+        &kubeconfig,
+        &[("FAILPOINTS", "after-http-route-write=return")],
+    );
+    let died = first.exited_within(Duration::from_secs(90)).await;
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "it did not die after the route write: {died:?}"
+    );
+    h.faults_injected(1);
+    let _resumed = h.spawn_controller("resumed", &args, &kubeconfig);
+    h.wait_ready("frontend").await;
+    h.wait_status("frontend", "Ready", 20).await;
+    let split = wait_route_share(&h, "frontend", 20).await;
+    // Each rule keeps its matches, timeouts and filters; the backendRef's filter is on both halves.
+    for (i, rule) in split["spec"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        for key in ["name", "matches", "timeouts", "filters"] {
+            assert_eq!(
+                rule[key], original["spec"]["rules"][i][key],
+                "rule {i} {key}"
+            );
+        }
+    }
+    let api_refs = split["spec"]["rules"][1]["backendRefs"].as_array().unwrap();
+    assert_eq!(api_refs.len(), 2);
+    for b in api_refs {
+        assert_eq!(
+            b["filters"],
+            original["spec"]["rules"][1]["backendRefs"][0]["filters"]
+        );
+    }
+
+    // An HPA-like scale of the target: the clone follows.
+    h.k(&["scale", "deployment/frontend", "--replicas=10"])
+        .await;
+    h.until("the clone to follow the target's scale", WAIT, || async {
+        let c = h.canary("frontend").await.ok_or("gone")?;
+        let d = h.deployment(CLONE).await.ok_or("no clone")?;
+        let want = c["status"]["cloneReplicas"].as_i64().unwrap_or(0);
+        let have = i64::from(d.spec.and_then(|s| s.replicas).unwrap_or(0));
+        if c["status"]["targetReplicas"] == 10 && want >= 2 && have == want {
+            Ok(())
+        } else {
+            Err(format!("status {} clone {have}", c["status"]))
+        }
+    })
+    .await;
+    // A new image: the clone follows.
+    h.k(&[
+        "set",
+        "image",
+        "deployment/frontend",
+        "server=us-central1-docker.pkg.dev/google-samples/microservices-demo/frontend:v0.10.3",
+    ])
+    .await;
+    h.until("the clone to follow the new image", WAIT, || async {
+        let d = h.deployment(CLONE).await.ok_or("no clone")?;
+        let image = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .map(|s| s.containers[0].image.clone().unwrap_or_default())
+            .unwrap_or_default();
+        if image.ends_with(":v0.10.3") {
+            Ok(())
+        } else {
+            Err(image)
+        }
+    })
+    .await;
+    h.wait_status("frontend", "Ready", 20).await;
+
+    // A GitOps tool puts the route back: the canary says so and splits it again.
+    h.k(&["apply", "-f", route_file.to_str().unwrap()]).await;
+    h.faults_injected(1);
+    h.until("a SplitReverted Event", WAIT, || async {
+        let events = h
+            .k(&[
+                "get",
+                "events",
+                "--field-selector",
+                "reason=SplitReverted",
+                "-o",
+                "name",
+            ])
+            .await;
+        if events.trim().is_empty() {
+            Err("none yet".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    wait_route_share(&h, "frontend", 20).await;
+    h.wait_status("frontend", "Ready", 20).await;
+
+    // Rollback, with a controller killed right after it restored the route.
+    drop(_resumed);
+    h.k(&["delete", "rcanary", "frontend", "--wait=false"])
+        .await;
+    let mut killed = h.spawn_controller_with(
+        "killed-restore",
+        &args,
+        &kubeconfig,
+        &[("FAILPOINTS", "after-http-route-write=return")],
+    );
+    let died = killed.exited_within(Duration::from_secs(90)).await;
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "it did not die after the restore: {died:?}"
+    );
+    h.faults_injected(1);
+    let _last = h.spawn_controller("last", &args, &kubeconfig);
+    h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
+        .await;
+    let restored = route(&h, "frontend").await.expect("the user's route stays");
+    assert_eq!(users_part(&restored), users_part(&original));
+    assert!(service_selector(&h, STABLE_SVC).await.is_none());
+    assert!(service_selector(&h, RECORDING_SVC).await.is_none());
+
+    mesh.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for t in watchers {
+        t.abort();
+    }
+    let (violations, checked) = check_revisions_with(&revisions, Some(Duration::from_secs(2)));
+    println!("gateway make-before-break: checked {checked} HTTPRoute revisions");
+    // The GitOps revert itself puts back a route to the Service: not a violation of ours.
+    assert!(violations.is_empty(), "{}", violations.join("\n"));
     h.finish(false).await;
 }
