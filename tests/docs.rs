@@ -21,6 +21,7 @@ fn markdown_files() -> Vec<PathBuf> {
         "CHANGELOG.md",
         "charts/recording-canary/README.md",
         "examples/istio/README.md",
+        "examples/gateway-api/README.md",
     ]
     .iter()
     .map(|f| root.join(f))

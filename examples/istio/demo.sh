@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The demo, in one command on a fresh machine:
-#   bash examples/istio/demo.sh          # set up and run
-#   bash examples/istio/demo.sh --down   # stop the controller and the local cluster
+#   bash examples/istio/demo.sh                 # set up and run (Istio: VirtualService weights)
+#   bash examples/istio/demo.sh --gateway-api   # the same through the Gateway API router: an
+#                                               # ambient namespace, your HTTPRoute split between
+#                                               # the canary's two Services
+#   bash examples/istio/demo.sh --down          # stop the controller and the local cluster
 #
 # It builds (once, cached) and starts the local control plane (tests/cluster/up.sh), builds the
 # controller, installs the example app (examples/istio/app.yaml) in namespace `demo`, runs the
 # controller in the background, applies the RecordingCanary at 10% and shows `kubectl get rcanary`
-# and the VirtualService weights. The cluster and the controller keep running so that you can go on
-# (`kubectl patch`, `kubectl delete`); the script prints the commands.
+# and the VirtualService weights (with --gateway-api: examples/gateway-api/, the HTTPRoute's
+# weights). The cluster and the controller keep running so that you can go on (`kubectl patch`,
+# `kubectl delete`); the script prints the commands. The local control plane runs no mesh: with
+# --gateway-api a stand-in (a loop of kubectl calls, stopped by --down) accepts the routes in
+# their status, as a waypoint's controller would.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
@@ -18,6 +24,7 @@ source "$repo/tests/cluster/lib.sh"
 ns=${RC_DEMO_NAMESPACE:-demo}
 state_dir="$RC_CACHE_DIR/demo"
 pidfile="$state_dir/controller.pid"
+meshpid="$state_dir/mesh.pid"
 log="$state_dir/controller.log"
 mkdir -p "$state_dir"
 
@@ -32,11 +39,25 @@ stop_controller() {
   fi
 }
 
-if [ "${1:-}" = "--down" ]; then
-  stop_controller
-  bash "$repo/tests/cluster/down.sh" "$RC_CLUSTER_NAME"
-  exit 0
-fi
+stop_mesh() {
+  if [ -f "$meshpid" ]; then
+    kill "$(cat "$meshpid")" 2>/dev/null || true
+    rm -f "$meshpid"
+  fi
+}
+
+gateway_api=0
+case "${1:-}" in
+  --down)
+    stop_mesh
+    stop_controller
+    bash "$repo/tests/cluster/down.sh" "$RC_CLUSTER_NAME"
+    exit 0
+    ;;
+  --gateway-api) gateway_api=1 ;;
+  "") ;;
+  *) echo "usage: $0 [--gateway-api | --down]" >&2; exit 2 ;;
+esac
 
 rc_say "1/6 local control plane, Kubernetes $K8S_VERSION (first run builds it from Go modules: ~20-35 min; then ~10 s)"
 bash "$repo/tests/cluster/up.sh" "$RC_CLUSTER_NAME"
@@ -48,7 +69,13 @@ cargo build --quiet --bin recording-canary
 
 rc_say "3/6 example app in namespace $ns"
 k create namespace "$ns" --dry-run=client -o yaml | k apply -f - >/dev/null
-k label namespace "$ns" istio-injection=enabled --overwrite >/dev/null # the cluster's stand-in injector labels its pods
+if [ "$gateway_api" = 1 ]; then
+  # Ambient mode, with the namespace's waypoint (examples/gateway-api/).
+  k label namespace "$ns" istio.io/dataplane-mode=ambient istio.io/use-waypoint=waypoint --overwrite >/dev/null
+  k apply -n "$ns" -f examples/gateway-api/waypoint.yaml
+else
+  k label namespace "$ns" istio-injection=enabled --overwrite >/dev/null # the cluster's stand-in injector labels its pods
+fi
 k apply -n "$ns" -f examples/istio/app.yaml
 k rollout status -n "$ns" deployment/frontend --timeout=120s
 
@@ -69,8 +96,35 @@ RUST_LOG=${RUST_LOG:-info} nohup "$repo/target/debug/recording-canary" run --lea
   --admin-addr 127.0.0.1:9090 --stable-label-policy "$policy" >"$log" 2>&1 &
 echo $! >"$pidfile"
 
-rc_say "5/6 RecordingCanary at 10%"
-k apply -n "$ns" -f examples/istio/canary.yaml
+# The stand-in mesh: every HTTPRoute of the namespace accepted (Accepted and ResolvedRefs True
+# for its current generation, per parent), as a waypoint's controller reports it.
+accept_routes() {
+  while true; do
+    for r in $(k get httproute -n "$ns" -o name 2>/dev/null); do
+      gen=$(k get -n "$ns" "$r" -o jsonpath='{.metadata.generation}')
+      seen=$(k get -n "$ns" "$r" -o jsonpath='{.status.parents[0].conditions[0].observedGeneration}')
+      [ "$gen" = "$seen" ] && continue
+      parents=$(k get -n "$ns" "$r" -o jsonpath='{.spec.parentRefs}')
+      cond='{"status":"True","observedGeneration":'"$gen"',"lastTransitionTime":"2026-01-01T00:00:00Z","message":"demo stand-in mesh"'
+      status=$(printf '%s' "$parents" | sed -E 's/\{"group"/{"parentRef":{"group"/g; s/\}(,|\])/},"controllerName":"demo.recordingcanary.dev\/mesh","conditions":[CONDS]}\1/g')
+      status=${status//CONDS/$cond,\"type\":\"Accepted\",\"reason\":\"Accepted\"\},$cond,\"type\":\"ResolvedRefs\",\"reason\":\"ResolvedRefs\"\}}
+      k patch -n "$ns" "$r" --subresource=status --type=merge -p "{\"status\":{\"parents\":$status}}" >/dev/null 2>&1 || true
+    done
+    sleep 1
+  done
+}
+
+if [ "$gateway_api" = 1 ]; then
+  stop_mesh
+  accept_routes &
+  echo $! >"$meshpid"
+  k apply -n "$ns" -f examples/gateway-api/route.yaml
+  rc_say "5/6 RecordingCanary at 10% (router: GatewayAPI)"
+  k apply -n "$ns" -f examples/gateway-api/canary.yaml
+else
+  rc_say "5/6 RecordingCanary at 10%"
+  k apply -n "$ns" -f examples/istio/canary.yaml
+fi
 if ! k wait -n "$ns" --for=condition=Ready rcanary/frontend --timeout=120s; then
   rc_say "the canary did not become Ready; its status and the controller log follow"
   k get rcanary -n "$ns" frontend -o yaml || true
@@ -83,8 +137,15 @@ k get rcanary -n "$ns" -o wide
 echo
 k get deployments -n "$ns"
 echo
-echo "VirtualService weights:"
-k get virtualservices -n "$ns" -o go-template='{{range .items}}{{$vs := .metadata.name}}{{range .spec.http}}{{range .route}}  {{$vs}}: {{.destination.host}} subset={{.destination.subset}} weight={{.weight}}{{"\n"}}{{end}}{{end}}{{end}}'
+if [ "$gateway_api" = 1 ]; then
+  k get services -n "$ns"
+  echo
+  echo "HTTPRoute weights:"
+  k get httproutes -n "$ns" -o go-template='{{range .items}}{{$r := .metadata.name}}{{range .spec.rules}}{{$rule := .name}}{{range .backendRefs}}  {{$r}} rule {{$rule}}: {{.name}}:{{.port}} weight={{.weight}}{{"\n"}}{{end}}{{end}}{{end}}'
+else
+  echo "VirtualService weights:"
+  k get virtualservices -n "$ns" -o go-template='{{range .items}}{{$vs := .metadata.name}}{{range .spec.http}}{{range .route}}  {{$vs}}: {{.destination.host}} subset={{.destination.subset}} weight={{.weight}}{{"\n"}}{{end}}{{end}}{{end}}'
+fi
 echo
 cat <<TXT
 Go on:

@@ -77,9 +77,19 @@ pub(super) fn chosen(o: &super::Observed) -> Router {
         RouterChoice::Istio => Router::Istio,
         RouterChoice::GatewayApi => Router::GatewayApi,
         RouterChoice::Replicas => Router::Replicas,
-        RouterChoice::Auto if o.ambient || !o.http_routes.is_empty() => Router::GatewayApi,
+        RouterChoice::Auto if o.ambient || has_gamma_route(o) => Router::GatewayApi,
         RouterChoice::Auto => Router::Istio,
     }
+}
+
+/// Whether an HTTPRoute has the Service as a parent (GAMMA), or one of the listed Gateways with a
+/// backendRef to it; a route of another Gateway that sends to the Service (ingress) does not make
+/// it the Gateway API's.
+fn has_gamma_route(o: &super::Observed) -> bool {
+    let t = gateway::target(o);
+    o.http_routes
+        .iter()
+        .any(|r| crate::gateway::concerns(r, &t))
 }
 
 /// The router a plan works with: as [`chosen`], once the canary has passed its checks.

@@ -12,8 +12,14 @@ fn the_router_is_istio_unless_the_spec_or_the_cluster_says_otherwise() {
     w.ambient = true;
     assert_eq!(w.plan().status.router, Some(Router::GatewayApi));
     let mut w = fresh_world();
-    w.http_routes = vec![json!({"metadata": {"name": "r", "namespace": NS}})];
+    w.http_routes = vec![json!({"metadata": {"name": "r", "namespace": NS},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "frontend"}]}})];
     assert_eq!(w.plan().status.router, Some(Router::GatewayApi));
+    // An ingress route of a Gateway the canary does not list, to the Service: still Istio.
+    w.http_routes = vec![json!({"metadata": {"name": "r", "namespace": NS},
+        "spec": {"parentRefs": [{"name": "ingress"}],
+                 "rules": [{"backendRefs": [{"name": "frontend", "port": 80}]}]}})];
+    assert_eq!(w.plan().status.router, Some(Router::Istio));
     // Asked for explicitly: Replicas only when asked.
     let w = fresh_world().with_canary(canary().spec("router", json!("Replicas")));
     assert_eq!(w.plan().status.router, Some(Router::Replicas));
