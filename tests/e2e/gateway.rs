@@ -122,66 +122,61 @@ fn route_weights(v: &Value) -> BTreeMap<String, i64> {
     out
 }
 
+/// Records every revision `api` delivers, as `seen` makes it of the object (and whether it was
+/// deleted), with its resourceVersion and when it came.
+fn record<K>(
+    api: Api<K>,
+    out: Revisions,
+    seen: impl Fn(&K, bool) -> Seen + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut s = watcher(api, watcher::Config::default()).boxed();
+        while let Some(Ok(ev)) = s.next().await {
+            let (o, deleted) = match ev {
+                watcher::Event::Apply(o) | watcher::Event::InitApply(o) => (o, false),
+                watcher::Event::Delete(o) => (o, true),
+                _ => continue,
+            };
+            let rv = rv_of(o.meta());
+            out.lock()
+                .unwrap()
+                .push((rv, seen(&o, deleted), std::time::Instant::now()));
+        }
+    })
+}
+
 /// Records every revision of the namespace's HTTPRoutes, Services and EndpointSlices.
 fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>) {
     let out: Revisions = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    let routes = routes_api(h);
-    let o = out.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut s = watcher(routes, watcher::Config::default()).boxed();
-        while let Some(Ok(ev)) = s.next().await {
-            let (r, deleted) = match ev {
-                watcher::Event::Apply(r) | watcher::Event::InitApply(r) => (r, false),
-                watcher::Event::Delete(r) => (r, true),
-                _ => continue,
-            };
-            let v = serde_json::to_value(&r).unwrap_or_default();
-            let seen = Seen::Route {
-                name: r.name_any(),
-                weights: route_weights(&v),
-                deleted,
-            };
-            o.lock()
-                .unwrap()
-                .push((rv_of(&r.metadata), seen, std::time::Instant::now()));
+    let routes = record(routes_api(h), out.clone(), |r: &DynamicObject, deleted| {
+        Seen::Route {
+            name: r.name_any(),
+            weights: route_weights(&serde_json::to_value(r).unwrap_or_default()),
+            deleted,
         }
-    }));
-    let services: Api<Service> = Api::namespaced(h.client.clone(), &h.ns);
-    let o = out.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut s = watcher(services, watcher::Config::default()).boxed();
-        while let Some(Ok(ev)) = s.next().await {
-            let (svc, deleted) = match ev {
-                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
-                watcher::Event::Delete(s) => (s, true),
-                _ => continue,
-            };
-            let seen = Seen::Service {
-                name: svc.name_any(),
-                deleted,
-            };
-            o.lock()
-                .unwrap()
-                .push((rv_of(&svc.metadata), seen, std::time::Instant::now()));
-        }
-    }));
-    let slices: Api<EndpointSlice> = Api::namespaced(h.client.clone(), &h.ns);
-    let o = out.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut s = watcher(slices, watcher::Config::default()).boxed();
-        while let Some(Ok(ev)) = s.next().await {
-            let (sl, deleted) = match ev {
-                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => (s, false),
-                watcher::Event::Delete(s) => (s, true),
-                _ => continue,
-            };
-            let service = sl
+    });
+    let services = record(
+        Api::<Service>::namespaced(h.client.clone(), &h.ns),
+        out.clone(),
+        |s: &Service, deleted| Seen::Service {
+            name: s.name_any(),
+            deleted,
+        },
+    );
+    let slices = record(
+        Api::<EndpointSlice>::namespaced(h.client.clone(), &h.ns),
+        out.clone(),
+        |sl: &EndpointSlice, deleted| Seen::Slice {
+            service: sl
                 .labels()
                 .get("kubernetes.io/service-name")
                 .cloned()
-                .unwrap_or_default();
-            let ready = if deleted {
+                .unwrap_or_default(),
+            name: sl.name_any(),
+            ready: if deleted {
                 BTreeSet::new()
             } else {
                 sl.endpoints
@@ -189,18 +184,10 @@ fn watch_revisions(h: &Harness) -> (Revisions, Vec<tokio::task::JoinHandle<()>>)
                     .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
                     .filter_map(|e| e.target_ref.as_ref().and_then(|r| r.name.clone()))
                     .collect()
-            };
-            let seen = Seen::Slice {
-                service,
-                name: sl.name_any(),
-                ready,
-            };
-            o.lock()
-                .unwrap()
-                .push((rv_of(&sl.metadata), seen, std::time::Instant::now()));
-        }
-    }));
-    (out, tasks)
+            },
+        },
+    );
+    (out, vec![routes, services, slices])
 }
 
 /// How much earlier than the write a watch may deliver a revision it follows (the slack of the
@@ -320,6 +307,27 @@ pub(crate) async fn route(h: &Harness, name: &str) -> Option<Value> {
     get_json(&routes_api(h), name).await
 }
 
+/// `kubectl apply -f path` of a user route `frontend`; returns it once the mesh accepted it.
+async fn apply_route(h: &Harness, path: &std::path::Path) -> Value {
+    h.k(&["apply", "-f", path.to_str().unwrap()]).await;
+    h.until("the user's route accepted", WAIT, || async {
+        let r = route(h, "frontend").await.ok_or("no route")?;
+        if r["status"]["parents"].is_array() {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        }
+    })
+    .await
+}
+
+/// The example canary (examples/gateway-api/canary.yaml), with `patch` merged into its spec.
+async fn apply_gateway_canary(h: &Harness, spec: Value) {
+    let canary_yaml = example("../gateway-api/canary.yaml");
+    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
+    h.patch_canary("frontend", &json!({ "spec": spec })).await;
+}
+
 /// Waits until route `name` gives the recording Service `share` of every 100 to the Service.
 async fn wait_route_share(h: &Harness, name: &str, percent: i64) -> Value {
     h.until(
@@ -362,27 +370,10 @@ async fn gateway_api_router_splits_the_users_route_after_its_services_carry_endp
     let mesh = mesh_accepts_routes(&h);
     let (revisions, watchers) = watch_revisions(&h);
     h.apply_example("app.yaml").await;
-    let route_yaml = example("../gateway-api/route.yaml");
-    h.k(&["apply", "-f", route_yaml.to_str().unwrap()]).await;
-    let original = h
-        .until("the user's route accepted", WAIT, || async {
-            let r = route(&h, "frontend").await.ok_or("no route")?;
-            if r["status"]["parents"].is_array() {
-                Ok(r)
-            } else {
-                Err(r.to_string())
-            }
-        })
-        .await;
+    let original = apply_route(&h, &example("../gateway-api/route.yaml")).await;
 
     // The example canary, at 20 %, with a short propagationDelay.
-    let canary_yaml = example("../gateway-api/canary.yaml");
-    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
-    h.patch_canary(
-        "frontend",
-        &json!({"spec": {"percent": 20, "propagationDelay": "1s"}}),
-    )
-    .await;
+    apply_gateway_canary(&h, json!({"percent": 20, "propagationDelay": "1s"})).await;
     h.wait_ready("frontend").await;
     let c = h.wait_status("frontend", "Ready", 20).await;
     assert_eq!(c["status"]["router"], "GatewayAPI");
@@ -495,10 +486,7 @@ async fn gateway_api_router_creates_its_own_route_when_the_service_has_none_and_
     let mesh = mesh_accepts_routes(&h);
     let (revisions, watchers) = watch_revisions(&h);
     h.apply_example("app.yaml").await;
-    let canary_yaml = example("../gateway-api/canary.yaml");
-    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
-    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "1s"}}))
-        .await;
+    apply_gateway_canary(&h, json!({"propagationDelay": "1s"})).await;
     h.wait_ready("frontend").await;
     h.wait_status("frontend", "Ready", 10).await;
     // Its own route: the Service as parent, one catch-all rule, owned by the canary.
@@ -668,10 +656,7 @@ async fn a_grpc_route_attached_to_the_service_blocks_until_it_goes() {
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: frontend-grpc\nspec:\n  parentRefs:\n    - group: \"\"\n      kind: Service\n      name: frontend\n  rules:\n    - backendRefs:\n        - name: frontend\n          port: 80\n",
     );
     h.k(&["apply", "-f", grpc.to_str().unwrap()]).await;
-    let canary_yaml = example("../gateway-api/canary.yaml");
-    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
-    h.patch_canary("frontend", &json!({"spec": {"propagationDelay": "1s"}}))
-        .await;
+    apply_gateway_canary(&h, json!({"propagationDelay": "1s"})).await;
     let c = h
         .until("Blocked with OtherRouteKind", WAIT, || async {
             let c = h.canary("frontend").await.ok_or("gone")?;
@@ -826,24 +811,8 @@ async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a
     let (revisions, watchers) = watch_revisions(&h);
     h.apply_example("app.yaml").await;
     let route_file = h.manifest("route", THREE_RULES);
-    h.k(&["apply", "-f", route_file.to_str().unwrap()]).await;
-    let original = h
-        .until("the user's route accepted", WAIT, || async {
-            let r = route(&h, "frontend").await.ok_or("no route")?;
-            if r["status"]["parents"].is_array() {
-                Ok(r)
-            } else {
-                Err(r.to_string())
-            }
-        })
-        .await;
-    let canary_yaml = example("../gateway-api/canary.yaml");
-    h.k(&["apply", "-f", canary_yaml.to_str().unwrap()]).await;
-    h.patch_canary(
-        "frontend",
-        &json!({"spec": {"percent": 20, "propagationDelay": "2s"}}),
-    )
-    .await;
+    let original = apply_route(&h, &route_file).await;
+    apply_gateway_canary(&h, json!({"percent": 20, "propagationDelay": "2s"})).await;
 
     // A controller that dies right after its first HTTPRoute write (the split, at 0 % while the
     // clone comes up); the next one resumes.

@@ -871,20 +871,7 @@ impl GatewaySim {
 
     /// The cluster: the clone's pods come up Ready; the mesh accepts every route's rules.
     fn cluster_reacts(&mut self) {
-        self.w.pods.retain(|p| !pod_of_deployment(p, CLONE));
-        if let Some(cl) = self.w.clone.as_mut() {
-            let r = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            cl.status = Some(DeploymentStatus {
-                replicas: Some(r),
-                ready_replicas: Some(r),
-                ..Default::default()
-            });
-            for i in 0..r {
-                self.w
-                    .pods
-                    .push(clone_pod(&format!("frontend-recording-5c4b-{i}")).build());
-            }
-        }
+        self.w.clone_pods_come_up();
         self.w.http_routes = self.w.http_routes.drain(..).map(accepted).collect();
     }
 }

@@ -420,6 +420,23 @@ impl World {
         self
     }
 
+    /// The Deployment controller and kubelet: the clone's pods, as many as it asks for, Ready.
+    fn clone_pods_come_up(&mut self) {
+        self.pods.retain(|p| !pod_of_deployment(p, CLONE));
+        if let Some(cl) = self.clone.as_mut() {
+            let r = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+            cl.status = Some(DeploymentStatus {
+                replicas: Some(r),
+                ready_replicas: Some(r),
+                ..Default::default()
+            });
+            for i in 0..r {
+                self.pods
+                    .push(clone_pod(&format!("frontend-recording-5c4b-{i}")).build());
+            }
+        }
+    }
+
     fn vs_named(&self, name: &str) -> &Value {
         self.vss
             .iter()

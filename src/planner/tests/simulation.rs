@@ -353,20 +353,7 @@ impl Sim {
 
     /// The Deployment controller and kubelet: the clone's pods come up, ready.
     fn cluster_reacts(&mut self) {
-        self.w.pods.retain(|p| !pod_of_deployment(p, CLONE));
-        if let Some(cl) = self.w.clone.as_mut() {
-            let r = cl.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-            cl.status = Some(DeploymentStatus {
-                replicas: Some(r),
-                ready_replicas: Some(r),
-                ..Default::default()
-            });
-            for i in 0..r {
-                self.w
-                    .pods
-                    .push(clone_pod(&format!("frontend-recording-5c4b-{i}")).build());
-            }
-        }
+        self.w.clone_pods_come_up();
     }
 
     fn step(&mut self) -> Plan {
