@@ -65,6 +65,7 @@ pub const FIELD_MANAGER: &str = "recording-canary";
     printcolumn = r#"{"name":"Percent","type":"integer","jsonPath":".spec.percent"}"#,
     printcolumn = r#"{"name":"Current","type":"integer","jsonPath":".status.currentPercent"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Time-Left","type":"string","jsonPath":".status.timeLeft"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Stable-Labels","type":"string","priority":1,"jsonPath":".status.stableLabelling"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","priority":1,"jsonPath":".spec.mode"}"#,
@@ -155,6 +156,14 @@ pub struct RecordingCanarySpec {
     /// Immutable; `status.router` says which one is in force.
     #[serde(default, skip_serializing_if = "RouterChoice::is_auto")]
     pub router: RouterChoice,
+    /// How long to record (a duration such as `30m`), counted from when the clone first gets
+    /// traffic. Then the routes are put back as on deletion, the clone is scaled to zero, and the
+    /// canary stays as a record in phase `Completed`. Patching it extends or shortens a running
+    /// recording. Unset: until the canary is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new(NOT_ZERO_DURATION).message("spec.duration must be longer than 0s"))]
+    pub duration: Option<String>,
     /// Time left between dependent DestinationRule and VirtualService writes, so that every Envoy has
     /// the subsets before a route uses them (a duration such as `3s`).
     #[serde(default = "default_propagation_delay")]
@@ -438,6 +447,21 @@ pub struct RecordingCanaryStatus {
     /// The DestinationRule holding the subsets (`namespace/name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_rule: Option<String>,
+    /// When the clone first got traffic (RFC 3339): `spec.duration` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_start_time: Option<String>,
+    /// When the recording ends (RFC 3339): `recordingStartTime` plus `spec.duration`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recording_end_time: Option<String>,
+    /// The time left to record, rounded (`29m`, `40s`), while a `spec.duration` runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_left: Option<String>,
+    /// When the recording was complete and everything put back (RFC 3339; phase `Completed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// The share of the requests the clone recorded, in percent (the last weight it had).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_percent: Option<i32>,
     /// The HTTPRoutes this canary splits (`namespace/name`; Gateway API router).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub http_routes: Vec<String>,
@@ -537,6 +561,8 @@ pub struct ValidSpec {
     pub ramp: Option<(i32, Duration)>,
     pub propagation_delay: Duration,
     pub max_replicas: Option<i32>,
+    /// `spec.duration`.
+    pub duration: Option<Duration>,
 }
 
 impl RecordingCanarySpec {
@@ -558,6 +584,16 @@ impl RecordingCanarySpec {
         if propagation_delay.is_zero() {
             return Err(InvalidSpec(ZERO_DELAY.into()));
         }
+        let duration = match &self.duration {
+            None => None,
+            Some(d) => {
+                let d = parse_duration("spec.duration", d)?;
+                if d.is_zero() {
+                    return Err(InvalidSpec("spec.duration must be longer than 0s".into()));
+                }
+                Some(d)
+            }
+        };
         let ramp = match &self.ramp {
             None => None,
             Some(r) => {
@@ -610,6 +646,7 @@ impl RecordingCanarySpec {
             ramp,
             propagation_delay,
             max_replicas: self.max_replicas,
+            duration,
         })
     }
 }

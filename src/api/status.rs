@@ -23,6 +23,9 @@ pub enum Phase {
     Blocked,
     /// The canary is being deleted: its split is rolled back.
     Terminating,
+    /// Its `spec.duration` ran out: the routes are back, the clone at zero replicas; the canary
+    /// stays as a record until deleted.
+    Completed,
 }
 
 impl Phase {
@@ -34,6 +37,7 @@ impl Phase {
             Phase::Degraded => "Degraded",
             Phase::Blocked => "Blocked",
             Phase::Terminating => "Terminating",
+            Phase::Completed => "Completed",
         }
     }
 }
@@ -100,6 +104,7 @@ mod tests {
             Phase::Degraded,
             Phase::Blocked,
             Phase::Terminating,
+            Phase::Completed,
         ] {
             assert_eq!(serde_json::to_value(p).unwrap(), json!(p.as_str()));
             assert_eq!(

@@ -216,7 +216,14 @@ fn the_crd_lists_the_values_of_the_status_enums() {
     for (field, values) in [
         (
             "phase",
-            json!(["Progressing", "Ready", "Degraded", "Blocked", "Terminating"]),
+            json!([
+                "Progressing",
+                "Ready",
+                "Degraded",
+                "Blocked",
+                "Terminating",
+                "Completed"
+            ]),
         ),
         (
             "lastPropagationWait",

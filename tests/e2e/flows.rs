@@ -144,7 +144,15 @@ async fn canary_at_10_percent_clones_splits_90_10_and_is_ready() {
         .collect();
     assert_eq!(
         header,
-        ["NAME", "TARGET", "PERCENT", "CURRENT", "PHASE", "AGE"],
+        [
+            "NAME",
+            "TARGET",
+            "PERCENT",
+            "CURRENT",
+            "PHASE",
+            "TIME-LEFT",
+            "AGE"
+        ],
         "kubectl get rcanary:\n{out}"
     );
     let row: Vec<&str> = lines
