@@ -32,6 +32,7 @@ mod progress;
 mod rollback;
 mod router;
 mod safety;
+mod timebox;
 
 pub use block::Block;
 
@@ -588,6 +589,17 @@ pub fn plan(o: &Observed) -> Plan {
     if !has_finalizer {
         b.actions.push(Action::AddFinalizer);
     }
+    // A time-boxed recording whose time ran out: production put back, the canary kept.
+    if timebox::is_over(o) {
+        return rollback::plan_put_back(b, rollback::End::Duration);
+    }
+    timebox::clock(o, plan_running(b, router))
+}
+
+/// The stages of a running canary.
+fn plan_running(mut b: Builder, router: Router) -> Plan {
+    let o = b.o;
+    let c = o.canary;
     // 1. Safety, whatever blocks: the target's pods join the stable subset as they appear (no
     // subset without routes: the Replicas router splits by endpoints alone).
     if router != Router::Replicas {

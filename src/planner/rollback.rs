@@ -1,5 +1,6 @@
 //! Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
-//! finalizer off.
+//! finalizer off. The end of a time-boxed recording (`spec.duration`) takes the same steps but
+//! scales the clone to zero and keeps the canary, as a record in phase `Completed`.
 
 use std::time::Duration;
 
@@ -13,25 +14,54 @@ use super::{
 use crate::api::status::{Phase, PropagationWait};
 use crate::istio::ServiceHost;
 
+/// Why production is put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// The canary is being deleted: everything goes, then the finalizer.
+    Deletion,
+    /// Its `spec.duration` ran out: the clone is scaled to zero and the canary stays, `Completed`.
+    Duration,
+}
+
 /// Rollback on deletion: traffic back to stable, wait, subsets out, clone gone, labels off,
 /// finalizer off. Every step tolerates objects that are already gone.
-pub(super) fn plan_rollback(mut b: Builder) -> Plan {
+pub(super) fn plan_rollback(b: Builder) -> Plan {
+    plan_put_back(b, End::Deletion)
+}
+
+/// Production put back, for `end`.
+pub(super) fn plan_put_back(mut b: Builder, end: End) -> Plan {
     let o = b.o;
     let c = o.canary;
     let ns = c.namespace().unwrap_or_default();
-    if b.prev.phase != Some(Phase::Terminating) {
-        b.event(
-            false,
-            "RollbackStarted",
-            "Deleting: traffic goes back to stable, then subsets, clone and labels are removed"
-                .into(),
-        );
+    match end {
+        End::Deletion => {
+            if b.prev.phase != Some(Phase::Terminating) {
+                b.event(
+                    false,
+                    "RollbackStarted",
+                    "Deleting: traffic goes back to stable, then subsets, clone and labels are removed"
+                        .into(),
+                );
+            }
+            b.status.phase = Some(Phase::Terminating);
+        }
+        End::Duration if b.prev.phase == Some(Phase::Completed) => {}
+        End::Duration => {
+            b.report(
+                Phase::Progressing,
+                "RecordingEnding",
+                &format!(
+                    "spec.duration ({}) ran out at {}: traffic goes back to stable, then the clone is scaled to zero",
+                    c.spec.duration.as_deref().unwrap_or_default(),
+                    b.prev.recording_end_time.as_deref().unwrap_or_default()
+                ),
+            );
+        }
     }
-    b.status.phase = Some(Phase::Terminating);
     if first_rival(o).is_some() {
         // This one never changed anything.
-        b.actions.push(Action::RemoveFinalizer);
-        return b.finish();
+        return finish(b, end, "");
     }
     let delay = c
         .spec
@@ -87,27 +117,36 @@ pub(super) fn plan_rollback(mut b: Builder) -> Plan {
     };
 
     // 3.-6. Subsets, clone, labels, finalizer.
-    remove_the_rest(b, &waited)
+    remove_the_rest(b, &waited, end)
 }
 
 /// The rest of the rollback once the routes have reached the proxies: the subsets out of the
 /// DestinationRule, the clone, the labels on the target's pods, the finalizer.
-fn remove_the_rest(mut b: Builder, waited: &str) -> Plan {
+fn remove_the_rest(mut b: Builder, waited: &str, end: End) -> Plan {
     let o = b.o;
     let c = o.canary;
     let me = c.name_any();
     // 3. Subsets out of the DestinationRule.
     router::remove_backends(&mut b);
 
-    // 4. The clone.
+    // 4. The clone: deleted, or (the recording over) scaled to zero.
     if let Some(cl) = o.clone
         && cl.labels().get(CANARY_LABEL) == Some(&me)
         && cl.metadata.deletion_timestamp.is_none()
     {
-        b.actions.push(Action::DeleteClone {
-            uid: cl.metadata.uid.clone().unwrap_or_default(),
-        });
+        let replicas = cl.spec.as_ref().and_then(|s| s.replicas);
+        match end {
+            End::Deletion => b.actions.push(Action::DeleteClone {
+                uid: cl.metadata.uid.clone().unwrap_or_default(),
+            }),
+            End::Duration if replicas != Some(0) => b.actions.push(Action::ScaleClone {
+                replicas: 0,
+                from: replicas,
+            }),
+            End::Duration => {}
+        }
     }
+    b.status.clone_replicas = 0;
 
     // 5. Labels on the target's pods (never a label that is not ours: see
     // `role_label_is_not_ours`), unless a younger canary of the same target stays: it takes
@@ -125,19 +164,60 @@ fn remove_the_rest(mut b: Builder, waited: &str) -> Plan {
     }
 
     // 6. Done.
-    b.actions.push(Action::RemoveFinalizer);
-    b.event(
-        false,
-        "RolledBack",
-        format!(
-            "Traffic, {}, clone and labels of {} removed; {waited}",
-            if b.status.router == Some(crate::api::status::Router::GatewayApi) {
-                "Services"
-            } else {
-                "subsets"
-            },
-            c.spec.target_ref.name,
-        ),
-    );
+    finish(b, end, waited)
+}
+
+/// The last step: the finalizer off (deletion), or the record kept, `Completed` (duration).
+fn finish(mut b: Builder, end: End, waited: &str) -> Plan {
+    let c = b.o.canary;
+    let backends = if b.status.router == Some(crate::api::status::Router::GatewayApi) {
+        "Services"
+    } else {
+        "subsets"
+    };
+    match end {
+        End::Deletion => {
+            b.actions.push(Action::RemoveFinalizer);
+            if !waited.is_empty() {
+                b.event(
+                    false,
+                    "RolledBack",
+                    format!(
+                        "Traffic, {backends}, clone and labels of {} removed; {waited}",
+                        c.spec.target_ref.name,
+                    ),
+                );
+            }
+        }
+        End::Duration => {
+            b.status.time_left = None;
+            if b.prev.phase != Some(Phase::Completed) {
+                b.status.completion_time = Some(fmt_time(b.o.now));
+            }
+            let message = format!(
+                "The recording ran for spec.duration ({}) at {}% and ended {}; traffic, {backends} and labels are back as they were and {} is at zero replicas. Delete the RecordingCanary to remove this record (and the clone)",
+                c.spec.duration.as_deref().unwrap_or_default(),
+                b.status.recorded_percent.unwrap_or_default(),
+                b.status
+                    .completion_time
+                    .clone()
+                    .or_else(|| b.status.recording_end_time.clone())
+                    .unwrap_or_default(),
+                c.spec.clone_name()
+            );
+            let ready = b
+                .prev
+                .conditions
+                .iter()
+                .any(|c| c.reason == "RecordingCompleted");
+            b.condition("Ready", false, "RecordingCompleted", &message);
+            b.condition("Progressing", false, "Completed", &message);
+            b.condition("Degraded", false, "NotDegraded", &message);
+            if b.prev.phase != Some(Phase::Completed) || !ready {
+                b.event(false, "RecordingCompleted", message);
+            }
+            b.status.phase = Some(Phase::Completed);
+        }
+    }
     b.finish()
 }

@@ -25,6 +25,7 @@ mod modes;
 mod propagation;
 mod replicas;
 mod stable_labels;
+mod timebox;
 mod validation;
 
 // Network faults between one controller and the apiserver, through a fault-injecting proxy.

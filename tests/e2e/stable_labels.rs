@@ -386,3 +386,82 @@ async fn with_no_controller_running_the_admission_policy_keeps_the_stable_subset
         .await;
     h.finish(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admission_policy_leaves_the_target_of_a_completed_recording_alone() {
+    let mut h = Harness::start_without_controller("stablepolc").await;
+    let ns = h.ns.clone();
+    let api = served_policy_api(&h).await;
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
+    let policy_yaml = helm(
+        &h,
+        &[
+            "template",
+            &ns,
+            chart,
+            "--show-only",
+            "templates/stable-label-policy.yaml",
+            "--set",
+            &format!("watchNamespaces={{{ns}}}"),
+            "--set",
+            "rbac.create=false",
+            "--api-versions",
+            &api,
+        ],
+    )
+    .await;
+    let name = format!("{ns}-recording-canary-stable-label");
+    let path = h.manifest("policy", &policy_yaml);
+    let _guard = PolicyGuard {
+        kubectl: h.env.kubectl.clone(),
+        kubeconfig: h.env.kubeconfig.clone(),
+        name,
+    };
+    h.k(&["apply", "-f", path.to_str().expect("utf-8 path")])
+        .await;
+    // A canary for `frontend`, whose status the test writes (no controller runs).
+    h.apply_example("canary.yaml").await;
+    let set_phase = |phase: &'static str| {
+        let h = &h;
+        async move {
+            h.k(&[
+                "patch",
+                "rcanary",
+                "frontend",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &serde_json::json!({"status": {"phase": phase}}).to_string(),
+            ])
+            .await;
+        }
+    };
+    set_phase("Ready").await;
+    h.until(
+        "the policy to label the target's new pods",
+        Duration::from_secs(30),
+        || async {
+            if labelled_at_admission(&h, "bbbbbbbbbb").await {
+                Ok(())
+            } else {
+                Err("not labelled".into())
+            }
+        },
+    )
+    .await;
+    // The recording completed: new pods of the target are left as they come.
+    set_phase("Completed").await;
+    h.until(
+        "the policy to leave the target's new pods alone",
+        Duration::from_secs(30),
+        || async {
+            if labelled_at_admission(&h, "cccccccccc").await {
+                Err("still labelled".into())
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    h.finish(false).await;
+}

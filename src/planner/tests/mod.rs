@@ -22,6 +22,7 @@ mod routers;
 mod routes;
 mod safety;
 mod simulation;
+mod timebox;
 
 // The helpers a file shares with the others.
 use block::*;

@@ -109,19 +109,19 @@ pub(super) fn recording_weight(vss: &[Value]) -> i64 {
 }
 
 pub(super) struct Sim {
-    w: World,
+    pub(super) w: World,
     delay: Duration,
     /// When the DR last got both subsets (None while it lacks them).
     subsets_since: Option<Timestamp>,
     /// When the VSs last stopped referencing the subsets.
     routes_clear_since: Option<Timestamp>,
-    gone: bool,
+    pub(super) gone: bool,
     next_uid: u32,
-    plans: Vec<(Timestamp, Plan)>,
+    pub(super) plans: Vec<(Timestamp, Plan)>,
 }
 
 impl Sim {
-    fn new(w: World) -> Self {
+    pub(super) fn new(w: World) -> Self {
         let delay = w.canary.spec.validate().unwrap().propagation_delay;
         let subsets_since = (dr_subsets(&w.drs).len() == 2).then_some(at(-100_000));
         Sim {
@@ -392,7 +392,7 @@ impl Sim {
     }
 
     /// Plans, applies, advances time, until nothing is left to do.
-    fn run(&mut self, max_steps: usize) {
+    pub(super) fn run(&mut self, max_steps: usize) {
         for _ in 0..max_steps {
             let p = self.step();
             if self.gone || (p.actions.is_empty() && p.requeue_after.is_none()) {
