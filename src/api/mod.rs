@@ -7,6 +7,7 @@
 //! the same rules again for an apiserver that does not run them.
 
 pub mod labels;
+pub mod session;
 pub mod status;
 
 use std::collections::BTreeMap;
@@ -164,6 +165,13 @@ pub struct RecordingCanarySpec {
     #[schemars(length(max = 64), pattern(DURATION_PATTERN))]
     #[x_kube(validation = Rule::new(NOT_ZERO_DURATION).message("spec.duration must be longer than 0s"))]
     pub duration: Option<String>,
+    /// Whole sessions instead of scattered requests: requests carrying this key (a header, a
+    /// cookie or a query parameter) go to the clone when the key's last characters fall in the
+    /// canary's share of a fixed set of buckets, so every request of a chosen session is
+    /// recorded and none of the others; ramping only adds sessions. `always`/`never` still apply
+    /// (`never` wins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_key: Option<session::SessionKey>,
     /// Time left between dependent DestinationRule and VirtualService writes, so that every Envoy has
     /// the subsets before a route uses them (a duration such as `3s`).
     #[serde(default = "default_propagation_delay")]
@@ -563,6 +571,8 @@ pub struct ValidSpec {
     pub max_replicas: Option<i32>,
     /// `spec.duration`.
     pub duration: Option<Duration>,
+    /// `spec.sessionKey`.
+    pub session_key: Option<session::SessionKey>,
 }
 
 impl RecordingCanarySpec {
@@ -647,6 +657,7 @@ impl RecordingCanarySpec {
             propagation_delay,
             max_replicas: self.max_replicas,
             duration,
+            session_key: self.session_key.clone(),
         })
     }
 }

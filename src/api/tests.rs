@@ -520,3 +520,38 @@ fn cel_keeps_what_the_split_depends_on_immutable() {
         "percent": 50, "ramp": {"stepPercent": 10, "interval": "30s"}, "maxReplicas": 3});
     assert_eq!(cel(new, Some(old)), Vec::<String>::new());
 }
+
+#[test]
+fn cel_refuses_a_zero_duration_and_a_session_key_of_none_or_two_kinds() {
+    refused_by_cel(
+        json!({"duration": "0m"}),
+        "spec.duration",
+        "spec.duration must be longer than 0s",
+    );
+    assert_eq!(cel(json!({"duration": "30m"}), None), Vec::<String>::new());
+    let one = "spec.sessionKey must set exactly one of header, cookie or queryParam";
+    refused_by_cel(json!({"sessionKey": {}}), "spec.sessionKey", one);
+    refused_by_cel(
+        json!({"sessionKey": {"header": "x-session", "cookie": "session"}}),
+        "spec.sessionKey",
+        one,
+    );
+    for ok in [
+        json!({"header": "x-b3-traceid"}),
+        json!({"cookie": "JSESSIONID", "alphabet": "Base64url"}),
+        json!({"queryParam": "sid", "withoutKey": "Stable"}),
+    ] {
+        assert_eq!(
+            cel(json!({"sessionKey": ok}), None),
+            Vec::<String>::new(),
+            "{ok}"
+        );
+    }
+    // Names the proxies would refuse are refused at admission (the schema's patterns).
+    let schema = schema();
+    let header = &schema["properties"]["spec"]["properties"]["sessionKey"]["properties"]["header"];
+    assert_eq!(
+        header["pattern"], r"^[a-z0-9!#$%&'*+.^_`|~-]+$",
+        "lower-case tokens only"
+    );
+}

@@ -643,14 +643,58 @@ fn splits_at(v: &Value, host: &ServiceHost, shape: &istio::Shape, canary: &str) 
     spec_of(v).get("http") == Some(&s.http)
 }
 
+/// The split's shape at a percent, owned: what the routes are written with.
+struct Shaped {
+    /// The weight the canary gives the clone (what the status reports).
+    nominal: i32,
+    /// The weight of the split route: `nominal`, or 0 when a session key keeps the requests
+    /// without a key off the clone.
+    split: i32,
+    mirror: bool,
+    always: Vec<Value>,
+    never: Vec<Value>,
+}
+
+impl Shaped {
+    /// The shape as the routing modules take it.
+    fn view(&self) -> istio::Shape<'_> {
+        istio::Shape {
+            percent: self.split,
+            mirror: self.mirror,
+            always: &self.always,
+            never: &self.never,
+        }
+    }
+}
+
 /// The split's shape at `percent`: the spec's mode and excluded requests, and its forced ones
-/// only while the clone may get traffic (`clone_serves`).
-fn shape(spec: &ValidSpec, percent: i32, clone_serves: bool) -> istio::Shape<'_> {
-    istio::Shape {
-        percent,
+/// only while the clone may get traffic (`clone_serves`). With a session key, the keys in the
+/// share at `percent` are forced onto the clone (while it may get traffic) and the others kept
+/// off it (see [`crate::api::session`]).
+fn shape(spec: &ValidSpec, percent: i32, clone_serves: bool) -> Shaped {
+    let mut always = if clone_serves {
+        spec.always.clone()
+    } else {
+        Vec::new()
+    };
+    let mut never = spec.never.clone();
+    let mut split = percent;
+    if let Some(k) = &spec.session_key {
+        let m = k.matches(percent);
+        if clone_serves {
+            always.extend(m.inside);
+        }
+        never.extend(m.outside);
+        if k.without_key == crate::api::session::WithoutKey::Stable {
+            split = 0;
+        }
+    }
+    Shaped {
+        nominal: percent,
+        split,
         mirror: spec.mode == Mode::Mirror,
-        always: if clone_serves { &spec.always } else { &[] },
-        never: &spec.never,
+        always,
+        never,
     }
 }
 

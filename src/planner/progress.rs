@@ -515,8 +515,23 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             ),
         );
     } else {
-        let message =
+        let mut message =
             format!("{desired}% of requests go to the recording clone (target {percent}%)");
+        if let Some(key) = &k.spec.session_key {
+            message = format!(
+                "{message}; whole sessions by {}: {} of {} buckets ({:.2}% of the keys){}",
+                key.describe(),
+                key.share(desired),
+                key.buckets(),
+                key.effective_percent(desired),
+                match key.without_key {
+                    crate::api::session::WithoutKey::Split =>
+                        ", requests without it split by weight",
+                    crate::api::session::WithoutKey::Stable =>
+                        ", requests without it stay on the stable pods",
+                }
+            );
+        }
         let verdict = match &k.routing {
             Routing::Gateway(g) if desired == percent && desired > 0 => {
                 Some(router::gateway::route_verdict(&b, g))

@@ -224,3 +224,71 @@ async fn forced_and_excluded_requests_go_ahead_of_each_split_route_and_roll_back
     );
     h.finish(true).await;
 }
+
+/// The clone's side of `key` in the VirtualService: the `rcanary-always` route's `x-session`
+/// regex matches it (RE2 syntax, the `regex` crate, as Envoy's RE2 would).
+fn on_clone_side(vs: &Value, keys: &[String]) -> Vec<bool> {
+    let always = vs["spec"]["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "rcanary-always")
+        .expect("the rcanary-always route");
+    let re = always["match"][0]["headers"]["x-session"]["regex"]
+        .as_str()
+        .expect("a regex on x-session");
+    let re = regex::Regex::new(re).expect("an RE2 regex");
+    keys.iter().map(|k| re.is_match(k)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_key_canary_routes_by_the_key_and_keeps_every_keys_side_through_a_ramp() {
+    let mut h = Harness::start("session").await;
+    h.app_and_canary("canary.yaml").await;
+    h.patch_canary(
+        "frontend",
+        &json!({"spec": {"sessionKey": {"header": "x-session"}}}),
+    )
+    .await;
+    h.wait_status("frontend", "Ready", 10).await;
+    // 4,096 keys ending in every pair of hex digits, 16 times: the share is exact.
+    let keys: Vec<String> = (0..4096)
+        .map(|i| format!("5f0c2a91-{:04x}-{:02x}", i / 256, i % 256))
+        .collect();
+    let vs = wait_vs(&h, OWNED, "routes by x-session", |v| {
+        route_names(v).contains(&"rcanary-always".to_string())
+    })
+    .await;
+    let at10 = on_clone_side(&vs, &keys);
+    let n10 = at10.iter().filter(|b| **b).count();
+    assert_eq!(n10, 26 * 16, "26 of 256 buckets at 10 %");
+    h.patch_canary("frontend", &json!({"spec": {"percent": 30}}))
+        .await;
+    h.wait_status("frontend", "Ready", 30).await;
+    let vs = h.vs(OWNED).await.expect("the VirtualService");
+    let at30 = on_clone_side(&vs, &keys);
+    assert_eq!(
+        at30.iter().filter(|b| **b).count(),
+        77 * 16,
+        "77 of 256 at 30 %"
+    );
+    for (k, (a, b)) in keys.iter().zip(at10.iter().zip(&at30)) {
+        assert!(!a || *b, "{k} was recorded at 10 % but not at 30 %");
+    }
+    let c = h.canary("frontend").await.expect("the canary");
+    let ready = c["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("77 of 256 buckets"),
+        "{ready}"
+    );
+    h.finish(true).await;
+}

@@ -19,6 +19,7 @@ use crate::api::labels::{backend_names_valid, backend_service_names};
 use crate::api::{ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, ValidSpec};
 use crate::gateway::{self, ProblemKind, Target};
 use crate::istio::{self, ServiceHost};
+use crate::planner::Shaped;
 use crate::planner::block::{Block, Checked};
 use crate::planner::{
     Action, Builder, MeshKind, Observed, after, fmt_time, meta_name, meta_ns, meta_uid, our_labels,
@@ -146,7 +147,7 @@ pub(in crate::planner) fn check<'a>(
         }
     }
     let full = shape(spec, spec.percent, true);
-    let full = gateway_shape(&full);
+    let full = gateway_shape(&full.view());
     let mut no_traffic = None;
     for r in user.iter().chain(own.iter()) {
         match gateway::shape_problem(r, &t, &full) {
@@ -380,7 +381,7 @@ pub(super) fn read_routes<'a>(b: &mut Builder, k: &Checked, g: &GatewayRoutes<'a
         b.prev.current_percent,
         states.iter().any(|s| s.always_rules > 0),
     );
-    let prev = gateway_shape(&prev);
+    let prev = gateway_shape(&prev.view());
     let current = if !is_split {
         0
     } else if routes.iter().all(|r| splits_at(r, t, &prev, &c.name_any())) {
@@ -414,12 +415,13 @@ pub(super) fn write_weights(
     k: &Checked,
     g: &GatewayRoutes,
     routes: &Routes,
-    shape: &istio::Shape,
+    shaped: &Shaped,
 ) {
     let c = b.o.canary;
     let me = c.name_any();
     let t = &g.target;
-    let desired = shape.percent;
+    let desired = shaped.nominal;
+    let shape = &shaped.view();
     let gs = gateway_shape(shape);
     let mut wrote = false;
     if let Some((None, port)) = g.own {

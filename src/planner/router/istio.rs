@@ -11,9 +11,9 @@ use crate::api::{RECORDING_SUBSET, STABLE_SUBSET, ValidSpec};
 use crate::istio::{self, ServiceHost};
 use crate::planner::block::{Block, Checked};
 use crate::planner::{
-    Action, Builder, MeshKind, Observed, after, fmt_time, is_root_namespace, meta_name, meta_ns,
-    meta_uid, owned_by, owned_dr, owned_mesh_name, owned_vs, parse_time, shape, spec_of, splits_at,
-    wildcard_policy,
+    Action, Builder, MeshKind, Observed, Shaped, after, fmt_time, is_root_namespace, meta_name,
+    meta_ns, meta_uid, owned_by, owned_dr, owned_mesh_name, owned_vs, parse_time, shape, spec_of,
+    splits_at, wildcard_policy,
 };
 
 /// What the Istio checks established: the VirtualService and DestinationRule to work on.
@@ -55,7 +55,8 @@ pub(in crate::planner) fn check<'a>(
         });
     }
     // Every part of the spec's shape, the forced requests included.
-    let shape = shape(spec, spec.percent, true);
+    let shaped = shape(spec, spec.percent, true);
+    let shape = shaped.view();
     for v in vs.object().into_iter().chain(gateway_vss.iter().copied()) {
         if let Some(problem) = istio::shape_problem(spec_of(v), host, meta_ns(v), &shape) {
             return Err(Block::UnsupportedRoute {
@@ -506,7 +507,7 @@ pub(super) fn read_routes<'a>(b: &mut Builder, k: &Checked, i: &IstioSubsets<'a>
                 && splits_at(
                     v,
                     &k.host,
-                    &shape(&k.spec, b.prev.current_percent, split.always_routes > 0),
+                    &shape(&k.spec, b.prev.current_percent, split.always_routes > 0).view(),
                     &c.name_any(),
                 ) =>
         {
@@ -540,9 +541,10 @@ pub(super) fn write_weights(
     k: &Checked,
     i: &IstioSubsets,
     routes: &Routes,
-    shape: &istio::Shape,
+    shaped: &Shaped,
 ) {
-    let desired = shape.percent;
+    let desired = shaped.nominal;
+    let shape = &shaped.view();
     let c = b.o.canary;
     let ns = c.namespace().unwrap_or_default();
     let mut targets: Vec<(Option<&Value>, bool)> =

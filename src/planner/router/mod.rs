@@ -143,7 +143,7 @@ pub(super) fn read<'a>(b: &mut Builder, k: &Checked<'a>) -> Routes<'a> {
 }
 
 /// Step 4: the weights written (the routes split at the shape's percent).
-pub(super) fn write(b: &mut Builder, k: &Checked, routes: &Routes, shape: &crate::istio::Shape) {
+pub(super) fn write(b: &mut Builder, k: &Checked, routes: &Routes, shape: &super::Shaped) {
     match &k.routing {
         Routing::Istio(i) => istio::write_weights(b, k, i, routes, shape),
         Routing::Gateway(g) => gateway::write_weights(b, k, g, routes, shape),

@@ -897,3 +897,33 @@ fn a_grpc_route_attached_to_the_service_blocks_with_its_own_reason() {
     w.grpc_routes[0]["spec"]["parentRefs"][0]["name"] = json!("checkout");
     assert_ne!(ready_reason(&w.plan()), "OtherRouteKind");
 }
+
+#[test]
+fn a_session_key_becomes_never_and_always_rules_with_regular_expressions_in_the_route() {
+    let mut w = gw_serving_world(10);
+    w.canary = gw_canary()
+        .spec("sessionKey", json!({"header": "x-session"}))
+        .status(gw_status(Phase::Ready, "TargetReached", 10))
+        .build();
+    let p = w.plan();
+    let split = apply_ops(
+        &w.http_routes[0],
+        route_patch(&p, "frontend").expect("a write"),
+    );
+    let names: Vec<&str> = split["spec"]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        names,
+        ["rcanary-never-0", "rcanary-always-0", "-"],
+        "{split:#}"
+    );
+    let header = &split["spec"]["rules"][1]["matches"][0]["headers"][0];
+    assert_eq!(header["name"], "x-session");
+    assert_eq!(header["type"], "RegularExpression");
+    let inside = regex::Regex::new(header["value"].as_str().unwrap()).unwrap();
+    assert!(inside.is_match("trace-00") && !inside.is_match("trace-ff"));
+}

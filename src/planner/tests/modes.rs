@@ -238,3 +238,102 @@ fn target_pods_without_istio_sidecars_are_reported_once_without_stopping_progres
         .expect("condition");
     assert_eq!(cond.status, "True");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Whole sessions: spec.sessionKey
+// ---------------------------------------------------------------------------------------------
+
+/// The regex of a route's header match on `x-session`.
+fn session_regex(route: &Value) -> Option<String> {
+    route["match"][0]["headers"]["x-session"]["regex"]
+        .as_str()
+        .map(String::from)
+}
+
+#[test]
+fn a_session_key_routes_keys_in_the_share_to_the_clone_and_the_others_to_stable_ahead_of_the_split()
+{
+    let c = canary()
+        .spec("sessionKey", json!({"header": "x-session"}))
+        .status(status(Phase::Ready, "TargetReached", 10));
+    let (mut w, v) = planned_vs(c.clone(), 10);
+    assert_eq!(route_names(&v), ["rcanary-never", "rcanary-always", "-"]);
+    assert_eq!(subsets_of_route(&v, 0), [Some(STABLE_SUBSET.to_string())]);
+    assert_eq!(
+        subsets_of_route(&v, 1),
+        [Some(RECORDING_SUBSET.to_string())]
+    );
+    let (outside, inside) = (
+        session_regex(&v["spec"]["http"][0]).expect("never: keys outside"),
+        session_regex(&v["spec"]["http"][1]).expect("always: keys inside"),
+    );
+    let (o, i) = (
+        regex::Regex::new(&outside).unwrap(),
+        regex::Regex::new(&inside).unwrap(),
+    );
+    // 26 of 256 buckets at 10 %: keys ending in 00..19 (hex) are in.
+    assert!(i.is_match("4b1d-00") && i.is_match("4B1D-19") && !i.is_match("4b1d-1a"));
+    assert!(o.is_match("4b1d-1a") && !o.is_match("4b1d-00"));
+    // Requests without the key: the weighted split.
+    assert_eq!(weights(&v, 2), [90, 10]);
+    let p = {
+        w.vss = vec![v.clone()];
+        w.plan()
+    };
+    assert!(!has(&p, is_vs_write), "written once: {:#?}", p.actions);
+    assert!(
+        ready_message(&p).contains("26 of 256 buckets"),
+        "{}",
+        ready_message(&p)
+    );
+
+    // A ramp to 30 % only adds keys: every key in at 10 % is in at 30 %.
+    let (_, v30) = planned_vs(
+        canary()
+            .spec("sessionKey", json!({"header": "x-session"}))
+            .percent(30)
+            .status(status(Phase::Ready, "TargetReached", 30)),
+        30,
+    );
+    let i30 = regex::Regex::new(&session_regex(&v30["spec"]["http"][1]).unwrap()).unwrap();
+    for k in ["a-00", "a-0f", "a-10", "a-19", "A-19"] {
+        assert!(i.is_match(k) && i30.is_match(k), "{k}");
+    }
+    assert!(i30.is_match("a-4c") && !i.is_match("a-4c"));
+}
+
+#[test]
+fn with_without_key_stable_requests_without_the_key_never_reach_the_clone() {
+    let c = canary()
+        .spec(
+            "sessionKey",
+            json!({"cookie": "session", "alphabet": "Base64url", "withoutKey": "Stable"}),
+        )
+        .status(status(Phase::Ready, "TargetReached", 10));
+    let (w, v) = planned_vs(c, 10);
+    assert_eq!(route_names(&v), ["rcanary-never", "rcanary-always", "-"]);
+    assert_eq!(
+        weights(&v, 2),
+        [100, 0],
+        "the split route sends nothing to the clone"
+    );
+    let cookie = v["spec"]["http"][1]["match"][0]["headers"]["cookie"]["regex"]
+        .as_str()
+        .unwrap();
+    assert!(
+        regex::Regex::new(cookie)
+            .unwrap()
+            .is_match("session=abcdefAA")
+    );
+    // The status still says 10 %: the keys' share.
+    let mut w = w;
+    w.vss = vec![v];
+    let p = w.plan();
+    assert_eq!(p.status.current_percent, 10);
+    assert!(!has(&p, is_vs_write), "{:#?}", p.actions);
+    assert!(
+        ready_message(&p).contains("stay on the stable pods"),
+        "{}",
+        ready_message(&p)
+    );
+}
