@@ -23,7 +23,7 @@ use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 
 use recording_canary::api::MeshKind;
-use recording_canary::api::RecordingCanary;
+use recording_canary::api::{RecordingCanary, RecordingCanaryStatus};
 use recording_canary::cache::Selective;
 use recording_canary::cache::index::{Index, MeshRefs};
 use recording_canary::controller::events::Series;
@@ -260,9 +260,16 @@ fn main() {
         },
     );
     let metrics = Metrics::default();
-    measure("metrics (three series)", &mut || {
+    let no_status = RecordingCanaryStatus::default();
+    measure("metrics (the per-canary series)", &mut || {
         for c in canaries.state() {
-            metrics.set_canary(&c.namespace().unwrap_or_default(), &c.name_any(), 20, 20, 1);
+            let status = c.status.as_ref().unwrap_or(&no_status);
+            metrics.set_canary(
+                &c.namespace().unwrap_or_default(),
+                &c.name_any(),
+                20,
+                status,
+            );
         }
     });
     let mut series = Series::default();

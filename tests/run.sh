@@ -9,9 +9,10 @@
 # times on 2 cores) and starts a local control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kwok fake nodes; see tests/cluster/up.sh), and deletes it again on exit. It does so
 # for each Kubernetes version of RC_K8S_VERSIONS, one after the other:
-#   - the first (1.37, the default): the whole suite with Helm 4, and tests/chart/check.sh with
-#     Helm 4 and Helm 3 (tests/restart.rs, which stops and starts its control plane, on a cluster
-#     of its own, NAME-restart);
+#   - the first (1.37, the default): the whole suite with Helm 4, tests/chart/check.sh with
+#     Helm 4 and Helm 3, and tests/alerts/check.sh (the chart's alerts and dashboard, with
+#     promtool) (tests/restart.rs, which stops and starts its control plane, on a cluster of its
+#     own, NAME-restart);
 #   - each further one (1.35, the oldest supported): the core user flow, that is tests/chart/check.sh
 #     with Helm 4 and Helm 3 and the e2e tests `flows::`, `chart::` and `stable_labels::` with Helm 3.
 #
@@ -195,6 +196,13 @@ chart_checks() {
   done
 }
 chart_checks
+
+# The chart's alert rules and dashboard, with promtool (built and cached by tests/cluster/build.sh;
+# with RC_KUBECONFIG, by `build.sh promtool` here): no cluster. A missing promtool fails the run.
+section "alerts and dashboard: promtool check rules and test rules, every metric named is exported (tests/alerts/check.sh)"
+if [ -n "${RC_KUBECONFIG:-}" ]; then bash "$repo/tests/cluster/build.sh" promtool; fi
+RC_HELM=$RC_HELM bash "$repo/tests/alerts/check.sh"
+done_section
 
 # The e2e tests' make-before-break figures (testkit/src/support.rs), summed up after each e2e run.
 safety_log=$target_dir/e2e-logs/safety.jsonl

@@ -225,13 +225,8 @@ async fn report(
         status.routes_removed_time = done;
     }
     let written = writers::write_status(&ctx.client, &ctx.fence, canary, &status, rv).await?;
-    ctx.metrics.set_canary(
-        &ns,
-        &name,
-        canary.spec.percent,
-        plan.status.current_percent,
-        plan.status.clone_replicas,
-    );
+    ctx.metrics
+        .set_canary(&ns, &name, canary.spec.percent, &status);
     let wrote = written.is_some();
     ctx.writes().record(
         &key_of(&ns, &name),
@@ -268,7 +263,11 @@ pub(super) async fn publish_events(
     canary: &RecordingCanary,
     events: &[planner::EventNote],
 ) {
+    let (ns, name) = (canary.namespace().unwrap_or_default(), canary.name_any());
     for e in events {
+        // Counted by reason (`WriteRefused`, `TrafficDrained`) whether or not the Event gets
+        // through: the alerts on them should not depend on the events API.
+        ctx.metrics.canary_event(&ns, &name, &e.reason);
         match ctx.events.publish(canary, e).await {
             Ok(()) => {}
             // A namespace being deleted refuses new objects, Events included: expected then.

@@ -2,7 +2,11 @@
 # Builds the local control plane from Go modules into a per-user cache, keyed by version:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, kwokctl, helm,
 #   the Istio CRDs from the istio.io/api module, and the Gateway API standard channel CRDs (with
-#   their safe-upgrades ValidatingAdmissionPolicy) from the sigs.k8s.io/gateway-api module.
+#   their safe-upgrades ValidatingAdmissionPolicy) from the sigs.k8s.io/gateway-api module;
+#   Prometheus's promtool and tests/alerts/promql-names (for tests/alerts/check.sh) from the
+#   github.com/prometheus/prometheus module.
+# `build.sh promtool` builds only the last two (tests/run.sh with RC_KUBECONFIG, which builds no
+# control plane).
 # Versions: tests/cluster/versions.sh. RC_K8S_VERSION=1.37|1.35 picks Kubernetes (default 1.37),
 # RC_HELM_MAJOR=4|3 picks Helm (default 4); each version has its own cache dir, so building the
 # other one later (e.g. RC_K8S_VERSION=1.35 bash tests/cluster/build.sh) adds only what is missing.
@@ -114,11 +118,40 @@ fetch_gateway_api_crds() {
     { echo "gateway-api: config/crd/standard lacks its CRDs or its safe-upgrades ValidatingAdmissionPolicy" >&2; exit 1; }
 }
 
+# promtool alone, without the service discovery plugins (-tags remove_all_sd: the cloud SDKs are
+# most of Prometheus's dependencies, and rule checks and tests need none of them).
+build_promtool() {
+  local out=$1 w="$RC_CACHE_DIR/src/prometheus-$PROMETHEUS_VERSION"
+  say "promtool $PROMETHEUS_VERSION: building (github.com/prometheus/prometheus@$PROMETHEUS_MODULE_VERSION)"
+  wrapper_module "$w" rc-build-prometheus
+  go mod edit -require="github.com/prometheus/prometheus@$PROMETHEUS_MODULE_VERSION"
+  go build -trimpath -tags remove_all_sd \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" \
+    -o "$out/promtool" github.com/prometheus/prometheus/cmd/promtool
+}
+
+# tests/alerts/promql-names, with the parser of the same module version as promtool.
+build_promql_names() {
+  local out=$1 w="$RC_CACHE_DIR/src/promql-names-$PROMETHEUS_VERSION"
+  say "promql-names: building (Prometheus's PromQL parser $PROMETHEUS_MODULE_VERSION)"
+  wrapper_module "$w" rc-promql-names
+  go mod edit -require="github.com/prometheus/prometheus@$PROMETHEUS_MODULE_VERSION"
+  cp "$PROMQL_NAMES_SRC"/*.go .
+  go build -trimpath -ldflags "-s -w" -o "$out/promql-names" .
+}
+
 mkdir -p "$RC_CACHE_DIR"
+if [ "${1:-}" = promtool ]; then
+  build_into "$PROMTOOL_BIN" build_promtool
+  build_into "$PROMQL_NAMES_BIN" build_promql_names
+  exit 0
+fi
 build_into "$ISTIO_DIR" fetch_istio_crds
 build_into "$GATEWAY_API_DIR" fetch_gateway_api_crds
 build_into "$ETCD_BIN" build_etcd
 build_into "$KWOK_BIN" build_kwok
 build_into "$K8S_BIN" build_kubernetes
 if [ "${RC_SKIP_HELM:-}" != 1 ]; then build_into "$HELM_BIN" build_helm; fi
+build_into "$PROMTOOL_BIN" build_promtool
+build_into "$PROMQL_NAMES_BIN" build_promql_names
 say "done; binaries under $RC_CACHE_DIR"

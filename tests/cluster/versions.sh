@@ -48,6 +48,11 @@ ISTIO_API_VERSION=v1.32.0
 # The Gateway API standard channel (config/crd/standard of the Go module sigs.k8s.io/gateway-api):
 # its CRDs and its safe-upgrades ValidatingAdmissionPolicy, as `standard-install.yaml` installs them.
 GATEWAY_API_VERSION=v1.6.3
+# Prometheus's promtool (`promtool check rules`, `promtool test rules` on the chart's alerts;
+# tests/alerts/check.sh), from the Go module github.com/prometheus/prometheus, whose versions are
+# v0.<major><minor, two digits>.<patch> for the release v<major>.<minor>.<patch>.
+PROMETHEUS_VERSION=v3.16.0
+PROMETHEUS_MODULE_VERSION=v0.316.0
 
 RC_CACHE_DIR=${RC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/recording-canary}
 K8S_BIN=$RC_CACHE_DIR/kubernetes-$K8S_VERSION
@@ -58,3 +63,8 @@ HELM3_BIN=$RC_CACHE_DIR/helm-$HELM3_VERSION
 HELM4_BIN=$RC_CACHE_DIR/helm-$HELM4_VERSION
 ISTIO_DIR=$RC_CACHE_DIR/istio-api-$ISTIO_API_VERSION
 GATEWAY_API_DIR=$RC_CACHE_DIR/gateway-api-$GATEWAY_API_VERSION
+PROMTOOL_BIN=$RC_CACHE_DIR/promtool-$PROMETHEUS_VERSION
+# The PromQL metric-name lister of tests/alerts/ (tests/alerts/promql-names, built with promtool's
+# module version), keyed by its source as well: a change to it builds it again.
+PROMQL_NAMES_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../alerts/promql-names" && pwd)
+PROMQL_NAMES_BIN=$RC_CACHE_DIR/promql-names-$PROMETHEUS_VERSION-$(cat "$PROMQL_NAMES_SRC"/*.go | sha256sum | cut -c1-12)

@@ -117,3 +117,11 @@ beta v1beta1 in 1.34-1.35 when enabled), or nothing.
 {{- printf "%s-stable-label" (include "recording-canary.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
+
+{{/*
+The label matchers that select this release's series in the alert rules: alerts.selector, or the
+job of the metrics Service (what a ServiceMonitor of this chart scrapes it as).
+*/}}
+{{- define "recording-canary.alertSelector" -}}
+{{- default (printf "job=%q" (printf "%s-metrics" (include "recording-canary.fullname" .))) .Values.alerts.selector }}
+{{- end }}
