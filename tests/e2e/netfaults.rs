@@ -202,10 +202,7 @@ async fn a_leader_cut_off_from_the_apiserver_stops_writing_before_the_connected_
     );
     wait_for_lease_holder(&h, lease, b.pid(), Duration::from_secs(45)).await;
     let took_over = cut.elapsed();
-    let b_log = controller_log_text(&h, "b");
-    let b_led = *logged_at(&b_log, "leading").first().unwrap_or_else(|| {
-        panic!("the standby holds the lease but did not log `leading`:\n{b_log}")
-    });
+    let b_led = logged_leading(&h, "b").await;
 
     // No two writers: the leader sent its last write before its renew deadline, and so well
     // before the standby led.
@@ -394,10 +391,7 @@ async fn requests_of_a_few_seconds_make_the_leader_step_down_and_the_standby_fin
         "only latency, nothing failed: {st:?}"
     );
     wait_for_lease_holder(&h, lease, b.pid(), Duration::from_secs(45)).await;
-    let b_log = controller_log_text(&h, "b");
-    let b_led = *logged_at(&b_log, "leading").first().unwrap_or_else(|| {
-        panic!("the standby holds the lease but did not log `leading`:\n{b_log}")
-    });
+    let b_led = logged_leading(&h, "b").await;
     let a_last = logged_at(&a_log, WRITE_LINE).last().copied();
     assert!(
         a_last.is_none_or(|w| w < b_led),
@@ -422,3 +416,21 @@ const SLOW: Duration = Duration::from_millis(500);
 const SLOWER: Duration = Duration::from_millis(1500);
 /// Rounds of connection resets in the slow-request test.
 const RESETS: u64 = 4;
+
+/// When controller `tag` logged that it leads. The Lease shows a new holder a moment before its
+/// log says so (it takes the partition record's Lease first, and a loaded machine delays the
+/// line): waited for, at most 30 s.
+async fn logged_leading(h: &Harness, tag: &str) -> Timestamp {
+    h.until(
+        &format!("controller {tag} to log that it leads"),
+        Duration::from_secs(30),
+        || async {
+            let log = controller_log_text(h, tag);
+            logged_at(&log, "leading")
+                .first()
+                .copied()
+                .ok_or_else(|| format!("it holds the lease but has not logged `leading`:\n{log}"))
+        },
+    )
+    .await
+}
