@@ -801,6 +801,23 @@ spec:
           port: 80
 "#;
 
+/// Runs a controller (`tag`) that dies right after its next HTTPRoute write (the failpoint
+/// `after-http-route-write`, before the status write that follows it), and waits for it to die.
+async fn die_after_a_route_write(h: &Harness, tag: &str, args: &[&str]) {
+    let mut p = h.spawn_controller_with(
+        tag,
+        args,
+        &h.env.kubeconfig,
+        &[("FAILPOINTS", "after-http-route-write=return")],
+    );
+    let died = p.exited_within(Duration::from_secs(90)).await;
+    assert!(
+        died.is_some_and(|s| !s.success()),
+        "{tag}: it did not die after an HTTPRoute write: {died:?}"
+    );
+    h.faults_injected(1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a_gitops_revert() {
     let mut h = Harness::start_without_controller("gwtrials").await;
@@ -816,18 +833,7 @@ async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a
 
     // A controller that dies right after its first HTTPRoute write (the split, at 0 % while the
     // clone comes up); the next one resumes.
-    let mut first = h.spawn_controller_with(
-        "killed",
-        &args,
-        &kubeconfig,
-        &[("FAILPOINTS", "after-http-route-write=return")],
-    );
-    let died = first.exited_within(Duration::from_secs(90)).await;
-    assert!(
-        died.is_some_and(|s| !s.success()),
-        "it did not die after the route write: {died:?}"
-    );
-    h.faults_injected(1);
+    die_after_a_route_write(&h, "killed", &args).await;
     let _resumed = h.spawn_controller("resumed", &args, &kubeconfig);
     h.wait_ready("frontend").await;
     h.wait_status("frontend", "Ready", 20).await;
@@ -922,18 +928,7 @@ async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a
     drop(_resumed);
     h.k(&["delete", "rcanary", "frontend", "--wait=false"])
         .await;
-    let mut killed = h.spawn_controller_with(
-        "killed-restore",
-        &args,
-        &kubeconfig,
-        &[("FAILPOINTS", "after-http-route-write=return")],
-    );
-    let died = killed.exited_within(Duration::from_secs(90)).await;
-    assert!(
-        died.is_some_and(|s| !s.success()),
-        "it did not die after the restore: {died:?}"
-    );
-    h.faults_injected(1);
+    die_after_a_route_write(&h, "killed-restore", &args).await;
     let _last = h.spawn_controller("last", &args, &kubeconfig);
     h.wait_gone(&h.canary_api(), "rcanary", "frontend", WAIT)
         .await;

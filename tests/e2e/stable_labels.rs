@@ -64,6 +64,45 @@ async fn served_policy_api(h: &Harness) -> String {
     )
 }
 
+/// The chart's stable-label policy, scoped to the test's namespace (`watchNamespaces`), applied;
+/// removed when the guard drops.
+async fn install_policy(h: &Harness) -> PolicyGuard {
+    let ns = h.ns.clone();
+    let api = served_policy_api(h).await;
+    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
+    let policy_yaml = helm(
+        h,
+        &[
+            "template",
+            &ns,
+            chart,
+            "--show-only",
+            "templates/stable-label-policy.yaml",
+            "--set",
+            &format!("watchNamespaces={{{ns}}}"),
+            "--set",
+            "rbac.create=false",
+            "--api-versions",
+            &api,
+        ],
+    )
+    .await;
+    let name = format!("{ns}-recording-canary-stable-label");
+    assert!(
+        policy_yaml.contains(&name),
+        "unexpected policy name:\n{policy_yaml}"
+    );
+    let path = h.manifest("policy", &policy_yaml);
+    let guard = PolicyGuard {
+        kubectl: h.env.kubectl.clone(),
+        kubeconfig: h.env.kubeconfig.clone(),
+        name,
+    };
+    h.k(&["apply", "-f", path.to_str().expect("utf-8 path")])
+        .await;
+    guard
+}
+
 /// Whether a pod that the target's ReplicaSet `frontend-<hash>` would create is labelled at
 /// admission now (a server-side dry run, which runs admission and stores nothing).
 async fn labelled_at_admission(h: &Harness, hash: &str) -> bool {
@@ -233,38 +272,8 @@ async fn settled(h: &Harness, seen: &Arc<Mutex<Seen>>) -> (usize, Vec<String>) {
 async fn with_no_controller_running_the_admission_policy_keeps_the_stable_subset_complete() {
     let mut h = Harness::start_without_controller("stablepol").await;
     let ns = h.ns.clone();
-    let api = served_policy_api(&h).await;
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
-    let policy_yaml = helm(
-        &h,
-        &[
-            "template",
-            &ns,
-            chart,
-            "--show-only",
-            "templates/stable-label-policy.yaml",
-            "--set",
-            &format!("watchNamespaces={{{ns}}}"),
-            "--set",
-            "rbac.create=false",
-            "--api-versions",
-            &api,
-        ],
-    )
-    .await;
-    let name = format!("{ns}-recording-canary-stable-label");
-    assert!(
-        policy_yaml.contains(&name),
-        "unexpected policy name:\n{policy_yaml}"
-    );
-    let path = h.manifest("policy", &policy_yaml);
-    let _guard = PolicyGuard {
-        kubectl: h.env.kubectl.clone(),
-        kubeconfig: h.env.kubeconfig.clone(),
-        name: name.clone(),
-    };
-    h.k(&["apply", "-f", path.to_str().expect("utf-8 path")])
-        .await;
+    let guard = install_policy(&h).await;
+    let name = guard.name.clone();
 
     let args = [
         "run",
@@ -390,35 +399,7 @@ async fn with_no_controller_running_the_admission_policy_keeps_the_stable_subset
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admission_policy_leaves_the_target_of_a_completed_recording_alone() {
     let mut h = Harness::start_without_controller("stablepolc").await;
-    let ns = h.ns.clone();
-    let api = served_policy_api(&h).await;
-    let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/recording-canary");
-    let policy_yaml = helm(
-        &h,
-        &[
-            "template",
-            &ns,
-            chart,
-            "--show-only",
-            "templates/stable-label-policy.yaml",
-            "--set",
-            &format!("watchNamespaces={{{ns}}}"),
-            "--set",
-            "rbac.create=false",
-            "--api-versions",
-            &api,
-        ],
-    )
-    .await;
-    let name = format!("{ns}-recording-canary-stable-label");
-    let path = h.manifest("policy", &policy_yaml);
-    let _guard = PolicyGuard {
-        kubectl: h.env.kubectl.clone(),
-        kubeconfig: h.env.kubeconfig.clone(),
-        name,
-    };
-    h.k(&["apply", "-f", path.to_str().expect("utf-8 path")])
-        .await;
+    let _guard = install_policy(&h).await;
     // A canary for `frontend`, whose status the test writes (no controller runs).
     h.apply_example("canary.yaml").await;
     let set_phase = |phase: &'static str| {
