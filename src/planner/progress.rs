@@ -22,6 +22,23 @@ use crate::facts::pods::PodFacts;
 
 pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) -> Plan {
     let propagated = router::backends(&mut b, k);
+    if let Some(why) = &propagated.lost {
+        // The routes back to the Service first, then the Services again; the split comes again
+        // once the backends are complete.
+        let restore = router::restore(&b, &k.host);
+        let services: Vec<Action> = b
+            .actions
+            .extract_if(.., |a| {
+                matches!(a, Action::CreateService(_) | Action::PatchService { .. })
+            })
+            .collect();
+        b.actions.extend(restore);
+        b.actions.extend(services);
+        b.status.current_percent = 0;
+        b.status.backends_ready_time = None;
+        b.report(Phase::Degraded, "BackendServiceLost", why);
+        return b.finish();
+    }
     let routes = router::read(&mut b, k);
     b = match after_revert(b, k, &routes) {
         Ok(b) => b,

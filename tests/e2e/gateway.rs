@@ -948,3 +948,45 @@ async fn gateway_api_router_keeps_its_guarantees_through_kills_scale_image_and_a
     assert!(violations.is_empty(), "{}", violations.join("\n"));
     h.finish(false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_of_the_canarys_deleted_mid_flight_sends_the_route_back_then_splits_again() {
+    let mut h = Harness::start("gwlost").await;
+    let mesh = mesh_accepts_routes(&h);
+    h.apply_example("app.yaml").await;
+    let original = apply_route(&h, &example("../gateway-api/route.yaml")).await;
+    apply_gateway_canary(&h, json!({"propagationDelay": "1s"})).await;
+    h.wait_status("frontend", "Ready", 10).await;
+    wait_route_share(&h, "frontend", 10).await;
+
+    // Someone deletes the stable Service: the route goes back to frontend at once.
+    h.k(&["delete", "service", STABLE_SVC, "--wait=false"])
+        .await;
+    h.faults_injected(1);
+    h.until("the route back to the Service", WAIT, || async {
+        let r = route(&h, "frontend").await.ok_or("no route")?;
+        if r["spec"] == original["spec"] {
+            Ok(())
+        } else {
+            Err(r["spec"].to_string())
+        }
+    })
+    .await;
+    let lost = h
+        .k(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=BackendServiceLost",
+            "-o",
+            "name",
+        ])
+        .await;
+    assert!(!lost.trim().is_empty(), "a BackendServiceLost Event");
+    // The Service comes back, and the split with it.
+    h.wait_status("frontend", "Ready", 10).await;
+    wait_route_share(&h, "frontend", 10).await;
+    assert!(service_selector(&h, STABLE_SVC).await.is_some());
+    mesh.abort();
+    h.finish(false).await;
+}

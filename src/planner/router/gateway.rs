@@ -333,9 +333,28 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     let since = parse_time(b.status.backends_ready_time.as_deref())
         .unwrap_or(o.now)
         .max(o.started);
+    // One of the Services gone (or going) while a route still sends to it: that share of the
+    // requests would be refused until it is back.
+    let gone: Vec<&str> = [&t.backends.stable, &t.backends.recording]
+        .into_iter()
+        .zip(o.backend_services)
+        .filter(|(_, s)| s.is_none_or(|s| s.deleting))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let referenced = split_routes(g)
+        .iter()
+        .any(|r| gateway::read_split(r, t).references_backends);
+    let lost = (!gone.is_empty() && referenced).then(|| {
+        format!(
+            "Service {} was deleted while the routes sent to it; the routes went back to Service {} until it is recreated and has its endpoints again",
+            gone.join(" and "),
+            t.service
+        )
+    });
     Propagation {
         until: after(since, k.spec.propagation_delay),
         reconciled: false,
+        lost,
         pending,
         waiting: (
             "AddingBackends",

@@ -425,6 +425,7 @@ pub(super) fn subsets(b: &mut Builder, k: &Checked, i: &IstioSubsets) -> Propaga
         // holds the subsets (subsets added by this very plan are in no revision yet).
         reconciled: present && i.dr.object().is_some_and(istio::status::reconciled),
         pending: None,
+        lost: None,
         waiting: (
             "AddingSubsets",
             format!(

@@ -25,6 +25,9 @@ pub(super) struct Propagation {
     pub pending: Option<Pending>,
     /// The reason and message while the wait runs.
     pub waiting: (&'static str, String),
+    /// A backend the routes send to is gone (someone deleted one of the canary's Services): the
+    /// routes must go back to the Service at once, before anything else.
+    pub lost: Option<String>,
 }
 
 /// What the backends still lack before their propagation wait can start.
@@ -92,6 +95,12 @@ fn has_gamma_route(o: &super::Observed) -> bool {
         .any(|r| crate::gateway::concerns(r, &t))
 }
 
+fn empty() -> &'static std::collections::BTreeSet<String> {
+    static EMPTY: std::sync::OnceLock<std::collections::BTreeSet<String>> =
+        std::sync::OnceLock::new();
+    EMPTY.get_or_init(Default::default)
+}
+
 /// The router a plan works with: as [`chosen`], once the canary has passed its checks.
 fn in_force(b: &Builder) -> Router {
     b.status.router.unwrap_or(Router::Istio)
@@ -103,7 +112,8 @@ pub(super) fn clone_endpoints<'a>(
     o: &'a super::Observed,
 ) -> &'a std::collections::BTreeSet<String> {
     match chosen(o) {
-        Router::GatewayApi => o.backend_services[1].map_or(o.endpoints, |s| &s.endpoints),
+        // No recording Service (deleted under the canary): no endpoint the routes can reach.
+        Router::GatewayApi => o.backend_services[1].map_or(empty(), |s| &s.endpoints),
         Router::Istio | Router::Replicas => o.endpoints,
     }
 }
@@ -124,6 +134,7 @@ pub(super) fn backends(b: &mut Builder, k: &Checked) -> Propagation {
             reconciled: true,
             pending: None,
             waiting: ("", String::new()),
+            lost: None,
         },
     }
 }

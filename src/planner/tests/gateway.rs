@@ -927,3 +927,34 @@ fn a_session_key_becomes_never_and_always_rules_with_regular_expressions_in_the_
     let inside = regex::Regex::new(header["value"].as_str().unwrap()).unwrap();
     assert!(inside.is_match("trace-00") && !inside.is_match("trace-ff"));
 }
+
+#[test]
+fn a_service_of_the_canarys_deleted_under_a_split_route_takes_the_route_back_first() {
+    for gone in [0, 1] {
+        let mut w = gw_serving_world(10);
+        w.backends[gone] = None;
+        let p = w.plan();
+        assert_eq!(p.status.phase, Some(Phase::Degraded), "{gone}");
+        assert_eq!(ready_reason(&p), "BackendServiceLost");
+        let restore = pos(&p, is_route_write).expect("the route restored");
+        let create = pos(&p, |a| matches!(a, Action::CreateService(_))).expect("recreated");
+        assert!(
+            restore < create,
+            "the route goes back before the Service is recreated"
+        );
+        let restored = apply_ops(&w.http_routes[0], route_patch(&p, "frontend").unwrap());
+        assert_eq!(restored["spec"], user_route()["spec"]);
+        assert_eq!(p.status.current_percent, 0);
+        // Back: the Service and its endpoints, then propagationDelay, then the split.
+        let mut w = w;
+        w.http_routes = vec![accepted(restored)];
+        w.canary.status = Some(p.status.clone());
+        w.backends = both_backends();
+        let p = w.plan();
+        assert_eq!(ready_reason(&p), "AddingBackends");
+        assert!(!has(&p, is_route_write));
+        w.canary.status = Some(p.status.clone());
+        w.now = at(3);
+        assert!(route_patch(&w.plan(), "frontend").is_some(), "split again");
+    }
+}
