@@ -946,7 +946,6 @@ fn a_service_of_the_canarys_deleted_under_a_split_route_takes_the_route_back_fir
         assert_eq!(restored["spec"], user_route()["spec"]);
         assert_eq!(p.status.current_percent, 0);
         // Back: the Service and its endpoints, then propagationDelay, then the split.
-        let mut w = w;
         w.http_routes = vec![accepted(restored)];
         w.canary.status = Some(p.status.clone());
         w.backends = both_backends();
