@@ -195,47 +195,16 @@ async fn run(args: RunArgs) -> Result<(), String> {
         );
     }
 
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            metrics.clone(),
-            &args.cluster_domain,
-            Some(identity.clone()),
-        )
-        .with_shard(shard)
-        .with_fence(fence.clone())
-        .with_max_reconciles(usize::from(args.max_concurrent_reconciles))
-        .with_gateway_api(
-            recording_canary::runtime::client::gateway_api_served(
-                &client,
-                args.namespaces.first().map(String::as_str),
-            )
-            .await,
-        )
-        .with_grpc_routes(
-            recording_canary::runtime::client::route_kind_served(
-                &client,
-                args.namespaces.first().map(String::as_str),
-                recording_canary::api::MeshKind::GrpcRoute,
-            )
-            .await,
-        ),
-    );
-    if controller::namespaces::may_watch(&client, &args.namespaces).await {
-        tokio::spawn(controller::namespaces::watch(
-            ctx.clone(),
-            args.namespaces.clone(),
-        ));
-    }
-    if let Some(policy) = args.stable_label_policy.clone() {
-        // Known before the first status is written; then checked again now and then.
-        ctx.set_stable_labelling(admission::check(&client, &policy).await);
-        tokio::spawn(keep_checking_the_stable_label_policy(
-            ctx.clone(),
-            policy,
-            stopped(),
-        ));
-    }
+    let ctx = context(
+        &args,
+        &client,
+        &metrics,
+        &identity,
+        shard,
+        &fence,
+        stopped(),
+    )
+    .await;
     // The watches start now, also on a standby: its caches are warm when it takes over, and
     // its reconciles wait on the fence until then.
     let mut controllers = tokio::spawn(futures::future::join_all(
@@ -268,6 +237,53 @@ async fn run(args: RunArgs) -> Result<(), String> {
     result?;
     info!("stopped");
     Ok(())
+}
+
+/// The controller's shared context: what the cluster serves (HTTPRoutes, GRPCRoutes) and this
+/// process may read, with the tasks that keep it current (the namespaces' ambient labels, the
+/// stable-label policy's presence) running until `stopped`.
+async fn context(
+    args: &RunArgs,
+    client: &kube::Client,
+    metrics: &Arc<Metrics>,
+    identity: &str,
+    shard: Shard,
+    fence: &Fence,
+    stopped: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Arc<Context> {
+    use recording_canary::runtime::client::{gateway_api_served, route_kind_served};
+    let scope = args.namespaces.first().map(String::as_str);
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            metrics.clone(),
+            &args.cluster_domain,
+            Some(identity.to_string()),
+        )
+        .with_shard(shard)
+        .with_fence(fence.clone())
+        .with_max_reconciles(usize::from(args.max_concurrent_reconciles))
+        .with_gateway_api(gateway_api_served(client, scope).await)
+        .with_grpc_routes(
+            route_kind_served(client, scope, recording_canary::api::MeshKind::GrpcRoute).await,
+        ),
+    );
+    if controller::namespaces::may_watch(client, &args.namespaces).await {
+        tokio::spawn(controller::namespaces::watch(
+            ctx.clone(),
+            args.namespaces.clone(),
+        ));
+    }
+    if let Some(policy) = args.stable_label_policy.clone() {
+        // Known before the first status is written; then checked again now and then.
+        ctx.set_stable_labelling(admission::check(client, &policy).await);
+        tokio::spawn(keep_checking_the_stable_label_policy(
+            ctx.clone(),
+            policy,
+            stopped,
+        ));
+    }
+    ctx
 }
 
 /// Leads until the controllers end or the lease is lost (with an elector; without one, until the

@@ -124,47 +124,20 @@ impl Snapshot {
             .map(ServiceFacts::ports)
             .unwrap_or_default();
         let (stable_name, recording_name) = crate::api::labels::backend_service_names(&name);
-        let backend = |svc_name: &str| {
-            let s = scope.services.get(&ns, svc_name)?;
-            let endpoints = endpoints::ready_endpoints(
-                scope
-                    .endpoint_slices
-                    .in_namespace(&ns, |e| e.service == svc_name)
-                    .iter()
-                    .map(|e| e.as_ref()),
-            );
-            Some(BackendService {
-                name: svc_name.to_string(),
-                uid: s.metadata.uid.clone().unwrap_or_default(),
-                resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
-                controller_uid: s.controller_uid.as_deref().map(String::from),
-                deleting: s.metadata.deletion_timestamp.is_some(),
-                selector: s.selector(),
-                ports: s.ports(),
-                endpoints,
-            })
-        };
-        let backend_services = [backend(&stable_name), backend(&recording_name)];
+        let backend_services = [
+            backend_service(scope, &ns, &stable_name),
+            backend_service(scope, &ns, &recording_name),
+        ];
         let (mesh, sharing) = {
             let idx = scope.index();
             (idx.mesh_of(&ns, &name), idx.sharing(&ns, &name))
         };
-        let mut virtual_services = Vec::new();
-        let mut destination_rules = Vec::new();
-        let mut http_routes = Vec::new();
-        let mut grpc_routes = Vec::new();
-        for (kind, mns, mname) in mesh {
-            let Some(obj) = ctx.mesh_object(kind, &mns, &mname) else {
-                continue;
-            };
-            let v = obj.to_value();
-            match kind {
-                MeshKind::VirtualService => virtual_services.push(v),
-                MeshKind::DestinationRule => destination_rules.push(v),
-                MeshKind::HttpRoute => http_routes.push(v),
-                MeshKind::GrpcRoute => grpc_routes.push(v),
-            }
-        }
+        let [
+            virtual_services,
+            destination_rules,
+            http_routes,
+            grpc_routes,
+        ] = mesh_objects(ctx, mesh);
         let rivals = sharing
             .iter()
             .filter_map(|n| scope.canaries.get(&ObjectRef::new(n).within(&ns)))
@@ -193,6 +166,48 @@ impl Snapshot {
             rivals,
         }
     }
+}
+
+/// One of the Gateway API router's Services of a canary as the caches hold it, with its Ready
+/// endpoints.
+fn backend_service(scope: &Scope, ns: &str, name: &str) -> Option<BackendService> {
+    let s = scope.services.get(ns, name)?;
+    let endpoints = endpoints::ready_endpoints(
+        scope
+            .endpoint_slices
+            .in_namespace(ns, |e| e.service == name)
+            .iter()
+            .map(|e| e.as_ref()),
+    );
+    Some(BackendService {
+        name: name.to_string(),
+        uid: s.metadata.uid.clone().unwrap_or_default(),
+        resource_version: s.metadata.resource_version.clone().unwrap_or_default(),
+        controller_uid: s.controller_uid.as_deref().map(String::from),
+        deleting: s.metadata.deletion_timestamp.is_some(),
+        selector: s.selector(),
+        ports: s.ports(),
+        endpoints,
+    })
+}
+
+/// The routing objects the index says concern a canary, as JSON, by kind: VirtualServices,
+/// DestinationRules, HTTPRoutes, GRPCRoutes.
+fn mesh_objects(ctx: &Context, keys: Vec<crate::cache::index::MeshKey>) -> [Vec<Value>; 4] {
+    let mut out: [Vec<Value>; 4] = Default::default();
+    for (kind, mns, mname) in keys {
+        let Some(obj) = ctx.mesh_object(kind, &mns, &mname) else {
+            continue;
+        };
+        let i = match kind {
+            MeshKind::VirtualService => 0,
+            MeshKind::DestinationRule => 1,
+            MeshKind::HttpRoute => 2,
+            MeshKind::GrpcRoute => 3,
+        };
+        out[i].push(obj.to_value());
+    }
+    out
 }
 
 /// Reads what the caches may lack for a canary (it appeared after the watches listed, or a

@@ -456,6 +456,51 @@ fn report_sidecars(b: &mut Builder, k: &Checked) {
     }
 }
 
+/// The report of a canary that serves what it should: Ready at the target (once the routes'
+/// parents accepted them, with the Gateway API), else Ramping.
+fn report_serving(b: &mut Builder, k: &Checked, desired: i32) {
+    let percent = k.spec.percent;
+    let mut message =
+        format!("{desired}% of requests go to the recording clone (target {percent}%)");
+    if let Some(key) = &k.spec.session_key {
+        message = format!(
+            "{message}; whole sessions by {}: {} of {} buckets ({:.2}% of the keys){}",
+            key.describe(),
+            key.share(desired),
+            key.buckets(),
+            key.effective_percent(desired),
+            match key.without_key {
+                crate::api::session::WithoutKey::Split => ", requests without it split by weight",
+                crate::api::session::WithoutKey::Stable =>
+                    ", requests without it stay on the stable pods",
+            }
+        );
+    }
+    let verdict = match &k.routing {
+        Routing::Gateway(g) if desired == percent && desired > 0 => {
+            Some(router::gateway::route_verdict(b, g))
+        }
+        _ => None,
+    };
+    match verdict {
+        Some(RouteVerdict::Refused(why)) => b.report(
+            Phase::Degraded,
+            "RouteRefused",
+            &format!("{why}; the split ({desired}%) may not take effect"),
+        ),
+        Some(RouteVerdict::Waiting(routes)) => b.report(
+            Phase::Progressing,
+            "WaitingForRouteAccepted",
+            &format!(
+                "{desired}% of requests go to the recording clone once the mesh accepts the current rules of HTTPRoute {} (its status.parents)",
+                routes.join(", ")
+            ),
+        ),
+        _ if desired == percent => b.report(Phase::Ready, "TargetReached", &message),
+        _ => b.report(Phase::Progressing, "Ramping", &message),
+    }
+}
+
 /// Step 6: what to report.
 fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan {
     if matches!(k.routing, Routing::Istio(_)) {
@@ -532,46 +577,7 @@ fn report(mut b: Builder, k: &Checked, health: CloneHealth, w: &Weight) -> Plan 
             ),
         );
     } else {
-        let mut message =
-            format!("{desired}% of requests go to the recording clone (target {percent}%)");
-        if let Some(key) = &k.spec.session_key {
-            message = format!(
-                "{message}; whole sessions by {}: {} of {} buckets ({:.2}% of the keys){}",
-                key.describe(),
-                key.share(desired),
-                key.buckets(),
-                key.effective_percent(desired),
-                match key.without_key {
-                    crate::api::session::WithoutKey::Split =>
-                        ", requests without it split by weight",
-                    crate::api::session::WithoutKey::Stable =>
-                        ", requests without it stay on the stable pods",
-                }
-            );
-        }
-        let verdict = match &k.routing {
-            Routing::Gateway(g) if desired == percent && desired > 0 => {
-                Some(router::gateway::route_verdict(&b, g))
-            }
-            _ => None,
-        };
-        match verdict {
-            Some(RouteVerdict::Refused(why)) => b.report(
-                Phase::Degraded,
-                "RouteRefused",
-                &format!("{why}; the split ({desired}%) may not take effect"),
-            ),
-            Some(RouteVerdict::Waiting(routes)) => b.report(
-                Phase::Progressing,
-                "WaitingForRouteAccepted",
-                &format!(
-                    "{desired}% of requests go to the recording clone once the mesh accepts the current rules of HTTPRoute {} (its status.parents)",
-                    routes.join(", ")
-                ),
-            ),
-            _ if desired == percent => b.report(Phase::Ready, "TargetReached", &message),
-            _ => b.report(Phase::Progressing, "Ramping", &message),
-        }
+        report_serving(&mut b, k, desired);
     }
     b.finish()
 }

@@ -262,6 +262,47 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
         format!("{ns}/{}", t.backends.stable),
         format!("{ns}/{}", t.backends.recording),
     ];
+    let all_there = ensure_services(b, t);
+    let target = &o.canary.spec.target_ref.name;
+    let (listed, want) = stable_endpoints(o);
+    let complete = all_there && want > 0 && listed == want;
+    let pending = (!complete).then(|| Pending {
+        reason: "AddingBackends",
+        message: format!(
+            "Waiting for Services {} and {}: {listed} of the {want} Ready endpoints of Service {} that are pods of Deployment {target} are endpoints of {} (its EndpointSlices); the split waits for all of them",
+            t.backends.stable, t.backends.recording, t.service, t.backends.stable
+        ),
+    });
+    if complete && b.prev.backends_ready_time.is_none() {
+        b.status.backends_ready_time = Some(fmt_time(o.now));
+    } else if !complete && b.prev.current_percent == 0 {
+        // Measured again once they are complete.
+        b.status.backends_ready_time = None;
+    }
+    let since = parse_time(b.status.backends_ready_time.as_deref())
+        .unwrap_or(o.now)
+        .max(o.started);
+    Propagation {
+        until: after(since, k.spec.propagation_delay),
+        reconciled: false,
+        lost: lost(o, g),
+        pending,
+        waiting: (
+            "AddingBackends",
+            format!(
+                "Waiting for Services {} and {} to reach the mesh: propagationDelay ({}) after the stable one listed every Ready endpoint of Deployment {target}",
+                t.backends.stable,
+                t.backends.recording,
+                humantime::format_duration(k.spec.propagation_delay)
+            ),
+        ),
+    }
+}
+
+/// Both Services as they should be: created, or patched to follow the Service's selector and
+/// ports. Whether both were there as they should be.
+fn ensure_services(b: &mut Builder, t: &Target) -> bool {
+    let o = b.o;
     let ports = backend_ports(o);
     let mut all_there = true;
     for (i, (name, role)) in [
@@ -295,8 +336,13 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
             Some(_) => {}
         }
     }
-    // Every target pod that is a Ready endpoint of the Service (and in the stable role) must be
-    // one of the stable Service too: the split moves all of the Service's stable traffic there.
+    all_there
+}
+
+/// Of the target's pods that are Ready endpoints of the Service in the stable role (all of the
+/// Service's stable traffic, which the split moves to the stable Service), how many the stable
+/// Service lists: `(listed, of)`.
+fn stable_endpoints(o: &Observed) -> (usize, usize) {
     let target = &o.canary.spec.target_ref.name;
     let want: Vec<&str> = o
         .pods
@@ -312,29 +358,13 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     let listed = o.backend_services[0].map_or(0, |s| {
         want.iter().filter(|n| s.endpoints.contains(**n)).count()
     });
-    let complete = all_there && !want.is_empty() && listed == want.len();
-    let pending = (!complete).then(|| Pending {
-        reason: "AddingBackends",
-        message: format!(
-            "Waiting for Services {} and {}: {listed} of the {} Ready endpoints of Service {} that are pods of Deployment {target} are endpoints of {} (its EndpointSlices); the split waits for all of them",
-            t.backends.stable,
-            t.backends.recording,
-            want.len(),
-            t.service,
-            t.backends.stable
-        ),
-    });
-    if complete && b.prev.backends_ready_time.is_none() {
-        b.status.backends_ready_time = Some(fmt_time(o.now));
-    } else if !complete && b.prev.current_percent == 0 {
-        // Measured again once they are complete.
-        b.status.backends_ready_time = None;
-    }
-    let since = parse_time(b.status.backends_ready_time.as_deref())
-        .unwrap_or(o.now)
-        .max(o.started);
-    // One of the Services gone (or going) while a route still sends to it: that share of the
-    // requests would be refused until it is back.
+    (listed, want.len())
+}
+
+/// One of the Services gone (or going) while a route still sends to it: that share of the
+/// requests would be refused until it is back.
+fn lost(o: &Observed, g: &GatewayRoutes) -> Option<String> {
+    let t = &g.target;
     let gone: Vec<&str> = [&t.backends.stable, &t.backends.recording]
         .into_iter()
         .zip(o.backend_services)
@@ -344,28 +374,13 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     let referenced = split_routes(g)
         .iter()
         .any(|r| gateway::read_split(r, t).references_backends);
-    let lost = (!gone.is_empty() && referenced).then(|| {
+    (!gone.is_empty() && referenced).then(|| {
         format!(
             "Service {} was deleted while the routes sent to it; the routes went back to Service {} until it is recreated and has its endpoints again",
             gone.join(" and "),
             t.service
         )
-    });
-    Propagation {
-        until: after(since, k.spec.propagation_delay),
-        reconciled: false,
-        lost,
-        pending,
-        waiting: (
-            "AddingBackends",
-            format!(
-                "Waiting for Services {} and {} to reach the mesh: propagationDelay ({}) after the stable one listed every Ready endpoint of Deployment {target}",
-                t.backends.stable,
-                t.backends.recording,
-                humantime::format_duration(k.spec.propagation_delay)
-            ),
-        ),
-    }
+    })
 }
 
 /// Every route this canary splits now: the users', and its own once created.
