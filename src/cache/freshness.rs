@@ -121,7 +121,10 @@ impl Writes {
     /// Records the writes a reconcile of `canary` made, in namespace `ns`.
     pub fn record(&mut self, canary: &CanaryKey, ns: &str, written: Vec<Written>, now: Instant) {
         for w in written {
-            if matches!(w.kind, Kind::VirtualService | Kind::DestinationRule) {
+            if matches!(
+                w.kind,
+                Kind::VirtualService | Kind::DestinationRule | Kind::HttpRoute | Kind::Service
+            ) {
                 self.mesh_written.insert(canary.clone(), Timestamp::now());
             }
             let k = (w.kind, ns.to_string(), w.name);
@@ -152,7 +155,8 @@ impl Writes {
         }
     }
 
-    /// When `canary` last wrote a VirtualService or DestinationRule in this process.
+    /// When `canary` last wrote a VirtualService, DestinationRule, HTTPRoute or Service in this
+    /// process.
     pub fn mesh_written(&self, canary: &CanaryKey) -> Option<Timestamp> {
         self.mesh_written.get(canary).copied()
     }

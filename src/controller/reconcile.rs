@@ -214,6 +214,10 @@ async fn report(
         return Ok(false);
     }
     let (ns, name) = (canary.namespace().unwrap_or_default(), canary.name_any());
+    if plan.transient_status && !plan.actions.is_empty() {
+        // Its own writes plan again at once; that plan's status is written.
+        return Ok(false);
+    }
     // The waits run from when the dependent write completed, not from when it was planned.
     let mut status = plan.status.clone();
     let prev = canary.status.clone().unwrap_or_default();

@@ -177,6 +177,9 @@ pub struct Plan {
     pub events: Vec<EventNote>,
     /// Come back after this long even if nothing changes (a wait is running).
     pub requeue_after: Option<Duration>,
+    /// The status is not worth a write: this plan's own writes (Services created, pods
+    /// labelled) wake the canary again at once, and the next plan reports what they changed.
+    pub transient_status: bool,
 }
 
 struct Builder<'a> {
@@ -186,6 +189,8 @@ struct Builder<'a> {
     actions: Vec<Action>,
     events: Vec<EventNote>,
     requeue: Option<Duration>,
+    /// See [`Plan::transient_status`].
+    transient: bool,
 }
 
 impl<'a> Builder<'a> {
@@ -202,6 +207,7 @@ impl<'a> Builder<'a> {
             actions: Vec::new(),
             events: Vec::new(),
             requeue: None,
+            transient: false,
         }
     }
 
@@ -269,12 +275,23 @@ impl<'a> Builder<'a> {
             .is_none_or(|c| c.reason != reason)
     }
 
-    fn finish(self) -> Plan {
+    fn finish(mut self) -> Plan {
+        if self.transient {
+            // Its report is about to change: no Event for it either.
+            let reason = self
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| c.reason.clone());
+            self.events.retain(|e| Some(&e.reason) != reason.as_ref());
+        }
         Plan {
             actions: self.actions,
             status: self.status,
             events: self.events,
             requeue_after: self.requeue,
+            transient_status: self.transient,
         }
     }
 

@@ -482,6 +482,24 @@ fn report_serving(b: &mut Builder, k: &Checked, desired: i32) {
         }
         _ => None,
     };
+    // Not accepted yet: Ready all the same for propagationDelay after this process last wrote the
+    // routes (a mesh reports in milliseconds; Istio's router does not wait for `Reconciled`
+    // either), then `WaitingForRouteAccepted` until it does.
+    let writes_routes = b
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::CreateMesh { .. } | Action::PatchMesh { .. }));
+    let since = if writes_routes { b.o.now } else { b.o.started };
+    let grace = after(since, k.spec.propagation_delay);
+    let verdict = match verdict {
+        Some(RouteVerdict::Waiting(_)) if b.o.now < grace => {
+            if let Some(wait) = remaining(b.o.now, grace) {
+                b.requeue(wait);
+            }
+            None
+        }
+        v => v,
+    };
     match verdict {
         Some(RouteVerdict::Refused(why)) => b.report(
             Phase::Degraded,

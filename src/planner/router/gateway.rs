@@ -266,6 +266,12 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     let target = &o.canary.spec.target_ref.name;
     let (listed, want) = stable_endpoints(o);
     let complete = all_there && want > 0 && listed == want;
+    // Services created or pods labelled by this very plan: what it would report is about to
+    // change (their echo plans again at once).
+    b.transient = !complete
+        && b.actions
+            .iter()
+            .any(|a| matches!(a, Action::CreateService(_) | Action::LabelPod { .. }));
     let pending = (!complete).then(|| Pending {
         reason: "AddingBackends",
         message: format!(

@@ -336,6 +336,13 @@ fn the_two_services_come_first_selecting_each_role_with_the_services_ports() {
     assert_eq!(meta_name(created[1]), RECORDING_SVC);
     assert!(!has(&p, is_route_write), "no route before the Services");
     assert_eq!(ready_reason(&p), "AddingBackends");
+    // Its own writes plan again at once: this report is not written, nor said in an Event.
+    assert!(p.transient_status);
+    assert!(
+        !event_reasons(&p).contains(&"AddingBackends"),
+        "{:?}",
+        p.events
+    );
     assert_eq!(
         p.status.backend_services,
         vec![
@@ -381,6 +388,7 @@ fn the_split_waits_until_the_stable_service_lists_every_ready_endpoint_of_the_ta
     // Both listed: the time is taken, and the split waits propagationDelay from it.
     w.backend_endpoints = None;
     let p = w.plan();
+    assert!(!p.transient_status, "a wait is worth its status write");
     assert_eq!(p.status.backends_ready_time, Some(rfc(at(0))));
     assert_eq!(ready_reason(&p), "AddingBackends");
     assert!(
@@ -439,7 +447,7 @@ fn the_clone_gets_weight_only_as_an_endpoint_of_the_recording_service() {
         route_weights(&split),
         BTreeMap::from([(STABLE_SVC.to_string(), 9), (RECORDING_SVC.to_string(), 1)])
     );
-    assert_eq!(event_reasons(&p), vec!["RoutesSplit"]);
+    assert_eq!(event_reasons(&p), vec!["RoutesSplit", "TargetReached"]);
 }
 
 #[test]
@@ -484,6 +492,31 @@ fn without_a_user_route_the_canary_creates_its_own_catch_all_route() {
         "0 % while the clone is created"
     );
     assert_eq!(p.status.http_routes, vec![format!("{NS}/rec-recording")]);
+}
+
+#[test]
+fn ready_at_the_weight_write_then_waiting_if_no_parent_accepts_within_propagation_delay() {
+    // The plan that writes the weights: Ready (the parents have not seen them yet), and a look
+    // again propagationDelay later.
+    let mut w = gw_serving_world(10);
+    w.http_routes = vec![accepted(split_route(0))];
+    w.canary = gw_canary()
+        .status(gw_status(Phase::Progressing, "WaitingForClone", 0))
+        .build();
+    let p = w.plan();
+    assert!(route_patch(&p, "frontend").is_some());
+    assert_eq!(ready_reason(&p), "TargetReached");
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(3)));
+    // Its echo, within the delay, the route's status still of the generation before: the same.
+    let mut w2 = gw_serving_world(10);
+    w2.http_routes[0]["metadata"]["generation"] = json!(3);
+    w2.started = at(-1);
+    let p = w2.plan();
+    assert_eq!(ready_reason(&p), "TargetReached");
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
+    // Later, still not accepted: said so.
+    w2.started = at(-4);
+    assert_eq!(ready_reason(&w2.plan()), "WaitingForRouteAccepted");
 }
 
 #[test]
