@@ -17,6 +17,17 @@
 //!    `Ready` at `currentPercent` 10 and its VirtualService `app-i-recording` routes 10 to subset
 //!    `rcanary-recording`.
 //! 4. **ramp**: every canary patched to 20 %, until all are Ready at 20 with VirtualService weight 20.
+//!
+//!    With the Gateway API router ([`Router::GatewayApi`]) each app also has an HTTPRoute `app-i`
+//!    with its Service as parent (GAMMA; one rule, or two for odd i), created with the Service, and
+//!    no VirtualService; the canaries say `router: GatewayAPI`; a canary has converged when it is
+//!    Ready at the percent and every rule of `app-i` gives Service `app-i-recording` exactly that
+//!    share of its weight. The driver plays the mesh: a watch of the fleet's HTTPRoutes writes,
+//!    for every route whose `status.parents` is not for its current generation, `Accepted` and
+//!    `ResolvedRefs` True for each parentRef (as Istio or another GAMMA mesh would). Those status
+//!    writes are the driver's: they are counted apart (`mesh writes`), not in the controller's
+//!    calls. The controller's two Services per canary take cluster IPs, so the driver adds a
+//!    ServiceCIDR for the run (the local control plane's own range has 254 addresses).
 //! 5. **steady**: 10 s without any change; the controller should write nothing.
 //! 6. **rollback**: every RecordingCanary deleted, until all are gone and so are their clones.
 //!
@@ -50,6 +61,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{
     ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams, PostParams,
 };
@@ -57,9 +69,12 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Request;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource};
+use recording_canary::api::labels::backend_service_names;
+use recording_canary::gateway::http_route_resource;
+use recording_canary::gateway::status::accepted_for_current_generation;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 /// Label on every fleet namespace.
 pub const PART_OF: &str = "recording-canary-fleet";
@@ -78,6 +93,12 @@ pub const RAMP_PERCENT: i64 = 20;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long the namespaces may take to go at the end (not a failure of the run when exceeded).
 const NAMESPACE_CLEANUP: Duration = Duration::from_secs(300);
+/// The ServiceCIDR a Gateway API run adds: 65,534 addresses, two per canary.
+const FLEET_SERVICE_CIDR: &str = "10.128.0.0/16";
+/// The mesh's status writes in flight at once.
+const MESH_PARALLEL: usize = 8;
+/// What the mesh writes as its `controllerName` in route status.
+const MESH_CONTROLLER: &str = "fleet.recordingcanary.dev/mesh";
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -114,6 +135,40 @@ pub struct FleetConfig {
     pub floor_from_apps: bool,
     /// Goes into the log file's name (`bench`, `test`).
     pub tag: String,
+    /// How the canaries split traffic (`spec.router`), and so which routes the driver creates,
+    /// reads and accepts.
+    pub router: Router,
+}
+
+/// The router the fleet's canaries use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Router {
+    /// Istio's VirtualService weights between DestinationRule subsets; the canaries leave
+    /// `spec.router` unset (Auto, which is Istio here: no HTTPRoute has the Service as parent).
+    #[default]
+    Istio,
+    /// `router: GatewayAPI`: HTTPRoute weights between the canary's two Services; each app has an
+    /// HTTPRoute with its Service as parent, and the driver plays the mesh that accepts routes.
+    GatewayApi,
+}
+
+impl Router {
+    /// `istio` or `gateway` (`RC_FLEET_ROUTER`); None for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "istio" => Some(Self::Istio),
+            "gateway" | "gatewayapi" | "gateway-api" => Some(Self::GatewayApi),
+            _ => None,
+        }
+    }
+
+    /// The kind of route whose weights the driver reads.
+    fn route_kind(self) -> &'static str {
+        match self {
+            Self::Istio => "VirtualService",
+            Self::GatewayApi => "HTTPRoute",
+        }
+    }
 }
 
 impl FleetConfig {
@@ -134,6 +189,7 @@ impl FleetConfig {
             shards: 1,
             floor_from_apps: false,
             tag: "fleet".into(),
+            router: Router::Istio,
         }
     }
 }
@@ -202,6 +258,9 @@ pub struct PhaseReport {
     pub cpu_s: f64,
     /// What was missing when the phase did not finish.
     pub detail: String,
+    /// Route status writes of the driver playing the mesh (Gateway API router): not the
+    /// controller's, so in none of its figures.
+    pub mesh_writes: u64,
     /// With several controller processes, each one's own figures (calls, RSS, CPU), in the
     /// order of `FleetReport::processes`; empty with one.
     pub processes: Vec<PhaseReport>,
@@ -344,6 +403,11 @@ impl FleetReport {
                 c.shards, c.shards
             );
         }
+        if c.router == Router::GatewayApi {
+            scope.push_str(
+                ", **Gateway API router** (`router: GatewayAPI`, one HTTPRoute per app with its Service as parent; the driver plays the mesh)",
+            );
+        }
         let _ = writeln!(
             s,
             "### Fleet: {} RecordingCanaries in {} namespaces, {} parallel clients, {} replica(s) per target, {scope} (run {})\n",
@@ -442,6 +506,17 @@ impl FleetReport {
                 self.phases
                     .iter()
                     .map(|p| format!("{} {}", p.name, p.left_ready))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if c.router == Router::GatewayApi && !self.phases.is_empty() {
+            let _ = writeln!(
+                s,
+                "mesh: route status writes of the driver playing the mesh (`Accepted`, `ResolvedRefs`; not the controller's, in none of its figures): {}.",
+                self.phases
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.mesh_writes))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -773,7 +848,13 @@ struct Fleet {
     created_namespaces: bool,
     changed: Arc<Notify>,
     canaries: Tracker<CanarySum>,
-    vss: Tracker<Vec<i64>>,
+    /// Each canary's route: its VirtualService `app-i-recording` (Istio) or the user's HTTPRoute
+    /// `app-i` (Gateway API).
+    routes: Tracker<RouteSum>,
+    /// The driver playing the mesh (Gateway API router only).
+    mesh: Option<Mesh>,
+    /// The ServiceCIDR the run added, to delete at the end.
+    service_cidr: Option<String>,
     deployments: Tracker<i32>,
     /// The floor's pods, by their Deployment's name (their `app` label).
     floor_pods: Tracker<String>,
@@ -807,13 +888,26 @@ impl Fleet {
             CanarySum::of,
             CanarySum::left_ready,
         );
-        let vss = Tracker::start(
-            Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
-            all.clone(),
-            Some(set.clone()),
-            changed.clone(),
-            recording_weights,
-        );
+        let routes = match cfg.router {
+            Router::Istio => Tracker::start_carrying(
+                Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
+                all.clone(),
+                Some(set.clone()),
+                changed.clone(),
+                RouteSum::of_virtual_service,
+                RouteSum::carry_since,
+            ),
+            Router::GatewayApi => Tracker::start_carrying(
+                Api::<DynamicObject>::all_with(client.clone(), &http_route_resource()),
+                all.clone(),
+                Some(set.clone()),
+                changed.clone(),
+                RouteSum::of_http_route,
+                RouteSum::carry_since,
+            ),
+        };
+        let mesh =
+            (cfg.router == Router::GatewayApi).then(|| Mesh::start(client.clone(), set.clone()));
         let deployments = Tracker::start(
             Api::<Deployment>::all(client.clone()),
             all.clone(),
@@ -868,7 +962,9 @@ impl Fleet {
             created_namespaces: false,
             changed,
             canaries,
-            vss,
+            routes,
+            mesh,
+            service_cidr: None,
             deployments,
             floor_pods,
             ns_tracker,
@@ -877,13 +973,17 @@ impl Fleet {
             t0: Instant::now(),
         };
         fleet.say(&format!(
-            "run {}: {} canaries in {} namespaces (rc-fleet-{}-*), {} clients, {} replica(s) per target",
+            "run {}: {} canaries in {} namespaces (rc-fleet-{}-*), {} clients, {} replica(s) per target{}",
             fleet.run_id,
             fleet.cfg.canaries,
             fleet.cfg.namespaces,
             fleet.run_id,
             fleet.clients.len(),
-            fleet.cfg.replicas
+            fleet.cfg.replicas,
+            match fleet.cfg.router {
+                Router::Istio => "",
+                Router::GatewayApi => ", Gateway API router (the driver plays the mesh)",
+            }
         ));
         Ok(fleet)
     }
@@ -904,6 +1004,14 @@ impl Fleet {
         (0..self.cfg.canaries)
             .map(|i| (self.ns_of(i).to_string(), name(i)))
             .collect()
+    }
+
+    /// Each canary's route, in canary order.
+    fn route_keys(&self) -> Vec<Key> {
+        match self.cfg.router {
+            Router::Istio => self.keys(clone_of),
+            Router::GatewayApi => self.keys(app),
+        }
     }
 
     async fn phases(&mut self, report: &mut FleetReport) -> Result<(), String> {
@@ -955,6 +1063,9 @@ impl Fleet {
                 secs(t.elapsed())
             ));
         }
+        if self.cfg.router == Router::GatewayApi {
+            self.wait_routes_accepted().await?;
+        }
         self.settle().await;
         let s0 = self.snapshot().await?;
         self.check_metric(&s0, report);
@@ -962,9 +1073,10 @@ impl Fleet {
         // --- converge: the canaries, all at once.
         let t = Instant::now();
         let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
+        let router = self.cfg.router;
         self.parallel("create: RecordingCanary", n, move |c, i| {
             let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            let rc = canary(&app(i), &run_id);
+            let rc = canary(&app(i), &run_id, router);
             async move {
                 create(
                     &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
@@ -1070,8 +1182,8 @@ impl Fleet {
         r
     }
 
-    /// Waits until every canary is Ready at `percent` with VirtualService weight `percent`, then
-    /// records the phase from `t` and `before`.
+    /// Waits until every canary is Ready at `percent` with its route at `percent` (VirtualService
+    /// weight, or HTTPRoute share of every rule), then records the phase from `t` and `before`.
     async fn timed_phase(
         &self,
         report: &mut FleetReport,
@@ -1082,32 +1194,32 @@ impl Fleet {
     ) -> Result<Snapshot, String> {
         let n = self.cfg.canaries;
         let canary_keys = self.keys(app);
-        let vs_keys = self.keys(clone_of);
+        let route_keys = self.route_keys();
+        let router = self.cfg.router;
         let deadline = self.deadline();
         let r = self
             .wait_for(name, deadline, || {
                 let canaries = self.canaries.map();
-                let vss = self.vss.map();
+                let routes = self.routes.map();
                 let mut pending = Vec::new();
-                for (c, v) in canary_keys.iter().zip(&vs_keys) {
+                for (c, v) in canary_keys.iter().zip(&route_keys) {
                     let canary = canaries.get(c);
-                    let weights = vss.get(v);
+                    let route = routes.get(v);
                     let ok = canary.is_some_and(|s| s.at(percent))
-                        && weights.is_some_and(|w| w.contains(&percent));
+                        && route.is_some_and(|w| w.at(router, percent));
                     if !ok {
                         pending.push(format!(
-                            "{}/{}: {}; VirtualService {}: {}",
+                            "{}/{}: {}; {} {}: {}",
                             c.0,
                             c.1,
                             canary.map_or("(no rcanary)".to_string(), CanarySum::describe),
+                            router.route_kind(),
                             v.1,
-                            weights.map_or("(none)".to_string(), |w| format!(
-                                "{RECORDING_SUBSET} weights {w:?}"
-                            ))
+                            route.map_or("(none)".to_string(), |w| w.describe(router))
                         ));
                     }
                 }
-                let synced = self.canaries.synced() && self.vss.synced();
+                let synced = self.canaries.synced() && self.routes.synced();
                 Progress::new(n, pending, "Ready", synced)
             })
             .await;
@@ -1170,6 +1282,7 @@ impl Fleet {
             hwm_kib: b.proc.hwm_kib,
             cpu_s: cpu_s(&a.proc, &b.proc),
             detail: String::new(),
+            mesh_writes: b.mesh_writes.saturating_sub(a.mesh_writes),
             processes,
         }
     }
@@ -1246,9 +1359,11 @@ impl Fleet {
         }
     }
 
-    /// Creates each app's Deployment, its Service, or both (the Service just after the Deployment).
+    /// Creates each app's Deployment, its Service, or both (the Service just after the Deployment);
+    /// with the Gateway API router, the app's HTTPRoute just after its Service.
     async fn create_apps(&self, what: &str, parts: AppParts) -> Result<(), String> {
         let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
+        let router = self.cfg.router;
         self.parallel(what, self.cfg.canaries, move |c, i| {
             let ns = namespaces[ns_index(i, namespaces.len())].clone();
             let name = app(i);
@@ -1258,7 +1373,12 @@ impl Fleet {
                     create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
                 }
                 if parts != AppParts::Deployments {
-                    create(&Api::<Service>::namespaced(c, &ns), &s).await?;
+                    create(&Api::<Service>::namespaced(c.clone(), &ns), &s).await?;
+                    if router == Router::GatewayApi {
+                        let api =
+                            Api::<DynamicObject>::namespaced_with(c, &ns, &http_route_resource());
+                        create(&api, &app_route(&name, i % 2 == 1)).await?;
+                    }
                 }
                 Ok(())
             }
@@ -1363,7 +1483,51 @@ impl Fleet {
             create(&api, &obj).await?;
         }
         self.say(&format!("created {} namespaces", self.namespaces.len()));
+        if self.cfg.router == Router::GatewayApi {
+            self.add_service_cidr().await?;
+        }
         Ok(())
+    }
+
+    /// A ServiceCIDR for the run: the Gateway API router gives each canary two ClusterIP
+    /// Services, and the local control plane's own range (a /24) holds 254 addresses.
+    async fn add_service_cidr(&mut self) -> Result<(), String> {
+        let name = format!("rc-fleet-{}", self.run_id);
+        let obj: ServiceCIDR = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id}},
+            "spec": {"cidrs": [FLEET_SERVICE_CIDR]}
+        }))
+        .map_err(|e| format!("ServiceCIDR object: {e}"))?;
+        create(&Api::<ServiceCIDR>::all(self.client.clone()), &obj).await?;
+        self.service_cidr = Some(name.clone());
+        self.say(&format!(
+            "added ServiceCIDR {name} ({FLEET_SERVICE_CIDR}) for the canaries' Services"
+        ));
+        Ok(())
+    }
+
+    /// Until the mesh (the driver) has accepted every app's HTTPRoute: its first status writes
+    /// are then behind the measured phases.
+    async fn wait_routes_accepted(&self) -> Result<(), String> {
+        let keys = self.route_keys();
+        let deadline = self.deadline();
+        self.wait_for("apps: HTTPRoutes accepted", deadline, || {
+            let routes = self.routes.map();
+            let pending: Vec<String> = keys
+                .iter()
+                .filter(|k| !routes.get(*k).is_some_and(|r| r.accepted))
+                .map(|k| format!("HTTPRoute {}/{}: not accepted yet", k.0, k.1))
+                .collect();
+            Progress::new(
+                keys.len(),
+                pending,
+                "HTTPRoutes accepted",
+                self.routes.synced(),
+            )
+        })
+        .await
     }
 
     /// Runs `f(client, i)` for i in 0..n on the parallel clients, with progress every 5 s.
@@ -1620,10 +1784,17 @@ impl Fleet {
                 cmd.args(["--namespace", ns]);
             }
         }
+        // Warnings only, plus the one info line that has an `addr` field: "admin server
+        // listening … addr=127.0.0.1:PORT", which gives the /metrics port; RC_FLEET_RUST_LOG adds
+        // directives (say `recording_canary::controller=debug`, to see each reconcile's writes).
+        let mut rust_log = "warn,[{addr}]=info".to_string();
+        if let Ok(more) = std::env::var("RC_FLEET_RUST_LOG")
+            && !more.trim().is_empty()
+        {
+            rust_log = format!("{rust_log},{}", more.trim());
+        }
         cmd.env("KUBECONFIG", &self.cfg.kubeconfig)
-            // Warnings only, plus the one info line that has an `addr` field: "admin server
-            // listening … addr=127.0.0.1:PORT", which gives the /metrics port.
-            .env("RUST_LOG", "warn,[{addr}]=info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .env_remove("RC_NAMESPACES")
             .env_remove("RC_LEADER_ELECT")
@@ -1831,6 +2002,7 @@ impl Fleet {
             calls_at,
             events,
             left_ready: self.canaries.counted(),
+            mesh_writes: self.mesh.as_ref().map_or(0, Mesh::writes),
             apiserver,
             proc: proc_,
             processes,
@@ -1865,6 +2037,7 @@ impl Fleet {
     }
 
     async fn cleanup(&mut self, report: &mut FleetReport) {
+        self.mesh = None;
         if !self.controllers.is_empty() {
             let n = self.controllers.len();
             self.controllers.clear();
@@ -1927,6 +2100,12 @@ impl Fleet {
             );
             self.say(&msg);
             report.notes.push(msg);
+        }
+        // The apiserver removes it once its last address is released (its finalizer).
+        if let Some(name) = self.service_cidr.take()
+            && let Err(e) = delete(&Api::<ServiceCIDR>::all(self.client.clone()), &name).await
+        {
+            self.say(&format!("cannot delete ServiceCIDR {name}: {e}"));
         }
     }
 }
@@ -2007,6 +2186,55 @@ impl<T: Send + 'static> Tracker<T> {
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> T + Send + 'static,
     {
+        Self::start_with(
+            api,
+            config,
+            namespaces,
+            changed,
+            summarize,
+            counts,
+            |_, _| {},
+        )
+    }
+
+    /// `start`, with `carry(old, new)` called on each update before the new summary replaces
+    /// the old one (to keep what the old one knew, such as since when a value holds).
+    fn start_carrying<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+        carry: fn(&T, &mut T),
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
+        Self::start_with(
+            api,
+            config,
+            namespaces,
+            changed,
+            summarize,
+            |_, _| false,
+            carry,
+        )
+    }
+
+    fn start_with<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+        counts: fn(&T, &T) -> bool,
+        carry: fn(&T, &mut T),
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
         let map: Arc<Mutex<HashMap<Key, T>>> = Arc::default();
         let synced = Arc::new(AtomicBool::new(false));
         let counted = Arc::new(AtomicU64::new(0));
@@ -2041,10 +2269,13 @@ impl<T: Send + 'static> Tracker<T> {
                     }
                     watcher::Event::Apply(o) => {
                         if let Some(k) = key(&o) {
-                            let new = summarize(&o);
+                            let mut new = summarize(&o);
                             let mut map = lock(&m);
-                            if map.get(&k).is_some_and(|old| counts(old, &new)) {
-                                n.fetch_add(1, Ordering::Relaxed);
+                            if let Some(old) = map.get(&k) {
+                                if counts(old, &new) {
+                                    n.fetch_add(1, Ordering::Relaxed);
+                                }
+                                carry(old, &mut new);
                             }
                             map.insert(k, new);
                             drop(map);
@@ -2148,20 +2379,246 @@ impl CanarySum {
     }
 }
 
-/// Weights of the routes to the recording subset, in every HTTP route of a VirtualService.
-fn recording_weights(vs: &DynamicObject) -> Vec<i64> {
-    vs.data
-        .pointer("/spec/http")
+/// What the waits need of a route (a VirtualService, or an HTTPRoute).
+#[derive(Clone, Debug)]
+struct RouteSum {
+    /// VirtualService: the weight of each destination with subset `rcanary-recording`, in every
+    /// HTTP route. HTTPRoute: per rule, the weight of its backendRefs to the recording Service
+    /// and the weight of all its backendRefs (a backendRef's weight is 1 when unset).
+    split: Vec<(i64, i64)>,
+    /// Whether every parentRef reports `Accepted` and `ResolvedRefs` for the current generation
+    /// (HTTPRoute; always true for a VirtualService, which has no such status).
+    accepted: bool,
+    /// When the watch delivered the first revision with this `split` (a status write does not
+    /// move it).
+    since: Instant,
+}
+
+impl RouteSum {
+    fn of_virtual_service(vs: &DynamicObject) -> Self {
+        let split = vs
+            .data
+            .pointer("/spec/http")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("route").and_then(Value::as_array))
+            .flatten()
+            .filter(|d| {
+                d.pointer("/destination/subset").and_then(Value::as_str) == Some(RECORDING_SUBSET)
+            })
+            .map(|d| (d.get("weight").and_then(Value::as_i64).unwrap_or(0), 100))
+            .collect();
+        Self {
+            split,
+            accepted: true,
+            since: Instant::now(),
+        }
+    }
+
+    /// Route `app-i`: its recording Service is the canary's `app-i-recording`.
+    fn of_http_route(r: &DynamicObject) -> Self {
+        let v = serde_json::to_value(r).unwrap_or_default();
+        let (_, recording) = backend_service_names(r.metadata.name.as_deref().unwrap_or_default());
+        Self {
+            split: http_route_split(&v, &recording),
+            accepted: mesh_status(&v).is_none(),
+            since: Instant::now(),
+        }
+    }
+
+    fn carry_since(old: &Self, new: &mut Self) {
+        if old.split == new.split {
+            new.since = old.since;
+        }
+    }
+
+    /// At `percent`: a VirtualService routes `percent` to the recording subset (in some HTTP
+    /// route); an HTTPRoute gives the recording Service exactly `percent` % of every rule.
+    fn at(&self, router: Router, percent: i64) -> bool {
+        match router {
+            Router::Istio => self.split.iter().any(|(w, _)| *w == percent),
+            Router::GatewayApi => {
+                !self.split.is_empty()
+                    && self
+                        .split
+                        .iter()
+                        .all(|(w, total)| *total > 0 && w * 100 == percent * total)
+            }
+        }
+    }
+
+    fn describe(&self, router: Router) -> String {
+        match router {
+            Router::Istio => format!(
+                "{RECORDING_SUBSET} weights {:?}",
+                self.split.iter().map(|(w, _)| w).collect::<Vec<_>>()
+            ),
+            Router::GatewayApi => format!(
+                "(recording weight, rule weight) per rule {:?}{}",
+                self.split,
+                if self.accepted {
+                    ""
+                } else {
+                    ", not accepted for its generation"
+                }
+            ),
+        }
+    }
+}
+
+/// Per rule of an HTTPRoute: the weight of its backendRefs to Service `recording`, and of all.
+fn http_route_split(route: &Value, recording: &str) -> Vec<(i64, i64)> {
+    route
+        .pointer("/spec/rules")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|r| r.get("route").and_then(Value::as_array))
-        .flatten()
-        .filter(|d| {
-            d.pointer("/destination/subset").and_then(Value::as_str) == Some(RECORDING_SUBSET)
+        .map(|rule| {
+            let refs = rule
+                .get("backendRefs")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let weight = |b: &Value| b.get("weight").and_then(Value::as_i64).unwrap_or(1);
+            let to_recording = refs
+                .iter()
+                .filter(|b| {
+                    b.get("name").and_then(Value::as_str) == Some(recording)
+                        && matches!(
+                            b.get("kind").and_then(Value::as_str),
+                            None | Some("Service")
+                        )
+                })
+                .map(weight)
+                .sum();
+            (to_recording, refs.iter().map(weight).sum())
         })
-        .map(|d| d.get("weight").and_then(Value::as_i64).unwrap_or(0))
         .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// The mesh
+
+/// The driver playing the mesh of the Gateway API router: what Istio (or another GAMMA mesh)
+/// does for a route it applies, and what the controller waits for before it reports Ready.
+/// Watches the HTTPRoutes of the fleet namespaces; a route whose `status.parents` does not
+/// accept its current generation gets, per parentRef, `Accepted` and `ResolvedRefs` True for it
+/// (a merge patch of its status, at most [`MESH_PARALLEL`] at once). Its writes are counted apart
+/// from the controller's. Stops when dropped.
+struct Mesh {
+    writes: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Mesh {
+    fn start(client: Client, namespaces: Arc<HashSet<String>>) -> Self {
+        let writes = Arc::new(AtomicU64::new(0));
+        let w = writes.clone();
+        let task = tokio::spawn(async move {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &http_route_resource());
+            let limit = Arc::new(Semaphore::new(MESH_PARALLEL));
+            // Per route (and uid): the last generation accepted or being accepted, so that a
+            // revision delivered twice, or before the status write's own, is not written again.
+            let written: Arc<Mutex<HashMap<Key, (String, i64)>>> = Arc::default();
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                let Ok(r) = ev else { continue };
+                let ns = r.metadata.namespace.clone().unwrap_or_default();
+                if !namespaces.contains(&ns) {
+                    continue;
+                }
+                let v = serde_json::to_value(&r).unwrap_or_default();
+                let Some(parents) = mesh_status(&v) else {
+                    continue;
+                };
+                let key = (ns.clone(), r.metadata.name.clone().unwrap_or_default());
+                let uid = r.metadata.uid.clone().unwrap_or_default();
+                let generation = r.metadata.generation.unwrap_or(0);
+                {
+                    let mut done = lock(&written);
+                    if done
+                        .get(&key)
+                        .is_some_and(|(u, g)| *u == uid && *g >= generation)
+                    {
+                        continue;
+                    }
+                    done.insert(key.clone(), (uid, generation));
+                }
+                let (client, limit, w) = (client.clone(), limit.clone(), w.clone());
+                tokio::spawn(async move {
+                    let Ok(_permit) = limit.acquire_owned().await else {
+                        return;
+                    };
+                    let api = Api::<DynamicObject>::namespaced_with(
+                        client,
+                        &key.0,
+                        &http_route_resource(),
+                    );
+                    let (pp, patch) = (
+                        PatchParams::default(),
+                        Patch::Merge(json!({"status": {"parents": parents}})),
+                    );
+                    let what = format!("accept HTTPRoute {}/{}", key.0, key.1);
+                    if retry(&what, || api.patch_status(&key.1, &pp, &patch))
+                        .await
+                        .is_ok()
+                    {
+                        w.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Self { writes, task }
+    }
+
+    /// Status writes so far.
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+/// The `status.parents` the mesh writes on a route, or None when the route's status already
+/// accepts its current generation on every parentRef.
+fn mesh_status(route: &Value) -> Option<Value> {
+    let parents = route
+        .pointer("/spec/parentRefs")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if parents
+        .iter()
+        .all(|p| accepted_for_current_generation(route, p))
+    {
+        return None;
+    }
+    let generation = route
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let cond = |t: &str| {
+        json!({"type": t, "status": "True", "reason": t, "message": "accepted by the fleet driver's mesh",
+               "observedGeneration": generation, "lastTransitionTime": now})
+    };
+    Some(Value::Array(
+        parents
+            .iter()
+            .map(|p| {
+                json!({"parentRef": p, "controllerName": MESH_CONTROLLER,
+                       "conditions": [cond("Accepted"), cond("ResolvedRefs")]})
+            })
+            .collect(),
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2222,11 +2679,40 @@ fn app_service(name: &str) -> Service {
     .expect("Service")
 }
 
-fn canary(name: &str, run_id: &str) -> DynamicObject {
+/// The user's HTTPRoute of an app: its Service as parent (GAMMA), as in
+/// examples/gateway-api/route.yaml; with `two_rules`, a header-matched rule with a timeout
+/// before the default one.
+fn app_route(name: &str, two_rules: bool) -> DynamicObject {
+    let backend = json!([{"name": name, "port": 80}]);
+    let rules = if two_rules {
+        json!([
+            {"name": "canary-test",
+             "matches": [{"headers": [{"name": "x-canary-test", "value": "1"}]}],
+             "timeouts": {"request": "10s"},
+             "backendRefs": backend},
+            {"name": "default", "backendRefs": backend},
+        ])
+    } else {
+        json!([{"backendRefs": backend}])
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+                 "rules": rules}
+    }))
+    .expect("HTTPRoute")
+}
+
+fn canary(name: &str, run_id: &str, router: Router) -> DynamicObject {
+    let mut spec = json!({"targetRef": {"name": name}, "percent": START_PERCENT});
+    if router == Router::GatewayApi {
+        spec["router"] = json!("GatewayAPI");
+    }
     serde_json::from_value(json!({
         "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
         "metadata": {"name": name, "labels": {RUN_LABEL: run_id}},
-        "spec": {"targetRef": {"name": name}, "percent": START_PERCENT}
+        "spec": spec
     }))
     .expect("RecordingCanary")
 }
@@ -2312,6 +2798,8 @@ struct Snapshot {
     events: u64,
     /// Canaries seen leaving Ready with no change of spec (`CanarySum::left_ready`), so far.
     left_ready: u64,
+    /// The driver's route status writes as the mesh, so far.
+    mesh_writes: u64,
     apiserver: BTreeMap<String, f64>,
     /// The sums over the controller processes.
     proc: ProcStat,
