@@ -1,7 +1,8 @@
 //! Benchmark: N RecordingCanaries created at once over M namespaces. Prints, per phase (converge,
 //! ramp, 10 s steady state, rollback), the wall time against the floor (N plain Deployments
 //! Ready), the controller's API calls and Events per canary, its writes in the steady state, its
-//! RSS and CPU; then its calls by verb and resource to converge, and the apiserver's requests by
+//! RSS and CPU; the ramp's patch → route weights (p50 to max) beside a naive watcher's in the
+//! same ramp; then its calls by verb and resource to converge, and the apiserver's requests by
 //! verb. Asserts nothing but that every phase finished and that no canary flapped (left Ready
 //! with no change of its spec). See testkit/src/fleet.rs.
 //!
@@ -15,7 +16,13 @@
 //! processes with `--leader-elect=true --shards N` and the same scope, each leading one shard
 //! Lease, reported one by one and summed), RC_FLEET_FLOOR=apps (take the floor from the apps' own
 //! 1-replica Deployments, created first and alone, instead of a separate floor run and its
-//! cleanup; needs RC_FLEET_REPLICAS=1, the default from 1000 canaries on). Progress goes to stderr, the Markdown tables to stdout.
+//! cleanup; needs RC_FLEET_REPLICAS=1, the default from 1000 canaries on), RC_FLEET_ROUTER
+//! (`istio`, the default: VirtualService weights; `gateway`: `router: GatewayAPI`, each app with an
+//! HTTPRoute that has its Service as parent, the driver playing the mesh that accepts the routes),
+//! RC_FLEET_NAIVE (canaries of the naive watcher beside the fleet, default min(N, 50); 0: none;
+//! none either with RC_FLEET_CLUSTER_WIDE=1), RC_FLEET_RUST_LOG (more directives for the
+//! controller's log, e.g. `recording_canary::controller=debug`). Progress goes to stderr, the
+//! Markdown tables to stdout.
 //! The namespaces `rc-fleet-<run>-<j>` are deleted at the end; the controllers' logs stay in
 //! target/fleet-logs/.
 
@@ -53,7 +60,20 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    cfg.tag = "bench".into();
+    cfg.router = match driver::Router::parse(&std::env::var("RC_FLEET_ROUTER").unwrap_or_default())
+    {
+        Some(r) => r,
+        None => {
+            eprintln!("RC_FLEET_ROUTER: expected `istio` (the default) or `gateway`");
+            std::process::exit(2);
+        }
+    };
+    cfg.naive = driver::env_usize("RC_FLEET_NAIVE", cfg.naive);
+    cfg.tag = match cfg.router {
+        driver::Router::Istio => "bench",
+        driver::Router::GatewayApi => "bench-gateway",
+    }
+    .into();
 
     let report = driver::run(cfg).await;
     println!("{}", report.markdown());

@@ -2,7 +2,10 @@
 //! namespaces (8 parallel clients). Counts its API calls from its own `/metrics`
 //! (`recording_canary_api_requests_total`), the Events about the canaries from the cluster, and
 //! its writes in a 10 s steady state, and fails if a canary ever leaves Ready with no change of its
-//! spec (a flap). Needs a cluster (RC_E2E_KUBECONFIG, set by tests/run.sh);
+//! spec (a flap). Once with Istio's VirtualServices, once with the Gateway API router (each app
+//! with an HTTPRoute that has its Service as parent; the driver plays the mesh that accepts the
+//! routes, and its status writes are not the controller's): the same budgets for both. The two
+//! fleets take turns on the cluster. Needs a cluster (RC_E2E_KUBECONFIG, set by tests/run.sh);
 //! fails, never skips, without one. The figures are printed in every failure message;
 //! `cargo bench --bench fleet` runs the same driver at larger scale.
 
@@ -12,9 +15,12 @@ use testkit::fleet as driver;
 
 use std::time::Duration;
 
+use tokio::sync::Mutex;
+
 const CANARIES: usize = 50;
 const NAMESPACES: usize = 5;
 const CLIENTS: usize = 8;
+const NAIVE: usize = 10;
 const DEADLINE: Duration = Duration::from_secs(300);
 /// Controller API requests per canary to converge (reads and writes, Events not counted).
 const CALLS_PER_CANARY: f64 = 15.0;
@@ -23,15 +29,41 @@ const EVENTS_PER_CANARY: f64 = 3.0;
 /// What was missing is printed with the table.
 const SEE_BELOW: &str = " (what was missing is below the table)";
 
+/// One fleet on the cluster at a time: each test's figures and times are its own fleet's.
+static CLUSTER: Mutex<()> = Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_canaries_converge_within_the_call_and_event_budget() {
+    fleet_within_budget(driver::Router::Istio).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_canaries_with_the_gateway_api_router_converge_within_the_same_budget() {
+    fleet_within_budget(driver::Router::GatewayApi).await;
+}
+
+async fn fleet_within_budget(router: driver::Router) {
     let kubeconfig = driver::kubeconfig_from_env().unwrap_or_else(|msg| panic!("{msg}"));
     let mut cfg = driver::FleetConfig::new(kubeconfig, CANARIES, NAMESPACES);
     cfg.clients = CLIENTS;
     cfg.phase_timeout = DEADLINE;
-    cfg.tag = "test".into();
+    cfg.router = router;
+    // A few canaries of the naive watcher: its comparison runs, cheaply (nothing is asserted of it).
+    cfg.naive = NAIVE;
+    cfg.tag = match router {
+        driver::Router::Istio => "test",
+        driver::Router::GatewayApi => "test-gateway",
+    }
+    .into();
+    let route = match router {
+        driver::Router::Istio => "VirtualService weight",
+        driver::Router::GatewayApi => "the HTTPRoute's share of every rule",
+    };
 
-    let report = driver::run(cfg).await;
+    let report = {
+        let _turn = CLUSTER.lock().await;
+        driver::run(cfg).await
+    };
     let table = report.markdown();
     println!("{table}");
 
@@ -43,7 +75,7 @@ async fn fifty_canaries_converge_within_the_call_and_event_budget() {
         ));
     } else if !report.finished("converge") {
         broken.push(format!(
-            "{CANARIES} canaries did not all converge (Ready at {}% with VirtualService weight {}) within {DEADLINE:?}{}",
+            "{CANARIES} canaries did not all converge (Ready at {}% with {route} {}) within {DEADLINE:?}{}",
             driver::START_PERCENT,
             driver::START_PERCENT,
             SEE_BELOW
@@ -98,7 +130,7 @@ async fn fifty_canaries_converge_within_the_call_and_event_budget() {
     }
     assert!(
         broken.is_empty(),
-        "the fleet of {CANARIES} canaries broke its budget:\n- {}\n\n{table}",
+        "the fleet of {CANARIES} canaries ({router:?} router) broke its budget:\n- {}\n\n{table}",
         broken.join("\n- ")
     );
 }

@@ -17,6 +17,28 @@
 //!    `Ready` at `currentPercent` 10 and its VirtualService `app-i-recording` routes 10 to subset
 //!    `rcanary-recording`.
 //! 4. **ramp**: every canary patched to 20 %, until all are Ready at 20 with VirtualService weight 20.
+//!
+//!    With the Gateway API router ([`Router::GatewayApi`]) each app also has an HTTPRoute `app-i`
+//!    with its Service as parent (GAMMA; one rule, or two for odd i), created with the Service, and
+//!    no VirtualService; the canaries say `router: GatewayAPI`; a canary has converged when it is
+//!    Ready at the percent and every rule of `app-i` gives Service `app-i-recording` exactly that
+//!    share of its weight. The driver plays the mesh: a watch of the fleet's HTTPRoutes writes,
+//!    for every route whose `status.parents` is not for its current generation, `Accepted` and
+//!    `ResolvedRefs` True for each parentRef (as Istio or another GAMMA mesh would). Those status
+//!    writes are the driver's: they are counted apart (`mesh writes`), not in the controller's
+//!    calls. The controller's two Services per canary take cluster IPs, so the driver adds a
+//!    ServiceCIDR for the run (the local control plane's own range has 254 addresses).
+//!
+//!    The ramp also times each canary's **patch → route weights**: from just before the driver's
+//!    PATCH of `spec.percent` to the watch event of its route with the new weights (the route's
+//!    spec, as benches/side_by_side.rs times it; not the mesh's acceptance). Beside the fleet, a
+//!    **naive watcher** (what benches/naive_watcher.py does, in Rust: per canary, a watch of the
+//!    RecordingCanary and, on each event, a GET of its route and a PUT with the weights; no
+//!    cache) serves K more canaries (`naive`, default min(N, 50)) in a namespace of its own,
+//!    outside the controller's scope, each with its own route (a VirtualService, or an HTTPRoute
+//!    the mesh accepts too). Their patches are interleaved with the fleet's in the same ramp, and
+//!    timed the same way: the two p99s come from the same run, under the same load. (Not with
+//!    `cluster_wide`: the controller would take those canaries too.)
 //! 5. **steady**: 10 s without any change; the controller should write nothing.
 //! 6. **rollback**: every RecordingCanary deleted, until all are gone and so are their clones.
 //!
@@ -50,16 +72,21 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams, PostParams,
+    ApiResource, DeleteParams, DynamicObject, GetParams, ListParams, Patch, PatchParams,
+    PostParams, WatchEvent, WatchParams,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::Request;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config, Resource};
+use recording_canary::api::labels::backend_service_names;
+use recording_canary::gateway::http_route_resource;
+use recording_canary::gateway::status::accepted_for_current_generation;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 /// Label on every fleet namespace.
 pub const PART_OF: &str = "recording-canary-fleet";
@@ -78,6 +105,14 @@ pub const RAMP_PERCENT: i64 = 20;
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 /// How long the namespaces may take to go at the end (not a failure of the run when exceeded).
 const NAMESPACE_CLEANUP: Duration = Duration::from_secs(300);
+/// The naive watcher's canaries by default (at most).
+const NAIVE_DEFAULT: usize = 50;
+/// The ServiceCIDR a Gateway API run adds: 65,534 addresses, two per canary.
+const FLEET_SERVICE_CIDR: &str = "10.128.0.0/16";
+/// The mesh's status writes in flight at once.
+const MESH_PARALLEL: usize = 8;
+/// What the mesh writes as its `controllerName` in route status.
+const MESH_CONTROLLER: &str = "fleet.recordingcanary.dev/mesh";
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -114,6 +149,42 @@ pub struct FleetConfig {
     pub floor_from_apps: bool,
     /// Goes into the log file's name (`bench`, `test`).
     pub tag: String,
+    /// How the canaries split traffic (`spec.router`), and so which routes the driver creates,
+    /// reads and accepts.
+    pub router: Router,
+    /// Canaries of the naive watcher, beside the fleet (0: none; ignored with `cluster_wide`).
+    pub naive: usize,
+}
+
+/// The router the fleet's canaries use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Router {
+    /// Istio's VirtualService weights between DestinationRule subsets; the canaries leave
+    /// `spec.router` unset (Auto, which is Istio here: no HTTPRoute has the Service as parent).
+    #[default]
+    Istio,
+    /// `router: GatewayAPI`: HTTPRoute weights between the canary's two Services; each app has an
+    /// HTTPRoute with its Service as parent, and the driver plays the mesh that accepts routes.
+    GatewayApi,
+}
+
+impl Router {
+    /// `istio` or `gateway` (`RC_FLEET_ROUTER`); None for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "istio" => Some(Self::Istio),
+            "gateway" | "gatewayapi" | "gateway-api" => Some(Self::GatewayApi),
+            _ => None,
+        }
+    }
+
+    /// The kind of route whose weights the driver reads.
+    fn route_kind(self) -> &'static str {
+        match self {
+            Self::Istio => "VirtualService",
+            Self::GatewayApi => "HTTPRoute",
+        }
+    }
 }
 
 impl FleetConfig {
@@ -134,6 +205,8 @@ impl FleetConfig {
             shards: 1,
             floor_from_apps: false,
             tag: "fleet".into(),
+            router: Router::Istio,
+            naive: canaries.min(NAIVE_DEFAULT),
         }
     }
 }
@@ -202,6 +275,9 @@ pub struct PhaseReport {
     pub cpu_s: f64,
     /// What was missing when the phase did not finish.
     pub detail: String,
+    /// Route status writes of the driver playing the mesh (Gateway API router): not the
+    /// controller's, so in none of its figures.
+    pub mesh_writes: u64,
     /// With several controller processes, each one's own figures (calls, RSS, CPU), in the
     /// order of `FleetReport::processes`; empty with one.
     pub processes: Vec<PhaseReport>,
@@ -297,6 +373,56 @@ pub struct FleetReport {
     /// Why the run stopped early.
     pub failure: Option<String>,
     pub notes: Vec<String>,
+    /// Patch → route weights in the ramp: the controller's canaries, and the naive watcher's.
+    pub latency: Option<Latency>,
+    pub naive_latency: Option<Latency>,
+    /// The naive watcher's requests by verb, through the ramp.
+    pub naive_requests: BTreeMap<String, u64>,
+}
+
+/// Patch → route weights, one sample per canary.
+#[derive(Clone, Debug, Default)]
+pub struct Latency {
+    /// Sorted.
+    pub samples: Vec<Duration>,
+    /// Canaries whose route did not show the new weights (no sample).
+    pub missing: usize,
+}
+
+impl Latency {
+    pub fn new(mut samples: Vec<Duration>, missing: usize) -> Self {
+        samples.sort();
+        Self { samples, missing }
+    }
+
+    /// The nearest-rank percentile `p` (0 < p ≤ 100); None without samples.
+    pub fn percentile(&self, p: f64) -> Option<Duration> {
+        let n = self.samples.len();
+        if n == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * n as f64).ceil() as usize;
+        self.samples.get(rank.clamp(1, n) - 1).copied()
+    }
+
+    /// `p50 … ms, p90 …, p99 …, max …` (or `no samples`).
+    pub fn summary(&self) -> String {
+        let ms = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+            })
+        };
+        if self.samples.is_empty() {
+            return "no samples".into();
+        }
+        format!(
+            "p50 {}, p90 {}, p99 {}, max {}",
+            ms(self.percentile(50.0)),
+            ms(self.percentile(90.0)),
+            ms(self.percentile(99.0)),
+            ms(self.samples.last().copied())
+        )
+    }
 }
 
 impl FleetReport {
@@ -342,6 +468,11 @@ impl FleetReport {
                 scope,
                 ", {} controller processes (`--shards {}`, one shard Lease each)",
                 c.shards, c.shards
+            );
+        }
+        if c.router == Router::GatewayApi {
+            scope.push_str(
+                ", **Gateway API router** (`router: GatewayAPI`, one HTTPRoute per app with its Service as parent; the driver plays the mesh)",
             );
         }
         let _ = writeln!(
@@ -446,6 +577,17 @@ impl FleetReport {
                     .join(", ")
             );
         }
+        if c.router == Router::GatewayApi && !self.phases.is_empty() {
+            let _ = writeln!(
+                s,
+                "mesh: route status writes of the driver playing the mesh (`Accepted`, `ResolvedRefs`; not the controller's, in none of its figures): {}.",
+                self.phases
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.mesh_writes))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         for p in self.phases.iter().filter(|p| !p.detail.is_empty()) {
             let _ = writeln!(s, "\n**{} did not finish**: {}", p.name, p.detail);
         }
@@ -464,6 +606,9 @@ impl FleetReport {
             self.per_process_markdown(&mut s);
         }
 
+        if let Some(l) = &self.latency {
+            self.latency_markdown(&mut s, l);
+        }
         if let Some(p) = self.phase("converge") {
             let _ = writeln!(
                 s,
@@ -545,6 +690,50 @@ impl FleetReport {
         s
     }
 
+    /// Patch → route weights in the ramp, the controller's and the naive watcher's.
+    fn latency_markdown(&self, s: &mut String, l: &Latency) {
+        let route = match self.config.router {
+            Router::Istio => "VirtualService weights",
+            Router::GatewayApi => "HTTPRoute weights",
+        };
+        let _ = writeln!(
+            s,
+            "\n#### Patch of `spec.percent` → {route} (watched), the ramp, every canary patched at once\n"
+        );
+        let _ = writeln!(s, "| tool | canaries | p50 | p90 | p99 | max | missing |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- | --- |");
+        let row = |s: &mut String, tool: &str, l: &Latency| {
+            let ms = |d: Option<Duration>| {
+                d.map_or("-".to_string(), |d| {
+                    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+                })
+            };
+            let _ = writeln!(
+                s,
+                "| {tool} | {} | {} | {} | {} | {} | {} |",
+                l.samples.len() + l.missing,
+                ms(l.percentile(50.0)),
+                ms(l.percentile(90.0)),
+                ms(l.percentile(99.0)),
+                ms(l.samples.last().copied()),
+                l.missing
+            );
+        };
+        row(s, "recording-canary", l);
+        if let Some(n) = &self.naive_latency {
+            row(s, "naive watcher (in the same ramp)", n);
+            let _ = writeln!(
+                s,
+                "\nnaive watcher: a watch per canary, a GET and a PUT of its route per event, no cache; its requests in the ramp: {}.",
+                self.naive_requests
+                    .iter()
+                    .map(|(v, n)| format!("{n} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+
     /// The split of the namespaces between the shards, and each process's figures per phase.
     fn per_process_markdown(&self, s: &mut String) {
         let _ = writeln!(
@@ -623,6 +812,9 @@ pub async fn run(cfg: FleetConfig) -> FleetReport {
         metric_present: false,
         failure: None,
         notes: Vec::new(),
+        latency: None,
+        naive_latency: None,
+        naive_requests: BTreeMap::new(),
     };
     if let Err(e) = std::fs::create_dir_all(&logs) {
         report.failure = Some(format!("cannot create {}: {e}", logs.display()));
@@ -773,7 +965,16 @@ struct Fleet {
     created_namespaces: bool,
     changed: Arc<Notify>,
     canaries: Tracker<CanarySum>,
-    vss: Tracker<Vec<i64>>,
+    /// Each canary's route: its VirtualService `app-i-recording` (Istio) or the user's HTTPRoute
+    /// `app-i` (Gateway API).
+    routes: Tracker<RouteSum>,
+    /// The driver playing the mesh (Gateway API router only).
+    mesh: Option<Mesh>,
+    /// The ServiceCIDR the run added, to delete at the end.
+    service_cidr: Option<String>,
+    /// The naive watcher's namespace (None: no naive watcher in this run), and its watches.
+    naive_ns: Option<String>,
+    naive: Option<Naive>,
     deployments: Tracker<i32>,
     /// The floor's pods, by their Deployment's name (their `app` label).
     floor_pods: Tracker<String>,
@@ -807,13 +1008,32 @@ impl Fleet {
             CanarySum::of,
             CanarySum::left_ready,
         );
-        let vss = Tracker::start(
-            Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
-            all.clone(),
-            Some(set.clone()),
-            changed.clone(),
-            recording_weights,
-        );
+        // The naive watcher's namespace, outside the controller's scope: its routes are watched
+        // (and accepted by the mesh) with the fleet's.
+        let naive_ns =
+            (cfg.naive > 0 && !cfg.cluster_wide).then(|| format!("rc-fleet-{run_id}-naive"));
+        let route_set: Arc<HashSet<String>> =
+            Arc::new(set.iter().cloned().chain(naive_ns.clone()).collect());
+        let routes = match cfg.router {
+            Router::Istio => Tracker::start_carrying(
+                Api::<DynamicObject>::all_with(client.clone(), &vs_resource()),
+                all.clone(),
+                Some(route_set.clone()),
+                changed.clone(),
+                RouteSum::of_virtual_service,
+                RouteSum::carry_since,
+            ),
+            Router::GatewayApi => Tracker::start_carrying(
+                Api::<DynamicObject>::all_with(client.clone(), &http_route_resource()),
+                all.clone(),
+                Some(route_set.clone()),
+                changed.clone(),
+                RouteSum::of_http_route,
+                RouteSum::carry_since,
+            ),
+        };
+        let mesh = (cfg.router == Router::GatewayApi)
+            .then(|| Mesh::start(client.clone(), route_set.clone()));
         let deployments = Tracker::start(
             Api::<Deployment>::all(client.clone()),
             all.clone(),
@@ -868,7 +1088,11 @@ impl Fleet {
             created_namespaces: false,
             changed,
             canaries,
-            vss,
+            routes,
+            mesh,
+            service_cidr: None,
+            naive_ns,
+            naive: None,
             deployments,
             floor_pods,
             ns_tracker,
@@ -877,13 +1101,17 @@ impl Fleet {
             t0: Instant::now(),
         };
         fleet.say(&format!(
-            "run {}: {} canaries in {} namespaces (rc-fleet-{}-*), {} clients, {} replica(s) per target",
+            "run {}: {} canaries in {} namespaces (rc-fleet-{}-*), {} clients, {} replica(s) per target{}",
             fleet.run_id,
             fleet.cfg.canaries,
             fleet.cfg.namespaces,
             fleet.run_id,
             fleet.clients.len(),
-            fleet.cfg.replicas
+            fleet.cfg.replicas,
+            match fleet.cfg.router {
+                Router::Istio => "",
+                Router::GatewayApi => ", Gateway API router (the driver plays the mesh)",
+            }
         ));
         Ok(fleet)
     }
@@ -904,6 +1132,169 @@ impl Fleet {
         (0..self.cfg.canaries)
             .map(|i| (self.ns_of(i).to_string(), name(i)))
             .collect()
+    }
+
+    /// The naive watcher's canaries in this run.
+    fn naive_canaries(&self) -> usize {
+        if self.naive_ns.is_some() {
+            self.cfg.naive
+        } else {
+            0
+        }
+    }
+
+    /// The naive watcher's canaries' routes.
+    fn naive_keys(&self) -> Vec<Key> {
+        let ns = self.naive_ns.clone().unwrap_or_default();
+        (0..self.naive_canaries())
+            .map(|m| (ns.clone(), naive_name(m)))
+            .collect()
+    }
+
+    /// The naive watcher's namespace, its canaries at the start percent and their routes at
+    /// that weight; then its watches, until each has opened.
+    async fn start_naive(&mut self) -> Result<(), String> {
+        let Some(ns) = self.naive_ns.clone() else {
+            return Ok(());
+        };
+        let k = self.cfg.naive;
+        let t = Instant::now();
+        let obj: Namespace = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {
+                "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id}}
+        }))
+        .map_err(|e| format!("namespace object: {e}"))?;
+        create(&Api::<Namespace>::all(self.client.clone()), &obj).await?;
+        let (router, run_id, ns_) = (self.cfg.router, self.run_id.clone(), ns.clone());
+        self.parallel("naive: create canaries and routes", k, move |c, m| {
+            let (ns, run_id) = (ns_.clone(), run_id.clone());
+            async move {
+                let name = naive_name(m);
+                let route = naive_route(&name, router);
+                let res = match router {
+                    Router::Istio => vs_resource(),
+                    Router::GatewayApi => http_route_resource(),
+                };
+                create(
+                    &Api::<DynamicObject>::namespaced_with(c.clone(), &ns, &res),
+                    &route,
+                )
+                .await?;
+                let rc = canary(&name, &run_id, router);
+                create(
+                    &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
+                    &rc,
+                )
+                .await
+            }
+        })
+        .await?;
+        let naive = Naive::start(self.client.clone(), &ns, k, self.cfg.router);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let keys = self.naive_keys();
+        let r = self
+            .wait_for("naive: watches open", deadline, || {
+                let watching = naive.watching();
+                let routes = self.routes.map();
+                let mut pending: Vec<String> = keys
+                    .iter()
+                    .filter(|k| {
+                        !routes
+                            .get(*k)
+                            .is_some_and(|r| r.at(self.cfg.router, START_PERCENT))
+                    })
+                    .map(|k| format!("route {}/{}: not seen at {START_PERCENT} %", k.0, k.1))
+                    .collect();
+                if watching < k {
+                    pending.push(format!("{watching} of {k} naive watches open"));
+                }
+                Progress::new(k, pending, "naive canaries watched", self.routes.synced())
+            })
+            .await;
+        self.naive = Some(naive);
+        r?;
+        self.say(&format!(
+            "naive: {k} canaries in {ns}, each with its own watch, in {}",
+            secs(t.elapsed())
+        ));
+        Ok(())
+    }
+
+    /// Patch → route weights of every canary in the ramp, from the times the patches were sent
+    /// (`sent`: the fleet's, then the naive watcher's) and the route watch: the controller's,
+    /// and, once its routes show the ramp too (at most 60 s more), the naive watcher's.
+    async fn ramp_latency(
+        &self,
+        report: &mut FleetReport,
+        sent: &[Option<Instant>],
+        naive_before: &BTreeMap<String, u64>,
+    ) {
+        let n = self.cfg.canaries;
+        let router = self.cfg.router;
+        let measure = |keys: &[Key], sent: &[Option<Instant>]| {
+            let routes = self.routes.map();
+            let mut samples = Vec::new();
+            let mut missing = 0;
+            for (k, t0) in keys.iter().zip(sent) {
+                match (routes.get(k).filter(|r| r.at(router, RAMP_PERCENT)), t0) {
+                    (Some(r), Some(t0)) => samples.push(r.since.saturating_duration_since(*t0)),
+                    _ => missing += 1,
+                }
+            }
+            Latency::new(samples, missing)
+        };
+        let fleet = measure(&self.route_keys(), &sent[..n.min(sent.len())]);
+        self.say(&format!(
+            "ramp: patch → {} weights: {}",
+            router.route_kind(),
+            fleet.summary()
+        ));
+        report.latency = Some(fleet);
+        let Some(naive) = &self.naive else {
+            return;
+        };
+        let keys = self.naive_keys();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let r = self
+            .wait_for("ramp: naive watcher", deadline, || {
+                let routes = self.routes.map();
+                let pending: Vec<String> = keys
+                    .iter()
+                    .filter(|k| !routes.get(*k).is_some_and(|r| r.at(router, RAMP_PERCENT)))
+                    .map(|k| format!("route {}/{}", k.0, k.1))
+                    .collect();
+                Progress::new(
+                    keys.len(),
+                    pending,
+                    "naive routes at the ramp",
+                    self.routes.synced(),
+                )
+            })
+            .await;
+        if let Err(e) = r {
+            report.notes.push(format!("the naive watcher's ramp: {e}"));
+        }
+        let l = measure(&keys, sent.get(n..).unwrap_or_default());
+        self.say(&format!(
+            "ramp: naive watcher, patch → {} weights: {}",
+            router.route_kind(),
+            l.summary()
+        ));
+        report.naive_latency = Some(l);
+        let after = naive.requests();
+        report.naive_requests = after
+            .iter()
+            .map(|(v, c)| (v.clone(), c - naive_before.get(v).copied().unwrap_or(0)))
+            .collect();
+    }
+
+    /// Each canary's route, in canary order.
+    fn route_keys(&self) -> Vec<Key> {
+        match self.cfg.router {
+            Router::Istio => self.keys(clone_of),
+            Router::GatewayApi => self.keys(app),
+        }
     }
 
     async fn phases(&mut self, report: &mut FleetReport) -> Result<(), String> {
@@ -955,6 +1346,15 @@ impl Fleet {
                 secs(t.elapsed())
             ));
         }
+        if self.cfg.router == Router::GatewayApi {
+            self.wait_routes_accepted().await?;
+        }
+        if self.cfg.naive > 0 && self.naive_ns.is_none() {
+            let msg = "no naive watcher: with the controller cluster-wide it would take the naive watcher's canaries too".to_string();
+            self.say(&msg);
+            report.notes.push(msg);
+        }
+        self.start_naive().await?;
         self.settle().await;
         let s0 = self.snapshot().await?;
         self.check_metric(&s0, report);
@@ -962,9 +1362,10 @@ impl Fleet {
         // --- converge: the canaries, all at once.
         let t = Instant::now();
         let (namespaces, run_id) = (self.namespaces.clone(), self.run_id.clone());
+        let router = self.cfg.router;
         self.parallel("create: RecordingCanary", n, move |c, i| {
             let ns = namespaces[ns_index(i, namespaces.len())].clone();
-            let rc = canary(&app(i), &run_id);
+            let rc = canary(&app(i), &run_id, router);
             async move {
                 create(
                     &Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource()),
@@ -982,19 +1383,32 @@ impl Fleet {
             .timed_phase(report, "converge", t, &s0, START_PERCENT)
             .await?;
 
-        // --- ramp.
+        // --- ramp: the fleet's patches, and the naive watcher's interleaved with them; each
+        // one's time is taken just before it is sent.
         let t = Instant::now();
-        let namespaces = self.namespaces.clone();
-        self.parallel("ramp: patch percent", n, move |c, i| {
-            let ns = namespaces[ns_index(i, namespaces.len())].clone();
+        let k = self.naive_canaries();
+        let items = Arc::new(ramp_items(n, k));
+        let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; n + k]));
+        let naive_before = self.naive.as_ref().map(Naive::requests).unwrap_or_default();
+        let (namespaces, naive_ns) = (self.namespaces.clone(), self.naive_ns.clone());
+        let sent_by = sent.clone();
+        self.parallel("ramp: patch percent", n + k, move |c, j| {
+            let (slot, ns, name) = match items[j] {
+                RampItem::Fleet(i) => {
+                    (i, namespaces[ns_index(i, namespaces.len())].clone(), app(i))
+                }
+                RampItem::Naive(m) => (n + m, naive_ns.clone().unwrap_or_default(), naive_name(m)),
+            };
+            let sent = sent_by.clone();
             async move {
                 let api = Api::<DynamicObject>::namespaced_with(c, &ns, &canary_resource());
-                let name = app(i);
                 let (pp, patch) = (
                     PatchParams::default(),
                     Patch::Merge(json!({"spec": {"percent": RAMP_PERCENT}})),
                 );
                 retry(&format!("patch rcanary {ns}/{name}"), || {
+                    // A retried patch counts from its first attempt.
+                    lock(&sent)[slot].get_or_insert_with(Instant::now);
                     api.patch(&name, &pp, &patch)
                 })
                 .await
@@ -1005,6 +1419,8 @@ impl Fleet {
         let s2 = self
             .timed_phase(report, "ramp", t, &s1, RAMP_PERCENT)
             .await?;
+        let sent = lock(&sent).clone();
+        self.ramp_latency(report, &sent, &naive_before).await;
 
         // --- steady state: nothing changes; the controller should not write.
         self.say(&format!(
@@ -1070,8 +1486,8 @@ impl Fleet {
         r
     }
 
-    /// Waits until every canary is Ready at `percent` with VirtualService weight `percent`, then
-    /// records the phase from `t` and `before`.
+    /// Waits until every canary is Ready at `percent` with its route at `percent` (VirtualService
+    /// weight, or HTTPRoute share of every rule), then records the phase from `t` and `before`.
     async fn timed_phase(
         &self,
         report: &mut FleetReport,
@@ -1082,32 +1498,32 @@ impl Fleet {
     ) -> Result<Snapshot, String> {
         let n = self.cfg.canaries;
         let canary_keys = self.keys(app);
-        let vs_keys = self.keys(clone_of);
+        let route_keys = self.route_keys();
+        let router = self.cfg.router;
         let deadline = self.deadline();
         let r = self
             .wait_for(name, deadline, || {
                 let canaries = self.canaries.map();
-                let vss = self.vss.map();
+                let routes = self.routes.map();
                 let mut pending = Vec::new();
-                for (c, v) in canary_keys.iter().zip(&vs_keys) {
+                for (c, v) in canary_keys.iter().zip(&route_keys) {
                     let canary = canaries.get(c);
-                    let weights = vss.get(v);
+                    let route = routes.get(v);
                     let ok = canary.is_some_and(|s| s.at(percent))
-                        && weights.is_some_and(|w| w.contains(&percent));
+                        && route.is_some_and(|w| w.at(router, percent));
                     if !ok {
                         pending.push(format!(
-                            "{}/{}: {}; VirtualService {}: {}",
+                            "{}/{}: {}; {} {}: {}",
                             c.0,
                             c.1,
                             canary.map_or("(no rcanary)".to_string(), CanarySum::describe),
+                            router.route_kind(),
                             v.1,
-                            weights.map_or("(none)".to_string(), |w| format!(
-                                "{RECORDING_SUBSET} weights {w:?}"
-                            ))
+                            route.map_or("(none)".to_string(), |w| w.describe(router))
                         ));
                     }
                 }
-                let synced = self.canaries.synced() && self.vss.synced();
+                let synced = self.canaries.synced() && self.routes.synced();
                 Progress::new(n, pending, "Ready", synced)
             })
             .await;
@@ -1170,6 +1586,7 @@ impl Fleet {
             hwm_kib: b.proc.hwm_kib,
             cpu_s: cpu_s(&a.proc, &b.proc),
             detail: String::new(),
+            mesh_writes: b.mesh_writes.saturating_sub(a.mesh_writes),
             processes,
         }
     }
@@ -1246,9 +1663,11 @@ impl Fleet {
         }
     }
 
-    /// Creates each app's Deployment, its Service, or both (the Service just after the Deployment).
+    /// Creates each app's Deployment, its Service, or both (the Service just after the Deployment);
+    /// with the Gateway API router, the app's HTTPRoute just after its Service.
     async fn create_apps(&self, what: &str, parts: AppParts) -> Result<(), String> {
         let (namespaces, replicas) = (self.namespaces.clone(), self.cfg.replicas);
+        let router = self.cfg.router;
         self.parallel(what, self.cfg.canaries, move |c, i| {
             let ns = namespaces[ns_index(i, namespaces.len())].clone();
             let name = app(i);
@@ -1258,7 +1677,12 @@ impl Fleet {
                     create(&Api::<Deployment>::namespaced(c.clone(), &ns), &d).await?;
                 }
                 if parts != AppParts::Deployments {
-                    create(&Api::<Service>::namespaced(c, &ns), &s).await?;
+                    create(&Api::<Service>::namespaced(c.clone(), &ns), &s).await?;
+                    if router == Router::GatewayApi {
+                        let api =
+                            Api::<DynamicObject>::namespaced_with(c, &ns, &http_route_resource());
+                        create(&api, &app_route(&name, i % 2 == 1)).await?;
+                    }
                 }
                 Ok(())
             }
@@ -1363,7 +1787,51 @@ impl Fleet {
             create(&api, &obj).await?;
         }
         self.say(&format!("created {} namespaces", self.namespaces.len()));
+        if self.cfg.router == Router::GatewayApi {
+            self.add_service_cidr().await?;
+        }
         Ok(())
+    }
+
+    /// A ServiceCIDR for the run: the Gateway API router gives each canary two ClusterIP
+    /// Services, and the local control plane's own range (a /24) holds 254 addresses.
+    async fn add_service_cidr(&mut self) -> Result<(), String> {
+        let name = format!("rc-fleet-{}", self.run_id);
+        let obj: ServiceCIDR = serde_json::from_value(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": name, "labels": {
+                "app.kubernetes.io/part-of": PART_OF, RUN_LABEL: self.run_id}},
+            "spec": {"cidrs": [FLEET_SERVICE_CIDR]}
+        }))
+        .map_err(|e| format!("ServiceCIDR object: {e}"))?;
+        create(&Api::<ServiceCIDR>::all(self.client.clone()), &obj).await?;
+        self.service_cidr = Some(name.clone());
+        self.say(&format!(
+            "added ServiceCIDR {name} ({FLEET_SERVICE_CIDR}) for the canaries' Services"
+        ));
+        Ok(())
+    }
+
+    /// Until the mesh (the driver) has accepted every app's HTTPRoute: its first status writes
+    /// are then behind the measured phases.
+    async fn wait_routes_accepted(&self) -> Result<(), String> {
+        let keys = self.route_keys();
+        let deadline = self.deadline();
+        self.wait_for("apps: HTTPRoutes accepted", deadline, || {
+            let routes = self.routes.map();
+            let pending: Vec<String> = keys
+                .iter()
+                .filter(|k| !routes.get(*k).is_some_and(|r| r.accepted))
+                .map(|k| format!("HTTPRoute {}/{}: not accepted yet", k.0, k.1))
+                .collect();
+            Progress::new(
+                keys.len(),
+                pending,
+                "HTTPRoutes accepted",
+                self.routes.synced(),
+            )
+        })
+        .await
     }
 
     /// Runs `f(client, i)` for i in 0..n on the parallel clients, with progress every 5 s.
@@ -1620,10 +2088,17 @@ impl Fleet {
                 cmd.args(["--namespace", ns]);
             }
         }
+        // Warnings only, plus the one info line that has an `addr` field: "admin server
+        // listening … addr=127.0.0.1:PORT", which gives the /metrics port; RC_FLEET_RUST_LOG adds
+        // directives (say `recording_canary::controller=debug`, to see each reconcile's writes).
+        let mut rust_log = "warn,[{addr}]=info".to_string();
+        if let Ok(more) = std::env::var("RC_FLEET_RUST_LOG")
+            && !more.trim().is_empty()
+        {
+            rust_log = format!("{rust_log},{}", more.trim());
+        }
         cmd.env("KUBECONFIG", &self.cfg.kubeconfig)
-            // Warnings only, plus the one info line that has an `addr` field: "admin server
-            // listening … addr=127.0.0.1:PORT", which gives the /metrics port.
-            .env("RUST_LOG", "warn,[{addr}]=info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .env_remove("RC_NAMESPACES")
             .env_remove("RC_LEADER_ELECT")
@@ -1831,6 +2306,7 @@ impl Fleet {
             calls_at,
             events,
             left_ready: self.canaries.counted(),
+            mesh_writes: self.mesh.as_ref().map_or(0, Mesh::writes),
             apiserver,
             proc: proc_,
             processes,
@@ -1865,6 +2341,8 @@ impl Fleet {
     }
 
     async fn cleanup(&mut self, report: &mut FleetReport) {
+        self.mesh = None;
+        self.naive = None;
         if !self.controllers.is_empty() {
             let n = self.controllers.len();
             self.controllers.clear();
@@ -1905,14 +2383,14 @@ impl Fleet {
             ));
         }
         let api: Api<Namespace> = Api::all(self.client.clone());
-        for ns in self.namespaces.iter() {
+        for ns in self.namespaces.iter().chain(&self.naive_ns) {
             if let Err(e) = delete(&api, ns).await {
                 self.say(&format!("cannot delete namespace {ns}: {e}"));
             }
         }
         let t = Instant::now();
         let deadline = t + NAMESPACE_CLEANUP;
-        let total = self.namespaces.len();
+        let total = self.namespaces.len() + usize::from(self.naive_ns.is_some());
         let r = self
             .wait_for("namespace cleanup", deadline, || {
                 let left = self.ns_tracker.map();
@@ -1927,6 +2405,12 @@ impl Fleet {
             );
             self.say(&msg);
             report.notes.push(msg);
+        }
+        // The apiserver removes it once its last address is released (its finalizer).
+        if let Some(name) = self.service_cidr.take()
+            && let Err(e) = delete(&Api::<ServiceCIDR>::all(self.client.clone()), &name).await
+        {
+            self.say(&format!("cannot delete ServiceCIDR {name}: {e}"));
         }
     }
 }
@@ -2007,6 +2491,55 @@ impl<T: Send + 'static> Tracker<T> {
         K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
         F: Fn(&K) -> T + Send + 'static,
     {
+        Self::start_with(
+            api,
+            config,
+            namespaces,
+            changed,
+            summarize,
+            counts,
+            |_, _| {},
+        )
+    }
+
+    /// `start`, with `carry(old, new)` called on each update before the new summary replaces
+    /// the old one (to keep what the old one knew, such as since when a value holds).
+    fn start_carrying<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+        carry: fn(&T, &mut T),
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
+        Self::start_with(
+            api,
+            config,
+            namespaces,
+            changed,
+            summarize,
+            |_, _| false,
+            carry,
+        )
+    }
+
+    fn start_with<K, F>(
+        api: Api<K>,
+        config: watcher::Config,
+        namespaces: Option<Arc<HashSet<String>>>,
+        changed: Arc<Notify>,
+        summarize: F,
+        counts: fn(&T, &T) -> bool,
+        carry: fn(&T, &mut T),
+    ) -> Self
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        F: Fn(&K) -> T + Send + 'static,
+    {
         let map: Arc<Mutex<HashMap<Key, T>>> = Arc::default();
         let synced = Arc::new(AtomicBool::new(false));
         let counted = Arc::new(AtomicU64::new(0));
@@ -2041,10 +2574,13 @@ impl<T: Send + 'static> Tracker<T> {
                     }
                     watcher::Event::Apply(o) => {
                         if let Some(k) = key(&o) {
-                            let new = summarize(&o);
+                            let mut new = summarize(&o);
                             let mut map = lock(&m);
-                            if map.get(&k).is_some_and(|old| counts(old, &new)) {
-                                n.fetch_add(1, Ordering::Relaxed);
+                            if let Some(old) = map.get(&k) {
+                                if counts(old, &new) {
+                                    n.fetch_add(1, Ordering::Relaxed);
+                                }
+                                carry(old, &mut new);
                             }
                             map.insert(k, new);
                             drop(map);
@@ -2148,20 +2684,461 @@ impl CanarySum {
     }
 }
 
-/// Weights of the routes to the recording subset, in every HTTP route of a VirtualService.
-fn recording_weights(vs: &DynamicObject) -> Vec<i64> {
-    vs.data
-        .pointer("/spec/http")
+/// What the waits need of a route (a VirtualService, or an HTTPRoute).
+#[derive(Clone, Debug)]
+struct RouteSum {
+    /// VirtualService: the weight of each destination with subset `rcanary-recording`, in every
+    /// HTTP route. HTTPRoute: per rule, the weight of its backendRefs to the recording Service
+    /// and the weight of all its backendRefs (a backendRef's weight is 1 when unset).
+    split: Vec<(i64, i64)>,
+    /// Whether every parentRef reports `Accepted` and `ResolvedRefs` for the current generation
+    /// (HTTPRoute; always true for a VirtualService, which has no such status).
+    accepted: bool,
+    /// When the watch delivered the first revision with this `split` (a status write does not
+    /// move it).
+    since: Instant,
+}
+
+impl RouteSum {
+    fn of_virtual_service(vs: &DynamicObject) -> Self {
+        let split = vs
+            .data
+            .pointer("/spec/http")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r.get("route").and_then(Value::as_array))
+            .flatten()
+            .filter(|d| {
+                d.pointer("/destination/subset").and_then(Value::as_str) == Some(RECORDING_SUBSET)
+            })
+            .map(|d| (d.get("weight").and_then(Value::as_i64).unwrap_or(0), 100))
+            .collect();
+        Self {
+            split,
+            accepted: true,
+            since: Instant::now(),
+        }
+    }
+
+    /// Route `app-i`: its recording Service is the canary's `app-i-recording`.
+    fn of_http_route(r: &DynamicObject) -> Self {
+        let v = serde_json::to_value(r).unwrap_or_default();
+        let (_, recording) = backend_service_names(r.metadata.name.as_deref().unwrap_or_default());
+        Self {
+            split: http_route_split(&v, &recording),
+            accepted: mesh_status(&v).is_none(),
+            since: Instant::now(),
+        }
+    }
+
+    fn carry_since(old: &Self, new: &mut Self) {
+        if old.split == new.split {
+            new.since = old.since;
+        }
+    }
+
+    /// At `percent`: a VirtualService routes `percent` to the recording subset (in some HTTP
+    /// route); an HTTPRoute gives the recording Service exactly `percent` % of every rule.
+    fn at(&self, router: Router, percent: i64) -> bool {
+        match router {
+            Router::Istio => self.split.iter().any(|(w, _)| *w == percent),
+            Router::GatewayApi => {
+                !self.split.is_empty()
+                    && self
+                        .split
+                        .iter()
+                        .all(|(w, total)| *total > 0 && w * 100 == percent * total)
+            }
+        }
+    }
+
+    fn describe(&self, router: Router) -> String {
+        match router {
+            Router::Istio => format!(
+                "{RECORDING_SUBSET} weights {:?}",
+                self.split.iter().map(|(w, _)| w).collect::<Vec<_>>()
+            ),
+            Router::GatewayApi => format!(
+                "(recording weight, rule weight) per rule {:?}{}",
+                self.split,
+                if self.accepted {
+                    ""
+                } else {
+                    ", not accepted for its generation"
+                }
+            ),
+        }
+    }
+}
+
+/// Per rule of an HTTPRoute: the weight of its backendRefs to Service `recording`, and of all.
+fn http_route_split(route: &Value, recording: &str) -> Vec<(i64, i64)> {
+    route
+        .pointer("/spec/rules")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|r| r.get("route").and_then(Value::as_array))
-        .flatten()
-        .filter(|d| {
-            d.pointer("/destination/subset").and_then(Value::as_str) == Some(RECORDING_SUBSET)
+        .map(|rule| {
+            let refs = rule
+                .get("backendRefs")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let weight = |b: &Value| b.get("weight").and_then(Value::as_i64).unwrap_or(1);
+            let to_recording = refs
+                .iter()
+                .filter(|b| {
+                    b.get("name").and_then(Value::as_str) == Some(recording)
+                        && matches!(
+                            b.get("kind").and_then(Value::as_str),
+                            None | Some("Service")
+                        )
+                })
+                .map(weight)
+                .sum();
+            (to_recording, refs.iter().map(weight).sum())
         })
-        .map(|d| d.get("weight").and_then(Value::as_i64).unwrap_or(0))
         .collect()
+}
+
+// ------------------------------------------------------------------------------------------------
+// The naive watcher
+
+/// One patch of the ramp: a canary of the fleet, or of the naive watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RampItem {
+    Fleet(usize),
+    Naive(usize),
+}
+
+/// The ramp's `n + k` patches: the fleet's in order, with the naive watcher's `k` spread evenly
+/// among them (never first, so that they meet the fleet's load).
+fn ramp_items(n: usize, k: usize) -> Vec<RampItem> {
+    let total = n + k;
+    let naive_at: HashSet<usize> = (0..k).map(|m| (m + 1) * total / (k + 1)).collect();
+    let (mut i, mut m) = (0, 0);
+    (0..total)
+        .map(|j| {
+            if naive_at.contains(&j) && m < k || i >= n {
+                m += 1;
+                RampItem::Naive(m - 1)
+            } else {
+                i += 1;
+                RampItem::Fleet(i - 1)
+            }
+        })
+        .collect()
+}
+
+fn naive_name(m: usize) -> String {
+    format!("naive-{m}")
+}
+
+/// The naive watcher's route for canary `name`, at the start weight: a VirtualService between
+/// the two subsets, or an HTTPRoute (its Service as parent) between `<name>-stable` and
+/// `<name>-recording`. No Deployment or Service behind it: only its weights matter here.
+fn naive_route(name: &str, router: Router) -> DynamicObject {
+    let v = match router {
+        Router::Istio => json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": name},
+            "spec": {"hosts": [name], "http": [{"route": [
+                {"destination": {"host": name, "subset": "rcanary-stable"}, "weight": 100 - START_PERCENT},
+                {"destination": {"host": name, "subset": RECORDING_SUBSET}, "weight": START_PERCENT},
+            ]}]}
+        }),
+        Router::GatewayApi => {
+            let (stable, recording) = backend_service_names(name);
+            json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": {"name": name},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+                         "rules": [{"backendRefs": [
+                             {"name": stable, "port": 80, "weight": 100 - START_PERCENT},
+                             {"name": recording, "port": 80, "weight": START_PERCENT},
+                         ]}]}
+            })
+        }
+    };
+    serde_json::from_value(v).expect("naive route")
+}
+
+/// What the naive watcher writes: the weights of route `route` (named after its canary) set to
+/// `100 - p` and `p`, as benches/naive_watcher.py does for a VirtualService.
+fn naive_weights(route: &mut Value, router: Router, p: i64) {
+    match router {
+        Router::Istio => {
+            for http in route
+                .pointer_mut("/spec/http")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                for d in http
+                    .get_mut("route")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    let w = match d.pointer("/destination/subset").and_then(Value::as_str) {
+                        Some("rcanary-stable") => 100 - p,
+                        Some(RECORDING_SUBSET) => p,
+                        _ => continue,
+                    };
+                    d["weight"] = json!(w);
+                }
+            }
+        }
+        Router::GatewayApi => {
+            let name = route
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let (stable, recording) = backend_service_names(name);
+            for rule in route
+                .pointer_mut("/spec/rules")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                for b in rule
+                    .get_mut("backendRefs")
+                    .and_then(Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    let w = match b.get("name").and_then(Value::as_str) {
+                        Some(s) if s == stable => 100 - p,
+                        Some(r) if r == recording => p,
+                        _ => continue,
+                    };
+                    b["weight"] = json!(w);
+                }
+            }
+        }
+    }
+}
+
+/// The naive watcher: per canary, what benches/naive_watcher.py does (a watch of the one
+/// RecordingCanary; on every ADDED or MODIFIED event a GET of its route and a PUT with the
+/// weights of its `spec.percent`; no cache, no retry: a refused PUT waits for the next event),
+/// as a task instead of a process. Stops when dropped.
+struct Naive {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Watches that opened at least once.
+    watching: Arc<AtomicUsize>,
+    /// Requests by verb (`watch`, `get`, `put`).
+    requests: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Drop for Naive {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Naive {
+    fn start(client: Client, ns: &str, k: usize, router: Router) -> Self {
+        let watching = Arc::new(AtomicUsize::new(0));
+        let requests: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+        let res = match router {
+            Router::Istio => vs_resource(),
+            Router::GatewayApi => http_route_resource(),
+        };
+        let tasks = (0..k)
+            .map(|m| {
+                let name = naive_name(m);
+                let canaries =
+                    Api::<DynamicObject>::namespaced_with(client.clone(), ns, &canary_resource());
+                let routes = Api::<DynamicObject>::namespaced_with(client.clone(), ns, &res);
+                let (watching, requests) = (watching.clone(), requests.clone());
+                tokio::spawn(async move {
+                    let count = |verb: &str| *lock(&requests).entry(verb.into()).or_insert(0) += 1;
+                    let wp = WatchParams::default().fields(&format!("metadata.name={name}"));
+                    let mut opened = false;
+                    loop {
+                        count("watch");
+                        let stream = match canaries.watch(&wp, "0").await {
+                            Ok(s) => s,
+                            Err(_) => {
+                                // Back off before the next attempt (the API server is busy).
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                                continue;
+                            }
+                        };
+                        if !opened {
+                            opened = true;
+                            watching.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let mut stream = stream.boxed();
+                        while let Some(Ok(ev)) = stream.next().await {
+                            let rc = match ev {
+                                WatchEvent::Added(o) | WatchEvent::Modified(o) => o,
+                                WatchEvent::Error(_) => break,
+                                _ => continue,
+                            };
+                            let Some(p) = rc.data.pointer("/spec/percent").and_then(Value::as_i64)
+                            else {
+                                continue;
+                            };
+                            count("get");
+                            let Ok(route) = routes.get(&name).await else {
+                                continue;
+                            };
+                            let mut v = serde_json::to_value(&route).unwrap_or_default();
+                            naive_weights(&mut v, router, p);
+                            let Ok(route) = serde_json::from_value::<DynamicObject>(v) else {
+                                continue;
+                            };
+                            count("put");
+                            // A conflict (someone else wrote the route): the next event.
+                            let _ = routes.replace(&name, &PostParams::default(), &route).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            tasks,
+            watching,
+            requests,
+        }
+    }
+
+    fn watching(&self) -> usize {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    fn requests(&self) -> BTreeMap<String, u64> {
+        lock(&self.requests).clone()
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The mesh
+
+/// The driver playing the mesh of the Gateway API router: what Istio (or another GAMMA mesh)
+/// does for a route it applies, and what the controller waits for before it reports Ready.
+/// Watches the HTTPRoutes of the fleet namespaces; a route whose `status.parents` does not
+/// accept its current generation gets, per parentRef, `Accepted` and `ResolvedRefs` True for it
+/// (a merge patch of its status, at most [`MESH_PARALLEL`] at once). Its writes are counted apart
+/// from the controller's. Stops when dropped.
+struct Mesh {
+    writes: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Mesh {
+    fn start(client: Client, namespaces: Arc<HashSet<String>>) -> Self {
+        let writes = Arc::new(AtomicU64::new(0));
+        let w = writes.clone();
+        let task = tokio::spawn(async move {
+            let api = Api::<DynamicObject>::all_with(client.clone(), &http_route_resource());
+            let limit = Arc::new(Semaphore::new(MESH_PARALLEL));
+            // Per route (and uid): the last generation accepted or being accepted, so that a
+            // revision delivered twice, or before the status write's own, is not written again.
+            let written: Arc<Mutex<HashMap<Key, (String, i64)>>> = Arc::default();
+            let mut stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(ev) = stream.next().await {
+                let Ok(r) = ev else { continue };
+                let ns = r.metadata.namespace.clone().unwrap_or_default();
+                if !namespaces.contains(&ns) {
+                    continue;
+                }
+                let v = serde_json::to_value(&r).unwrap_or_default();
+                let Some(parents) = mesh_status(&v) else {
+                    continue;
+                };
+                let key = (ns.clone(), r.metadata.name.clone().unwrap_or_default());
+                let uid = r.metadata.uid.clone().unwrap_or_default();
+                let generation = r.metadata.generation.unwrap_or(0);
+                {
+                    let mut done = lock(&written);
+                    if done
+                        .get(&key)
+                        .is_some_and(|(u, g)| *u == uid && *g >= generation)
+                    {
+                        continue;
+                    }
+                    done.insert(key.clone(), (uid, generation));
+                }
+                let (client, limit, w) = (client.clone(), limit.clone(), w.clone());
+                tokio::spawn(async move {
+                    let Ok(_permit) = limit.acquire_owned().await else {
+                        return;
+                    };
+                    let api = Api::<DynamicObject>::namespaced_with(
+                        client,
+                        &key.0,
+                        &http_route_resource(),
+                    );
+                    let (pp, patch) = (
+                        PatchParams::default(),
+                        Patch::Merge(json!({"status": {"parents": parents}})),
+                    );
+                    let what = format!("accept HTTPRoute {}/{}", key.0, key.1);
+                    if retry(&what, || api.patch_status(&key.1, &pp, &patch))
+                        .await
+                        .is_ok()
+                    {
+                        w.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Self { writes, task }
+    }
+
+    /// Status writes so far.
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+}
+
+/// The `status.parents` the mesh writes on a route, or None when the route's status already
+/// accepts its current generation on every parentRef.
+fn mesh_status(route: &Value) -> Option<Value> {
+    let parents = route
+        .pointer("/spec/parentRefs")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if parents
+        .iter()
+        .all(|p| accepted_for_current_generation(route, p))
+    {
+        return None;
+    }
+    let generation = route
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let cond = |t: &str| {
+        json!({"type": t, "status": "True", "reason": t, "message": "accepted by the fleet driver's mesh",
+               "observedGeneration": generation, "lastTransitionTime": now})
+    };
+    Some(Value::Array(
+        parents
+            .iter()
+            .map(|p| {
+                json!({"parentRef": p, "controllerName": MESH_CONTROLLER,
+                       "conditions": [cond("Accepted"), cond("ResolvedRefs")]})
+            })
+            .collect(),
+    ))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2222,11 +3199,40 @@ fn app_service(name: &str) -> Service {
     .expect("Service")
 }
 
-fn canary(name: &str, run_id: &str) -> DynamicObject {
+/// The user's HTTPRoute of an app: its Service as parent (GAMMA), as in
+/// examples/gateway-api/route.yaml; with `two_rules`, a header-matched rule with a timeout
+/// before the default one.
+fn app_route(name: &str, two_rules: bool) -> DynamicObject {
+    let backend = json!([{"name": name, "port": 80}]);
+    let rules = if two_rules {
+        json!([
+            {"name": "canary-test",
+             "matches": [{"headers": [{"name": "x-canary-test", "value": "1"}]}],
+             "timeouts": {"request": "10s"},
+             "backendRefs": backend},
+            {"name": "default", "backendRefs": backend},
+        ])
+    } else {
+        json!([{"backendRefs": backend}])
+    };
+    serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": name},
+        "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+                 "rules": rules}
+    }))
+    .expect("HTTPRoute")
+}
+
+fn canary(name: &str, run_id: &str, router: Router) -> DynamicObject {
+    let mut spec = json!({"targetRef": {"name": name}, "percent": START_PERCENT});
+    if router == Router::GatewayApi {
+        spec["router"] = json!("GatewayAPI");
+    }
     serde_json::from_value(json!({
         "apiVersion": "recordingcanary.dev/v1alpha1", "kind": "RecordingCanary",
         "metadata": {"name": name, "labels": {RUN_LABEL: run_id}},
-        "spec": {"targetRef": {"name": name}, "percent": START_PERCENT}
+        "spec": spec
     }))
     .expect("RecordingCanary")
 }
@@ -2312,6 +3318,8 @@ struct Snapshot {
     events: u64,
     /// Canaries seen leaving Ready with no change of spec (`CanarySum::left_ready`), so far.
     left_ready: u64,
+    /// The driver's route status writes as the mesh, so far.
+    mesh_writes: u64,
     apiserver: BTreeMap<String, f64>,
     /// The sums over the controller processes.
     proc: ProcStat,
@@ -2748,6 +3756,128 @@ mod tests {
         let mut l = m(1.0);
         l.insert(("update".into(), "leases".into()), 9.0);
         assert_eq!(without_leases(l), m(1.0));
+    }
+
+    fn route_json(rules: Value) -> Value {
+        json!({"metadata": {"name": "app-3", "namespace": "ns", "generation": 4},
+               "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "app-3", "port": 80}],
+                        "rules": rules}})
+    }
+
+    #[test]
+    fn an_http_route_is_at_a_percent_only_when_every_rule_gives_the_recording_service_that_share() {
+        let split = |a: Value| http_route_split(&route_json(a), "app-3-recording");
+        let at = |split: Vec<(i64, i64)>, p: i64| {
+            RouteSum {
+                split,
+                accepted: true,
+                since: Instant::now(),
+            }
+            .at(Router::GatewayApi, p)
+        };
+        let pair = |s: i64, r: i64| {
+            json!({"backendRefs": [{"name": "app-3-stable", "port": 80, "weight": s},
+                                   {"name": "app-3-recording", "port": 80, "weight": r}]})
+        };
+        // 9:1 is 10 %, in both rules; 4:1 is 20 %.
+        assert!(at(split(json!([pair(9, 1), pair(90, 10)])), 10));
+        assert!(!at(split(json!([pair(9, 1), pair(90, 10)])), 20));
+        assert!(at(split(json!([pair(4, 1)])), 20));
+        // One rule not split yet: not at 10.
+        let unsplit = json!({"backendRefs": [{"name": "app-3", "port": 80}]});
+        assert_eq!(split(json!([pair(9, 1), unsplit])), vec![(1, 10), (0, 1)]);
+        assert!(!at(split(json!([pair(9, 1), unsplit])), 10));
+        // Unset weights are 1; no rules is no split.
+        let unweighted =
+            json!({"backendRefs": [{"name": "app-3-stable"}, {"name": "app-3-recording"}]});
+        assert!(at(split(json!([unweighted])), 50));
+        assert!(!at(split(json!([])), 0));
+        // A VirtualService: some HTTP route with the weight, as before.
+        let vs = RouteSum {
+            split: vec![(0, 100), (20, 100)],
+            accepted: true,
+            since: Instant::now(),
+        };
+        assert!(vs.at(Router::Istio, 20) && !vs.at(Router::Istio, 10));
+    }
+
+    #[test]
+    fn the_mesh_accepts_each_parent_for_the_current_generation_and_then_leaves_the_route_alone() {
+        let mut r = route_json(json!([{"backendRefs": [{"name": "app-3", "port": 80}]}]));
+        let parents = mesh_status(&r).expect("a new route is accepted");
+        assert_eq!(parents.as_array().map(Vec::len), Some(1));
+        assert_eq!(parents[0]["parentRef"], r["spec"]["parentRefs"][0]);
+        r["status"] = json!({"parents": parents});
+        assert!(mesh_status(&r).is_none(), "accepted: nothing to write");
+        // A new generation (the controller's split) is accepted again.
+        r["metadata"]["generation"] = json!(5);
+        let again = mesh_status(&r).expect("the new generation");
+        assert_eq!(again[0]["conditions"][1]["type"], "ResolvedRefs");
+        assert_eq!(again[0]["conditions"][1]["observedGeneration"], 5);
+    }
+
+    #[test]
+    fn the_naive_watcher_sets_both_weights_of_each_kind_of_route() {
+        let mut hr = naive_route("naive-2", Router::GatewayApi).data;
+        hr["metadata"] = json!({"name": "naive-2"});
+        naive_weights(&mut hr, Router::GatewayApi, 20);
+        assert_eq!(http_route_split(&hr, "naive-2-recording"), vec![(20, 100)]);
+        let mut vs = serde_json::to_value(naive_route("naive-2", Router::Istio)).unwrap();
+        naive_weights(&mut vs, Router::Istio, 20);
+        let vs: DynamicObject = serde_json::from_value(vs).unwrap();
+        assert_eq!(RouteSum::of_virtual_service(&vs).split, vec![(20, 100)]);
+        assert_eq!(
+            vs.data["spec"]["http"][0]["route"][0]["weight"],
+            json!(80),
+            "the stable subset"
+        );
+    }
+
+    #[test]
+    fn the_ramp_spreads_the_naive_patches_among_the_fleets_and_keeps_each_once() {
+        let items = ramp_items(10, 3);
+        assert_eq!(items.len(), 13);
+        assert_eq!(items[0], RampItem::Fleet(0), "never first");
+        let naive: Vec<usize> = items
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| matches!(i, RampItem::Naive(_)))
+            .map(|(j, _)| j)
+            .collect();
+        assert_eq!(naive, vec![3, 6, 9]);
+        let fleet: Vec<usize> = items
+            .iter()
+            .filter_map(|i| match i {
+                RampItem::Fleet(i) => Some(*i),
+                RampItem::Naive(_) => None,
+            })
+            .collect();
+        assert_eq!(fleet, (0..10).collect::<Vec<_>>());
+        assert_eq!(ramp_items(4, 0).len(), 4);
+        // More naive canaries than the fleet's: all of them still, once.
+        let many = ramp_items(2, 5);
+        assert_eq!(
+            many.iter()
+                .filter(|i| matches!(i, RampItem::Naive(_)))
+                .count(),
+            5
+        );
+    }
+
+    #[test]
+    fn latency_percentiles_are_nearest_rank() {
+        let ms = Duration::from_millis;
+        let l = Latency::new((1..=100).rev().map(ms).collect(), 2);
+        assert_eq!(l.percentile(50.0), Some(ms(50)));
+        assert_eq!(l.percentile(99.0), Some(ms(99)));
+        assert_eq!(l.percentile(100.0), Some(ms(100)));
+        let few = Latency::new(vec![ms(30), ms(10), ms(20)], 0);
+        assert_eq!(few.percentile(99.0), Some(ms(30)));
+        assert_eq!(few.percentile(1.0), Some(ms(10)));
+        assert_eq!(Latency::default().percentile(99.0), None);
+        assert_eq!(Router::parse("gateway"), Some(Router::GatewayApi));
+        assert_eq!(Router::parse(""), Some(Router::Istio));
+        assert_eq!(Router::parse("linkerd"), None);
     }
 
     #[test]
