@@ -40,8 +40,10 @@ pub(super) fn plan_put_back(mut b: Builder, end: End) -> Plan {
                 b.event(
                     false,
                     "RollbackStarted",
-                    "Deleting: traffic goes back to stable, then subsets, clone and labels are removed"
-                        .into(),
+                    format!(
+                        "Deleting: traffic goes back to stable, then {}, clone and labels are removed",
+                        backends_word(&b)
+                    ),
                 );
             }
             b.status.phase = Some(Phase::Terminating);
@@ -121,12 +123,12 @@ pub(super) fn plan_put_back(mut b: Builder, end: End) -> Plan {
 }
 
 /// The rest of the rollback once the routes have reached the proxies: the subsets out of the
-/// DestinationRule, the clone, the labels on the target's pods, the finalizer.
+/// DestinationRule (or the Gateway API router's Services), the clone, the labels on the target's pods, the finalizer.
 fn remove_the_rest(mut b: Builder, waited: &str, end: End) -> Plan {
     let o = b.o;
     let c = o.canary;
     let me = c.name_any();
-    // 3. Subsets out of the DestinationRule.
+    // 3. Subsets out of the DestinationRule, or the Gateway API router's Services deleted.
     router::remove_backends(&mut b);
 
     // 4. The clone: deleted, or (the recording over) scaled to zero.
@@ -167,14 +169,19 @@ fn remove_the_rest(mut b: Builder, waited: &str, end: End) -> Plan {
     finish(b, end, waited)
 }
 
-/// The last step: the finalizer off (deletion), or the record kept, `Completed` (duration).
-fn finish(mut b: Builder, end: End, waited: &str) -> Plan {
-    let c = b.o.canary;
-    let backends = if b.status.router == Some(crate::api::status::Router::GatewayApi) {
+/// What the router split between: the Gateway API router's Services, or subsets.
+fn backends_word(b: &Builder) -> &'static str {
+    if b.status.router == Some(crate::api::status::Router::GatewayApi) {
         "Services"
     } else {
         "subsets"
-    };
+    }
+}
+
+/// The last step: the finalizer off (deletion), or the record kept, `Completed` (duration).
+fn finish(mut b: Builder, end: End, waited: &str) -> Plan {
+    let c = b.o.canary;
+    let backends = backends_word(&b);
     match end {
         End::Deletion => {
             b.actions.push(Action::RemoveFinalizer);
