@@ -477,11 +477,6 @@ pub struct RecordingCanaryStatus {
     /// Gateway API router).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_services: Vec<String>,
-    /// When both backend Services existed and the stable one had every Ready endpoint of the
-    /// target (RFC 3339; Gateway API router): a route may send to them only `propagationDelay`
-    /// later, once the mesh knows them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backends_ready_time: Option<String>,
     /// When the weight last rose by a ramp step (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_step_time: Option<String>,

@@ -172,13 +172,11 @@ impl Snapshot {
 /// endpoints.
 fn backend_service(scope: &Scope, ns: &str, name: &str) -> Option<BackendService> {
     let s = scope.services.get(ns, name)?;
-    let endpoints = endpoints::ready_endpoints(
-        scope
-            .endpoint_slices
-            .in_namespace(ns, |e| e.service == name)
-            .iter()
-            .map(|e| e.as_ref()),
-    );
+    let slices = scope
+        .endpoint_slices
+        .in_namespace(ns, |e| e.service == name);
+    let endpoints = endpoints::ready_endpoints(slices.iter().map(|e| e.as_ref()));
+    let endpoints_changed = slices.iter().filter_map(|e| e.changed).max();
     Some(BackendService {
         name: name.to_string(),
         uid: s.metadata.uid.clone().unwrap_or_default(),
@@ -188,6 +186,7 @@ fn backend_service(scope: &Scope, ns: &str, name: &str) -> Option<BackendService
         selector: s.selector(),
         ports: s.ports(),
         endpoints,
+        endpoints_changed,
     })
 }
 

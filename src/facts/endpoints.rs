@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 
 use crate::facts::newest_change_only;
@@ -32,6 +33,9 @@ pub struct EndpointSliceFacts {
     pub service: String,
     /// The pods it lists as Ready endpoints, sorted.
     ready_pods: Box<[String]>,
+    /// When it last changed: its newest managedFields entry, which the API server keeps to the
+    /// second (kept past [`EndpointSliceFacts::strip`]).
+    pub changed: Option<Timestamp>,
 }
 
 impl EndpointSliceFacts {
@@ -121,6 +125,12 @@ impl From<Wire> for EndpointSliceFacts {
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .filter_map(|r| r.name)
             .collect();
+        let managed_fields = newest_change_only(m.managed_fields);
+        let changed = managed_fields
+            .as_ref()
+            .and_then(|f| f.first())
+            .and_then(|e| e.time.as_ref())
+            .map(|t| t.0);
         EndpointSliceFacts {
             metadata: ObjectMeta {
                 name: m.name,
@@ -128,11 +138,12 @@ impl From<Wire> for EndpointSliceFacts {
                 deletion_timestamp: m.deletion_timestamp,
                 resource_version: m.resource_version,
                 uid: m.uid,
-                managed_fields: newest_change_only(m.managed_fields),
+                managed_fields,
                 ..ObjectMeta::default()
             },
             service,
             ready_pods: ready_pods.into_iter().collect(),
+            changed,
         }
     }
 }
@@ -179,6 +190,24 @@ mod tests {
         assert!(s.has_ready_pod("web-7d9f-a"));
         assert!(!s.has_ready_pod("web-recording-5c4b-a"), "not ready yet");
         assert!(!s.has_ready_pod("web-7d9f-old"), "terminating");
+    }
+
+    #[test]
+    fn a_slice_keeps_when_it_last_changed_past_the_strip() {
+        let mut s: EndpointSliceFacts = serde_json::from_value(json!({
+            "metadata": {"name": "web-abc", "managedFields": [
+                {"manager": "kube-controller-manager", "operation": "Update", "time": "2026-12-05T10:00:07Z"},
+                {"manager": "kubectl", "operation": "Update", "time": "2026-12-05T09:00:00Z"},
+            ]},
+        }))
+        .expect("slice");
+        s.strip();
+        assert_eq!(s.metadata.managed_fields, None);
+        assert_eq!(
+            s.changed,
+            Some("2026-12-05T10:00:07Z".parse().expect("time"))
+        );
+        assert_eq!(slice(json!([])).changed, None, "no managedFields: unknown");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct BackendService {
     pub ports: Vec<Value>,
     /// The pods that are Ready endpoints in its EndpointSlices.
     pub endpoints: BTreeSet<String>,
+    /// When its EndpointSlices last changed (the newest, to the second), if known.
+    pub endpoints_changed: Option<Timestamp>,
 }
 
 /// Everything the planner looks at, read by the controller just before planning.

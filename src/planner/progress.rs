@@ -35,7 +35,8 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
         b.actions.extend(restore);
         b.actions.extend(services);
         b.status.current_percent = 0;
-        b.status.backends_ready_time = None;
+        // Worth its write and its Event, even with the Services recreated by this very plan.
+        b.transient = false;
         b.report(Phase::Degraded, "BackendServiceLost", why);
         return b.finish();
     }

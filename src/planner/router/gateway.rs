@@ -10,6 +10,7 @@
 //! the routes restored (or ours deleted), `propagationDelay`, then the Services deleted.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use kube::ResourceExt;
 use serde_json::{Value, json};
@@ -22,8 +23,8 @@ use crate::istio::{self, ServiceHost};
 use crate::planner::Shaped;
 use crate::planner::block::{Block, Checked};
 use crate::planner::{
-    Action, Builder, MeshKind, Observed, after, fmt_time, meta_name, meta_ns, meta_uid, our_labels,
-    owned_by, owned_mesh_name, owner_reference, parse_time, pod_of_deployment, shape, spec_of,
+    Action, Builder, MeshKind, Observed, after, meta_name, meta_ns, meta_uid, our_labels, owned_by,
+    owned_mesh_name, owner_reference, pod_of_deployment, shape, spec_of,
 };
 
 /// What the Gateway API checks established: what to split.
@@ -272,36 +273,33 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
         && b.actions
             .iter()
             .any(|a| matches!(a, Action::CreateService(_) | Action::LabelPod { .. }));
+    // One message for both waits (for the endpoints, then for the mesh): no status write
+    // between them.
+    let message = format!(
+        "Waiting for Services {} and {} to reach the mesh: every Ready endpoint of Service {} that is a pod of Deployment {target} must be an endpoint of {} (its EndpointSlices), then propagationDelay ({}) must pass",
+        t.backends.stable,
+        t.backends.recording,
+        t.service,
+        t.backends.stable,
+        humantime::format_duration(k.spec.propagation_delay)
+    );
     let pending = (!complete).then(|| Pending {
         reason: "AddingBackends",
-        message: format!(
-            "Waiting for Services {} and {}: {listed} of the {want} Ready endpoints of Service {} that are pods of Deployment {target} are endpoints of {} (its EndpointSlices); the split waits for all of them",
-            t.backends.stable, t.backends.recording, t.service, t.backends.stable
-        ),
+        message: message.clone(),
     });
-    if complete && b.prev.backends_ready_time.is_none() {
-        b.status.backends_ready_time = Some(fmt_time(o.now));
-    } else if !complete && b.prev.current_percent == 0 {
-        // Measured again once they are complete.
-        b.status.backends_ready_time = None;
-    }
-    let since = parse_time(b.status.backends_ready_time.as_deref())
-        .unwrap_or(o.now)
-        .max(o.started);
+    // The wait runs from the stable Service's last EndpointSlice change: the mesh learns of the
+    // Services and their endpoints from those writes. Kept to the second: the next second is
+    // after the write.
+    let changed = o.backend_services[0]
+        .and_then(|s| s.endpoints_changed)
+        .map(|t| after(t, Duration::from_secs(1)));
+    let since = changed.unwrap_or(o.started).max(o.started);
     Propagation {
         until: after(since, k.spec.propagation_delay),
         reconciled: false,
         lost: lost(o, g),
         pending,
-        waiting: (
-            "AddingBackends",
-            format!(
-                "Waiting for Services {} and {} to reach the mesh: propagationDelay ({}) after the stable one listed every Ready endpoint of Deployment {target}",
-                t.backends.stable,
-                t.backends.recording,
-                humantime::format_duration(k.spec.propagation_delay)
-            ),
-        ),
+        waiting: ("AddingBackends", message),
     }
 }
 

@@ -58,6 +58,7 @@ fn backend(name: &str, role: &str) -> BackendService {
         ]),
         ports: vec![json!({"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080})],
         endpoints: BTreeSet::new(),
+        endpoints_changed: Some(at(-600)),
     }
 }
 
@@ -90,7 +91,6 @@ fn gw_status(phase_: Phase, reason: &str, current: i32) -> RecordingCanaryStatus
             format!("{NS}/{STABLE_SVC}"),
             format!("{NS}/{RECORDING_SVC}"),
         ],
-        backends_ready_time: Some(rfc(at(-600))),
         http_routes: vec![format!("{NS}/frontend")],
         conditions: vec![ready_condition(reason, phase_ == Phase::Ready)],
         ..Default::default()
@@ -376,32 +376,37 @@ fn the_split_waits_until_the_stable_service_lists_every_ready_endpoint_of_the_ta
     ]);
     let p = w.plan();
     assert_eq!(ready_reason(&p), "AddingBackends");
+    let waiting = ready_message(&p);
     assert!(
-        ready_message(&p).contains("1 of the 2"),
-        "{}",
-        ready_message(&p)
+        waiting.contains("must be an endpoint of rec-stable"),
+        "{waiting}"
     );
     assert!(!has(&p, is_route_write));
-    assert_eq!(p.status.backends_ready_time, None);
     assert_eq!(p.requeue_after, None, "the EndpointSlice watch wakes it");
 
-    // Both listed: the time is taken, and the split waits propagationDelay from it.
+    // Both listed, by a slice written at 0 s (kept to the second): the split waits
+    // propagationDelay from the next second, with the same status (no write between the waits).
     w.backend_endpoints = None;
+    if let Some(b) = w.backends[0].as_mut() {
+        b.endpoints_changed = Some(at(0));
+    }
+    w.canary.status = Some(p.status.clone());
     let p = w.plan();
     assert!(!p.transient_status, "a wait is worth its status write");
-    assert_eq!(p.status.backends_ready_time, Some(rfc(at(0))));
     assert_eq!(ready_reason(&p), "AddingBackends");
-    assert!(
-        ready_message(&p).contains("propagationDelay (3s)"),
-        "{}",
-        ready_message(&p)
-    );
-    assert_eq!(p.requeue_after, Some(Duration::from_secs(3)));
+    assert_eq!(ready_message(&p), waiting);
+    assert!(waiting.contains("propagationDelay (3s)"), "{waiting}");
+    assert_eq!(p.requeue_after, Some(Duration::from_secs(4)));
     assert!(!has(&p, is_route_write));
+    w.now = at(3);
+    assert!(
+        !has(&w.plan(), is_route_write),
+        "before the second after the write"
+    );
 
     // propagationDelay later: the route is split (at 0 % while the clone is created).
     w.canary.status = Some(p.status.clone());
-    w.now = at(3);
+    w.now = at(4);
     let p = w.plan();
     let ops = route_patch(&p, "frontend").expect("the user's route is split");
     let split = apply_ops(&w.http_routes[0], ops);
@@ -459,12 +464,7 @@ fn without_a_user_route_the_canary_creates_its_own_catch_all_route() {
         target_pod("frontend-7d9f-b").stable().build(),
     ];
     w.backends = both_backends();
-    w.canary = gw_canary()
-        .status(RecordingCanaryStatus {
-            backends_ready_time: Some(rfc(at(-600))),
-            ..Default::default()
-        })
-        .build();
+    w.canary = gw_canary().build();
     let p = w.plan();
     let created = p
         .actions
@@ -791,6 +791,7 @@ impl GatewaySim {
                     selector: serde_json::from_value(o["spec"]["selector"].clone()).unwrap(),
                     ports: serde_json::from_value(o["spec"]["ports"].clone()).unwrap(),
                     endpoints: BTreeSet::new(),
+                    endpoints_changed: Some(now),
                 });
             }
             Action::DeleteService { name, .. } => {
@@ -969,6 +970,12 @@ fn a_service_of_the_canarys_deleted_under_a_split_route_takes_the_route_back_fir
         let p = w.plan();
         assert_eq!(p.status.phase, Some(Phase::Degraded), "{gone}");
         assert_eq!(ready_reason(&p), "BackendServiceLost");
+        assert!(!p.transient_status, "written, with its Event");
+        assert!(
+            event_reasons(&p).contains(&"BackendServiceLost"),
+            "{:?}",
+            p.events
+        );
         let restore = pos(&p, is_route_write).expect("the route restored");
         let create = pos(&p, |a| matches!(a, Action::CreateService(_))).expect("recreated");
         assert!(
@@ -982,11 +989,14 @@ fn a_service_of_the_canarys_deleted_under_a_split_route_takes_the_route_back_fir
         w.http_routes = vec![accepted(restored)];
         w.canary.status = Some(p.status.clone());
         w.backends = both_backends();
+        for b in w.backends.iter_mut().flatten() {
+            b.endpoints_changed = Some(at(0));
+        }
         let p = w.plan();
         assert_eq!(ready_reason(&p), "AddingBackends");
         assert!(!has(&p, is_route_write));
         w.canary.status = Some(p.status.clone());
-        w.now = at(3);
+        w.now = at(4);
         assert!(route_patch(&w.plan(), "frontend").is_some(), "split again");
     }
 }

@@ -271,6 +271,7 @@ impl Sim {
                     selector: serde_json::from_value(o["spec"]["selector"].clone()).unwrap(),
                     ports: serde_json::from_value(o["spec"]["ports"].clone()).unwrap(),
                     endpoints: BTreeSet::new(),
+                    endpoints_changed: Some(self.w.now),
                 });
             }
             Action::PatchService { name, ops } => {
