@@ -22,6 +22,7 @@ use crate::gateway::{self, ProblemKind, Target};
 use crate::istio::{self, ServiceHost};
 use crate::planner::Shaped;
 use crate::planner::block::{Block, Checked};
+use crate::planner::progress::ISTIO_SIDECAR_LABEL;
 use crate::planner::{
     Action, Builder, MeshKind, Observed, after, meta_name, meta_ns, meta_uid, our_labels, owned_by,
     owned_mesh_name, owner_reference, pod_of_deployment, shape, spec_of,
@@ -90,6 +91,16 @@ pub(in crate::planner) fn check<'a>(
         return Err(Block::NoWaypoint {
             namespace: ns,
             service: service.into(),
+        });
+    }
+    if c.spec.session_key.is_some() && !o.ambient && !istio_sidecars(o) {
+        return Err(Block::UnsupportedByRouter {
+            router: "GatewayAPI".into(),
+            what: "spec.sessionKey outside Istio".into(),
+            why: format!(
+                "a session key is matched with RegularExpression matches, which the Gateway API leaves to each implementation; Istio (sidecars, or ambient mode with a waypoint) matches them with RE2, and no other mesh is known to this controller to. No pod of Deployment {} carries Istio's sidecar (label {}={}) and namespace {ns} is not in ambient mode; remove spec.sessionKey to split by weight",
+                c.spec.target_ref.name, ISTIO_SIDECAR_LABEL.0, ISTIO_SIDECAR_LABEL.1
+            ),
         });
     }
     let t = target(o);
@@ -181,6 +192,16 @@ pub(in crate::planner) fn check<'a>(
         target: t,
         routes: user,
         own,
+    })
+}
+
+/// Whether a pod of the target carries Istio's sidecar: Istio is the mesh that applies the
+/// routes.
+fn istio_sidecars(o: &Observed) -> bool {
+    let (key, value) = ISTIO_SIDECAR_LABEL;
+    o.pods.iter().any(|p| {
+        pod_of_deployment(p, &o.canary.spec.target_ref.name)
+            && p.labels().get(key).map(String::as_str) == Some(value)
     })
 }
 

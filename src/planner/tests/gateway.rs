@@ -933,6 +933,33 @@ fn a_grpc_route_attached_to_the_service_blocks_with_its_own_reason() {
 }
 
 #[test]
+fn a_session_key_outside_istio_blocks_before_any_write_and_ambient_mode_counts_as_istio() {
+    let mut w = gateway_world();
+    w.canary = gw_canary()
+        .spec("sessionKey", json!({"header": "x-session"}))
+        .build();
+    for p in &mut w.pods {
+        p.metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .remove("security.istio.io/tlsMode");
+    }
+    let p = w.plan();
+    assert_blocked(&p, "UnsupportedByRouter");
+    assert!(
+        ready_message(&p).contains("spec.sessionKey outside Istio"),
+        "{}",
+        ready_message(&p)
+    );
+    assert!(!has(&p, is_route_write) && !has(&p, |a| matches!(a, Action::CreateService(_))));
+    // In ambient mode (with a waypoint) Istio applies the routes: no block.
+    w.ambient = true;
+    w.waypoint = Some("waypoint".into());
+    let p = w.plan();
+    assert_ne!(p.status.phase, Some(Phase::Blocked), "{:?}", p.status);
+}
+
+#[test]
 fn a_session_key_becomes_never_and_always_rules_with_regular_expressions_in_the_route() {
     let mut w = gw_serving_world(10);
     w.canary = gw_canary()
