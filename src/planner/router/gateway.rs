@@ -80,29 +80,7 @@ pub(in crate::planner) fn check<'a>(
     let (me, uid) = (c.name_any(), c.metadata.uid.clone().unwrap_or_default());
     let ns = c.namespace().unwrap_or_default();
     let service = c.spec.service_name();
-    if !backend_names_valid(&me) {
-        return Err(Block::UnsupportedByRouter {
-            router: "GatewayAPI".into(),
-            what: format!("a RecordingCanary named {me}"),
-            why: "it names its two Services after the canary, and a Service name must start with a letter; create the canary under a name that does".into(),
-        });
-    }
-    if o.ambient && o.waypoint.is_none() {
-        return Err(Block::NoWaypoint {
-            namespace: ns,
-            service: service.into(),
-        });
-    }
-    if c.spec.session_key.is_some() && !o.ambient && !istio_sidecars(o) {
-        return Err(Block::UnsupportedByRouter {
-            router: "GatewayAPI".into(),
-            what: "spec.sessionKey outside Istio".into(),
-            why: format!(
-                "a session key is matched with RegularExpression matches, which the Gateway API leaves to each implementation; Istio (sidecars, or ambient mode with a waypoint) matches them with RE2, and no other mesh is known to this controller to. No pod of Deployment {} carries Istio's sidecar (label {}={}) and namespace {ns} is not in ambient mode; remove spec.sessionKey to split by weight",
-                c.spec.target_ref.name, ISTIO_SIDECAR_LABEL.0, ISTIO_SIDECAR_LABEL.1
-            ),
-        });
-    }
+    where_it_can_split(o, &me, &ns, service)?;
     let t = target(o);
     let concerning: Vec<&Value> = o
         .http_routes
@@ -193,6 +171,36 @@ pub(in crate::planner) fn check<'a>(
         routes: user,
         own,
     })
+}
+
+/// The checks of where the canary is, before its routes: a name its Services can take, a
+/// waypoint in ambient mode, and Istio for a session key.
+fn where_it_can_split(o: &Observed, me: &str, ns: &str, service: &str) -> Result<(), Block> {
+    let c = o.canary;
+    if !backend_names_valid(me) {
+        return Err(Block::UnsupportedByRouter {
+            router: "GatewayAPI".into(),
+            what: format!("a RecordingCanary named {me}"),
+            why: "it names its two Services after the canary, and a Service name must start with a letter; create the canary under a name that does".into(),
+        });
+    }
+    if o.ambient && o.waypoint.is_none() {
+        return Err(Block::NoWaypoint {
+            namespace: ns.into(),
+            service: service.into(),
+        });
+    }
+    if c.spec.session_key.is_some() && !o.ambient && !istio_sidecars(o) {
+        return Err(Block::UnsupportedByRouter {
+            router: "GatewayAPI".into(),
+            what: "spec.sessionKey outside Istio".into(),
+            why: format!(
+                "a session key is matched with RegularExpression matches, which the Gateway API leaves to each implementation; Istio (sidecars, or ambient mode with a waypoint) matches them with RE2, and no other mesh is known to this controller to. No pod of Deployment {} carries Istio's sidecar (label {}={}) and namespace {ns} is not in ambient mode; remove spec.sessionKey to split by weight",
+                c.spec.target_ref.name, ISTIO_SIDECAR_LABEL.0, ISTIO_SIDECAR_LABEL.1
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Whether a pod of the target carries Istio's sidecar: Istio is the mesh that applies the
