@@ -8,6 +8,7 @@
 
 pub mod labels;
 pub mod session;
+pub mod split;
 pub mod status;
 
 use std::collections::BTreeMap;

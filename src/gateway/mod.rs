@@ -216,32 +216,8 @@ impl Target {
     }
 }
 
-/// What a split should look like.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shape<'a> {
-    /// Share of `S`'s requests sent (mirrored, with `mirror`) to the recording Service.
-    pub percent: i32,
-    /// Mirror mode: every response comes from the stable Service; `percent` of the requests are
-    /// copied to the recording one.
-    pub mirror: bool,
-    /// Requests always sent (mirrored) to the recording Service: Istio-shaped match entries, as
-    /// `ValidSpec::always` holds them. Empty while the clone may get no traffic.
-    pub always: &'a [Value],
-    /// Requests never sent (nor mirrored) to it; wins over `always`.
-    pub never: &'a [Value],
-}
-
-impl Shape<'static> {
-    /// A plain weighted split at `percent`.
-    pub fn weights(percent: i32) -> Self {
-        Shape {
-            percent,
-            mirror: false,
-            always: &[],
-            never: &[],
-        }
-    }
-}
+/// What a split should look like (shared by both routers).
+pub use crate::api::split::Shape;
 
 /// What kind of shape a route cannot take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -187,32 +187,8 @@ pub const ALWAYS_ROUTE: &str = "rcanary-always";
 /// The same for `spec.never`.
 pub const NEVER_ROUTE: &str = "rcanary-never";
 
-/// What a split should look like.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Shape<'a> {
-    /// Share of the requests to the recording subset (mirrored, with `mirror`).
-    pub percent: i32,
-    /// Mirror mode: every response comes from the stable subset; `percent` of the requests are
-    /// copied to the recording subset (the route's `mirrors`).
-    pub mirror: bool,
-    /// Requests always sent (mirrored) to the recording subset. Empty while the clone may get
-    /// no traffic.
-    pub always: &'a [Value],
-    /// Requests never sent (nor mirrored) to it; wins over `always`.
-    pub never: &'a [Value],
-}
-
-impl Shape<'static> {
-    /// A plain weighted split at `percent`, without forced or excluded requests.
-    pub fn weights(percent: i32) -> Self {
-        Shape {
-            percent,
-            mirror: false,
-            always: &[],
-            never: &[],
-        }
-    }
-}
+/// What a split should look like (shared by both routers).
+pub use crate::api::split::Shape;
 
 /// What the split of one VirtualService looks like now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

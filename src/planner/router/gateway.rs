@@ -57,16 +57,6 @@ fn route_label(r: &Value) -> String {
     format!("{}/{}", meta_ns(r), meta_name(r))
 }
 
-/// The shape the Gateway API module takes.
-fn gateway_shape<'s>(s: &istio::Shape<'s>) -> gateway::Shape<'s> {
-    gateway::Shape {
-        percent: s.percent,
-        mirror: s.mirror,
-        always: s.always,
-        never: s.never,
-    }
-}
-
 /// The checks of the Gateway API router, in order: names it can use, a mesh that applies
 /// HTTPRoutes to the Service, no VirtualService beside them, its Services' names free, the
 /// routes to split (never one another canary split), and every route able to take the spec's
@@ -137,7 +127,7 @@ pub(in crate::planner) fn check<'a>(
         }
     }
     let full = shape(spec, spec.percent, true);
-    let full = gateway_shape(&full.view());
+    let full = full.view();
     let mut no_traffic = None;
     for r in user.iter().chain(own.iter()) {
         match gateway::shape_problem(r, &t, &full) {
@@ -448,7 +438,7 @@ pub(super) fn read_routes<'a>(b: &mut Builder, k: &Checked, g: &GatewayRoutes<'a
         b.prev.current_percent,
         states.iter().any(|s| s.always_rules > 0),
     );
-    let prev = gateway_shape(&prev.view());
+    let prev = prev.view();
     let current = if !is_split {
         0
     } else if routes.iter().all(|r| splits_at(r, t, &prev, &c.name_any())) {
@@ -489,10 +479,9 @@ pub(super) fn write_weights(
     let t = &g.target;
     let desired = shaped.nominal;
     let shape = &shaped.view();
-    let gs = gateway_shape(shape);
     let mut wrote = false;
     if let Some((None, port)) = g.own {
-        match gateway::own_route(&owned_mesh_name(c), &me, t, port, &gs) {
+        match gateway::own_route(&owned_mesh_name(c), &me, t, port, shape) {
             Ok(mut r) => {
                 r["metadata"]["labels"] = json!(our_labels(c));
                 r["metadata"]["ownerReferences"] = json!([owner_reference(c)]);
@@ -506,11 +495,11 @@ pub(super) fn write_weights(
         }
     }
     for r in split_routes(g) {
-        if splits_at(r, t, &gs, &me) {
+        if splits_at(r, t, shape, &me) {
             continue;
         }
         let note = gateway::restore_note_of(r);
-        let split = match gateway::split_rules(r, t, &gs, note, &me) {
+        let split = match gateway::split_rules(r, t, shape, note, &me) {
             Ok(s) => s,
             Err(p) => {
                 b.event(
