@@ -88,6 +88,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::support::random_suffix;
+
 /// Label on every fleet namespace.
 pub const PART_OF: &str = "recording-canary-fleet";
 /// Label on the fleet's namespaces, floor pods and canaries: the run id.
@@ -3576,28 +3578,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn random_suffix() -> String {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    h.write_u32(std::process::id());
-    let mut n = h.finish();
-    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    (0..5)
-        .map(|_| {
-            let c = alphabet[(n % 36) as usize] as char;
-            n /= 36;
-            c
-        })
-        .collect()
 }
 
 #[cfg(test)]

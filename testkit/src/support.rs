@@ -83,7 +83,8 @@ pub fn example(rel: &str) -> PathBuf {
     repo_dir().join("examples/istio").join(rel)
 }
 
-fn random_suffix() -> String {
+/// Five random characters of `[a-z0-9]` for a run's namespaces and names.
+pub fn random_suffix() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
