@@ -35,8 +35,6 @@ pub(super) fn plan_progress(mut b: Builder, k: &Checked, health: CloneHealth) ->
         b.actions.extend(restore);
         b.actions.extend(services);
         b.status.current_percent = 0;
-        // Worth its write and its Event, even with the Services recreated by this very plan.
-        b.transient = false;
         b.report(Phase::Degraded, "BackendServiceLost", why);
         return b.finish();
     }

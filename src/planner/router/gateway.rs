@@ -287,8 +287,11 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     let (listed, want) = stable_endpoints(o);
     let complete = all_there && want > 0 && listed == want;
     // Services created or pods labelled by this very plan: what it would report is about to
-    // change (their echo plans again at once).
+    // change (their echo plans again at once). Not so when a Service was lost under a split
+    // route: that report is worth its write and its Event.
+    let lost = lost(o, g);
     b.transient = !complete
+        && lost.is_none()
         && b.actions
             .iter()
             .any(|a| matches!(a, Action::CreateService(_) | Action::LabelPod { .. }));
@@ -316,7 +319,7 @@ pub(super) fn services(b: &mut Builder, k: &Checked, g: &GatewayRoutes) -> Propa
     Propagation {
         until: after(since, k.spec.propagation_delay),
         reconciled: false,
-        lost: lost(o, g),
+        lost,
         pending,
         waiting: ("AddingBackends", message),
     }
