@@ -1,4 +1,4 @@
-//! [`Shape`]: what a split should look like, whichever router writes it.
+//! What a split should look like ([`Shape`]) and the share a pair of weights gives ([`percent_of`]), whichever router writes it.
 
 use serde_json::Value;
 
@@ -28,4 +28,14 @@ impl Shape<'static> {
             never: &[],
         }
     }
+}
+
+/// `rec` as a share of `rec + stable`, in percent, rounded half up; 0 when both are 0. In i128,
+/// so that weights near `i64::MAX` cannot overflow.
+pub fn percent_of(rec: i64, stable: i64) -> i32 {
+    let (rec, w) = (i128::from(rec), i128::from(rec) + i128::from(stable));
+    if w <= 0 {
+        return 0;
+    }
+    i32::try_from((rec * 100 + w / 2) / w).unwrap_or(100)
 }

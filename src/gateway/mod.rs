@@ -110,6 +110,7 @@ mod props;
 mod tests;
 
 use self::matches::Role;
+use crate::api::split::percent_of;
 use crate::api::{CANARY_LABEL, RESTORE_ANNOTATION};
 
 /// The Gateway API group.
@@ -583,15 +584,6 @@ pub fn read_split(route: &Value, t: &Target) -> SplitState {
         st.percent.get_or_insert(0);
     }
     st
-}
-
-/// `rec` as a share of `rec + stable`, in percent, rounded half up; 0 when both are 0.
-fn percent_of(rec: i64, stable: i64) -> i32 {
-    let (rec, w) = (i128::from(rec), i128::from(rec) + i128::from(stable));
-    if w <= 0 {
-        return 0;
-    }
-    i32::try_from((rec * 100 + w / 2) / w).unwrap_or(100)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 pub mod matches;
 pub mod status;
 
+use crate::api::split::percent_of;
 use crate::api::{
     RECORDING_SUBSET, RESTORE_ANNOTATION, ROLE_LABEL, ROLE_RECORDING, ROLE_STABLE, STABLE_SUBSET,
 };
@@ -357,16 +358,6 @@ pub fn read_split(spec: &Value, host: &ServiceHost, obj_ns: &str) -> SplitState 
         st.percent.get_or_insert(0);
     }
     st
-}
-
-/// `rec` as a share of `rec + stable`, in percent, rounded half up; 0 when both are 0. In i128,
-/// so that weights near `i64::MAX` cannot overflow.
-fn percent_of(rec: i64, stable: i64) -> i32 {
-    let (rec, w) = (i128::from(rec), i128::from(rec) + i128::from(stable));
-    if w <= 0 {
-        return 0;
-    }
-    i32::try_from((rec * 100 + w / 2) / w).unwrap_or(100)
 }
 
 /// What a split records on the object so that rollback restores it exactly.
