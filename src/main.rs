@@ -158,13 +158,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
     tokio::spawn(recording_canary::runtime::memory::trim_every(
         recording_canary::runtime::memory::PERIOD,
     ));
-    // SIGTERM or Ctrl-C: stop gracefully.
-    let signal_tx = stop_tx.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        info!("shutting down");
-        let _ = signal_tx.send(true);
-    });
+    stop_on_signal(stop_tx.clone());
     let identity = identity();
     health.ready.store(true, Ordering::Relaxed);
 
@@ -489,6 +483,15 @@ async fn lead_one(gate: &mut PartitionGate, electors: &mut [Elector]) -> usize {
         }
         tokio::time::sleep(retry).await;
     }
+}
+
+/// SIGTERM or Ctrl-C: stop gracefully.
+fn stop_on_signal(stop_tx: watch::Sender<bool>) {
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
 }
 
 async fn wait_for_signal() {
