@@ -19,6 +19,7 @@ mod observe;
 mod reconcile;
 mod scope;
 mod triggers;
+pub mod turns;
 mod watches;
 pub mod writers;
 
@@ -87,9 +88,11 @@ pub struct Context {
     writes: Mutex<Writes>,
     stable_labelling: RwLock<StableLabelling>,
     backoff: Mutex<HashMap<ObjectRef<RecordingCanary>, ExponentialBackoff>>,
-    /// Reconciles running at once, across every scope (see [`Context::with_max_reconciles`]).
-    reconciles: Arc<tokio::sync::Semaphore>,
-    /// The same limit, given to each scope's kube-runtime controller.
+    /// Reconciles at work at once, across every scope, traffic before reports (see
+    /// [`Context::with_max_reconciles`]).
+    reconciles: turns::Turns,
+    /// The same limit; each scope's kube-runtime controller runs [`TASKS_PER_TURN`] times as
+    /// many reconcile tasks.
     max_reconciles: u16,
     /// The cluster serves the Gateway API's HTTPRoutes: they are watched (and the Gateway API
     /// router can work) only then.
@@ -103,6 +106,12 @@ pub struct Context {
 
 /// The default of `--max-concurrent-reconciles`.
 pub const DEFAULT_MAX_RECONCILES: u16 = 32;
+
+/// Reconcile tasks per turn in each scope's kube-runtime controller: the tasks over the turns
+/// wait for one, among them the reports that wait behind other canaries' traffic
+/// ([`turns`]). Were there no more tasks than turns, reports waiting for their turn would
+/// keep new canaries from starting.
+pub const TASKS_PER_TURN: u16 = 4;
 
 impl Context {
     pub fn new(
@@ -123,9 +132,7 @@ impl Context {
             writes: Mutex::new(Writes::default()),
             stable_labelling: RwLock::new(StableLabelling::default()),
             backoff: Mutex::new(HashMap::new()),
-            reconciles: Arc::new(tokio::sync::Semaphore::new(usize::from(
-                DEFAULT_MAX_RECONCILES,
-            ))),
+            reconciles: turns::Turns::new(usize::from(DEFAULT_MAX_RECONCILES)),
             max_reconciles: DEFAULT_MAX_RECONCILES,
             gateway_api: false,
             grpc_routes: false,
@@ -133,15 +140,16 @@ impl Context {
         }
     }
 
-    /// At most `n` canaries (at least 1) observed, planned and applied at once, across every
-    /// scope. Each scope's kube-runtime controller starts at most `n` reconciles at once (each
-    /// is a task that holds its whole future, about 15 KB, from the start); unbounded, it would
-    /// start one for every canary with a trigger, and when thousands arrive together (a GitOps
-    /// sync) they would wait for a turn here all at once: 150 MB at 10,000 canaries. The
-    /// semaphore bounds the reconciles of all scopes together.
+    /// At most `n` canaries (at least 1) observed, planned and applied, or reported, at once,
+    /// across every scope ([`turns`]: the traffic of waiting canaries before the reports of
+    /// the others). Each scope's kube-runtime controller starts at most [`TASKS_PER_TURN`]` × n`
+    /// reconcile tasks at once; unbounded, it would start one for every canary with a trigger,
+    /// and when thousands arrive together (a GitOps sync) they would all wait for a turn here at
+    /// once. A task waiting for a traffic turn holds a small future; one waiting to report holds
+    /// its plan (about 15 KB), so at most `3 × n` of those per scope.
     pub fn with_max_reconciles(mut self, n: usize) -> Self {
         let n = n.clamp(1, usize::from(u16::MAX));
-        self.reconciles = Arc::new(tokio::sync::Semaphore::new(n));
+        self.reconciles = turns::Turns::new(n);
         self.max_reconciles = u16::try_from(n).unwrap_or(u16::MAX);
         self
     }
@@ -340,7 +348,10 @@ pub async fn run(
             ]),
     );
     Controller::for_stream(canaries, canary_reader)
-        .with_config(ControllerConfig::default().concurrency(ctx.max_reconciles))
+        .with_config(
+            ControllerConfig::default()
+                .concurrency(ctx.max_reconciles.saturating_mul(TASKS_PER_TURN)),
+        )
         .reconcile_on(triggers)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -421,7 +432,8 @@ mod tests {
         // kube-runtime spawns each reconcile as a task holding this future; with thousands of
         // canaries triggered at once, the ones waiting must stay small.
         let waiting = std::mem::size_of_val(&reconcile(Arc::new(canary), ctx.clone()));
-        let planning = std::mem::size_of_val(&reconcile_inner("shop", "c", &ctx));
+        let turn = ctx.reconciles.take(turns::Lane::Traffic).await;
+        let planning = std::mem::size_of_val(&reconcile_inner("shop", "c", &ctx, turn));
         assert!(
             waiting < 1024 && planning > 4 * waiting,
             "waiting {waiting} bytes, planning {planning} bytes"

@@ -11,15 +11,14 @@ pub(super) async fn reconcile(
     let ns = trigger.namespace().ok_or(Error::MissingNamespace)?;
     let name = trigger.name_any();
     let span = info_span!("reconcile", namespace = %ns, name = %name);
-    // Never closed, so never an error; without a permit it would only run unbounded.
-    let _turn = ctx.reconciles.clone().acquire_owned().await.ok();
+    let turn = ctx.reconciles.take(turns::Lane::Traffic).await;
     let started = Instant::now();
     // Boxed: the planning future is large, and a reconcile that waits for its turn above (one
     // of another scope's, say) should not hold it meanwhile. A panic (a bug) is caught here:
     // kube-runtime would re-raise it and end every canary's controller with it; caught, this
     // canary backs off and says so (an error log, the `panic` error metric, a Warning Event),
     // and the others go on.
-    let inner = Box::pin(reconcile_inner(&ns, &name, &ctx).instrument(span));
+    let inner = Box::pin(reconcile_inner(&ns, &name, &ctx, turn).instrument(span));
     let result = match AssertUnwindSafe(inner).catch_unwind().await {
         Ok(r) => r,
         Err(panic) => {
@@ -53,8 +52,14 @@ pub(super) async fn reconcile(
     result
 }
 
-/// One reconcile: each phase is its own function.
-pub(super) async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+/// One reconcile: each phase is its own function. `turn` (a traffic turn) is held to apply, and
+/// exchanged for a report turn once the plan wrote something.
+pub(super) async fn reconcile_inner(
+    ns: &str,
+    name: &str,
+    ctx: &Context,
+    turn: turns::Turn,
+) -> Result<Requeue, Error> {
     let (scope, canary) = match gate(ns, name, ctx).await {
         Gate::Go(scope, canary) => (scope, canary),
         Gate::Later(requeue) => return Ok(requeue),
@@ -71,6 +76,13 @@ pub(super) async fn reconcile_inner(ns: &str, name: &str, ctx: &Context) -> Resu
         return Ok(Requeue::requeue(Duration::from_secs(1)));
     }
     let applied = apply(ctx, &scope, &canary, &plan).await?;
+    // Its writes are made: canaries waiting to write theirs go before this report.
+    let _turn = if applied.wrote {
+        drop(turn);
+        ctx.reconciles.take(turns::Lane::Report).await
+    } else {
+        turn
+    };
     let wrote_status = report(ctx, &canary, &plan, applied.rv).await?;
     Ok(next(
         ctx,
