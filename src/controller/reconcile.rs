@@ -52,44 +52,101 @@ pub(super) async fn reconcile(
     result
 }
 
-/// One reconcile: each phase is its own function. `turn` (a traffic turn) is held to apply, and
-/// exchanged for a report turn once the plan wrote something.
+/// One reconcile: each phase is its own function. `turn` (a traffic turn) is held to observe,
+/// plan and apply; once the plan wrote something it is exchanged for a report turn. Each half
+/// runs boxed, so that a reconcile waiting for its report turn holds only what it reports.
 pub(super) async fn reconcile_inner(
     ns: &str,
     name: &str,
     ctx: &Context,
     turn: turns::Turn,
 ) -> Result<Requeue, Error> {
-    let (scope, canary) = match gate(ns, name, ctx).await {
-        Gate::Go(scope, canary) => (scope, canary),
-        Gate::Later(requeue) => return Ok(requeue),
+    let done = match Box::pin(plan_and_apply(ns, name, ctx)).await? {
+        Planned::Later(requeue) => return Ok(requeue),
+        Planned::Applied(done) => done,
     };
-    // Failpoint (tests only): a bug in planning this canary.
-    fail::fail_point!("reconcile");
-    let snap = observe(ctx, &scope, &canary).await?;
-    let plan = planner::plan(&snap.observed(ctx, &canary));
-    if !plan.actions.is_empty() {
-        info!(actions = plan.actions.len(), phase = ?plan.status.phase, percent = plan.status.current_percent, "applying plan");
-    }
-    if !ctx.fence.may_write() {
-        warn!("the lease is not fresh; writing nothing");
-        return Ok(Requeue::requeue(Duration::from_secs(1)));
-    }
-    let applied = apply(ctx, &scope, &canary, &plan).await?;
-    // Its writes are made: canaries waiting to write theirs go before this report.
-    let _turn = if applied.wrote {
+    // Its writes are made: canaries waiting to make theirs go before this report. A canary
+    // whose finalizer came off is gone: its last Events go out at once.
+    let _turn = if done.wrote && !done.finalized {
         drop(turn);
         ctx.reconciles.take(turns::Lane::Report).await
     } else {
         turn
     };
-    let wrote_status = report(ctx, &canary, &plan, applied.rv).await?;
+    Box::pin(report_and_next(ctx, done)).await
+}
+
+/// What the first half of a reconcile decided.
+pub(super) enum Planned {
+    /// Nothing to report: come back as this says.
+    Later(Requeue),
+    /// The plan was applied; its report is next.
+    Applied(Box<ToReport>),
+}
+
+/// What a reconcile keeps from its writes to its report (it may wait for a turn in between).
+pub(super) struct ToReport {
+    scope: Arc<Scope>,
+    canary: Arc<RecordingCanary>,
+    status: crate::api::RecordingCanaryStatus,
+    events: Vec<planner::EventNote>,
+    requeue_after: Option<Duration>,
+    /// The plan took the finalizer off: the canary is gone, and so is its status.
+    finalized: bool,
+    /// The plan's status is transient and its own writes plan again at once: that plan reports.
+    transient: bool,
+    /// Whether the plan wrote anything.
+    wrote: bool,
+    /// The canary's resourceVersion after the writes.
+    rv: Option<String>,
+}
+
+/// Gate, observe, plan, apply.
+pub(super) async fn plan_and_apply(ns: &str, name: &str, ctx: &Context) -> Result<Planned, Error> {
+    let (scope, canary) = match gate(ns, name, ctx).await {
+        Gate::Go(scope, canary) => (scope, canary),
+        Gate::Later(requeue) => return Ok(Planned::Later(requeue)),
+    };
+    // Failpoint (tests only): a bug in planning this canary.
+    fail::fail_point!("reconcile");
+    let snap = observe(ctx, &scope, &canary).await?;
+    let plan = planner::plan(&snap.observed(ctx, &canary));
+    drop(snap);
+    if !plan.actions.is_empty() {
+        info!(actions = plan.actions.len(), phase = ?plan.status.phase, percent = plan.status.current_percent, "applying plan");
+    }
+    if !ctx.fence.may_write() {
+        warn!("the lease is not fresh; writing nothing");
+        return Ok(Planned::Later(Requeue::requeue(Duration::from_secs(1))));
+    }
+    let applied = apply(ctx, &scope, &canary, &plan).await?;
+    let finalized = plan
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::RemoveFinalizer));
+    let transient = plan.transient_status && !plan.actions.is_empty();
+    Ok(Planned::Applied(Box::new(ToReport {
+        scope,
+        canary,
+        status: plan.status,
+        events: plan.events,
+        requeue_after: plan.requeue_after,
+        finalized,
+        transient,
+        wrote: applied.wrote,
+        rv: applied.rv,
+    })))
+}
+
+/// Report, then say when to come back.
+async fn report_and_next(ctx: &Context, done: Box<ToReport>) -> Result<Requeue, Error> {
+    let wrote_status = report(ctx, &done).await?;
     Ok(next(
         ctx,
-        &scope,
-        &canary,
-        &plan,
-        applied.wrote || wrote_status,
+        &done.scope,
+        &done.canary,
+        done.requeue_after,
+        done.wrote || wrote_status,
     ))
 }
 
@@ -208,39 +265,28 @@ async fn apply(
     }
 }
 
-/// Report: the plan's Events, the status (guarded by the canary's resourceVersion `rv`, the wait
-/// marks stamped with when their writes completed) and the canary's metrics. Whether a status
-/// was written.
-async fn report(
-    ctx: &Context,
-    canary: &RecordingCanary,
-    plan: &planner::Plan,
-    rv: Option<String>,
-) -> Result<bool, Error> {
-    publish_events(ctx, canary, &plan.events).await;
-    if plan
-        .actions
-        .iter()
-        .any(|a| matches!(a, Action::RemoveFinalizer))
-    {
+/// Report: the plan's Events, the status (guarded by the canary's resourceVersion after the
+/// writes, the wait marks stamped with when their writes completed) and the canary's metrics.
+/// Whether a status was written.
+async fn report(ctx: &Context, done: &ToReport) -> Result<bool, Error> {
+    let canary = done.canary.as_ref();
+    publish_events(ctx, canary, &done.events).await;
+    if done.finalized || done.transient {
         return Ok(false);
     }
     let (ns, name) = (canary.namespace().unwrap_or_default(), canary.name_any());
-    if plan.transient_status && !plan.actions.is_empty() {
-        // Its own writes plan again at once; that plan's status is written.
-        return Ok(false);
-    }
     // The waits run from when the dependent write completed, not from when it was planned.
-    let mut status = plan.status.clone();
+    let mut status = done.status.clone();
     let prev = canary.status.clone().unwrap_or_default();
-    let done = Some(Timestamp::now().to_string());
+    let at = Some(Timestamp::now().to_string());
     if status.subsets_added_time != prev.subsets_added_time {
-        status.subsets_added_time = done.clone();
+        status.subsets_added_time = at.clone();
     }
     if status.routes_removed_time != prev.routes_removed_time {
-        status.routes_removed_time = done;
+        status.routes_removed_time = at;
     }
-    let written = writers::write_status(&ctx.client, &ctx.fence, canary, &status, rv).await?;
+    let written =
+        writers::write_status(&ctx.client, &ctx.fence, canary, &status, done.rv.clone()).await?;
     ctx.metrics
         .set_canary(&ns, &name, canary.spec.percent, &status);
     let wrote = written.is_some();
@@ -259,7 +305,7 @@ fn next(
     ctx: &Context,
     scope: &Scope,
     canary: &RecordingCanary,
-    plan: &planner::Plan,
+    requeue_after: Option<Duration>,
     wrote: bool,
 ) -> Requeue {
     let key = key_of(&canary.namespace().unwrap_or_default(), &canary.name_any());
@@ -268,7 +314,7 @@ fn next(
         ctx.stale(scope, &key);
     }
     let fallback = wrote.then_some(freshness::EXPIRY + Duration::from_secs(1));
-    match plan.requeue_after.into_iter().chain(fallback).min() {
+    match requeue_after.into_iter().chain(fallback).min() {
         Some(d) => Requeue::requeue(d),
         None => Requeue::await_change(),
     }

@@ -168,7 +168,11 @@ mod tests {
             .map(|i| {
                 let (turns, out, most) = (turns.clone(), out.clone(), most.clone());
                 tokio::spawn(async move {
-                    let lane = if i % 2 == 0 { Lane::Traffic } else { Lane::Report };
+                    let lane = if i % 2 == 0 {
+                        Lane::Traffic
+                    } else {
+                        Lane::Report
+                    };
                     let _t = turns.take(lane).await;
                     let now = out.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
