@@ -95,6 +95,8 @@ pub(super) struct ToReport {
     finalized: bool,
     /// The plan's status is transient and its own writes plan again at once: that plan reports.
     transient: bool,
+    /// The status holds until then ([`planner::Plan::status_holds_until`]).
+    holds_until: Option<Timestamp>,
     /// Whether the plan wrote anything.
     wrote: bool,
     /// The canary's resourceVersion after the writes.
@@ -133,6 +135,7 @@ pub(super) async fn plan_and_apply(ns: &str, name: &str, ctx: &Context) -> Resul
         requeue_after: plan.requeue_after,
         finalized,
         transient,
+        holds_until: plan.status_holds_until,
         wrote: applied.wrote,
         rv: applied.rv,
     })))
@@ -270,6 +273,20 @@ async fn apply(
 /// Whether a status was written.
 async fn report(ctx: &Context, done: &ToReport) -> Result<bool, Error> {
     let canary = done.canary.as_ref();
+    if done.holds_until.is_some_and(|t| Timestamp::now() >= t) {
+        // It waited for its turn past the grace its Ready was planned in: written now, it
+        // would say Ready where the mesh has not accepted the routes. The next plan (the
+        // writes' echo, or the requeue, wakes it) reports what holds then, with its Event.
+        let ready = ready_reason(&done.status);
+        let events: Vec<_> = done
+            .events
+            .iter()
+            .filter(|e| Some(e.reason.as_str()) != ready)
+            .cloned()
+            .collect();
+        publish_events(ctx, canary, &events).await;
+        return Ok(false);
+    }
     publish_events(ctx, canary, &done.events).await;
     if done.finalized || done.transient {
         return Ok(false);
@@ -297,6 +314,15 @@ async fn report(ctx: &Context, done: &ToReport) -> Result<bool, Error> {
         Instant::now(),
     );
     Ok(wrote)
+}
+
+/// The reason of the Ready condition of `status`.
+fn ready_reason(status: &crate::api::RecordingCanaryStatus) -> Option<&str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.as_str())
 }
 
 /// When to plan this canary again: once the watches show this reconcile's writes (their echo

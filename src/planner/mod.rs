@@ -182,6 +182,10 @@ pub struct Plan {
     /// The status is not worth a write: this plan's own writes (Services created, pods
     /// labelled) wake the canary again at once, and the next plan reports what they changed.
     pub transient_status: bool,
+    /// The status holds only until then: it says Ready within the grace the mesh has to accept
+    /// the routes. A report written later (it waited for a turn) would say what may no longer
+    /// be true; the next plan reports instead.
+    pub status_holds_until: Option<Timestamp>,
 }
 
 struct Builder<'a> {
@@ -193,6 +197,8 @@ struct Builder<'a> {
     requeue: Option<Duration>,
     /// See [`Plan::transient_status`].
     transient: bool,
+    /// See [`Plan::status_holds_until`].
+    holds_until: Option<Timestamp>,
 }
 
 impl<'a> Builder<'a> {
@@ -210,6 +216,7 @@ impl<'a> Builder<'a> {
             events: Vec::new(),
             requeue: None,
             transient: false,
+            holds_until: None,
         }
     }
 
@@ -294,6 +301,7 @@ impl<'a> Builder<'a> {
             events: self.events,
             requeue_after: self.requeue,
             transient_status: self.transient,
+            status_holds_until: self.holds_until,
         }
     }
 

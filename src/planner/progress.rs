@@ -495,6 +495,7 @@ fn report_serving(b: &mut Builder, k: &Checked, desired: i32) {
             if let Some(wait) = remaining(b.o.now, grace) {
                 b.requeue(wait);
             }
+            b.holds_until = Some(grace);
             None
         }
         v => v,

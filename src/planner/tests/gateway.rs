@@ -507,6 +507,8 @@ fn ready_at_the_weight_write_then_waiting_if_no_parent_accepts_within_propagatio
     assert!(route_patch(&p, "frontend").is_some());
     assert_eq!(ready_reason(&p), "TargetReached");
     assert_eq!(p.requeue_after, Some(Duration::from_secs(3)));
+    // That Ready holds for the delay only: a report that waits for its turn longer is not written.
+    assert_eq!(p.status_holds_until, Some(at(3)));
     // Its echo, within the delay, the route's status still of the generation before: the same.
     let mut w2 = gw_serving_world(10);
     w2.http_routes[0]["metadata"]["generation"] = json!(3);
@@ -514,9 +516,18 @@ fn ready_at_the_weight_write_then_waiting_if_no_parent_accepts_within_propagatio
     let p = w2.plan();
     assert_eq!(ready_reason(&p), "TargetReached");
     assert_eq!(p.requeue_after, Some(Duration::from_secs(2)));
-    // Later, still not accepted: said so.
+    assert_eq!(p.status_holds_until, Some(at(2)));
+    // Later, still not accepted: said so, and that holds as long as it is true.
     w2.started = at(-4);
-    assert_eq!(ready_reason(&w2.plan()), "WaitingForRouteAccepted");
+    let p = w2.plan();
+    assert_eq!(ready_reason(&p), "WaitingForRouteAccepted");
+    assert_eq!(p.status_holds_until, None);
+    // Accepted: Ready with no end.
+    let mut w3 = gw_serving_world(10);
+    w3.started = at(-1);
+    let p = w3.plan();
+    assert_eq!(ready_reason(&p), "TargetReached");
+    assert_eq!(p.status_holds_until, None);
 }
 
 #[test]
