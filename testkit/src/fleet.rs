@@ -111,8 +111,12 @@ const NAMESPACE_CLEANUP: Duration = Duration::from_secs(300);
 const NAIVE_DEFAULT: usize = 50;
 /// The ServiceCIDR a Gateway API run adds: 65,534 addresses, two per canary.
 const FLEET_SERVICE_CIDR: &str = "10.128.0.0/16";
-/// The mesh's status writes in flight at once.
-const MESH_PARALLEL: usize = 8;
+/// The mesh's status writes in flight at once: as many as the controller's requests
+/// (`--max-concurrent-reconciles`), so that the mesh accepts routes as fast as the controller
+/// writes them. With 8, under the ramp's burst it accepted about 50 routes a second while the
+/// controller wrote about 100, and routes it had not accepted `propagationDelay` after their
+/// write made their canaries say `WaitingForRouteAccepted` for a moment, as they should.
+const MESH_PARALLEL: usize = 32;
 /// What the mesh writes as its `controllerName` in route status.
 const MESH_CONTROLLER: &str = "fleet.recordingcanary.dev/mesh";
 
