@@ -515,6 +515,16 @@ pub struct RecordingCanaryStatus {
     pub conditions: Vec<Condition>,
 }
 
+impl RecordingCanaryStatus {
+    /// The reason of its `Ready` condition.
+    pub fn ready_reason(&self) -> Option<&str> {
+        self.conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.reason.as_str())
+    }
+}
+
 impl RecordingCanarySpec {
     /// The Service whose traffic is split.
     pub fn service_name(&self) -> &str {

@@ -277,13 +277,8 @@ async fn report(ctx: &Context, done: &ToReport) -> Result<bool, Error> {
         // It waited for its turn past the grace its Ready was planned in: written now, it
         // would say Ready where the mesh has not accepted the routes. The next plan (the
         // writes' echo, or the requeue, wakes it) reports what holds then, with its Event.
-        let ready = ready_reason(&done.status);
-        let events: Vec<_> = done
-            .events
-            .iter()
-            .filter(|e| Some(e.reason.as_str()) != ready)
-            .cloned()
-            .collect();
+        let mut events = done.events.clone();
+        planner::drop_ready_event(&done.status, &mut events);
         publish_events(ctx, canary, &events).await;
         return Ok(false);
     }
@@ -314,15 +309,6 @@ async fn report(ctx: &Context, done: &ToReport) -> Result<bool, Error> {
         Instant::now(),
     );
     Ok(wrote)
-}
-
-/// The reason of the Ready condition of `status`.
-fn ready_reason(status: &crate::api::RecordingCanaryStatus) -> Option<&str> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.reason.as_str())
 }
 
 /// When to plan this canary again: once the watches show this reconcile's writes (their echo

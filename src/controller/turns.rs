@@ -104,6 +104,7 @@ impl Turns {
     }
 
     /// Turns not taken.
+    #[cfg(test)]
     pub fn free(&self) -> usize {
         self.state
             .lock()

@@ -171,6 +171,13 @@ pub struct EventNote {
     pub note: String,
 }
 
+/// Drops from `events` the one that announces the Ready reason of `status`: a status that is
+/// not written (transient, or too late) is not announced either; the plan that writes one does.
+pub fn drop_ready_event(status: &RecordingCanaryStatus, events: &mut Vec<EventNote>) {
+    let reason = status.ready_reason();
+    events.retain(|e| Some(e.reason.as_str()) != reason);
+}
+
 /// The planner's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
@@ -277,23 +284,13 @@ impl<'a> Builder<'a> {
     }
 
     fn reason_changed(&self, reason: &str) -> bool {
-        self.prev
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Ready")
-            .is_none_or(|c| c.reason != reason)
+        self.prev.ready_reason().is_none_or(|r| r != reason)
     }
 
     fn finish(mut self) -> Plan {
         if self.transient {
             // Its report is about to change: no Event for it either.
-            let reason = self
-                .status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .map(|c| c.reason.clone());
-            self.events.retain(|e| Some(&e.reason) != reason.as_ref());
+            drop_ready_event(&self.status, &mut self.events);
         }
         Plan {
             actions: self.actions,
